@@ -1,0 +1,51 @@
+"""ebpf-stream: continuous profiling with eBPF, streamed into OpenTelemetry.
+
+The public API is re-exported here; everything in underscore modules is
+private and may change.
+"""
+
+from ._batch import Batch
+from ._config import (
+    EbpfConfig,
+    Environment,
+    OverflowPolicy,
+    recommended_sample_rate,
+    validate_config,
+)
+from ._errors import (
+    ConfigError,
+    EbpfStreamError,
+    EnvironmentCheckError,
+    ExportError,
+    ProbeError,
+    TargetError,
+)
+from ._exporters.base import Exporter
+from ._overhead import Overhead
+from ._profile import Frame, FrameKind, Profile, StackSamples
+from ._profiler import EbpfCpuProfiler, Profiler
+from ._stats import Stats
+
+__all__ = [
+    "Batch",
+    "ConfigError",
+    "EbpfConfig",
+    "EbpfCpuProfiler",
+    "EbpfStreamError",
+    "EnvironmentCheckError",
+    "Environment",
+    "ExportError",
+    "Exporter",
+    "Frame",
+    "FrameKind",
+    "Overhead",
+    "OverflowPolicy",
+    "ProbeError",
+    "Profile",
+    "Profiler",
+    "StackSamples",
+    "Stats",
+    "TargetError",
+    "recommended_sample_rate",
+    "validate_config",
+]

@@ -1,0 +1,154 @@
+"""The batcher: symbolizes incoming samples and flushes a ``Batch`` per interval.
+
+Samples are symbolized as they arrive, not at export time, because a
+process's memory map disappears when it exits and short-lived processes
+must still get names.  Each (pid, user stack, kernel stack) is symbolized
+once per stack-map generation and then only looked up.
+
+A batch flushes when the export interval elapses or when it holds
+``max_samples``; further samples in that interval are dropped and counted,
+which caps both memory and export size per interval.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import anyio
+
+from ._batch import Batch
+from ._channels import Channel
+from ._config import EbpfConfig
+from ._events import CpuSample, EventMessage, StackTrace, decode_events
+from ._overhead import CpuMeter
+from ._profile import Frame, FrameKind, Profile
+from ._stats import Stats
+from ._symbolize import Symbolizer
+
+_LOST = Frame("[stack lost]", "[unknown]", FrameKind.NATIVE)
+
+
+def _epoch(key: int) -> int:
+    return key >> 32
+
+
+class StackResolver:
+    """Turns a sample's stack keys into root-first frames, caching per generation."""
+
+    def __init__(self, symbolizer: Symbolizer) -> None:
+        self._symbolizer = symbolizer
+        self._addresses: dict[int, list[int]] = {}
+        self._frames: dict[tuple[int, int, int], tuple[tuple[Frame, ...], bool]] = {}
+        self._epoch = 0
+
+    def add_stack(self, stack: StackTrace) -> None:
+        epoch = _epoch(stack.key)
+        if epoch > self._epoch:
+            # Keys of the two live generations stay; older ones can never recur.
+            self._epoch = epoch
+            self._addresses = {k: v for k, v in self._addresses.items() if _epoch(k) >= epoch - 1}
+            self._frames = {k: v for k, v in self._frames.items() if _epoch(max(k[1], k[2])) >= epoch - 1}
+        self._addresses[stack.key] = stack.addresses
+
+    def frames(self, s: CpuSample) -> tuple[tuple[Frame, ...], bool]:
+        """(root-first frames, whether a stack was lost) for one sample."""
+        key = (s.pid, s.user_stack, s.kernel_stack)
+        cached = self._frames.get(key)
+        if cached is None:
+            user, user_lost = self._resolve(
+                s.user_stack, functools.partial(self._symbolizer.user_frames, s.pid))
+            kernel, kernel_lost = self._resolve(s.kernel_stack, self._symbolizer.kernel_frames)
+            cached = self._frames[key] = (user[::-1] + kernel[::-1], user_lost or kernel_lost)
+        return cached
+
+    def _resolve(
+        self, key: int, symbolize: Callable[[Sequence[int]], tuple[Frame, ...]]
+    ) -> tuple[tuple[Frame, ...], bool]:
+        """Leaf-first frames for one stack key, and whether the stack was lost."""
+        if key >= 0:
+            addresses = self._addresses.get(key)
+            return ((symbolize(addresses), False) if addresses is not None else ((_LOST,), True))
+        if key == -errno.EFAULT:
+            return (), False  # no such stack, e.g. no kernel stack while in user mode
+        return (_LOST,), True
+
+
+class Batcher:
+    """Consumes event messages, emits one ``Batch`` per interval (or per ``max_samples``)."""
+
+    def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats,
+                 meter: CpuMeter) -> None:
+        self._config = config
+        self._symbolizer = symbolizer
+        self._resolver = StackResolver(symbolizer)
+        self._stats = stats
+        self._meter = meter
+        self._period_ns = round(1e9 / config.sample_rate_hz)
+        self._profile = self._new_profile()
+        self._held = 0
+        self._dropped = 0
+
+    def _new_profile(self) -> Profile:
+        now = time.time_ns()
+        return Profile(self._period_ns, now, now)
+
+    def add(self, message: EventMessage) -> None:
+        """Symbolize and aggregate one message's events into the current batch."""
+        cap = self._config.max_samples
+        for event in decode_events(message):
+            if isinstance(event, StackTrace):
+                self._resolver.add_stack(event)
+                continue
+            if self._held >= cap:
+                self._dropped += 1
+                self._stats.dropped_user += 1
+                continue
+            frames, lost = self._resolver.frames(event)
+            if lost:
+                self._stats.lost_stacks += 1
+            process = self._symbolizer.process_name(event.pid) or event.comm
+            self._profile.add(event.pid, process, frames, 1, (event.timestamp_ns,))
+            self._held += 1
+
+    def take(self) -> Batch:
+        """Close the current batch and start the next one."""
+        profile, self._profile = self._profile, self._new_profile()
+        profile.end_ns = self._profile.start_ns
+        batch = Batch(profile, self._dropped)
+        self._held = self._dropped = 0
+        return batch
+
+    @property
+    def full(self) -> bool:
+        return self._held >= self._config.max_samples
+
+    async def run(self, source: Channel[EventMessage], sink: Channel[Batch]) -> None:
+        """Batch until ``source`` closes, then flush the last batch and close ``sink``."""
+        interval = self._config.export_interval_s
+        deadline = anyio.current_time() + interval
+        try:
+            while True:
+                message = None
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    try:
+                        message = await source.receive()
+                    except anyio.EndOfStream:
+                        break
+                with self._meter.measure():
+                    if message is not None:
+                        self.add(message)
+                    due = anyio.current_time() >= deadline
+                    batch = self.take() if due or self.full else None
+                if due:
+                    deadline = anyio.current_time() + interval
+                if batch is not None and batch.profile.sample_count:
+                    await sink.send(batch)
+            with self._meter.measure():
+                batch = self.take()
+            if batch.profile.sample_count or batch.dropped:
+                await sink.send(batch)
+        finally:
+            sink.close()

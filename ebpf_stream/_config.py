@@ -1,0 +1,212 @@
+"""Configuration: an immutable ``EbpfConfig``, per-environment presets and validation.
+
+Configs are values: every builder returns a new config, so one preset can be
+shared and specialised without surprises.  Validation names the field, the
+bad value and the allowed range, because a config error is usually found by
+someone reading a deployment manifest, not the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+from typing import Self
+
+from ._errors import ConfigError
+
+
+class Environment(enum.StrEnum):
+    PRODUCTION = "production"
+    STAGING = "staging"
+    DEVELOPMENT = "development"
+    DEBUG = "debug"
+
+    @classmethod
+    def parse(cls, value: str | Environment) -> Environment:
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            allowed = ", ".join(e.value for e in cls)
+            raise ConfigError(
+                f"environment: {value!r} is not one of {allowed}"
+            ) from None
+
+
+class OverflowPolicy(enum.StrEnum):
+    """What a full channel does with a new item when its consumer is slow."""
+
+    BLOCK = "block"
+    DROP_NEWEST = "drop-newest"
+    DROP_OLDEST = "drop-oldest"
+
+
+# Allowed sampling rates per environment.  The recommended rate is a prime (or
+# just off a round number) so that samples do not beat with timers firing at
+# round frequencies, which would over- or under-count periodic work.
+_RATE_RANGES: dict[Environment, tuple[int, int]] = {
+    Environment.PRODUCTION: (19, 49),
+    Environment.STAGING: (49, 99),
+    Environment.DEVELOPMENT: (99, 99),
+    Environment.DEBUG: (99, 199),
+}
+_RECOMMENDED_RATE: dict[Environment, int] = {
+    Environment.PRODUCTION: 19,
+    Environment.STAGING: 49,
+    Environment.DEVELOPMENT: 99,
+    Environment.DEBUG: 199,
+}
+
+_KIB = 1024
+_MIB = 1024 * _KIB
+_PAGE = 4096
+
+
+def recommended_sample_rate(env: str | Environment) -> int:
+    """The sampling rate, in Hz, to use in ``env``.
+
+    Production gets 19 Hz: cheap enough to leave on, and a prime, so samples
+    do not line up with periodic work.
+    """
+    return _RECOMMENDED_RATE[Environment.parse(env)]
+
+
+def sample_rate_range(env: str | Environment) -> tuple[int, int]:
+    """The (lowest, highest) rate in Hz the presets consider sensible for ``env``."""
+    return _RATE_RANGES[Environment.parse(env)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EbpfConfig:
+    """Everything a profiling run needs to know, as one immutable value.
+
+    Start from ``EbpfConfig()`` (the production preset) or
+    ``EbpfConfig.for_environment(env)`` and refine it with the ``with_*``
+    builders.  ``pids`` empty means "the default target": the host process
+    for ``Profiler``, the whole system for the CLI.
+    """
+
+    environment: Environment = Environment.PRODUCTION
+    sample_rate_hz: int = 19
+    cpu_profiling: bool = True
+    network_tracing: bool = False
+    syscall_tracing: bool = False
+    memory_tracing: bool = False
+    max_samples: int = 20_000
+    pids: tuple[int, ...] = ()
+    ring_buffer_bytes: int = 256 * _KIB
+    stack_map_entries: int = 4096
+    export_interval_s: float = 10.0
+    channel_capacity: int = 64
+    overflow_policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST
+    include_idle: bool = False
+    memory_budget_bytes: int = 50 * _MIB
+
+    @classmethod
+    def for_environment(cls, env: str | Environment) -> Self:
+        """The preset for ``env``: rate, buffers and budgets sized for it.
+
+        Production keeps the ring, stack maps and batches small to stay under
+        its 50 MB budget; debug trades memory for detail and fast feedback.
+        """
+        e = Environment.parse(env)
+        presets: dict[Environment, dict[str, object]] = {
+            Environment.PRODUCTION: {},
+            Environment.STAGING: dict(
+                ring_buffer_bytes=512 * _KIB, stack_map_entries=8192,
+                max_samples=50_000, memory_budget_bytes=100 * _MIB,
+            ),
+            Environment.DEVELOPMENT: dict(
+                ring_buffer_bytes=1 * _MIB, stack_map_entries=16384, max_samples=100_000,
+                export_interval_s=5.0, memory_budget_bytes=200 * _MIB,
+            ),
+            Environment.DEBUG: dict(
+                ring_buffer_bytes=4 * _MIB, stack_map_entries=32768, max_samples=500_000,
+                export_interval_s=1.0, overflow_policy=OverflowPolicy.BLOCK,
+                memory_budget_bytes=500 * _MIB,
+            ),
+        }
+        fields: dict[str, object] = {"environment": e, "sample_rate_hz": _RECOMMENDED_RATE[e]}
+        fields.update(presets[e])
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def _with(self, **changes: object) -> Self:
+        new = dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        validate_config(new)
+        return new
+
+    def with_sample_rate(self, hz: int) -> Self:
+        return self._with(sample_rate_hz=hz)
+
+    def with_cpu_profiling(self, enabled: bool) -> Self:
+        return self._with(cpu_profiling=enabled)
+
+    def with_network_tracing(self, enabled: bool) -> Self:
+        return self._with(network_tracing=enabled)
+
+    def with_syscall_tracing(self, enabled: bool) -> Self:
+        return self._with(syscall_tracing=enabled)
+
+    def with_memory_tracing(self, enabled: bool) -> Self:
+        return self._with(memory_tracing=enabled)
+
+    def with_max_samples(self, n: int) -> Self:
+        return self._with(max_samples=n)
+
+    def with_pids(self, pids: Iterable[int]) -> Self:
+        return self._with(pids=tuple(pids))
+
+    def with_ring_buffer_bytes(self, size: int) -> Self:
+        return self._with(ring_buffer_bytes=size)
+
+    def with_export_interval(self, seconds: float) -> Self:
+        return self._with(export_interval_s=seconds)
+
+    def with_overflow_policy(self, policy: str | OverflowPolicy) -> Self:
+        try:
+            parsed = OverflowPolicy(policy)
+        except ValueError:
+            allowed = ", ".join(p.value for p in OverflowPolicy)
+            raise ConfigError(f"overflow_policy: {policy!r} is not one of {allowed}") from None
+        return self._with(overflow_policy=parsed)
+
+    def with_include_idle(self, enabled: bool) -> Self:
+        return self._with(include_idle=enabled)
+
+
+# (field, lowest, highest): inclusive numeric bounds checked by validate_config.
+_BOUNDS: tuple[tuple[str, float, float], ...] = (
+    ("sample_rate_hz", 1, 1000),
+    ("max_samples", 1, 10_000_000),
+    ("ring_buffer_bytes", _PAGE, 1024 * _MIB),
+    ("stack_map_entries", 64, 1 << 20),
+    ("export_interval_s", 0.1, 3600.0),
+    ("channel_capacity", 1, 65536),
+    ("memory_budget_bytes", 1 * _MIB, 64 * 1024 * _MIB),
+)
+
+
+def validate_config(config: EbpfConfig) -> None:
+    """Raise ``ConfigError`` naming the first field that is out of range."""
+    for name, lo, hi in _BOUNDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ConfigError(f"{name}: {value!r} is outside the allowed range {lo:g}..{hi:g}")
+    size = config.ring_buffer_bytes
+    if size & (size - 1):
+        raise ConfigError(
+            f"ring_buffer_bytes: {size} must be a power of two between 4096 and {1024 * _MIB}"
+        )
+    for pid in config.pids:
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 22:
+            raise ConfigError(f"pids: {pid!r} is not a process id (1..{(1 << 22) - 1})")
+    if not isinstance(config.environment, Environment):
+        raise ConfigError(f"environment: {config.environment!r} is not an Environment")
+    if not isinstance(config.overflow_policy, OverflowPolicy):
+        raise ConfigError(f"overflow_policy: {config.overflow_policy!r} is not an OverflowPolicy")
+    if not any((config.cpu_profiling, config.network_tracing,
+                config.syscall_tracing, config.memory_tracing)):
+        raise ConfigError(
+            "cpu_profiling: every feature is off; enable at least one of cpu_profiling, "
+            "network_tracing, syscall_tracing, memory_tracing"
+        )

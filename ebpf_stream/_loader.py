@@ -1,0 +1,290 @@
+"""Loading BPF programs: environment checks, kernel headers, compile, attach, detach.
+
+bcc compiles C at run time against kernel headers.  Hosts with a custom
+kernel (no headers package) are common, so when the running kernel has no
+headers we point bcc at the nearest installed Debian headers, merged from
+their ``-common`` and per-architecture halves, and say so.  Compiling takes
+about a second of CPU, so it runs in a worker thread: the caller's event loop
+keeps ticking.  Afterwards the compiler's memory is handed back to the OS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import platform
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from ._errors import EnvironmentCheckError, ProbeError
+
+log = logging.getLogger("ebpf_stream")
+
+KERNEL_SOURCES = Path(__file__).resolve().parent.parent / "kernel"
+MIN_KERNEL = (5, 8)  # BPF ring buffers
+_TRACEFS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+_CAP_PERFMON, _CAP_BPF, _CAP_SYS_ADMIN = 38, 39, 21
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Check:
+    """The outcome of one environment check, with the fix when it failed."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _kernel_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> Check:
+    caps = _effective_caps()
+    has = lambda bit: bool(caps >> bit & 1)  # noqa: E731
+    if os.geteuid() == 0 or has(_CAP_SYS_ADMIN) or (has(_CAP_BPF) and has(_CAP_PERFMON)):
+        return Check("privileges", True, "root" if os.geteuid() == 0 else "CAP_BPF+CAP_PERFMON")
+    return Check("privileges", False, "not root and lacking CAP_BPF+CAP_PERFMON",
+                 "run as root, or grant CAP_BPF and CAP_PERFMON (setcap or a container securityContext)")
+
+
+def check_kernel() -> Check:
+    ver = _kernel_version()
+    ok = ver >= MIN_KERNEL
+    return Check("kernel", ok, f"Linux {platform.release()}",
+                 "" if ok else f"upgrade to Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later (BPF ring buffers)")
+
+
+def check_btf() -> Check:
+    ok = Path("/sys/kernel/btf/vmlinux").exists()
+    return Check("btf", ok, "/sys/kernel/btf/vmlinux" + (" present" if ok else " missing"),
+                 "" if ok else "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+
+
+def tracefs_path() -> Path | None:
+    return next((p for p in _TRACEFS if (p / "events").is_dir()), None)
+
+
+def check_tracefs() -> Check:
+    p = tracefs_path()
+    if p:
+        return Check("tracefs", True, f"mounted at {p}")
+    return Check("tracefs", False, "not mounted", "mount -t tracefs nodev /sys/kernel/tracing")
+
+
+def ensure_tracefs() -> Path:
+    """Return tracefs' mount point, mounting it when missing and we are allowed to."""
+    p = tracefs_path()
+    if p:
+        return p
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"nodev", b"/sys/kernel/tracing", b"tracefs", 0, None) == 0:
+        log.info("mounted tracefs on /sys/kernel/tracing")
+        return Path("/sys/kernel/tracing")
+    err = os.strerror(ctypes.get_errno())
+    raise EnvironmentCheckError(
+        f"tracefs is not mounted and mounting it failed ({err}): "
+        "run 'mount -t tracefs nodev /sys/kernel/tracing' as root"
+    )
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc  # noqa: F401
+    except ImportError as exc:
+        return Check("bcc", False, f"not importable ({exc})",
+                     "apt-get install python3-bpfcc, then ./run setup to link it into .venv")
+    return Check("bcc", True, f"bcc at {Path(bcc.__file__).parent}")
+
+
+# -- kernel headers ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Headers:
+    """Where bcc should look for kernel headers, and whether that is an exact match."""
+
+    path: Path
+    exact: bool
+    description: str
+
+
+def _release_version(name: str) -> tuple[int, ...]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?(?:-(\d+))?", name)
+    return tuple(int(g or 0) for g in m.groups()) if m else ()
+
+
+def _installed_header_pairs(src: Path) -> Iterator[tuple[Path, Path]]:
+    """Yield (arch, common) pairs of Debian header directories under ``src``."""
+    if not src.is_dir():
+        return
+    for arch in sorted(src.glob("linux-headers-*")):
+        if arch.name.endswith("-common") or not (arch / "include").is_dir():
+            continue
+        stem = re.sub(r"-[a-z0-9_]+$", "", arch.name)  # drop the flavour (-amd64)
+        common = src / f"{stem}-common"
+        if common.is_dir():
+            yield arch, common
+
+
+def _merge_tree(dst: Path, sources: list[Path]) -> None:
+    """Overlay ``sources`` into ``dst`` as symlinks; later sources win on files.
+
+    Only directories present in several sources become real directories, so
+    the merged tree costs a few hundred inodes, not a copy of the headers.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, list[Path]] = {}
+    for s in sources:
+        for child in s.iterdir():
+            entries.setdefault(child.name, []).append(child)
+    for name, paths in entries.items():
+        dirs = [p for p in paths if p.is_dir()]
+        if len(dirs) > 1:
+            _merge_tree(dst / name, dirs)
+        else:
+            (dst / name).symlink_to(paths[-1])
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("EBPF_STREAM_CACHE") or "/var/cache/ebpf-stream"
+    return Path(base)
+
+
+def find_headers(release: str | None = None, src: Path = Path("/usr/src")) -> Headers:
+    """Find kernel headers for ``release`` (default: the running kernel)."""
+    release = release or platform.release()
+    build = Path("/lib/modules") / release / "build"
+    if (build / "include/linux/kconfig.h").exists() or (
+        (build / "include").is_dir() and (build.parent / "source/include/linux/kconfig.h").exists()
+    ):
+        return Headers(build, True, f"{build} (matches the running kernel)")
+    pairs = list(_installed_header_pairs(src))
+    if not pairs:
+        raise EnvironmentCheckError(
+            f"no kernel headers found for Linux {release}: install linux-headers-amd64 "
+            "(or the headers of your kernel) with apt-get, or run ./run setup"
+        )
+    want = _release_version(release)
+    # Nearest: the newest headers not newer than the kernel, else the oldest newer ones.
+    older = [p for p in pairs if _release_version(p[0].name) <= want]
+    arch, common = max(older, key=lambda p: _release_version(p[0].name)) if older else min(
+        pairs, key=lambda p: _release_version(p[0].name))
+    merged = _cache_dir() / "kernel-headers" / arch.name
+    if not (merged / "include/linux/kconfig.h").exists():
+        shutil.rmtree(merged, ignore_errors=True)  # left from headers since removed
+        tmp = merged.with_name(f".{merged.name}.{os.getpid()}")
+        _merge_tree(tmp, [common, arch])
+        try:
+            tmp.rename(merged)
+        except OSError:  # another process built it first
+            pass
+    return Headers(merged, False,
+                   f"no headers for Linux {release}; using {arch.name} with {common.name}")
+
+
+def check_headers() -> Check:
+    try:
+        h = find_headers()
+    except EnvironmentCheckError as exc:
+        return Check("kernel headers", False, str(exc), "apt-get install linux-headers-amd64")
+    except OSError as exc:
+        return Check("kernel headers", False, f"cannot prepare headers: {exc}",
+                     "set EBPF_STREAM_CACHE to a writable directory")
+    return Check("kernel headers", True, h.description)
+
+
+def environment_checks() -> list[Check]:
+    """Every check ``ebpf-stream doctor`` prints, in order."""
+    return [check_privileges(), check_kernel(), check_btf(), check_tracefs(),
+            check_bcc(), check_headers()]
+
+
+def require_environment() -> Headers:
+    """Fail with the first actionable problem, or return the headers to compile with."""
+    for check in (check_privileges(), check_kernel(), check_btf(), check_bcc()):
+        if not check.ok:
+            raise EnvironmentCheckError(f"{check.name}: {check.detail}; fix: {check.fix}")
+    ensure_tracefs()
+    headers = find_headers()
+    if not headers.exact:
+        log.warning("kernel headers: %s", headers.description)
+    return headers
+
+
+# -- compile, attach, detach -------------------------------------------------
+
+def _release_compiler_memory(bpf: Any) -> None:
+    """Return clang/LLVM's heap to the OS: tens of MB that loading no longer needs."""
+    bpf.free_bcc_memory()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _compile(source: Path, cflags: list[str], headers: Headers) -> Any:
+    from bcc import BPF
+
+    os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
+    try:
+        bpf = BPF(text=source.read_text(), cflags=cflags)
+    except Exception as exc:  # bcc raises bare Exception for compile and load errors
+        raise ProbeError(
+            f"{source.name} failed to compile or load against {headers.path} ({exc}); "
+            "run 'ebpf-stream doctor' and see the compiler output above"
+        ) from None
+    _release_compiler_memory(bpf)
+    return bpf
+
+
+class LoadedProgram:
+    """A compiled BPF object and everything attached from it.
+
+    ``close`` detaches every probe and closes every program, map and perf
+    fd; it is idempotent and safe to call from any cleanup path.
+    """
+
+    def __init__(self, bpf: Any, name: str) -> None:
+        self.bpf = bpf
+        self.name = name
+
+    def attach(self, how: Callable[[Any], None]) -> None:
+        try:
+            how(self.bpf)
+        except Exception as exc:
+            self.close()
+            raise ProbeError(f"{self.name}: attaching failed ({exc})") from None
+
+    def program_fds(self) -> list[int]:
+        return [fn.fd for fn in self.bpf.funcs.values()]
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            bpf, self.bpf = self.bpf, None
+            bpf.cleanup()
+
+
+async def load_program(source_name: str, cflags: list[str]) -> LoadedProgram:
+    """Check the environment, then compile ``kernel/<source_name>`` in a worker thread."""
+    source = KERNEL_SOURCES / source_name
+    if not source.exists():
+        raise ProbeError(f"BPF source {source} is missing; reinstall ebpf-stream")
+    headers = await anyio.to_thread.run_sync(require_environment)
+    bpf = await anyio.to_thread.run_sync(_compile, source, cflags, headers)
+    return LoadedProgram(bpf, source_name)

@@ -1,0 +1,240 @@
+"""CPU profiling probe: perf_event CPU_CLOCK sampling on every CPU.
+
+User space does as little as possible per sample: records are fixed-size
+and decoded a batch at a time, and each stack is read from the kernel once
+per stack-map generation, however many samples share it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._config import EbpfConfig
+from .._events import CpuSample, Event, EventMessage, StackTrace, encode_events
+from .._loader import LoadedProgram, load_program
+from .._overhead import CpuMeter
+from .._ringbuf import RingBuffer, drain_forever
+from .._stats import Stats
+from .base import Emit, Probe
+
+# Mirrors `struct sample` in kernel/cpu_profile.bpf.c.
+SAMPLE = np.dtype([
+    ("timestamp_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
+    ("user_stack_id", "<i4"), ("kernel_stack_id", "<i4"), ("generation", "<u4"),
+    ("comm", "S16"),
+])
+_COUNTER_RING_FULL = 1
+_WAKEUP_EVERY = 64
+_PAGE = 4096
+_MAX_STACK_DEPTH = 127
+
+
+class CpuProbe(Probe):
+    """Samples at ``config.sample_rate_hz`` and emits ``CpuSample``/``StackTrace`` events.
+
+    ``targets`` are the thread-group ids to sample; ``None`` samples every
+    process.  With ``follow_children`` the targets' descendants are sampled
+    too, from their fork on.
+    """
+
+    def __init__(
+        self,
+        config: EbpfConfig,
+        stats: Stats,
+        meter: CpuMeter,
+        *,
+        targets: Sequence[int] | None,
+        follow_children: bool = False,
+    ) -> None:
+        self._config = config
+        self._stats = stats
+        self._meter = meter
+        self._targets = None if targets is None else tuple(targets)
+        self._follow = follow_children and targets is not None
+        self._program: LoadedProgram | None = None
+        self._ring: RingBuffer | None = None
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._epoch = 0
+        self._epoch_start = [0, 0]  # CLOCK_MONOTONIC start of the epochs of each generation
+        self._sent: set[int] = set()  # stack keys already emitted
+        self._keys_this_epoch = 0
+        self._comm: dict[bytes, str] = {}
+        # Rotate well before the map gets crowded: a stack map is a hash table
+        # whose bucket collisions lose stacks.
+        self._rotate_after_keys = max(16, config.stack_map_entries // 8)
+        self._rotate_after_ns = int(config.export_interval_s * 1e9)
+
+    def cflags(self) -> list[str]:
+        c = self._config
+        return [
+            f"-DSTACK_ENTRIES={c.stack_map_entries}",
+            f"-DRINGBUF_PAGES={c.ring_buffer_bytes // _PAGE}",
+            f"-DFILTER_PIDS={int(self._targets is not None)}",
+            f"-DFOLLOW_CHILDREN={int(self._follow)}",
+            f"-DINCLUDE_IDLE={int(c.include_idle)}",
+            f"-DWAKEUP_EVERY={_WAKEUP_EVERY}",
+        ]
+
+    @property
+    def _bpf(self) -> Any:
+        assert self._program is not None and self._program.bpf is not None
+        return self._program.bpf
+
+    async def open(self) -> None:
+        self._program = await load_program("cpu_profile.bpf.c", self.cflags())
+        try:
+            bpf = self._bpf
+            for pid in self._targets or ():
+                bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+            self._epoch_start[0] = time.monotonic_ns()
+            self._ring = RingBuffer(bpf["samples"].map_fd, self._config.ring_buffer_bytes, SAMPLE)
+            from bcc import PerfSWConfig, PerfType
+
+            period_ns = round(1e9 / self._config.sample_rate_hz)
+            self._program.attach(lambda b: b.attach_perf_event(
+                ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
+                fn_name=b"on_cpu_sample", sample_period=period_ns))
+        except BaseException:
+            self.close()
+            raise
+
+    def add_target(self, pid: int) -> None:
+        self._bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    async def run(self, emit: Emit) -> None:
+        assert self._ring is not None
+
+        async def on_batch(records: np.ndarray) -> None:
+            with self._meter.measure():
+                message = self._encode(records)
+            await emit(message)
+
+        max_latency = min(1.0, self._config.export_interval_s / 4)
+        await drain_forever(self._ring, on_batch, max_latency=max_latency)
+
+    def stop(self) -> None:
+        if self._program is not None and self._program.bpf is not None:
+            from bcc import PerfSWConfig, PerfType
+
+            try:
+                self._bpf.detach_perf_event(PerfType.SOFTWARE, PerfSWConfig.CPU_CLOCK)
+            except Exception:  # never attached: nothing to stop
+                pass
+
+    async def drain(self, emit: Emit) -> None:
+        if self._ring is None:
+            return
+        while True:
+            with self._meter.measure():
+                records = self._ring.read_batch()
+                message = self._encode(records) if len(records) else None
+            if message is None:
+                return
+            await emit(message)
+
+    def _encode(self, records: np.ndarray) -> EventMessage:
+        n = len(records)
+        self._stats.received += n
+        ts = records["timestamp_ns"].astype(np.int64)
+        user = self._stack_keys(records["user_stack_id"], records["generation"], ts)
+        kernel = self._stack_keys(records["kernel_stack_id"], records["generation"], ts)
+
+        events: list[Event] = []
+        for key in np.unique(np.concatenate((user[user >= 0], kernel[kernel >= 0]))).tolist():
+            if key not in self._sent:
+                addresses = self._read_stack(key)
+                if addresses is not None:
+                    events.append(StackTrace(key, addresses))
+                    self._sent.add(key)
+                    self._keys_this_epoch += 1
+        comms = [self._comm_str(c) for c in records["comm"].tolist()]
+        events.extend(
+            CpuSample(t, pid, tid, cpu, comm, u, k)
+            for t, pid, tid, cpu, comm, u, k in zip(
+                (ts + self._wall_offset_ns).tolist(), records["pid"].tolist(),
+                records["tid"].tolist(), records["cpu"].tolist(), comms,
+                user.tolist(), kernel.tolist(), strict=True)
+        )
+        self._maybe_rotate()
+        return encode_events(events, n)
+
+    def _stack_keys(self, ids: np.ndarray, generation: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Run-unique keys (epoch << 32 | id) for stack ids; errors stay negative.
+
+        A record whose generation bit points at an epoch that began after the
+        record was taken is from two generations back: its map has been
+        cleared since, so its stack is reported lost (-ESTALE) rather than
+        resolved to a stranger's stack.
+        """
+        current = self._epoch
+        epoch = np.where(generation == (current & 1), current, current - 1).astype(np.int64)
+        start = np.asarray(self._epoch_start, dtype=np.int64)[epoch & 1]
+        stale = ts < start
+        keys = np.where(ids >= 0, (epoch << 32) | ids.astype(np.int64), ids.astype(np.int64))
+        return np.where(stale & (ids >= 0), -errno.ESTALE, keys)
+
+    def _read_stack(self, key: int) -> list[int] | None:
+        table = self._bpf[f"stacks_{(key >> 32) & 1}"]
+        try:
+            trace = table[ctypes.c_int(key & 0xFFFFFFFF)]
+        except KeyError:
+            return None
+        ips = np.frombuffer(bytes(trace), dtype="<u8", count=_MAX_STACK_DEPTH)
+        end = int(np.argmin(ips)) if not ips.all() else _MAX_STACK_DEPTH
+        return ips[:end].tolist()  # type: ignore[no-any-return]
+
+    def _comm_str(self, raw: bytes) -> str:
+        s = self._comm.get(raw)
+        if s is None:
+            if len(self._comm) > 4096:
+                self._comm.clear()
+            s = self._comm[raw] = raw.decode("utf-8", "replace")
+        return s
+
+    def _maybe_rotate(self) -> None:
+        """Switch the kernel to the other stack map once this one has aged or filled.
+
+        The map being switched to is cleared first; it held the generation
+        before last, whose samples have all been read by now.
+        """
+        age = time.monotonic_ns() - self._epoch_start[self._epoch & 1]
+        if age < self._rotate_after_ns and self._keys_this_epoch < self._rotate_after_keys:
+            return
+        new = self._epoch + 1
+        bpf = self._bpf
+        bpf[f"stacks_{new & 1}"].clear()
+        self._epoch_start[new & 1] = time.monotonic_ns()
+        bpf["generation"][ctypes.c_int(0)] = ctypes.c_uint32(new & 1)
+        self._epoch = new
+        self._keys_this_epoch = 0
+        self._sent = {k for k in self._sent if k >> 32 >= new - 1}
+
+    def kernel_drops(self) -> int:
+        if self._program is None or self._program.bpf is None:
+            return 0
+        values = self._bpf["counters"][ctypes.c_int(_COUNTER_RING_FULL)]
+        return int(sum(values))
+
+    def program_fds(self) -> list[int]:
+        return self._program.program_fds() if self._program and self._program.bpf else []
+
+    def map_fds(self) -> list[int]:
+        if self._program is None or self._program.bpf is None:
+            return []
+        names = ["samples", "stacks_0", "stacks_1", "generation", "counters"]
+        if self._targets is not None:
+            names.append("targets")
+        return [self._bpf[n].map_fd for n in names]
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._program is not None:
+            self._program.close()

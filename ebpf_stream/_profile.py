@@ -1,0 +1,99 @@
+"""The profile model: symbolized stacks aggregated over an interval.
+
+Every output format (folded, pprof, speedscope, SVG, and later OTLP) is
+rendered from this one model, so the formats can never disagree about what
+was sampled.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+
+import msgspec
+
+
+class FrameKind(enum.IntEnum):
+    KERNEL = 0
+    NATIVE = 1
+
+
+class Frame(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """One symbolized frame.
+
+    ``name`` is the function name, or ``module+0xoffset`` when the module has
+    no symbol for the address: a frame is never dropped.  ``address`` is the
+    address relative to ``module``'s load base (the ELF virtual address for
+    native frames, the kernel address for kernel frames), which is what pprof
+    and addr2line want.
+    """
+
+    name: str
+    module: str
+    kind: FrameKind
+    address: int = 0
+
+
+class StackSamples(msgspec.Struct, gc=False):
+    """Samples that share one process and one stack.
+
+    ``frames`` is root first: the outermost caller comes first and the
+    sampled instruction last.  Kernel frames follow the user frames they
+    interrupted.
+    """
+
+    pid: int
+    process: str
+    frames: tuple[Frame, ...]
+    count: int = 0
+    timestamps_ns: list[int] = msgspec.field(default_factory=list)
+
+
+StackKey = tuple[int, str, tuple[Frame, ...]]
+
+
+class Profile(msgspec.Struct, gc=False):
+    """CPU samples of one or more intervals, aggregated by (pid, process, stack).
+
+    ``period_ns`` is the sampling period (1e9 / rate); every sample stands for
+    that much CPU time.  Times are wall-clock nanoseconds since the epoch.
+    """
+
+    period_ns: int
+    start_ns: int
+    end_ns: int
+    stacks: dict[StackKey, StackSamples] = msgspec.field(default_factory=dict)
+
+    @property
+    def sample_count(self) -> int:
+        return sum(s.count for s in self.stacks.values())
+
+    def add(
+        self,
+        pid: int,
+        process: str,
+        frames: tuple[Frame, ...],
+        count: int = 1,
+        timestamps_ns: Iterable[int] = (),
+    ) -> None:
+        key = (pid, process, frames)
+        entry = self.stacks.get(key)
+        if entry is None:
+            entry = self.stacks[key] = StackSamples(pid, process, frames)
+        entry.count += count
+        entry.timestamps_ns.extend(timestamps_ns)
+
+    def merge(self, other: Profile, *, keep_timestamps: bool = True) -> None:
+        """Fold ``other`` into this profile.
+
+        Long-running file exporters merge without timestamps, so their memory
+        is bounded by the number of distinct stacks, not by the run's length.
+        """
+        self.start_ns = min(self.start_ns, other.start_ns)
+        self.end_ns = max(self.end_ns, other.end_ns)
+        for s in other.stacks.values():
+            self.add(s.pid, s.process, s.frames, s.count,
+                     s.timestamps_ns if keep_timestamps else ())
+
+    def __iter__(self) -> Iterator[StackSamples]:
+        return iter(self.stacks.values())

@@ -1,0 +1,258 @@
+"""The public entry points: ``Profiler`` (async) and ``EbpfCpuProfiler`` (sync).
+
+``Profiler`` wires the stages (probe -> events channel -> batcher -> batches
+channel -> exporters) as tasks in the caller's event loop.  A failing stage
+never cancels the host's code: the failure is logged, the pipeline winds
+down, and the error is raised when the ``async with`` block exits.
+Shutdown always runs shielded and within a deadline, and the kernel side is
+detached whatever happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from ._batch import Batch
+from ._batcher import Batcher
+from ._channels import Channel
+from ._config import EbpfConfig, validate_config
+from ._errors import ConfigError, TargetError
+from ._events import EventMessage
+from ._exporters.base import Exporter
+from ._exporters.fanout import FanOut
+from ._overhead import CpuMeter, Overhead, OverheadMonitor, anon_rss_bytes, bind_meter
+from ._probes.base import Probe
+from ._probes.cpu import CpuProbe
+from ._stats import Stats
+from ._symbolize import Symbolizer
+
+log = logging.getLogger("ebpf_stream")
+
+_BATCH_QUEUE = 2  # batches waiting for slow exporters; each holds up to max_samples
+
+
+def check_pids(pids: Sequence[int]) -> None:
+    for pid in pids:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise TargetError(f"pid {pid}: no such process")
+
+
+class Profiler:
+    """Profile while the ``async with`` block runs; export every interval and at exit.
+
+    With no ``pids`` in the config the target is the host process itself;
+    ``system_wide=True`` samples every process instead.  ``follow_children``
+    also samples the targets' descendants from their fork on.
+    """
+
+    def __init__(
+        self,
+        config: EbpfConfig | None = None,
+        exporters: Sequence[Exporter] = (),
+        *,
+        system_wide: bool = False,
+        follow_children: bool = False,
+        shutdown_timeout: float = 15.0,
+    ) -> None:
+        self.config = config or EbpfConfig()
+        self._exporters = list(exporters)
+        self._system_wide = system_wide
+        self._follow = follow_children
+        self._shutdown_timeout = shutdown_timeout
+        self._stats = Stats()
+        self._meter = CpuMeter()
+        self._probe: Probe | None = None
+        self._monitor: OverheadMonitor | None = None
+        self._final_overhead: Overhead | None = None
+        self._task_group: TaskGroup | None = None
+        self._reading = anyio.CancelScope()
+        self._scopes: list[anyio.CancelScope] = []
+        self._failure: Exception | None = None
+        self._standalone = False  # the CLI owns the whole process, so all its memory counts
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the received, dropped and exported counters."""
+        if self._probe is not None:
+            self._stats.dropped_kernel = self._probe.kernel_drops()
+        return self._stats.snapshot()
+
+    def get_overhead(self) -> Overhead:
+        """Measured CPU and memory cost since start (see ``Overhead``)."""
+        if self._monitor is not None:
+            return self._monitor.measure()
+        if self._final_overhead is not None:
+            return self._final_overhead
+        return Overhead(0.0, 0)
+
+    def _targets(self) -> list[int] | None:
+        if self.config.pids:
+            return list(self.config.pids)
+        return None if self._system_wide else [os.getpid()]
+
+    async def __aenter__(self) -> Self:
+        config = self.config
+        validate_config(config)
+        for feature in ("network_tracing", "syscall_tracing", "memory_tracing"):
+            if getattr(config, feature):
+                raise ConfigError(f"{feature}: not available in this version; only cpu_profiling is")
+        if not config.cpu_profiling:
+            raise ConfigError("cpu_profiling: must be on; it is the only feature in this version")
+        check_pids(config.pids)
+        baseline = 0 if self._standalone else anon_rss_bytes()
+        probe = CpuProbe(config, self._stats, self._meter,
+                         targets=self._targets(), follow_children=self._follow)
+        await probe.open()
+        self._probe = probe
+        self._monitor = OverheadMonitor(self._meter, probe.program_fds, probe.map_fds,
+                                        anon_baseline=baseline)
+        try:
+            events = Channel[EventMessage](
+                config.channel_capacity, config.overflow_policy,
+                weight=lambda m: m.samples, on_drop=self._count_drop)
+            batches = Channel[Batch](
+                _BATCH_QUEUE, config.overflow_policy,
+                weight=lambda b: b.profile.sample_count, on_drop=self._count_drop)
+            batcher = Batcher(config, Symbolizer(), self._stats, self._meter)
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+            self._start(self._read, probe, events)
+            self._start(batcher.run, events, batches)
+            self._start(self._export, batches)
+        except BaseException:
+            self._close_kernel_side()
+            raise
+        return self
+
+    def _count_drop(self, samples: int) -> None:
+        self._stats.dropped_user += samples
+
+    def _start(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        assert self._task_group is not None
+
+        # Shielded: cancelling the host's code must not cut the pipeline off
+        # mid-flush; the pipeline stops through ``_reading`` and its deadline.
+        async def guarded() -> None:
+            bind_meter(self._meter)
+            with anyio.CancelScope(shield=True) as scope:
+                self._scopes.append(scope)
+                try:
+                    await fn(*args)
+                except Exception as exc:
+                    log.error("profiling stopped: %s", exc)
+                    if self._failure is None:
+                        self._failure = exc
+                    self._reading.cancel()
+
+        self._task_group.start_soon(guarded)
+
+    async def _read(self, probe: Probe, events: Channel[EventMessage]) -> None:
+        try:
+            with self._reading:
+                await probe.run(events.send)
+            probe.stop()
+            await probe.drain(events.send)
+        finally:
+            events.close()
+
+    async def _export(self, batches: Channel[Batch]) -> None:
+        fanout = FanOut(self._exporters, self._stats)
+        try:
+            async for batch in batches:
+                await fanout.export(batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await fanout.aclose()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            deadline = anyio.current_time() + self._shutdown_timeout
+            for scope in self._scopes:
+                scope.deadline = deadline
+            self._reading.cancel()
+            if self._task_group is not None:
+                await self._task_group.__aexit__(None, None, None)
+            if any(scope.cancelled_caught for scope in self._scopes):
+                log.error("profiling shutdown exceeded %.0fs; some samples may be lost",
+                          self._shutdown_timeout)
+        finally:
+            self._close_kernel_side()
+        if exc_type is None and self._failure is not None:
+            raise self._failure
+
+    def _close_kernel_side(self) -> None:
+        if self._probe is not None:
+            self._stats.dropped_kernel = self._probe.kernel_drops()
+        if self._monitor is not None:
+            self._final_overhead = self._monitor.measure()
+            self._monitor.close()
+            self._monitor = None
+        if self._probe is not None:
+            self._probe.close()
+
+
+class EbpfCpuProfiler:
+    """The synchronous API: ``start()``, ``stop()``, ``get_overhead()``.
+
+    The pipeline runs on its own event loop in a background thread, so plain
+    synchronous programs can profile themselves (or ``config.pids``).
+    """
+
+    def __init__(self, config: EbpfConfig | None = None, exporters: Sequence[Exporter] = (),
+                 **profiler_options: Any) -> None:
+        self._profiler = Profiler(config, exporters, **profiler_options)
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._profiler_cm: AbstractContextManager[Profiler] | None = None
+
+    @property
+    def stats(self) -> Stats:
+        return self._profiler.stats
+
+    def start(self) -> None:
+        if self._portal_cm is not None:
+            raise RuntimeError("EbpfCpuProfiler is already started")
+        self._portal_cm = start_blocking_portal("asyncio")
+        portal = self._portal_cm.__enter__()
+        self._profiler_cm = portal.wrap_async_context_manager(self._profiler)
+        try:
+            self._profiler_cm.__enter__()
+        except BaseException:
+            self._profiler_cm = None
+            self._stop_portal()
+            raise
+
+    def stop(self) -> None:
+        try:
+            if self._profiler_cm is not None:
+                cm, self._profiler_cm = self._profiler_cm, None
+                cm.__exit__(None, None, None)
+        finally:
+            self._stop_portal()
+
+    def _stop_portal(self) -> None:
+        if self._portal_cm is not None:
+            cm, self._portal_cm = self._portal_cm, None
+            cm.__exit__(None, None, None)
+
+    def get_overhead(self) -> Overhead:
+        return self._profiler.get_overhead()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

@@ -1,0 +1,31 @@
+"""Counters every stage updates, read by users as ``Profiler.stats``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(slots=True)
+class Stats:
+    """How many samples were received, lost where, and exported.
+
+    ``dropped_kernel`` counts samples the kernel could not put in the ring
+    buffer (it was full); ``dropped_user`` counts samples dropped in user
+    space (a channel overflowed under a drop policy, or an interval exceeded
+    ``max_samples``).  ``lost_stacks`` counts samples kept without one of
+    their stacks because the stack map could not store it.
+    """
+
+    received: int = 0
+    dropped_kernel: int = 0
+    dropped_user: int = 0
+    exported: int = 0
+    lost_stacks: int = 0
+    export_errors: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_kernel + self.dropped_user
+
+    def snapshot(self) -> Stats:
+        return dataclasses.replace(self)
