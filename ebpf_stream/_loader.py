@@ -57,8 +57,8 @@ def _effective_caps() -> int:
 
 def check_privileges() -> Check:
     caps = _effective_caps()
-    has = lambda bit: bool(caps >> bit & 1)  # noqa: E731
-    if os.geteuid() == 0 or has(_CAP_SYS_ADMIN) or (has(_CAP_BPF) and has(_CAP_PERFMON)):
+    bpf_and_perfmon = (1 << _CAP_BPF) | (1 << _CAP_PERFMON)
+    if os.geteuid() == 0 or caps >> _CAP_SYS_ADMIN & 1 or caps & bpf_and_perfmon == bpf_and_perfmon:
         return Check("privileges", True, "root" if os.geteuid() == 0 else "CAP_BPF+CAP_PERFMON")
     return Check("privileges", False, "not root and lacking CAP_BPF+CAP_PERFMON",
                  "run as root, or grant CAP_BPF and CAP_PERFMON (setcap or a container securityContext)")

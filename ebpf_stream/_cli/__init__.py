@@ -1,0 +1,55 @@
+"""The ``ebpf-stream`` command line.
+
+Errors a user can fix are printed as one line and exit non-zero; tracebacks
+are for bugs only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .._errors import EbpfStreamError
+from .demo import demo
+from .doctor import doctor
+from .record import record
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except EbpfStreamError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
+def cli(verbose: bool) -> None:
+    """Continuous profiling with eBPF, streamed into OpenTelemetry."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+cli.add_command(record)
+cli.add_command(doctor)
+cli.add_command(demo)
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="ebpf-stream", standalone_mode=False)
+    except click.UsageError as exc:
+        # One line, like every other error; --help shows the usage.
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,139 @@
+"""Exporters that keep one file up to date with everything collected so far.
+
+Each export merges the batch into a cumulative profile and rewrites the whole
+file atomically (a temporary file in the same directory, then a rename), so
+a reader never sees a half-written file and, if the process dies, the file
+holds every interval completed before.  Merging, rendering and writing run in
+a worker thread so the caller's event loop keeps collecting meanwhile.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from .._batch import Batch
+from .._errors import ExportError
+from .._profile import Profile
+from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
+from .folded import render_folded
+from .memory import accumulate
+from .pprof import render_pprof
+from .speedscope import render_speedscope
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step; raise ExportError if the OS refuses."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        # os.open with 0o666 honours the umask, unlike a private temp file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                # Without this a crash of the machine could leave the renamed file empty.
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+class FileExporter(abc.ABC):
+    """Base of the file exporters: subclasses only say how to render the profile."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._profile: Profile | None = None
+        # Serializes exports: a render must not read the profile mid-merge.
+        self._lock = anyio.Lock()
+
+    @abc.abstractmethod
+    def render(self, profile: Profile) -> bytes:
+        """The file's whole content for ``profile``."""
+
+    async def export(self, batch: Batch) -> None:
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._merge_and_write, batch.profile)
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._merge_and_write, None)
+
+    def _merge_and_write(self, profile: Profile | None) -> None:
+        if profile is not None:
+            self._profile = accumulate(self._profile, profile, keep_timestamps=False)
+        elif self._profile is None:
+            # Closed before any batch: still leave a valid, empty file behind.
+            now = time.time_ns()
+            self._profile = Profile(period_ns=0, start_ns=now, end_ns=now)
+        write_atomically(self.path, self.render(self._profile))
+
+
+class FoldedFileExporter(FileExporter):
+    """Writes folded stacks, one ``process;root;...;leaf count`` line per stack."""
+
+    def render(self, profile: Profile) -> bytes:
+        return render_folded(profile).encode("utf-8")
+
+
+class PprofFileExporter(FileExporter):
+    """Writes a gzip-compressed pprof profile."""
+
+    def render(self, profile: Profile) -> bytes:
+        return render_pprof(profile)
+
+
+class SpeedscopeFileExporter(FileExporter):
+    """Writes a speedscope JSON file, one profile per process."""
+
+    def render(self, profile: Profile) -> bytes:
+        return render_speedscope(profile).encode("utf-8")
+
+
+class FlamegraphSvgExporter(FileExporter):
+    """Writes a self-contained flame graph SVG."""
+
+    def __init__(self, path: str | os.PathLike[str], title: str | None = None) -> None:
+        super().__init__(path)
+        self.title = DEFAULT_TITLE if title is None else title
+
+    def render(self, profile: Profile) -> bytes:
+        return render_flamegraph_svg(profile, title=self.title).encode("utf-8")
+
+
+FORMATS: Mapping[str, type[FileExporter]] = {
+    "folded": FoldedFileExporter,
+    "pprof": PprofFileExporter,
+    "speedscope": SpeedscopeFileExporter,
+    "svg": FlamegraphSvgExporter,
+}
+
+# Longest suffix first, so ".speedscope.json" wins over ".json".
+_SUFFIXES = (
+    (".speedscope.json", "speedscope"),
+    (".collapsed", "folded"),
+    (".folded", "folded"),
+    (".pprof", "pprof"),
+    (".pb.gz", "pprof"),
+    (".json", "speedscope"),
+    (".txt", "folded"),
+    (".svg", "svg"),
+    (".pb", "pprof"),
+)
+
+
+def format_for_path(path: str | os.PathLike[str]) -> str | None:
+    """The format a file name implies (a key of FORMATS), or None if it implies none."""
+    name = os.fspath(path).lower()
+    return next((fmt for suffix, fmt in _SUFFIXES if name.endswith(suffix)), None)

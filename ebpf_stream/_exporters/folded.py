@@ -1,0 +1,56 @@
+"""The folded (collapsed stacks) format, and the frame naming the text formats share.
+
+One line per stack: ``process;root;...;leaf count``.  The folded, speedscope
+and SVG renderers all name frames through :func:`frame_label`, so a frame
+reads the same in every file written from one profile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .._profile import Frame, FrameKind, Profile
+
+KERNEL_SUFFIX = "_[k]"
+"""Appended to kernel frame names, so kernel time stands out in any viewer."""
+
+# ";" separates frames and a newline separates stacks; other control
+# characters (and two non-characters) would corrupt the line-oriented file or
+# the SVG's XML.
+_UNSAFE = {ord(";"): ":"} | {c: " " for c in (*range(32), 127, 0xFFFE, 0xFFFF)}
+
+
+def valid_utf8(text: str) -> str:
+    """Replace what UTF-8 cannot encode (lone surrogates from undecodable symbol bytes)."""
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def clean_name(name: str) -> str:
+    """Make ``name`` safe as one folded frame: no separators, never empty."""
+    return valid_utf8(name).translate(_UNSAFE) or "[unknown]"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def frame_label(frame: Frame) -> str:
+    """The display name of ``frame``.  Cached: the same frames recur in many stacks."""
+    name = clean_name(frame.name)
+    return name + KERNEL_SUFFIX if frame.kind is FrameKind.KERNEL else name
+
+
+def collapse(profile: Profile) -> dict[tuple[str, ...], int]:
+    """Sample counts by ``(process, root label, ..., leaf label)``.
+
+    Pids are dropped on purpose: the workers of one program usually share a
+    name and a code path, and are most useful summed.
+    """
+    stacks: dict[tuple[str, ...], int] = {}
+    for s in profile:
+        key = (clean_name(s.process), *map(frame_label, s.frames))
+        stacks[key] = stacks.get(key, 0) + s.count
+    return stacks
+
+
+def render_folded(profile: Profile) -> str:
+    """The folded text of ``profile``, lines sorted so equal profiles give equal files."""
+    lines = sorted(f"{';'.join(path)} {count}" for path, count in collapse(profile).items())
+    return "".join(line + "\n" for line in lines)
