@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import mmap
 import os
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -367,42 +364,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
     return 0;
 }
 """
-
-
-def _merge_tree(dst: Path, sources: list[Path]) -> None:
-    """Symlink ``sources`` into ``dst``; directories in several merge, last wins."""
-    dst.mkdir()
-    entries: dict[str, list[Path]] = {}
-    for src in sources:
-        for entry in src.iterdir():
-            entries.setdefault(entry.name, []).append(entry)
-    for name, paths in entries.items():
-        if len(paths) > 1 and all(p.is_dir() for p in paths):
-            _merge_tree(dst / name, paths)
-        else:
-            (dst / name).symlink_to(paths[-1])
-
-
-@pytest.fixture(scope="session")
-def bpf_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Root, bcc, tracefs and a kernel header tree for bcc (BCC_KERNEL_SOURCE)."""
-    if os.geteuid() != 0:
-        pytest.skip("loading BPF programs needs root")
-    pytest.importorskip("bcc")
-    if not Path("/sys/kernel/tracing/events").exists():
-        subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=True)
-    pairs = [
-        (Path(arch.replace("-amd64", "-common")), Path(arch))
-        for arch in sorted(glob.glob("/usr/src/linux-headers-*-amd64"))
-        if Path(arch.replace("-amd64", "-common")).is_dir()
-    ]
-    if not pairs:
-        pytest.skip("no kernel headers under /usr/src")
-    headers = tmp_path_factory.mktemp("kernel") / "src"
-    _merge_tree(headers, list(pairs[-1]))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BCC_KERNEL_SOURCE", str(headers))
-        yield
 
 
 class Probe:

@@ -1,0 +1,618 @@
+"""Symbolization: raw BPF stack addresses to :class:`Frame` objects.
+
+Kernel addresses resolve against ``/proc/kallsyms``.  User addresses resolve
+against the ELF symbol tables of the files a process maps, read by a small
+ELF64 reader of our own: symbolization needs only headers, symbol tables and
+the build id, and owning the reader keeps bcc and pyelftools out of it.
+
+Everything expensive is cached, and every cache is bounded: ELF symbol tables
+by build id (libc is parsed once for all processes), process maps per pid, and
+finished frames per (ELF, address).  A Symbolizer is not thread-safe: one
+collector thread owns it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import sys
+import time
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Generic, NamedTuple, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ._profile import Frame, FrameKind
+
+__all__ = ["KernelSymbols", "Symbolizer"]
+
+_KERNEL = "[kernel.kallsyms]"
+_UNKNOWN = "[unknown]"
+_VDSO = "[vdso]"
+_DELETED = " (deleted)"
+
+# kallsyms types of code symbols; the rest (data, rodata, bss) only bound them.
+_TEXT_TYPES = np.frombuffer(b"tTwW", np.uint8)
+# How far a symbol without a size may reach.  Functions are smaller than this,
+# and it stops addresses far past the last symbol of a region resolving to it.
+_MAX_UNSIZED = np.uint64(1 << 16)
+_ADDR_MAX = np.uint64(2**64 - 1)
+# A miss in the cached maps re-reads them (dlopen), but at most this often: a
+# JIT process misses on every JIT frame and its maps can be thousands of lines.
+_MAPS_REFRESH_S = 0.5
+# Cached ELF images (two entries each: by file and by build id); mappings in use
+# keep theirs alive regardless.
+_MAX_IMAGES = 1024
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_NHDR = struct.Struct("<III")
+_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
+                 ("value", "<u8"), ("size", "<u8")])
+_SHT_SYMTAB, _SHT_NOTE, _SHT_DYNSYM = 2, 7, 11
+_PT_LOAD, _PT_NOTE = 1, 4
+_PF_X = 1
+_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+_STB_GLOBAL, _STB_WEAK = 1, 2
+_NT_GNU_BUILD_ID = 3
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+_U64 = npt.NDArray[np.uint64]
+_ImageKey = tuple[object, ...]
+
+
+class _Lru(Generic[_K, _V]):
+    """A dict that forgets its least recently used entries beyond ``capacity``."""
+
+    __slots__ = ("_capacity", "_data")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._data: OrderedDict[_K, _V] = OrderedDict()
+
+    def get(self, key: _K) -> _V | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: _K, value: _V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        if len(self._data) > self._capacity:
+            self._data.popitem(last=False)
+
+    def pop(self, key: _K) -> None:
+        self._data.pop(key, None)
+
+
+class _Ranges:
+    """Symbol address ranges sorted by start, searched in bulk with numpy."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self, starts: _U64, ends: _U64) -> None:
+        self._starts = starts
+        self._ends = ends
+
+    def find(self, addresses: _U64) -> list[int]:
+        """The index of the range holding each address, or -1."""
+        if not len(self._starts):
+            return [-1] * len(addresses)
+        index = np.searchsorted(self._starts, addresses, side="right").astype(np.intp) - 1
+        inside = (index >= 0) & (addresses < self._ends[index])
+        found: list[int] = np.where(inside, index, -1).tolist()
+        return found
+
+
+def _range_ends(starts: _U64, sizes: _U64, boundaries: _U64) -> _U64:
+    """Where each symbol ends: by its size if known, else at the next boundary
+    (capped at ``_MAX_UNSIZED``).  ``boundaries`` is sorted."""
+    following = np.append(boundaries, _ADDR_MAX)[
+        np.searchsorted(boundaries, starts, side="right")]
+    reach = np.minimum(following - starts, _MAX_UNSIZED)
+    return np.where(sizes > 0, starts + sizes, starts + reach).astype(np.uint64)
+
+
+def _first_per_address(addresses: _U64, *preferences: npt.NDArray[np.integer]) -> npt.NDArray[
+        np.intp]:
+    """Indices that sort ``addresses``, keeping one symbol per address: the one
+    lowest in ``preferences`` (most significant first), then the first listed."""
+    order = np.lexsort((*reversed(preferences), addresses))
+    ordered = addresses[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order[first]
+
+
+def _underscores(chars: npt.NDArray[np.uint8], name_starts: npt.NDArray[np.integer]) -> (
+        npt.NDArray[np.int8]):
+    """How many of the first two characters of each NUL- or newline-ended name are '_'."""
+    first = chars[name_starts] == ord("_")
+    second = first & (chars[name_starts + 1] == ord("_"))
+    count: npt.NDArray[np.int8] = first.astype(np.int8) + second
+    return count
+
+
+def _lookup_addresses(addresses: Sequence[int]) -> _U64:
+    """Addresses to look up: every frame but the leaf holds a return address,
+    which may already lie past the end of the calling function."""
+    lookup = np.array(addresses, dtype=np.uint64)
+    lookup[1:] -= np.uint64(1)
+    return lookup
+
+
+class _Kallsyms:
+    """The parsed text of kallsyms.
+
+    Parsing is vectorized over the raw bytes (kallsyms has over 100k lines)
+    and names are decoded only for symbols that stacks actually hit.
+    """
+
+    __slots__ = ("_data", "_module_spans", "_name_spans", "_resolved", "ranges")
+
+    def __init__(self, data: bytes) -> None:
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        self._data = data
+        buf = np.frombuffer(data, np.uint8)
+        # "ADDRESS TYPE NAME[\t[MODULE]]", addresses zero-padded to one width.
+        width = data.find(b" ")
+        if width <= 0 or width % 2:
+            raise ValueError("kallsyms is not in the expected format")
+        line_ends = np.flatnonzero(buf == ord("\n"))
+        starts = np.concatenate(([0], line_ends[:-1] + 1))
+        long_enough = line_ends - starts > width + 3
+        starts, line_ends = starts[long_enough], line_ends[long_enough]
+        valid = (buf[starts + width] == ord(" ")) & (buf[starts + width + 2] == ord(" "))
+        starts, line_ends = starts[valid], line_ends[valid]
+        digits = buf[starts[:, None] + np.arange(width)].tobytes().decode("ascii")
+        addresses = np.frombuffer(bytes.fromhex(digits), f">u{width // 2}").astype(np.uint64)
+        kinds = buf[starts + width + 1]
+        name_starts = starts + width + 3
+        tabs = np.flatnonzero(buf == ord("\t"))
+        name_ends = np.minimum(np.append(tabs, len(buf))[np.searchsorted(tabs, name_starts)],
+                               line_ends)
+        text = np.isin(kinds, _TEXT_TYPES) & (addresses != 0)  # 0: hidden by kptr_restrict
+        # Aliases share an address: prefer a global name, then the plainest.
+        keep = np.flatnonzero(text)[_first_per_address(
+            addresses[text], kinds[text] >= ord("a"), _underscores(buf, name_starts[text]),
+            (name_ends - name_starts)[text])]
+        symbol_starts = addresses[keep]
+        # Data symbols end the code before them, so data never resolves to code.
+        boundaries = np.sort(addresses[addresses != 0])
+        self.ranges = _Ranges(symbol_starts, _range_ends(
+            symbol_starts, np.zeros_like(symbol_starts), boundaries))
+        self._name_spans = np.stack((name_starts[keep], name_ends[keep]), axis=1)
+        self._module_spans = np.stack((name_ends[keep] + 1, line_ends[keep]), axis=1)
+        self._resolved: dict[int, tuple[str, str]] = {}
+
+    def symbol(self, index: int) -> tuple[str, str]:
+        """(name, module) of the symbol at ``index`` of :attr:`ranges`."""
+        found = self._resolved.get(index)
+        if found is None:
+            name_start, name_end = self._name_spans[index].tolist()
+            module_start, module_end = self._module_spans[index].tolist()
+            module = self._data[module_start:module_end].decode(errors="replace")
+            found = self._resolved[index] = (
+                self._data[name_start:name_end].decode(errors="replace"),
+                sys.intern(module) if module else _KERNEL)
+        return found
+
+
+class KernelSymbols:
+    """Kernel text symbols from kallsyms, parsed on first use.
+
+    Without a readable kallsyms every kernel frame is ``[kernel.kallsyms]+0x...``.
+    """
+
+    def __init__(self, path: str = "/proc/kallsyms") -> None:
+        self._path = path
+        self._loaded = False
+        self._table: _Kallsyms | None = None
+
+    def resolve(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        """Frames for a kernel stack, leaf first, in the order given."""
+        if not addresses:
+            return ()
+        if not self._loaded:
+            self._loaded = True
+            try:
+                with open(self._path, "rb") as f:
+                    self._table = _Kallsyms(f.read())
+            except (OSError, ValueError):  # unreadable or unparsable: addresses only
+                pass
+        table = self._table
+        found = (table.ranges.find(_lookup_addresses(addresses)) if table
+                 else [-1] * len(addresses))
+        frames = []
+        for address, index in zip(addresses, found, strict=True):
+            if table and index >= 0:
+                name, module = table.symbol(index)
+                frames.append(Frame(name, module, FrameKind.KERNEL, address))
+            else:
+                frames.append(Frame(f"{_KERNEL}+0x{address:x}", _KERNEL, FrameKind.KERNEL,
+                                    address))
+        return tuple(frames)
+
+
+class _Reader:
+    """Bounds-checked reads of an ELF image, from a file or from memory."""
+
+    __slots__ = ("_pread", "_size")
+
+    def __init__(self, pread: Callable[[int, int], bytes], size: int) -> None:
+        self._pread = pread  # (length, offset) -> bytes, as os.pread takes them
+        self._size = size
+
+    @classmethod
+    def of_file(cls, fd: int, size: int) -> _Reader:
+        return cls(partial(os.pread, fd), size)
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> _Reader:
+        return cls(lambda length, offset: data[offset:offset + length], len(data))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError("ELF structure lies outside the file")
+        data = self._pread(length, offset)
+        if len(data) != length:
+            raise ValueError("short read of an ELF file")
+        return data
+
+
+class _Section(NamedTuple):
+    type: int
+    offset: int
+    size: int
+    link: int
+    align: int
+
+
+class _Segment(NamedTuple):
+    offset: int
+    vaddr: int
+    filesz: int
+    executable: bool
+
+
+class _ElfHeaders:
+    """What an ELF64 file says about itself before its symbols are read."""
+
+    __slots__ = ("build_id", "has_symtab", "loads", "sections")
+
+    def __init__(self, reader: _Reader) -> None:
+        (ident, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
+         _) = _EHDR.unpack(reader.read(0, _EHDR.size))
+        if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
+            raise ValueError("not a little-endian ELF64 file")
+        if (phnum and phentsize != _PHDR.size) or (shnum and shentsize != _SHDR.size):
+            raise ValueError("unexpected ELF header sizes")
+        if shoff and not shnum:  # extended numbering: the count is in section 0
+            shnum = _SHDR.unpack(reader.read(shoff, _SHDR.size))[5]
+        self.sections = [
+            _Section(h[1], h[4], h[5], h[6], h[8])
+            for h in _SHDR.iter_unpack(reader.read(shoff, shnum * _SHDR.size))]
+        programs = list(_PHDR.iter_unpack(reader.read(phoff, phnum * _PHDR.size)))
+        # Executable segments first: a code mapping must match one of them.
+        self.loads = sorted(
+            (_Segment(p[2], p[3], p[5], bool(p[1] & _PF_X)) for p in programs
+             if p[0] == _PT_LOAD),
+            key=lambda s: not s.executable)
+        self.has_symtab = any(s.type == _SHT_SYMTAB for s in self.sections)
+        notes = [(s.offset, s.size, s.align) for s in self.sections if s.type == _SHT_NOTE]
+        notes += [(p[2], p[5], p[7]) for p in programs if p[0] == _PT_NOTE]
+        self.build_id = next(
+            (found for offset, size, align in notes
+             if (found := _build_id(reader.read(offset, size), 8 if align == 8 else 4))),
+            None)
+
+    def vaddr_delta(self, file_offset: int) -> int:
+        """``vaddr - file offset`` within the PT_LOAD mapped at ``file_offset``."""
+        for seg in self.loads:
+            if seg.offset - seg.offset % mmap.PAGESIZE <= file_offset < seg.offset + seg.filesz:
+                return seg.vaddr - seg.offset
+        return 0
+
+
+def _build_id(notes: bytes, align: int) -> bytes | None:
+    """The GNU build id among ELF notes, whose fields are padded to ``align``."""
+    position = 0
+    while position + _NHDR.size <= len(notes):
+        name_size, desc_size, note_type = _NHDR.unpack_from(notes, position)
+        name_at = position + _NHDR.size
+        desc_at = name_at + -(-name_size // align) * align
+        if (note_type == _NT_GNU_BUILD_ID and notes[name_at:name_at + name_size] == b"GNU\0"
+                and desc_at + desc_size <= len(notes)):
+            return notes[desc_at:desc_at + desc_size]
+        position = desc_at + -(-desc_size // align) * align
+    return None
+
+
+class _SymbolTable:
+    """Function symbols of one ELF file (.symtab and .dynsym merged).
+
+    Names stay in the string tables until looked up: a binary has far more
+    symbols than a profile ever hits, so parsing is all numpy.
+    """
+
+    __slots__ = ("_names", "_ranges", "_strings")
+
+    def __init__(self, reader: _Reader, sections: list[_Section]) -> None:
+        tables: list[npt.NDArray[np.void]] = []
+        names: list[npt.NDArray[np.uint64]] = []
+        strings: list[bytes] = []
+        base = 0
+        for section in sections:
+            if section.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or section.link >= len(sections):
+                continue
+            strtab = sections[section.link]
+            symbols = np.frombuffer(
+                reader.read(section.offset, section.size - section.size % _SYM.itemsize), _SYM)
+            kind = symbols["info"] & 0xF
+            symbols = symbols[((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC))
+                              & (symbols["value"] != 0) & (symbols["shndx"] != 0)
+                              & (symbols["name"] != 0) & (symbols["name"] < strtab.size)]
+            tables.append(symbols)
+            names.append(symbols["name"].astype(np.uint64) + np.uint64(base))
+            strings.append(reader.read(strtab.offset, strtab.size) + b"\0")
+            base += strtab.size + 1
+        merged = np.concatenate(tables) if tables else np.empty(0, _SYM)
+        name_at = np.concatenate(names) if names else np.empty(0, np.uint64)
+        self._strings = b"".join(strings)
+        chars = np.frombuffer(self._strings, np.uint8)
+        nuls = np.flatnonzero(chars == 0)
+        lengths = nuls[np.searchsorted(nuls, name_at)] - name_at
+        binding = merged["info"] >> 4
+        rank = np.where(binding == _STB_GLOBAL, 0, np.where(binding == _STB_WEAK, 1, 2))
+        # Aliases share an address: prefer a sized, global name, then the plainest
+        # (write over __write, frexp over frexpf64).
+        keep = _first_per_address(merged["value"], merged["size"] == 0, rank,
+                                  _underscores(chars, name_at), lengths)
+        starts: _U64 = merged["value"][keep]
+        self._ranges = _Ranges(starts, _range_ends(starts, merged["size"][keep], starts))
+        self._names = name_at[keep]
+
+    def name(self, vaddr: int) -> str | None:
+        if vaddr < 0:
+            return None
+        (index,) = self._ranges.find(np.array([vaddr], dtype=np.uint64))
+        if index < 0:
+            return None
+        start = int(self._names[index])
+        return self._strings[start:self._strings.index(b"\0", start)].decode(errors="replace")
+
+
+class _ElfImage:
+    """A parsed ELF file, shared by every mapping of it in every process."""
+
+    __slots__ = ("headers", "key", "symbols")
+
+    def __init__(self, key: _ImageKey, headers: _ElfHeaders, symbols: _SymbolTable) -> None:
+        self.key = key
+        self.headers = headers
+        self.symbols = symbols
+
+
+class _Mapping:
+    """One executable, file-backed mapping of a process."""
+
+    __slots__ = ("basename", "bias", "deleted", "end", "identity", "image", "inode", "loaded",
+                 "module", "offset", "range", "start")
+
+    def __init__(self, fields: list[str]) -> None:
+        self.range = fields[0]
+        start, end = self.range.split("-")
+        self.start = int(start, 16)
+        self.end = int(end, 16)
+        self.offset = int(fields[2], 16)
+        self.inode = int(fields[4])
+        path = fields[5]
+        self.deleted = path.endswith(_DELETED)
+        self.module = path.removesuffix(_DELETED)
+        self.basename = os.path.basename(self.module)
+        self.identity = (self.range, self.offset, self.inode, path)
+        self.loaded = False
+        self.image: _ElfImage | None = None
+        self.bias = self.start - self.offset  # vaddr = address - bias
+
+    def attach(self, image: _ElfImage) -> None:
+        self.image = image
+        self.bias = self.start - self.offset - image.headers.vaddr_delta(self.offset)
+
+
+def _read_mappings(pid: int) -> list[_Mapping]:
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().splitlines()
+    mappings = []
+    for line in lines:
+        fields = line.split(None, 5)
+        # Anonymous code (JIT, "[anon:...]") has no file to take symbols from.
+        if len(fields) == 6 and fields[1][2] == "x" and not fields[5].startswith("[anon"):
+            mappings.append(_Mapping(fields))
+    return mappings
+
+
+class _Process:
+    """A pid's name and executable mappings, as last read from /proc."""
+
+    __slots__ = ("_starts", "comm", "mappings", "read_at")
+
+    def __init__(self, pid: int) -> None:
+        self.mappings: list[_Mapping] = []
+        self._starts: list[int] = []
+        self.read(pid)
+
+    def read(self, pid: int) -> None:
+        """(Re-)read name and maps, keeping the loaded ELF of unchanged mappings.
+
+        Raises OSError, leaving this unchanged, if the process is gone.
+        """
+        self.read_at = time.monotonic()
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            comm = f.read().rstrip("\n")
+        known = {m.identity: m for m in self.mappings}
+        self.mappings = [known.get(m.identity, m) for m in _read_mappings(pid)]
+        self._starts = [m.start for m in self.mappings]
+        self.comm = comm
+
+    def find(self, address: int) -> _Mapping | None:
+        i = bisect_right(self._starts, address) - 1
+        if i >= 0 and address < self.mappings[i].end:
+            return self.mappings[i]
+        return None
+
+
+class Symbolizer:
+    """Turns kernel and user stacks into frames, caching across samples and processes."""
+
+    def __init__(self, *, max_processes: int = 4096, max_cached_frames: int = 65536) -> None:
+        self._kernel = KernelSymbols()
+        self._processes: _Lru[int, _Process] = _Lru(max_processes)
+        self._frames: _Lru[tuple[_ImageKey | None, str, int, bool], Frame] = _Lru(
+            max_cached_frames)
+        self._images: _Lru[_ImageKey, _ElfImage] = _Lru(_MAX_IMAGES)
+        self.elf_parses = 0  # ELF symbol tables parsed, for stats: the rest were cache hits
+
+    def kernel_frames(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        """Frames for a kernel stack, leaf first, in the order given."""
+        return self._kernel.resolve(addresses)
+
+    def user_frames(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        """Frames for a user stack of ``pid``, leaf first, in the order given.
+
+        A process that has exited still resolves through the maps cached
+        while it was alive, until :meth:`forget`.
+        """
+        if not addresses:
+            return ()
+        process = self._process(pid)
+        frames = []
+        leaf = True
+        for address in addresses:
+            frames.append(self._user_frame(pid, process, address, leaf))
+            leaf = False
+        return tuple(frames)
+
+    def process_name(self, pid: int) -> str | None:
+        """``/proc/PID/comm`` as read with the maps, or None if never seen alive."""
+        process = self._process(pid)
+        return process.comm if process else None
+
+    def forget(self, pid: int) -> None:
+        """Drop what is cached for an exited process (its ELF images stay shared)."""
+        self._processes.pop(pid)
+
+    def _process(self, pid: int) -> _Process | None:
+        process = self._processes.get(pid)
+        if process is None:
+            try:
+                process = _Process(pid)
+            except OSError:  # gone, or a kernel thread's pid raced
+                return None
+            self._processes.put(pid, process)
+        return process
+
+    def _user_frame(self, pid: int, process: _Process | None, address: int,
+                    leaf: bool) -> Frame:
+        lookup = address if leaf else address - 1
+        mapping = process.find(lookup) if process else None
+        if mapping is None and process and self._refresh(pid, process):
+            mapping = process.find(lookup)
+        if mapping is None:
+            return Frame(f"{_UNKNOWN}+0x{address:x}", _UNKNOWN, FrameKind.NATIVE, address)
+        if not mapping.loaded:
+            self._load(pid, mapping)
+        image = mapping.image
+        vaddr = address - mapping.bias
+        key = (image.key if image else None, mapping.module, vaddr, leaf)
+        frame = self._frames.get(key)
+        if frame is None:
+            name = image.symbols.name(vaddr if leaf else vaddr - 1) if image else None
+            frame = Frame(name or f"{mapping.basename}+0x{vaddr:x}", mapping.module,
+                          FrameKind.NATIVE, vaddr)
+            self._frames.put(key, frame)
+        return frame
+
+    def _refresh(self, pid: int, process: _Process) -> bool:
+        """Re-read the maps of ``pid`` unless read very recently; True if re-read."""
+        if time.monotonic() - process.read_at < _MAPS_REFRESH_S:
+            return False
+        try:
+            process.read(pid)
+        except OSError:  # exited: keep resolving with what we have
+            return False
+        return True
+
+    def _load(self, pid: int, mapping: _Mapping) -> None:
+        mapping.loaded = True
+        try:
+            image = (self._vdso_image(pid, mapping) if mapping.module == _VDSO
+                     else self._file_image(pid, mapping))
+        except (OSError, ValueError):  # unreadable or not ELF64: module+offset names
+            return
+        if image is not None:
+            mapping.attach(image)
+
+    def _file_image(self, pid: int, mapping: _Mapping) -> _ElfImage | None:
+        fd = _open_mapped_file(pid, mapping)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            # Checked before the build id so that a file already seen costs one fstat.
+            file_key = ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            image = self._images.get(file_key)
+            if image is None:
+                image = self._image(_Reader.of_file(fd, st.st_size), file_key)
+                self._images.put(file_key, image)
+            return image
+        finally:
+            os.close(fd)
+
+    def _vdso_image(self, pid: int, mapping: _Mapping) -> _ElfImage:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            data = os.pread(mem.fileno(), mapping.end - mapping.start, mapping.start)
+        return self._image(_Reader.of_bytes(data), ("vdso", hash(data)))
+
+    def _image(self, reader: _Reader, fallback_key: _ImageKey) -> _ElfImage:
+        """The image of an ELF file, parsed only if its build id is new."""
+        headers = _ElfHeaders(reader)
+        key = ("build-id", headers.build_id) if headers.build_id else fallback_key
+        image = self._images.get(key)
+        # A stripped copy may have been seen first; the full one replaces it.
+        if image is None or (headers.has_symtab and not image.headers.has_symtab):
+            image = _ElfImage(key, headers, _SymbolTable(reader, headers.sections))
+            self.elf_parses += 1
+            self._images.put(key, image)
+        return image
+
+
+def _open_mapped_file(pid: int, mapping: _Mapping) -> int | None:
+    """Open the file behind a mapping, or None.
+
+    ``map_files`` reaches deleted files and other mount namespaces.  The path
+    fallbacks must be the same inode, or they could be a different file now.
+    """
+    try:
+        return os.open(f"/proc/{pid}/map_files/{mapping.range}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        if mapping.deleted:
+            return None
+    for path in (f"/proc/{pid}/root{mapping.module}", mapping.module):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if os.fstat(fd).st_ino == mapping.inode:
+            return fd
+        os.close(fd)
+    return None

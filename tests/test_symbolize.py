@@ -1,0 +1,338 @@
+"""Symbolization against real processes, real ELF files and the real kallsyms."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ebpf_stream._profile import FrameKind
+from ebpf_stream._symbolize import _MAPS_REFRESH_S, KernelSymbols, Symbolizer
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: real kallsyms addresses and /proc/PID/map_files")
+
+PROGRAM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <unistd.h>
+
+__attribute__((noinline)) long hot_leaf(long n) {
+    long sum = 0;
+    for (long i = 0; i < n; i++)
+        sum += i * i;
+    return sum;
+}
+
+__attribute__((noinline)) long middle(long n) { return hot_leaf(n) + 1; }
+
+int main(void) {
+    printf("%p %p %p\n", (void *)&hot_leaf, (void *)&middle, (void *)&write);
+    fflush(stdout);
+    char line[16];
+    if (fgets(line, sizeof line, stdin)) {  /* any line: dlopen libm, print frexp */
+        void *libm = dlopen("libm.so.6", RTLD_NOW);
+        printf("%p\n", libm ? dlsym(libm, "frexp") : NULL);
+        fflush(stdout);
+    }
+    pause();
+    return (int)middle(3);
+}
+"""
+CFLAGS = ("-O0", "-fno-omit-frame-pointer", "-g")
+
+
+@pytest.fixture(scope="module")
+def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The test program built a few ways, keyed by variant."""
+    root = Path(os.path.realpath(tmp_path_factory.mktemp("symbolize")))
+    source = root / "prog.c"
+    source.write_text(PROGRAM)
+    variants = {
+        "prog": ["-Wl,--build-id=sha1"],
+        "noid": ["-Wl,--build-id=none"],
+        # A PIE whose code segment's vaddr differs from its file offset.
+        "shifted": ["-pie", "-fPIE", "-Wl,--section-start=.text=0x5000"],
+    }
+    built = {}
+    for name, flags in variants.items():
+        built[name] = root / name
+        subprocess.run(["gcc", *CFLAGS, *flags, "-o", str(built[name]), str(source)], check=True)
+    built["stripped"] = root / "stripped"
+    shutil.copy(built["prog"], built["stripped"])
+    subprocess.run(["strip", str(built["stripped"])], check=True)
+    return built
+
+
+@dataclass
+class Target:
+    process: subprocess.Popen[str]
+    hot_leaf: int
+    middle: int
+    write: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[[Path], Target]]:
+    """Start the test program; it prints its function addresses and waits."""
+    started: list[Target] = []
+
+    def start(binary: Path) -> Target:
+        process = subprocess.Popen([str(binary)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout is not None
+        hot_leaf, middle, write = (int(word, 16) for word in process.stdout.readline().split())
+        started.append(Target(process, hot_leaf, middle, write))
+        return started[-1]
+
+    yield start
+    for target in started:
+        target.stop()
+
+
+def symbols(binary: Path) -> dict[str, tuple[int, int]]:
+    """(value, size) of each defined symbol, as nm reads them."""
+    out = subprocess.run(["nm", "-S", "--defined-only", str(binary)], check=True,
+                         capture_output=True, text=True).stdout
+    return {f[3]: (int(f[0], 16), int(f[1], 16)) for f in map(str.split, out.splitlines())
+            if len(f) == 4}
+
+
+@needs_root
+def test_native_frames_name_the_functions_of_the_binary(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    frames = Symbolizer().user_frames(target.pid, [target.hot_leaf + 5, target.middle + 8])
+    assert [f.name for f in frames] == ["hot_leaf", "middle"]
+    assert {f.module for f in frames} == {str(binaries["prog"])}
+    assert {f.kind for f in frames} == {FrameKind.NATIVE}
+    nm = symbols(binaries["prog"])
+    assert [f.address for f in frames] == [nm["hot_leaf"][0] + 5, nm["middle"][0] + 8]
+
+
+@needs_root
+def test_return_address_is_looked_up_one_byte_back(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    value, size = symbols(binaries["prog"])["hot_leaf"]
+    end = target.hot_leaf + size  # past hot_leaf's last byte: a call there returns here
+    leaf, caller = Symbolizer().user_frames(target.pid, [end, end])
+    assert leaf.name != "hot_leaf"
+    assert caller.name == "hot_leaf"
+    assert caller.address == value + size  # reported unadjusted
+
+
+@needs_root
+def test_libc_function(binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    (frame,) = Symbolizer().user_frames(target.pid, [target.write + 3])
+    assert frame.name == "write"  # not its alias __write
+    assert os.path.basename(frame.module).startswith("libc")
+
+
+@needs_root
+def test_stripped_binary_falls_back_to_module_offset(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["stripped"])
+    (frame,) = Symbolizer().user_frames(target.pid, [target.hot_leaf + 5])
+    vaddr = symbols(binaries["prog"])["hot_leaf"][0] + 5
+    assert (frame.name, frame.module, frame.address) == (
+        f"stripped+0x{vaddr:x}", str(binaries["stripped"]), vaddr)
+
+
+@needs_root
+def test_pie_code_segment_offset_is_mapped_to_its_vaddr(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["shifted"])
+    (frame,) = Symbolizer().user_frames(target.pid, [target.hot_leaf + 5])
+    vaddr = symbols(binaries["shifted"])["hot_leaf"][0] + 5
+    assert (frame.name, frame.address) == ("hot_leaf", vaddr)
+    with open(f"/proc/{target.pid}/maps") as maps:
+        start, offset = next(
+            (int(fields[0].split("-")[0], 16), int(fields[2], 16))
+            for fields in map(str.split, maps)
+            if int(fields[0].split("-")[0], 16) <= target.hot_leaf
+            < int(fields[0].split("-")[1], 16))
+    # The layout really exercises the PT_LOAD translation: vaddr != file offset.
+    assert target.hot_leaf + 5 - start + offset != vaddr
+
+
+@needs_root
+def test_address_outside_every_mapping_is_unknown(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    (frame,) = Symbolizer().user_frames(target.pid, [0x10])
+    assert (frame.name, frame.module, frame.address) == ("[unknown]+0x10", "[unknown]", 0x10)
+
+
+def test_process_never_seen_alive_is_unknown() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    symbolizer = Symbolizer()
+    (frame,) = symbolizer.user_frames(gone.pid, [0x401000])
+    assert (frame.name, frame.module) == ("[unknown]+0x401000", "[unknown]")
+    assert symbolizer.process_name(gone.pid) is None
+
+
+@needs_root
+def test_resolves_after_exit_with_maps_read_while_alive(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    symbolizer = Symbolizer()
+    alive = symbolizer.user_frames(target.pid, [target.hot_leaf + 5])
+    target.stop()
+    # libc was never opened while alive: it is found by path, checked by inode.
+    after = symbolizer.user_frames(target.pid, [target.hot_leaf + 5, target.write + 3])
+    assert after[0] == alive[0]
+    assert after[1].name in {"write", "__write", "__libc_write"}
+    assert symbolizer.process_name(target.pid) == "prog"
+    symbolizer.forget(target.pid)
+    assert symbolizer.user_frames(target.pid, [target.hot_leaf + 5])[0].module == "[unknown]"
+
+
+@needs_root
+def test_deleted_binary_is_read_through_map_files(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target], tmp_path: Path) -> None:
+    doomed = tmp_path / "doomed"
+    shutil.copy(binaries["prog"], doomed)
+    target = spawn(doomed)
+    doomed.unlink()
+    (frame,) = Symbolizer().user_frames(target.pid, [target.hot_leaf + 5])
+    assert (frame.name, frame.module) == ("hot_leaf", str(doomed))
+
+
+@needs_root
+def test_elf_cache_is_shared_by_build_id(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target], tmp_path: Path) -> None:
+    copies = []
+    for name in ("a", "b"):  # two files, two inodes, one build id
+        (tmp_path / name).mkdir()
+        copies.append(Path(shutil.copy(binaries["prog"], tmp_path / name / "prog")))
+    symbolizer = Symbolizer()
+    for copy in copies:
+        target = spawn(copy)
+        (frame,) = symbolizer.user_frames(target.pid, [target.hot_leaf + 5])
+        assert (frame.name, frame.module) == ("hot_leaf", str(copy))
+    assert symbolizer.elf_parses == 1
+
+
+@needs_root
+def test_without_build_id_the_cache_is_per_file(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target], tmp_path: Path) -> None:
+    copy = Path(shutil.copy(binaries["noid"], tmp_path / "noid"))
+    symbolizer = Symbolizer()
+    for binary in (binaries["noid"], binaries["noid"], copy):
+        target = spawn(binary)
+        (frame,) = symbolizer.user_frames(target.pid, [target.hot_leaf + 5])
+        assert frame.name == "hot_leaf"
+    assert symbolizer.elf_parses == 2
+
+
+@needs_root
+def test_maps_are_reread_after_dlopen(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    symbolizer = Symbolizer()
+    symbolizer.user_frames(target.pid, [target.hot_leaf + 5])
+    process = target.process
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write("load\n")
+    process.stdin.flush()
+    frexp = int(process.stdout.readline(), 16)
+    time.sleep(_MAPS_REFRESH_S)
+    (frame,) = symbolizer.user_frames(target.pid, [frexp + 2])
+    assert frame.name == "frexp"  # of its aliases (frexpf64...), the plainest
+    assert os.path.basename(frame.module).startswith("libm")
+
+
+@needs_root
+def test_process_cache_is_bounded(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    first, second = spawn(binaries["prog"]), spawn(binaries["prog"])
+    symbolizer = Symbolizer(max_processes=1)
+    assert symbolizer.process_name(first.pid) == "prog"
+    symbolizer.user_frames(second.pid, [second.hot_leaf])  # evicts the first
+    first.stop()
+    assert symbolizer.user_frames(first.pid, [first.hot_leaf])[0].module == "[unknown]"
+
+
+@needs_root
+def test_vdso_symbols(tmp_path: Path) -> None:
+    libc = ctypes.CDLL(None)
+    libc.getauxval.restype = ctypes.c_ulong
+    base = libc.getauxval(33)  # AT_SYSINFO_EHDR
+    with open("/proc/self/maps") as maps:
+        end = next(int(line.split("-")[1].split()[0], 16) for line in maps
+                   if line.startswith(f"{base:x}-"))
+    with open("/proc/self/mem", "rb", buffering=0) as mem:
+        image = os.pread(mem.fileno(), end - base, base)
+    dump = tmp_path / "vdso.so"
+    dump.write_bytes(image)
+    out = subprocess.run(["nm", "-D", "--defined-only", str(dump)], check=True,
+                         capture_output=True, text=True).stdout
+    entries = [(int(f[0], 16), f[2].split("@")[0]) for f in map(str.split, out.splitlines())]
+    value = next(v for v, name in entries if name == "clock_gettime")
+    (frame,) = Symbolizer().user_frames(os.getpid(), [base + value + 1])
+    aliases = {name for v, name in entries if v == value}
+    assert (frame.name in aliases, frame.module, frame.address) == (True, "[vdso]", value + 1)
+
+
+@needs_root
+def test_kernel_symbol_from_kallsyms() -> None:
+    with open("/proc/kallsyms") as f:
+        table = [line.split() for line in f]
+    address = next(int(f[0], 16) for f in table if f[2] == "vfs_read" and len(f) == 3)
+    aliases = {f[2] for f in table if int(f[0], 16) == address and f[1] in "tTwW"}
+    leaf, caller = Symbolizer().kernel_frames([address + 1, address + 1])
+    assert leaf.name in aliases and caller.name in aliases
+    assert (leaf.module, leaf.kind, leaf.address) == (
+        "[kernel.kallsyms]", FrameKind.KERNEL, address + 1)
+    # A return address at a function's first byte belongs to the code before it.
+    assert Symbolizer().kernel_frames([address, address])[1].name not in aliases
+
+
+@needs_root
+def test_address_outside_the_kernel_is_unknown() -> None:
+    (frame,) = Symbolizer().kernel_frames([0x1000])
+    assert (frame.name, frame.module, frame.kind) == (
+        "[kernel.kallsyms]+0x1000", "[kernel.kallsyms]", FrameKind.KERNEL)
+
+
+def test_kallsyms_parsing(tmp_path: Path) -> None:
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text(
+        "ffffffff81000000 T _stext\n"
+        "ffffffff81000000 t __alias\n"
+        "ffffffff81000000 T start_kernel\n"
+        "ffffffff81000100 T after\n"
+        "ffffffff81000200 D some_data\n"
+        "0000000000000000 T hidden\n"
+        "ffffffffc0001000 t mod_func\t[nf_tables]\n"
+        "ffffffffc0001040 d mod_data\t[nf_tables]\n")
+    names = [(f.name, f.module) for f in KernelSymbols(str(kallsyms)).resolve(
+        [0xffffffff81000010, 0xffffffff81000101, 0xffffffff81000208, 0xffffffffc0001011,
+         0xffffffffc0001048, 0x10])]
+    assert names == [
+        ("start_kernel", "[kernel.kallsyms]"),  # global over local, then fewest underscores
+        ("after", "[kernel.kallsyms]"),  # a return address: looked up one byte back
+        ("[kernel.kallsyms]+0xffffffff81000208", "[kernel.kallsyms]"),  # data, not "after"
+        ("mod_func", "[nf_tables]"),
+        ("[kernel.kallsyms]+0xffffffffc0001048", "[kernel.kallsyms]"),
+        ("[kernel.kallsyms]+0x10", "[kernel.kallsyms]"),  # not "hidden" at address 0
+    ]
