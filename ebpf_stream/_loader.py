@@ -243,7 +243,7 @@ def _compile(source: Path, cflags: list[str], headers: Headers) -> Any:
 
     os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
     try:
-        bpf = BPF(text=source.read_text(), cflags=cflags)
+        bpf = BPF(text=source.read_bytes(), cflags=cflags)
     except Exception as exc:  # bcc raises bare Exception for compile and load errors
         raise ProbeError(
             f"{source.name} failed to compile or load against {headers.path} ({exc}); "

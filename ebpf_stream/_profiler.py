@@ -74,7 +74,7 @@ class Profiler:
         self._monitor: OverheadMonitor | None = None
         self._final_overhead: Overhead | None = None
         self._task_group: TaskGroup | None = None
-        self._reading = anyio.CancelScope()
+        self._reading: anyio.CancelScope | None = None
         self._scopes: list[anyio.CancelScope] = []
         self._failure: Exception | None = None
         self._standalone = False  # the CLI owns the whole process, so all its memory counts
@@ -108,6 +108,7 @@ class Profiler:
         if not config.cpu_profiling:
             raise ConfigError("cpu_profiling: must be on; it is the only feature in this version")
         check_pids(config.pids)
+        self._reading = anyio.CancelScope()
         baseline = 0 if self._standalone else anon_rss_bytes()
         probe = CpuProbe(config, self._stats, self._meter,
                          targets=self._targets(), follow_children=self._follow)
@@ -133,6 +134,10 @@ class Profiler:
             raise
         return self
 
+    def _stop_reading(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+
     def _count_drop(self, samples: int) -> None:
         self._stats.dropped_user += samples
 
@@ -151,11 +156,12 @@ class Profiler:
                     log.error("profiling stopped: %s", exc)
                     if self._failure is None:
                         self._failure = exc
-                    self._reading.cancel()
+                    self._stop_reading()
 
         self._task_group.start_soon(guarded)
 
     async def _read(self, probe: Probe, events: Channel[EventMessage]) -> None:
+        assert self._reading is not None
         try:
             with self._reading:
                 await probe.run(events.send)
@@ -181,7 +187,7 @@ class Profiler:
             deadline = anyio.current_time() + self._shutdown_timeout
             for scope in self._scopes:
                 scope.deadline = deadline
-            self._reading.cancel()
+            self._stop_reading()
             if self._task_group is not None:
                 await self._task_group.__aexit__(None, None, None)
             if any(scope.cancelled_caught for scope in self._scopes):

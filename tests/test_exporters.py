@@ -36,11 +36,6 @@ START = 1_700_000_000_000_000_000
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def native(name: str, module: str = "/usr/bin/app", address: int = 0x1000) -> Frame:
     return Frame(name, module, FrameKind.NATIVE, address)
 

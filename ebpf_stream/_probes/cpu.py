@@ -91,9 +91,9 @@ class CpuProbe(Probe):
         try:
             bpf = self._bpf
             for pid in self._targets or ():
-                bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+                bpf[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
             self._epoch_start[0] = time.monotonic_ns()
-            self._ring = RingBuffer(bpf["samples"].map_fd, self._config.ring_buffer_bytes, SAMPLE)
+            self._ring = RingBuffer(bpf[b"samples"].map_fd, self._config.ring_buffer_bytes, SAMPLE)
             from bcc import PerfSWConfig, PerfType
 
             period_ns = round(1e9 / self._config.sample_rate_hz)
@@ -105,7 +105,7 @@ class CpuProbe(Probe):
             raise
 
     def add_target(self, pid: int) -> None:
-        self._bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        self._bpf[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     async def run(self, emit: Emit) -> None:
         assert self._ring is not None
@@ -180,7 +180,7 @@ class CpuProbe(Probe):
         return np.where(stale & (ids >= 0), -errno.ESTALE, keys)
 
     def _read_stack(self, key: int) -> list[int] | None:
-        table = self._bpf[f"stacks_{(key >> 32) & 1}"]
+        table = self._bpf[b"stacks_%d" % ((key >> 32) & 1)]
         try:
             trace = table[ctypes.c_int(key & 0xFFFFFFFF)]
         except KeyError:
@@ -208,9 +208,9 @@ class CpuProbe(Probe):
             return
         new = self._epoch + 1
         bpf = self._bpf
-        bpf[f"stacks_{new & 1}"].clear()
+        bpf[b"stacks_%d" % (new & 1)].clear()
         self._epoch_start[new & 1] = time.monotonic_ns()
-        bpf["generation"][ctypes.c_int(0)] = ctypes.c_uint32(new & 1)
+        bpf[b"generation"][ctypes.c_int(0)] = ctypes.c_uint32(new & 1)
         self._epoch = new
         self._keys_this_epoch = 0
         self._sent = {k for k in self._sent if k >> 32 >= new - 1}
@@ -218,7 +218,7 @@ class CpuProbe(Probe):
     def kernel_drops(self) -> int:
         if self._program is None or self._program.bpf is None:
             return 0
-        values = self._bpf["counters"][ctypes.c_int(_COUNTER_RING_FULL)]
+        values = self._bpf[b"counters"][ctypes.c_int(_COUNTER_RING_FULL)]
         return int(sum(values))
 
     def program_fds(self) -> list[int]:
@@ -227,9 +227,9 @@ class CpuProbe(Probe):
     def map_fds(self) -> list[int]:
         if self._program is None or self._program.bpf is None:
             return []
-        names = ["samples", "stacks_0", "stacks_1", "generation", "counters"]
+        names = [b"samples", b"stacks_0", b"stacks_1", b"generation", b"counters"]
         if self._targets is not None:
-            names.append("targets")
+            names.append(b"targets")
         return [self._bpf[n].map_fd for n in names]
 
     def close(self) -> None:

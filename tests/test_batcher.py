@@ -1,0 +1,145 @@
+"""The batcher with hand-made events: symbolization, max_samples, flushing."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy
+from ebpf_stream._batcher import Batcher
+from ebpf_stream._channels import Channel
+from ebpf_stream._events import CpuSample, Event, EventMessage, StackTrace, encode_events
+from ebpf_stream._overhead import CpuMeter
+from ebpf_stream._stats import Stats
+
+
+class FakeSymbolizer:
+    """Names frames after their addresses, so tests can read stacks."""
+
+    def __init__(self) -> None:
+        self.user_calls = 0
+
+    def user_frames(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        self.user_calls += 1
+        return tuple(Frame(f"u{a:x}", "/bin/app", FrameKind.NATIVE, a) for a in addresses)
+
+    def kernel_frames(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        return tuple(Frame(f"k{a:x}", "[kernel.kallsyms]", FrameKind.KERNEL, a)
+                     for a in addresses)
+
+    def process_name(self, pid: int) -> str | None:
+        return "app"
+
+
+USER, KERNEL = (1 << 32) | 7, (1 << 32) | 8
+
+
+def message(n: int, *, user: int = USER, kernel: int = KERNEL, stacks: bool = True) -> EventMessage:
+    events: list[Event] = []
+    if stacks:
+        events += [StackTrace(USER, [0xC, 0xB, 0xA]), StackTrace(KERNEL, [0x2, 0x1])]
+    events += [CpuSample(1000 + i, 42, 43, 0, "app", user, kernel) for i in range(n)]
+    return encode_events(events, n)
+
+
+def make_batcher(**config: object) -> tuple[Batcher, Stats, FakeSymbolizer]:
+    stats = Stats()
+    symbolizer = FakeSymbolizer()
+    cfg = EbpfConfig(**config)  # type: ignore[arg-type]
+    return Batcher(cfg, symbolizer, stats, CpuMeter()), stats, symbolizer  # type: ignore[arg-type]
+
+
+def names(batch: Batch) -> dict[str, int]:
+    return {";".join(f.name for f in s.frames): s.count for s in batch.profile}
+
+
+def test_stacks_are_root_first_user_then_kernel() -> None:
+    batcher, _, _ = make_batcher()
+    batcher.add(message(3))
+    assert names(batcher.take()) == {"ua;ub;uc;k1;k2": 3}
+
+
+def test_each_stack_is_symbolized_once() -> None:
+    batcher, _, symbolizer = make_batcher()
+    batcher.add(message(100))
+    batcher.add(message(100, stacks=False))
+    assert symbolizer.user_calls == 1
+
+
+def test_missing_and_lost_stacks_keep_the_sample() -> None:
+    batcher, stats, _ = make_batcher()
+    batcher.add(message(1, kernel=-errno.EFAULT))  # no kernel stack: in user mode
+    batcher.add(message(1, user=-errno.EEXIST, stacks=False))  # bucket taken
+    batcher.add(message(1, user=(5 << 32) | 1, stacks=False))  # never received
+    assert names(batcher.take()) == {
+        "ua;ub;uc": 1, "[stack lost];k1;k2": 2}
+    assert stats.lost_stacks == 2
+
+
+def test_max_samples_caps_an_interval_and_counts_the_rest() -> None:
+    batcher, stats, _ = make_batcher(max_samples=10)
+    batcher.add(message(25))
+    assert batcher.full
+    batch = batcher.take()
+    assert batch.profile.sample_count == 10
+    assert batch.dropped == 15 and stats.dropped_user == 15
+    batcher.add(message(5, stacks=False))
+    assert batcher.take().profile.sample_count == 5
+
+
+def test_per_sample_timestamps_are_kept() -> None:
+    batcher, _, _ = make_batcher()
+    batcher.add(message(3))
+    (stack,) = batcher.take().profile
+    assert stack.timestamps_ns == [1000, 1001, 1002]
+
+
+async def run_batcher(batcher: Batcher, messages: list[EventMessage], gap: float,
+                      capacity: int = 8) -> list[Batch]:
+    source = Channel[EventMessage](64, OverflowPolicy.BLOCK, weight=lambda m: m.samples,
+                                   on_drop=lambda n: None)
+    sink = Channel[Batch](capacity, OverflowPolicy.BLOCK, weight=lambda b: 1,
+                          on_drop=lambda n: None)
+    out: list[Batch] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batcher.run, source, sink)
+        for m in messages:
+            await source.send(m)
+            await anyio.sleep(gap)
+        source.close()
+        out = [b async for b in sink]
+    return out
+
+
+@pytest.mark.anyio
+async def test_flushes_on_interval() -> None:
+    batcher, _, _ = make_batcher(export_interval_s=0.1)
+    batches = await run_batcher(batcher, [message(1) for _ in range(6)], gap=0.05)
+    assert 2 <= len(batches) <= 4
+    assert sum(b.profile.sample_count for b in batches) == 6
+
+
+@pytest.mark.anyio
+async def test_flushes_on_size_before_the_interval() -> None:
+    batcher, stats, _ = make_batcher(export_interval_s=60, max_samples=4)
+    batches = await run_batcher(batcher, [message(4), message(4, stacks=False)], gap=0)
+    assert [b.profile.sample_count for b in batches] == [4, 4]
+    assert stats.dropped_user == 0
+
+
+@pytest.mark.anyio
+async def test_a_slow_consumer_under_drop_oldest_loses_counted_batches() -> None:
+    batcher, stats, _ = make_batcher(export_interval_s=60, max_samples=1)
+    sink = Channel[Batch](1, OverflowPolicy.DROP_OLDEST, weight=lambda b: b.profile.sample_count,
+                          on_drop=lambda n: setattr(stats, "dropped_user", stats.dropped_user + n))
+    source = Channel[EventMessage](64, OverflowPolicy.BLOCK, weight=lambda m: m.samples,
+                                   on_drop=lambda n: None)
+    for i in range(5):
+        await source.send(message(1, stacks=i == 0))
+    source.close()
+    await batcher.run(source, sink)  # nobody consumes until the end
+    kept = [b async for b in sink]
+    assert len(kept) == 1 and stats.dropped_user == 4

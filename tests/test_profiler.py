@@ -1,0 +1,247 @@
+"""The whole pipeline on real BPF: probes, reader, batcher, exporters, cleanup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ebpf_stream import (
+    Batch,
+    EbpfConfig,
+    EbpfCpuProfiler,
+    ExportError,
+    FrameKind,
+    OverflowPolicy,
+    Profile,
+    Profiler,
+    TargetError,
+)
+from ebpf_stream.exporters import FoldedFileExporter, MemoryExporter
+
+from _support import UVLOOP, bpf_fds, loaded_programs, start_ready
+
+pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
+
+PROBE_PROGRAMS = {"on_cpu_sample", "tracepoint__sch"}
+
+
+def ours(programs: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    return {p for p in programs if p[1] in PROBE_PROGRAMS}
+
+
+def config_for(pid: int, **changes: object) -> EbpfConfig:
+    base = EbpfConfig.for_environment("development").with_pids([pid]).with_export_interval(0.5)
+    return base.with_sample_rate(99) if not changes else _apply(base, changes)
+
+
+def _apply(config: EbpfConfig, changes: dict[str, object]) -> EbpfConfig:
+    import dataclasses
+
+    return dataclasses.replace(config.with_sample_rate(99), **changes)  # type: ignore[arg-type]
+
+
+def shares(profile: Profile, leaf: str) -> float:
+    total = profile.sample_count
+    return sum(s.count for s in profile if s.frames and s.frames[-1].name == leaf) / total
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", UVLOOP], ids=["asyncio", "uvloop"])
+@pytest.mark.anyio
+async def test_native_hot_function_dominates_in_root_first_order(
+        running: subprocess.Popen[str]) -> None:
+    memory = MemoryExporter()
+    async with Profiler(config_for(running.pid), [memory]) as profiler:
+        await anyio.sleep(2)
+    profile = memory.profile
+    assert profile is not None and memory.closed
+    assert profile.sample_count >= 0.85 * 2 * 99
+    assert shares(profile, "hot_leaf") > 0.8
+    top = max(profile, key=lambda s: s.count)
+    names = [f.name for f in top.frames]
+    assert names[-4:] == ["main", "outer", "middle", "hot_leaf"]
+    assert names[0] == "__libc_start_call_main" or names[0].startswith("libc.so.6+0x")
+    assert top.process == "hot_native" and top.pid == running.pid
+    stats = profiler.stats
+    assert stats.received == stats.exported == profile.sample_count
+    assert stats.dropped == 0 and stats.lost_stacks == 0
+
+
+@pytest.mark.anyio
+async def test_syscall_heavy_workload_shows_kernel_frames_after_user_frames(
+        syscall_heavy: Path) -> None:
+    proc = start_ready([str(syscall_heavy), "30"])
+    try:
+        memory = MemoryExporter()
+        async with Profiler(config_for(proc.pid), [memory]):
+            await anyio.sleep(1.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    profile = memory.profile
+    assert profile is not None
+    in_kernel = [s for s in profile if s.frames and s.frames[-1].kind is FrameKind.KERNEL]
+    assert sum(s.count for s in in_kernel) > 0.5 * profile.sample_count
+    for s in in_kernel:
+        kinds = [f.kind for f in s.frames]
+        first_kernel = kinds.index(FrameKind.KERNEL)
+        assert all(k is FrameKind.KERNEL for k in kinds[first_kernel:]), "kernel frames last"
+        assert all(f.module == "[kernel.kallsyms]" for f in s.frames[first_kernel:])
+    names = {f.name for s in in_kernel for f in s.frames}
+    # libc's read() keeps no frame pointer, so it hides its caller; main stays.
+    assert {"main", "ksys_read", "entry_SYSCALL_64_after_hwframe"} <= names
+
+
+@pytest.mark.anyio
+async def test_host_event_loop_keeps_ticking_while_starting_and_running(
+        running: subprocess.Popen[str]) -> None:
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await anyio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.sleep(0.05)
+        started = time.monotonic()
+        async with Profiler(config_for(running.pid), [MemoryExporter()]):
+            startup = time.monotonic() - started
+            await anyio.sleep(1.5)
+        tg.cancel_scope.cancel()
+    assert startup > 0.2, "compiling takes a while; the ticker must have run meanwhile"
+    assert len(gaps) > (startup + 1.5) / 0.05
+    assert max(gaps) < 0.25, f"the host loop stalled for {max(gaps):.3f}s"
+
+
+@pytest.mark.anyio
+async def test_nothing_stays_loaded_after_exit(running: subprocess.Popen[str]) -> None:
+    before = loaded_programs()
+    async with Profiler(config_for(running.pid), [MemoryExporter()]):
+        assert ours(loaded_programs() - before), "the probe should be loaded"
+        assert bpf_fds()
+    assert not ours(loaded_programs() - before)
+    assert bpf_fds() == []
+
+
+@pytest.mark.anyio
+async def test_cancellation_flushes_and_detaches(running: subprocess.Popen[str]) -> None:
+    before = loaded_programs()
+    memory = MemoryExporter()
+    with anyio.move_on_after(1.5) as scope:
+        async with Profiler(config_for(running.pid, export_interval_s=60.0), [memory]):
+            await anyio.sleep(30)
+    assert scope.cancelled_caught
+    assert memory.closed and memory.profile is not None
+    assert memory.profile.sample_count > 50, "what was collected before cancelling is exported"
+    assert not ours(loaded_programs() - before)
+    assert bpf_fds() == []
+
+
+@pytest.mark.anyio
+async def test_stack_maps_rotate_without_losing_stacks(running: subprocess.Popen[str]) -> None:
+    memory = MemoryExporter()
+    config = config_for(running.pid, export_interval_s=0.2, stack_map_entries=64)
+    async with Profiler(config, [memory]) as profiler:
+        await anyio.sleep(3)
+    profile = memory.profile
+    assert profile is not None
+    assert profiler.stats.lost_stacks == 0
+    assert shares(profile, "hot_leaf") > 0.8
+
+
+class SlowExporter:
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.samples = 0
+
+    async def export(self, batch: Batch) -> None:
+        await anyio.sleep(self.delay)
+        self.samples += batch.profile.sample_count
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_slow_exporter_under_drop_oldest_counts_every_sample(
+        running: subprocess.Popen[str]) -> None:
+    slow = SlowExporter(0.8)
+    config = config_for(running.pid, export_interval_s=0.1, max_samples=5,
+                        overflow_policy=OverflowPolicy.DROP_OLDEST)
+    async with Profiler(config, [slow]) as profiler:
+        await anyio.sleep(2.5)
+    stats = profiler.stats
+    assert stats.dropped_user > 0
+    assert stats.exported == slow.samples
+    assert stats.received == stats.exported + stats.dropped_user
+
+
+@pytest.mark.anyio
+async def test_max_samples_caps_each_interval(running: subprocess.Popen[str]) -> None:
+    memory = MemoryExporter()
+    config = config_for(running.pid, export_interval_s=0.5, max_samples=10)
+    async with Profiler(config, [memory]) as profiler:
+        await anyio.sleep(2)
+    assert all(b.profile.sample_count <= 10 for b in memory.batches)
+    stats = profiler.stats
+    assert stats.dropped_user > 0
+    assert stats.received == stats.exported + stats.dropped_user
+
+
+class FailingExporter:
+    async def export(self, batch: Batch) -> None:
+        raise ExportError("disk full")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_failing_exporter_does_not_starve_the_others(
+        running: subprocess.Popen[str], tmp_path: Path) -> None:
+    folded = tmp_path / "out.folded"
+    with pytest.raises(ExportError, match="disk full"):
+        async with Profiler(config_for(running.pid), [FailingExporter(),
+                                                      FoldedFileExporter(folded)]):
+            await anyio.sleep(1)
+    assert "hot_leaf" in folded.read_text()
+
+
+@pytest.mark.anyio
+async def test_a_missing_pid_is_refused_before_loading() -> None:
+    before = loaded_programs()
+    with pytest.raises(TargetError, match="pid 4000000: no such process"):
+        async with Profiler(EbpfConfig().with_pids([4_000_000])):
+            pass
+    assert not ours(loaded_programs() - before)
+
+
+def test_sync_api_profiles_the_host_process() -> None:
+    memory = MemoryExporter()
+    profiler = EbpfCpuProfiler(EbpfConfig().with_sample_rate(99).with_export_interval(0.5),
+                               [memory])
+    before = loaded_programs()
+    profiler.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            sum(i * i for i in range(1000))
+        overhead = profiler.get_overhead()
+    finally:
+        profiler.stop()
+    assert memory.profile is not None
+    assert {s.pid for s in memory.profile} == {os.getpid()}
+    assert profiler.stats.received > 0.85 * 1.5 * 99
+    assert 0 < overhead.cpu_percent < 20
+    assert overhead.bpf_cpu_ns > 0 and overhead.bpf_run_count > 0
+    assert overhead.bpf_map_bytes > 0 and overhead.memory_bytes >= overhead.bpf_map_bytes
+    assert not ours(loaded_programs() - before)
