@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,7 +29,13 @@ from ._profile import Frame, FrameKind, Profile
 from ._stats import Stats
 from ._symbolize import Symbolizer
 
+log = logging.getLogger("ebpf_stream")
+
 _LOST = Frame("[stack lost]", "[unknown]", FrameKind.NATIVE)
+
+
+def _raw(address: int) -> Frame:
+    return Frame(f"[unknown]+0x{address:x}", "[unknown]", FrameKind.NATIVE, address)
 
 
 def _epoch(key: int) -> int:
@@ -50,7 +57,8 @@ class StackResolver:
             # Keys of the two live generations stay; older ones can never recur.
             self._epoch = epoch
             self._addresses = {k: v for k, v in self._addresses.items() if _epoch(k) >= epoch - 1}
-            self._frames = {k: v for k, v in self._frames.items() if _epoch(max(k[1], k[2])) >= epoch - 1}
+            self._frames = {
+                k: v for k, v in self._frames.items() if _epoch(max(k[1], k[2])) >= epoch - 1}
         self._addresses[stack.key] = stack.addresses
 
     def frames(self, s: CpuSample) -> tuple[tuple[Frame, ...], bool]:
@@ -70,7 +78,13 @@ class StackResolver:
         """Leaf-first frames for one stack key, and whether the stack was lost."""
         if key >= 0:
             addresses = self._addresses.get(key)
-            return ((symbolize(addresses), False) if addresses is not None else ((_LOST,), True))
+            if addresses is None:
+                return (_LOST,), True
+            try:
+                return symbolize(addresses), False
+            except Exception:  # a symbolizer bug must not cost the samples
+                log.exception("symbolizing a stack failed; keeping raw addresses")
+                return tuple(_raw(a) for a in addresses), False
         if key == -errno.EFAULT:
             return (), False  # no such stack, e.g. no kernel stack while in user mode
         return (_LOST,), True

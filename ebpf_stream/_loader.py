@@ -10,6 +10,7 @@ keeps ticking.  Afterwards the compiler's memory is handed back to the OS.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -61,14 +62,15 @@ def check_privileges() -> Check:
     if os.geteuid() == 0 or caps >> _CAP_SYS_ADMIN & 1 or caps & bpf_and_perfmon == bpf_and_perfmon:
         return Check("privileges", True, "root" if os.geteuid() == 0 else "CAP_BPF+CAP_PERFMON")
     return Check("privileges", False, "not root and lacking CAP_BPF+CAP_PERFMON",
-                 "run as root, or grant CAP_BPF and CAP_PERFMON (setcap or a container securityContext)")
+                 "run as root, or grant CAP_BPF and CAP_PERFMON "
+                 "(setcap, or the container's securityContext)")
 
 
 def check_kernel() -> Check:
     ver = _kernel_version()
     ok = ver >= MIN_KERNEL
     return Check("kernel", ok, f"Linux {platform.release()}",
-                 "" if ok else f"upgrade to Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later (BPF ring buffers)")
+                 "" if ok else f"upgrade to Linux {'.'.join(map(str, MIN_KERNEL))} or later")
 
 
 def check_btf() -> Check:
@@ -106,7 +108,7 @@ def ensure_tracefs() -> Path:
 
 def check_bcc() -> Check:
     try:
-        import bcc  # noqa: F401
+        import bcc
     except ImportError as exc:
         return Check("bcc", False, f"not importable ({exc})",
                      "apt-get install python3-bpfcc, then ./run setup to link it into .venv")
@@ -190,10 +192,8 @@ def find_headers(release: str | None = None, src: Path = Path("/usr/src")) -> He
         shutil.rmtree(merged, ignore_errors=True)  # left from headers since removed
         tmp = merged.with_name(f".{merged.name}.{os.getpid()}")
         _merge_tree(tmp, [common, arch])
-        try:
+        with contextlib.suppress(OSError):  # another process built it first
             tmp.rename(merged)
-        except OSError:  # another process built it first
-            pass
     return Headers(merged, False,
                    f"no headers for Linux {release}; using {arch.name} with {common.name}")
 
@@ -232,10 +232,8 @@ def require_environment() -> Headers:
 def _release_compiler_memory(bpf: Any) -> None:
     """Return clang/LLVM's heap to the OS: tens of MB that loading no longer needs."""
     bpf.free_bcc_memory()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _compile(source: Path, cflags: list[str], headers: Headers) -> Any:

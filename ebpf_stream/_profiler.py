@@ -104,7 +104,8 @@ class Profiler:
         validate_config(config)
         for feature in ("network_tracing", "syscall_tracing", "memory_tracing"):
             if getattr(config, feature):
-                raise ConfigError(f"{feature}: not available in this version; only cpu_profiling is")
+                raise ConfigError(
+                    f"{feature}: not available in this version; only cpu_profiling is")
         if not config.cpu_profiling:
             raise ConfigError("cpu_profiling: must be on; it is the only feature in this version")
         check_pids(config.pids)

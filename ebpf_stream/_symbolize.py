@@ -3,7 +3,10 @@
 Kernel addresses resolve against ``/proc/kallsyms``.  User addresses resolve
 against the ELF symbol tables of the files a process maps, read by a small
 ELF64 reader of our own: symbolization needs only headers, symbol tables and
-the build id, and owning the reader keeps bcc and pyelftools out of it.
+the build id, and owning the reader keeps bcc and pyelftools out of it.  A
+stripped file (a distro library has only ``.dynsym``) also takes the ``.symtab``
+of its separate debug file, found by build id or ``.gnu_debuglink``, or else
+of its ``.gnu_debugdata``, so its local functions resolve by name too.
 
 Everything expensive is cached, and every cache is bounded: ELF symbol tables
 by build id (libc is parsed once for all processes), process maps per pid, and
@@ -13,14 +16,16 @@ collector thread owns it.
 
 from __future__ import annotations
 
+import lzma
 import mmap
 import os
 import struct
 import sys
 import time
+import zlib
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Generic, NamedTuple, TypeVar
 
@@ -61,11 +66,18 @@ _PF_X = 1
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _STB_GLOBAL, _STB_WEAK = 1, 2
 _NT_GNU_BUILD_ID = 3
+_SHN_XINDEX = 0xFFFF
+# Where debug packages (Debian's *-dbg and *-dbgsym) install separate debug files.
+_DEBUG_DIR = "/usr/lib/debug"
+# A .gnu_debugdata holds just symbols: far smaller than this unless hostile.
+_MAX_DEBUGDATA = 64 << 20
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 _U64 = npt.NDArray[np.uint64]
 _ImageKey = tuple[object, ...]
+# The function symbols of one symbol table, with its string table.
+_Symbols = tuple[npt.NDArray[np.void], bytes]
 
 
 class _Lru(Generic[_K, _V]):
@@ -270,6 +282,7 @@ class _Reader:
 
 
 class _Section(NamedTuple):
+    name: bytes
     type: int
     offset: int
     size: int
@@ -291,16 +304,21 @@ class _ElfHeaders:
 
     def __init__(self, reader: _Reader) -> None:
         (ident, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
-         _) = _EHDR.unpack(reader.read(0, _EHDR.size))
+         shstrndx) = _EHDR.unpack(reader.read(0, _EHDR.size))
         if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
             raise ValueError("not a little-endian ELF64 file")
         if (phnum and phentsize != _PHDR.size) or (shnum and shentsize != _SHDR.size):
             raise ValueError("unexpected ELF header sizes")
         if shoff and not shnum:  # extended numbering: the count is in section 0
             shnum = _SHDR.unpack(reader.read(shoff, _SHDR.size))[5]
+        headers = list(_SHDR.iter_unpack(reader.read(shoff, shnum * _SHDR.size)))
+        if shstrndx == _SHN_XINDEX and headers:  # extended numbering again
+            shstrndx = headers[0][6]
+        names = (reader.read(headers[shstrndx][4], headers[shstrndx][5])
+                 if 0 < shstrndx < len(headers) else b"")
         self.sections = [
-            _Section(h[1], h[4], h[5], h[6], h[8])
-            for h in _SHDR.iter_unpack(reader.read(shoff, shnum * _SHDR.size))]
+            _Section(names[h[0]:].partition(b"\0")[0], h[1], h[4], h[5], h[6], h[8])
+            for h in headers]
         programs = list(_PHDR.iter_unpack(reader.read(phoff, phnum * _PHDR.size)))
         # Executable segments first: a code mapping must match one of them.
         self.loads = sorted(
@@ -314,6 +332,9 @@ class _ElfHeaders:
             (found for offset, size, align in notes
              if (found := _build_id(reader.read(offset, size), 8 if align == 8 else 4))),
             None)
+
+    def section(self, name: bytes) -> _Section | None:
+        return next((s for s in self.sections if s.name == name), None)
 
     def vaddr_delta(self, file_offset: int) -> int:
         """``vaddr - file offset`` within the PT_LOAD mapped at ``file_offset``."""
@@ -337,8 +358,125 @@ def _build_id(notes: bytes, align: int) -> bytes | None:
     return None
 
 
+def _read_symbols(reader: _Reader, sections: list[_Section]) -> list[_Symbols]:
+    """The function symbols of each symbol table of an ELF file."""
+    found = []
+    for section in sections:
+        if section.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or section.link >= len(sections):
+            continue
+        strtab = sections[section.link]
+        symbols = np.frombuffer(
+            reader.read(section.offset, section.size - section.size % _SYM.itemsize), _SYM)
+        kind = symbols["info"] & 0xF
+        symbols = symbols[((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC))
+                          & (symbols["value"] != 0) & (symbols["shndx"] != 0)
+                          & (symbols["name"] != 0) & (symbols["name"] < strtab.size)]
+        found.append((symbols, reader.read(strtab.offset, strtab.size)))
+    return found
+
+
+class _Origin(NamedTuple):
+    """Where an image was mapped from, to find its debug files by."""
+
+    roots: tuple[str, ...]  # the process's root first (containers), then the host's
+    path: str | None  # in the process's mount namespace; None for the vdso
+
+
+def _debug_symbols(reader: _Reader, headers: _ElfHeaders, origin: _Origin) -> list[_Symbols]:
+    """Function symbols for a stripped image from elsewhere, or [].
+
+    A debug file has the image's addresses, but only if it was split from the
+    very same build: it must carry the image's build id or debuglink CRC.
+    """
+    for path, matches in _debug_files(reader, headers, origin):
+        found = _read_debug_file(path, matches)
+        if found:
+            return found
+    return _debugdata_symbols(reader, headers)
+
+
+_Check = Callable[[int, _ElfHeaders], bool]  # (fd, headers) of a debug file: is it ours?
+
+
+def _debug_files(reader: _Reader, headers: _ElfHeaders, origin: _Origin) -> Iterator[
+        tuple[str, _Check]]:
+    """Where the image's debug file may be, best first, with how to check it."""
+    if headers.build_id:
+        build_id, hex_id = headers.build_id, headers.build_id.hex()
+        for root in origin.roots:
+            yield (f"{root}{_DEBUG_DIR}/.build-id/{hex_id[:2]}/{hex_id[2:]}.debug",
+                   lambda _, debug: debug.build_id == build_id)
+    link = _debuglink(reader, headers)
+    if link and origin.path:
+        name, crc = link
+        directory = os.path.dirname(origin.path)
+        for root in origin.roots:
+            for path in (f"{root}{_DEBUG_DIR}{directory}/{name}",
+                         f"{root}{directory}/.debug/{name}"):
+                yield path, lambda fd, _: _crc32(fd) == crc
+
+
+def _debuglink(reader: _Reader, headers: _ElfHeaders) -> tuple[str, int] | None:
+    """(file name, CRC32) from ``.gnu_debuglink``, if present and well formed."""
+    section = headers.section(b".gnu_debuglink")
+    if section is None:
+        return None
+    try:
+        data = reader.read(section.offset, section.size)
+    except ValueError:
+        return None
+    name, nul, _ = data.partition(b"\0")
+    crc_at = -(-(len(name) + 1) // 4) * 4  # the CRC is 4-byte aligned after the name
+    if not name or not nul or b"/" in name or crc_at + 4 > len(data):
+        return None
+    crc: int = struct.unpack_from("<I", data, crc_at)[0]
+    return os.fsdecode(name), crc
+
+
+def _crc32(fd: int) -> int:
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+        return zlib.crc32(data)
+
+
+def _read_debug_file(path: str, matches: _Check) -> list[_Symbols]:
+    """The function symbols of the debug file at ``path`` if it matches, else []."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        reader = _Reader.of_file(fd, os.fstat(fd).st_size)
+        headers = _ElfHeaders(reader)
+        if headers.has_symtab and matches(fd, headers):
+            return _read_symbols(reader, headers.sections)
+    except (OSError, ValueError):  # unreadable or corrupt: as good as absent
+        pass
+    finally:
+        os.close(fd)
+    return []
+
+
+def _debugdata_symbols(reader: _Reader, headers: _ElfHeaders) -> list[_Symbols]:
+    """The function symbols of ``.gnu_debugdata`` (MiniDebugInfo): an xz-compressed
+    ELF file whose ``.symtab`` holds what the image's ``.dynsym`` lacks."""
+    section = headers.section(b".gnu_debugdata")
+    if section is None:
+        return []
+    decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+    try:
+        data = decompressor.decompress(reader.read(section.offset, section.size),
+                                       _MAX_DEBUGDATA)
+        if not decompressor.eof:  # truncated, or over the limit
+            return []
+        mini = _Reader.of_bytes(data)
+        return _read_symbols(mini, _ElfHeaders(mini).sections)
+    except (ValueError, lzma.LZMAError):
+        return []
+
+
 class _SymbolTable:
-    """Function symbols of one ELF file (.symtab and .dynsym merged).
+    """Function symbols of one ELF file (.symtab and .dynsym, and those of its
+    debug file, merged).
 
     Names stay in the string tables until looked up: a binary has far more
     symbols than a profile ever hits, so parsing is all numpy.
@@ -346,28 +484,16 @@ class _SymbolTable:
 
     __slots__ = ("_names", "_ranges", "_strings")
 
-    def __init__(self, reader: _Reader, sections: list[_Section]) -> None:
-        tables: list[npt.NDArray[np.void]] = []
+    def __init__(self, sources: Sequence[_Symbols]) -> None:
         names: list[npt.NDArray[np.uint64]] = []
-        strings: list[bytes] = []
         base = 0
-        for section in sections:
-            if section.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or section.link >= len(sections):
-                continue
-            strtab = sections[section.link]
-            symbols = np.frombuffer(
-                reader.read(section.offset, section.size - section.size % _SYM.itemsize), _SYM)
-            kind = symbols["info"] & 0xF
-            symbols = symbols[((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC))
-                              & (symbols["value"] != 0) & (symbols["shndx"] != 0)
-                              & (symbols["name"] != 0) & (symbols["name"] < strtab.size)]
-            tables.append(symbols)
+        for symbols, strings in sources:
             names.append(symbols["name"].astype(np.uint64) + np.uint64(base))
-            strings.append(reader.read(strtab.offset, strtab.size) + b"\0")
-            base += strtab.size + 1
-        merged = np.concatenate(tables) if tables else np.empty(0, _SYM)
+            base += len(strings) + 1
+        merged = np.concatenate([symbols for symbols, _ in sources]) if sources else np.empty(
+            0, _SYM)
         name_at = np.concatenate(names) if names else np.empty(0, np.uint64)
-        self._strings = b"".join(strings)
+        self._strings = b"".join(strings + b"\0" for _, strings in sources)
         chars = np.frombuffer(self._strings, np.uint8)
         nuls = np.flatnonzero(chars == 0)
         lengths = nuls[np.searchsorted(nuls, name_at)] - name_at
@@ -394,12 +520,16 @@ class _SymbolTable:
 class _ElfImage:
     """A parsed ELF file, shared by every mapping of it in every process."""
 
-    __slots__ = ("headers", "key", "symbols")
+    __slots__ = ("has_symtab", "headers", "key", "symbols")
 
-    def __init__(self, key: _ImageKey, headers: _ElfHeaders, symbols: _SymbolTable) -> None:
+    def __init__(self, key: _ImageKey, reader: _Reader, headers: _ElfHeaders,
+                 origin: _Origin) -> None:
         self.key = key
         self.headers = headers
-        self.symbols = symbols
+        # A file's own .symtab is as good as its debug file's: skip the search.
+        debug = [] if headers.has_symtab else _debug_symbols(reader, headers, origin)
+        self.has_symtab = headers.has_symtab or bool(debug)
+        self.symbols = _SymbolTable(_read_symbols(reader, headers.sections) + debug)
 
 
 class _Mapping:
@@ -572,7 +702,8 @@ class Symbolizer:
             file_key = ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             image = self._images.get(file_key)
             if image is None:
-                image = self._image(_Reader.of_file(fd, st.st_size), file_key)
+                image = self._image(_Reader.of_file(fd, st.st_size), file_key,
+                                    _Origin(_roots(pid), mapping.module))
                 self._images.put(file_key, image)
             return image
         finally:
@@ -581,19 +712,25 @@ class Symbolizer:
     def _vdso_image(self, pid: int, mapping: _Mapping) -> _ElfImage:
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             data = os.pread(mem.fileno(), mapping.end - mapping.start, mapping.start)
-        return self._image(_Reader.of_bytes(data), ("vdso", hash(data)))
+        return self._image(_Reader.of_bytes(data), ("vdso", hash(data)),
+                           _Origin(_roots(pid), None))
 
-    def _image(self, reader: _Reader, fallback_key: _ImageKey) -> _ElfImage:
+    def _image(self, reader: _Reader, fallback_key: _ImageKey, origin: _Origin) -> _ElfImage:
         """The image of an ELF file, parsed only if its build id is new."""
         headers = _ElfHeaders(reader)
         key = ("build-id", headers.build_id) if headers.build_id else fallback_key
         image = self._images.get(key)
-        # A stripped copy may have been seen first; the full one replaces it.
-        if image is None or (headers.has_symtab and not image.headers.has_symtab):
-            image = _ElfImage(key, headers, _SymbolTable(reader, headers.sections))
+        # A stripped copy without debug file may have been seen first; the full one replaces it.
+        if image is None or (headers.has_symtab and not image.has_symtab):
+            image = _ElfImage(key, reader, headers, origin)
             self.elf_parses += 1
             self._images.put(key, image)
         return image
+
+
+def _roots(pid: int) -> tuple[str, ...]:
+    """Where to look for files named by a process's paths: its root, then ours."""
+    return (f"/proc/{pid}/root", "")
 
 
 def _open_mapped_file(pid: int, mapping: _Mapping) -> int | None:
@@ -607,9 +744,9 @@ def _open_mapped_file(pid: int, mapping: _Mapping) -> int | None:
     except OSError:
         if mapping.deleted:
             return None
-    for path in (f"/proc/{pid}/root{mapping.module}", mapping.module):
+    for root in _roots(pid):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(f"{root}{mapping.module}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
         if os.fstat(fd).st_ino == mapping.inode:

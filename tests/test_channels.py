@@ -52,7 +52,7 @@ async def test_block_applies_backpressure_without_dropping() -> None:
 @pytest.mark.anyio
 async def test_memory_stays_bounded_under_a_flood() -> None:
     channel, drops = make(OverflowPolicy.DROP_OLDEST, capacity=8)
-    for n in range(10_000):
+    for _ in range(10_000):
         await channel.send(1)
         assert channel.queued <= 8
     assert sum(drops) == 10_000 - 8

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from _support import UVLOOP, bpf_fds, loaded_programs, start_ready
 
 from ebpf_stream import (
     Batch,
@@ -22,8 +23,6 @@ from ebpf_stream import (
     TargetError,
 )
 from ebpf_stream.exporters import FoldedFileExporter, MemoryExporter
-
-from _support import UVLOOP, bpf_fds, loaded_programs, start_ready
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
 

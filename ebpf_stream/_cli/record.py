@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 import anyio
@@ -90,11 +90,11 @@ async def _show_progress(profiler: Profiler, started: float, what: str) -> None:
             await anyio.sleep(0.25)
 
 
-async def _stop_when_any(tg: TaskGroup, *waits: object) -> None:
+async def _stop_when_any(tg: TaskGroup, *waits: Awaitable[object]) -> None:
     stop = anyio.Event()
 
-    async def run(wait: object) -> None:
-        await wait  # type: ignore[misc]
+    async def run(wait: Awaitable[object]) -> None:
+        await wait
         stop.set()
 
     for w in waits:
@@ -119,7 +119,7 @@ async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]], comman
             if gated:
                 gated.release()
             async with anyio.create_task_group() as tg:
-                waits = [_until_signal()]
+                waits: list[Awaitable[object]] = [_until_signal()]
                 if gated:
                     waits.append(gated.process.wait())
                 elif targets:

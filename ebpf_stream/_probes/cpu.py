@@ -7,6 +7,7 @@ per stack-map generation, however many samples share it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import time
@@ -122,10 +123,8 @@ class CpuProbe(Probe):
         if self._program is not None and self._program.bpf is not None:
             from bcc import PerfSWConfig, PerfType
 
-            try:
+            with contextlib.suppress(Exception):  # never attached: nothing to stop
                 self._bpf.detach_perf_event(PerfType.SOFTWARE, PerfSWConfig.CPU_CLOCK)
-            except Exception:  # never attached: nothing to stop
-                pass
 
     async def drain(self, emit: Emit) -> None:
         if self._ring is None:

@@ -1,0 +1,171 @@
+"""The ebpf-stream command, end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from _support import bpf_fds, loaded_programs, start_ready
+
+CLI = [sys.executable, "-m", "ebpf_stream._cli"]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def folded(path: Path) -> dict[str, int]:
+    lines = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        lines[stack] = int(count)
+    return lines
+
+
+def probe_loaded() -> bool:
+    return any(name == "on_cpu_sample" for _, name in loaded_programs())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["record", "--rate", "0"], "error: sample_rate_hz: 0 is outside the allowed range 1..1000"),
+    (["record", "--rate", "5000"], "error: sample_rate_hz: 5000 is outside"),
+    (["record", "--pid", "4000000"], "error: pid 4000000: no such process"),
+    (["record", "--duration", "-1"], "error: --duration: -1 must be a positive number"),
+    (["record", "--format", "flame"], "error: Invalid value for '-f' / '--format'"),
+    (["record", "-o", "out.xyz"], "error: -o out.xyz: cannot tell the format"),
+    (["record", "--", "no-such-command-here"], "error: command not found: no-such-command-here"),
+    (["record", "--env", "prod"], "error: environment: 'prod' is not one of"),
+    (["record", "--pid", "abc"], "error: Invalid value for '-p' / '--pid'"),
+])
+def test_bad_input_is_one_line_and_non_zero(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(message), lines[0]
+
+
+def test_env_variable_selects_the_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENV", "staging-ish")
+    result = run_cli("record", "--duration", "1")
+    assert result.returncode == 1
+    assert "environment: 'staging-ish'" in result.stderr
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_record_pid_yields_most_expected_samples_root_first(
+        running: subprocess.Popen[str], tmp_path: Path) -> None:
+    out = tmp_path / "out.folded"
+    result = run_cli("record", "--pid", str(running.pid), "--duration", "5", "--rate", "99",
+                     "--format", "folded", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    stacks = folded(out)
+    total = sum(stacks.values())
+    assert total >= 0.85 * 5 * 99, total
+    top = max(stacks, key=stacks.__getitem__)
+    frames = top.split(";")
+    assert frames[0] == "hot_native"
+    assert frames[-4:] == ["main", "outer", "middle", "hot_leaf"]
+    assert stacks[top] / total > 0.8
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_record_command_follows_children_and_ends_with_it(
+        hot_native: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.folded"
+    started = time.monotonic()
+    # The shell forks the workload rather than exec'ing it, so only following
+    # children finds it.
+    result = run_cli("record", "--rate", "99", "--duration", "30", "-o", str(out), "--",
+                     "sh", "-c", f"{hot_native} 1.5; true")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 20, "recording must end when the command exits"
+    stacks = folded(out)
+    hot = sum(n for s, n in stacks.items() if s.startswith("hot_native;") and
+              s.endswith(";hot_leaf"))
+    assert hot >= 0.85 * 1.5 * 99 * 0.8, stacks
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_record_writes_every_format(running: subprocess.Popen[str], tmp_path: Path) -> None:
+    paths = [tmp_path / n for n in ("p.pb.gz", "p.speedscope.json", "p.svg", "p.folded")]
+    args = [a for p in paths for a in ("-o", str(p))]
+    result = run_cli("record", "--pid", str(running.pid), "--duration", "1.5", "--rate", "99",
+                     *args)
+    assert result.returncode == 0, result.stderr
+    from ebpf_stream import _pprof_pb2
+
+    profile = _pprof_pb2.Profile.FromString(gzip.decompress(paths[0].read_bytes()))
+    strings = list(profile.string_table)
+    assert "hot_leaf" in strings and sum(s.value[0] for s in profile.sample) > 100
+    speedscope = json.loads(paths[1].read_text())
+    assert any(f["name"] == "hot_leaf" for f in speedscope["shared"]["frames"])
+    svg = ET.parse(paths[2]).getroot()
+    assert "hot_leaf" in ET.tostring(svg, encoding="unicode")
+    assert "hot_leaf" in paths[3].read_text()
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_record_whole_system_sees_every_busy_process(
+        running: subprocess.Popen[str], syscall_heavy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all.folded"
+    other = start_ready([str(syscall_heavy), "30"])
+    try:
+        result = run_cli("record", "--duration", "1.5", "--rate", "49", "-o", str(out))
+    finally:
+        other.kill()
+        other.wait()
+    assert result.returncode == 0, result.stderr
+    processes = {s.split(";")[0] for s in folded(out)}
+    assert {"hot_native", "syscall_heavy"} <= processes
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_writes_what_was_collected_and_detaches(
+        running: subprocess.Popen[str], tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "out.folded"
+    before = loaded_programs()
+    proc = subprocess.Popen([*CLI, "record", "--pid", str(running.pid), "--rate", "99",
+                             "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not probe_loaded() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert sum(folded(out).values()) > 100
+    assert not {p for p in loaded_programs() - before if p[1] == "on_cpu_sample"}
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_doctor_passes_every_check_here() -> None:
+    result = run_cli("doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in ("privileges", "kernel", "btf", "tracefs", "bcc", "kernel headers"):
+        assert check in result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_no_fds_leak_into_the_test_process() -> None:
+    assert bpf_fds() == []
