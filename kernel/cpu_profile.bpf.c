@@ -40,6 +40,10 @@ BPF_STACK_TRACE(stacks_0, STACK_ENTRIES);
 BPF_STACK_TRACE(stacks_1, STACK_ENTRIES);
 BPF_ARRAY(generation, u32, 1);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+// Processes that have been sampled before.  A process's first sample wakes
+// the reader at once, so that user space reads its memory map while it is
+// still alive: a short-lived process would otherwise exit unnamed.
+BPF_TABLE("lru_hash", u32, u8, known, 8192);
 #if FILTER_PIDS
 BPF_TABLE("lru_hash", u32, u8, targets, 8192);
 #endif
@@ -99,7 +103,10 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
 
     // Waking the reader for every record costs far more than the record;
     // each CPU wakes it every WAKEUP_EVERY records, and it drains on a timer too.
-    samples.ringbuf_submit(s, seen % WAKEUP_EVERY ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
+    u8 one = 1;
+    int new_process = known.insert(&pid, &one) == 0;
+    samples.ringbuf_submit(s, new_process || seen % WAKEUP_EVERY == 0 ?
+                           BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
     return 0;
 }
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import lzma
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -14,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from ebpf_stream._profile import FrameKind
-from ebpf_stream._symbolize import _MAPS_REFRESH_S, KernelSymbols, Symbolizer
+from ebpf_stream._symbolize import (
+    _MAPS_REFRESH_S,
+    KernelSymbols,
+    Symbolizer,
+    _ElfHeaders,
+    _ElfImage,
+    _Origin,
+    _Reader,
+)
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: real kallsyms addresses and /proc/PID/map_files")
@@ -69,6 +79,9 @@ def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     built["stripped"] = root / "stripped"
     shutil.copy(built["prog"], built["stripped"])
     subprocess.run(["strip", str(built["stripped"])], check=True)
+    built["debug"] = root / "prog.debug"  # the separate debug file of "stripped"
+    subprocess.run(["objcopy", "--only-keep-debug", str(built["prog"]), str(built["debug"])],
+                   check=True)
     return built
 
 
@@ -336,3 +349,79 @@ def test_kallsyms_parsing(tmp_path: Path) -> None:
         ("[kernel.kallsyms]+0xffffffffc0001048", "[kernel.kallsyms]"),
         ("[kernel.kallsyms]+0x10", "[kernel.kallsyms]"),  # not "hidden" at address 0
     ]
+
+
+def build_id(elf: Path) -> str:
+    out = subprocess.run(["readelf", "-n", str(elf)], check=True, capture_output=True,
+                         text=True).stdout
+    found = re.search(r"Build ID: ([0-9a-f]+)", out)
+    assert found, f"{elf} has no build id"
+    return found[1]
+
+
+def image_name(elf: Path, vaddr: int, root: str = "") -> str | None:
+    """The name ``vaddr`` resolves to in ``elf`` mapped by a process with root ``root``."""
+    reader = _Reader.of_bytes(elf.read_bytes())
+    image = _ElfImage(("test",), reader, _ElfHeaders(reader), _Origin((root,), str(elf)))
+    return image.symbols.name(vaddr)
+
+
+def test_debug_file_by_build_id_under_the_process_root(
+        binaries: dict[str, Path], tmp_path: Path) -> None:
+    vaddr = symbols(binaries["prog"])["hot_leaf"][0] + 5
+    hex_id = build_id(binaries["stripped"])
+    debug = tmp_path / f"usr/lib/debug/.build-id/{hex_id[:2]}/{hex_id[2:]}.debug"
+    debug.parent.mkdir(parents=True)
+    shutil.copy(binaries["debug"], debug)
+    assert image_name(binaries["stripped"], vaddr, str(tmp_path)) == "hot_leaf"
+    # A file of another build at that path would name the wrong functions.
+    subprocess.run(["objcopy", "--only-keep-debug", str(binaries["noid"]), str(debug)],
+                   check=True)
+    assert image_name(binaries["stripped"], vaddr, str(tmp_path)) is None
+
+
+def test_debuglink_file_must_match_its_crc(binaries: dict[str, Path], tmp_path: Path) -> None:
+    vaddr = symbols(binaries["prog"])["hot_leaf"][0] + 5
+    debug = tmp_path / ".debug" / "prog.debug"
+    debug.parent.mkdir()
+    shutil.copy(binaries["debug"], debug)
+    linked = tmp_path / "linked"
+    subprocess.run(["objcopy", f"--add-gnu-debuglink={debug}", str(binaries["stripped"]),
+                    str(linked)], check=True)
+    assert image_name(linked, vaddr) == "hot_leaf"
+    with debug.open("ab") as f:  # still a valid ELF file, but not the one linked
+        f.write(b"\0")
+    assert image_name(linked, vaddr) is None
+
+
+def test_gnu_debugdata_symbols(binaries: dict[str, Path], tmp_path: Path) -> None:
+    vaddr = symbols(binaries["prog"])["hot_leaf"][0] + 5
+    mini = tmp_path / "mini.xz"
+    mini.write_bytes(lzma.compress(binaries["debug"].read_bytes()))
+    minidebug = tmp_path / "minidebug"
+    subprocess.run(["objcopy", f"--add-section=.gnu_debugdata={mini}",
+                    str(binaries["stripped"]), str(minidebug)], check=True)
+    assert image_name(minidebug, vaddr) == "hot_leaf"
+
+
+@needs_root
+def test_stripped_libc_resolves_local_functions_through_its_debug_file(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    with open(f"/proc/{target.pid}/maps") as maps:
+        libc = next(Path(f[5]) for f in map(str.split, maps)
+                    if len(f) == 6 and os.path.basename(f[5]).startswith("libc.so"))
+    hex_id = build_id(libc)
+    debug = Path(f"/usr/lib/debug/.build-id/{hex_id[:2]}/{hex_id[2:]}.debug")
+    if not debug.exists():
+        pytest.skip(f"no debug file for the running libc at {debug}: install libc6-dbg")
+    start_call_main, size = symbols(debug)["__libc_start_call_main"]
+    assert "__libc_start_call_main" not in symbols(libc)  # only the debug file names it
+    out = subprocess.run(["nm", "-D", "--defined-only", str(libc)], check=True,
+                         capture_output=True, text=True).stdout
+    write = next(int(f[0], 16) for f in map(str.split, out.splitlines())
+                 if f[2].split("@")[0] == "write")
+    inside = target.write - write + start_call_main + size // 2  # as a return address
+    leaf, caller = Symbolizer().user_frames(target.pid, [target.write + 3, inside])
+    assert (leaf.name, caller.name, caller.module) == (
+        "write", "__libc_start_call_main", str(libc))

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 
 from .._batch import Batch
 from .._errors import ExportError
+from .._overhead import run_sync
 from .._profile import Profile
 from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
 from .folded import render_folded
@@ -64,11 +64,11 @@ class FileExporter(abc.ABC):
 
     async def export(self, batch: Batch) -> None:
         async with self._lock:
-            await anyio.to_thread.run_sync(self._merge_and_write, batch.profile)
+            await run_sync(self._merge_and_write, batch.profile)
 
     async def aclose(self) -> None:
         async with self._lock:
-            await anyio.to_thread.run_sync(self._merge_and_write, None)
+            await run_sync(self._merge_and_write, None)
 
     def _merge_and_write(self, profile: Profile | None) -> None:
         if profile is not None:

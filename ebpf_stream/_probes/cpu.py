@@ -226,7 +226,7 @@ class CpuProbe(Probe):
     def map_fds(self) -> list[int]:
         if self._program is None or self._program.bpf is None:
             return []
-        names = [b"samples", b"stacks_0", b"stacks_1", b"generation", b"counters"]
+        names = [b"samples", b"stacks_0", b"stacks_1", b"generation", b"counters", b"known"]
         if self._targets is not None:
             names.append(b"targets")
         return [self._bpf[n].map_fd for n in names]

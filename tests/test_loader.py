@@ -1,0 +1,88 @@
+"""Environment checks and the kernel-header fallback, on fake header trees."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ebpf_stream import EnvironmentCheckError
+from ebpf_stream._loader import environment_checks, find_headers
+
+
+def fake_headers(src: Path, version: str) -> None:
+    """Lay out Debian's split header packages: -common has kconfig.h, -amd64 the config."""
+    common = src / f"linux-headers-{version}-common"
+    arch = src / f"linux-headers-{version}-amd64"
+    (common / "include/linux").mkdir(parents=True)
+    (common / "include/linux/kconfig.h").write_text("/* common */\n")
+    (common / "arch/x86/include/asm").mkdir(parents=True)
+    (common / "arch/x86/include/asm/ptrace.h").write_text("/* asm */\n")
+    (arch / "include/generated").mkdir(parents=True)
+    (arch / "include/generated/autoconf.h").write_text(f"/* {version} */\n")
+    (arch / "arch/x86/include/generated").mkdir(parents=True)
+    (arch / ".config").write_text("CONFIG_BPF=y\n")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EBPF_STREAM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_falls_back_to_nearest_older_headers_and_merges_both_halves(
+        tmp_path: Path, cache: Path) -> None:
+    src = tmp_path / "src"
+    for version in ("5.10.0-30", "6.1.0-56", "6.12.0-1"):
+        fake_headers(src, version)
+    headers = find_headers("6.6.0-custom", src)
+    assert not headers.exact
+    assert "linux-headers-6.1.0-56-amd64 with linux-headers-6.1.0-56-common" in (
+        headers.description)
+    tree = headers.path
+    assert (tree / "include/linux/kconfig.h").read_text() == "/* common */\n"
+    assert (tree / "include/generated/autoconf.h").read_text() == "/* 6.1.0-56 */\n"
+    assert (tree / "arch/x86/include/asm/ptrace.h").exists()
+    assert (tree / "arch/x86/include/generated").is_dir()
+    assert (tree / ".config").exists()
+    assert tree.is_relative_to(cache)
+
+
+def test_a_kernel_older_than_every_header_uses_the_oldest(tmp_path: Path, cache: Path) -> None:
+    src = tmp_path / "src"
+    for version in ("6.1.0-56", "6.12.0-1"):
+        fake_headers(src, version)
+    assert "6.1.0-56" in find_headers("4.19.0", src).description
+
+
+def test_the_merged_tree_is_reused_and_rebuilt_when_broken(tmp_path: Path, cache: Path) -> None:
+    src = tmp_path / "src"
+    fake_headers(src, "6.1.0-56")
+    first = find_headers("6.18.0", src).path
+    assert find_headers("6.18.0", src).path == first
+    link = first / "include/linux"
+    assert link.is_symlink(), "only directories in both halves are real directories"
+    link.unlink()
+    assert (find_headers("6.18.0", src).path / "include/linux/kconfig.h").exists()
+
+
+def test_no_headers_is_an_actionable_error(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(EnvironmentCheckError, match="install linux-headers-amd64"):
+        find_headers("6.18.0-none", tmp_path / "empty")
+
+
+def test_headers_without_their_common_half_are_ignored(tmp_path: Path, cache: Path) -> None:
+    src = tmp_path / "src"
+    fake_headers(src, "6.1.0-56")
+    shutil.rmtree(src / "linux-headers-6.1.0-56-common")
+    with pytest.raises(EnvironmentCheckError):
+        find_headers("6.18.0", src)
+
+
+def test_environment_checks_each_carry_a_fix_when_failing() -> None:
+    checks = environment_checks()
+    assert [c.name for c in checks] == [
+        "privileges", "kernel", "btf", "tracefs", "bcc", "kernel headers"]
+    for c in checks:
+        assert c.ok or c.fix, c
