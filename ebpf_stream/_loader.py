@@ -279,10 +279,16 @@ class LoadedProgram:
 
 
 async def load_program(source_name: str, cflags: list[str]) -> LoadedProgram:
-    """Check the environment, then compile ``kernel/<source_name>`` in a worker thread."""
+    """Check the environment, then compile ``kernel/<source_name>`` in a worker thread.
+
+    Shielded: a compile cannot be interrupted, and a cancelled caller must
+    still receive the loaded program so that it can close it.  Callers check
+    for cancellation once they own the result.
+    """
     source = KERNEL_SOURCES / source_name
     if not source.exists():
         raise ProbeError(f"BPF source {source} is missing; reinstall ebpf-stream")
-    headers = await anyio.to_thread.run_sync(require_environment)
-    bpf = await anyio.to_thread.run_sync(_compile, source, cflags, headers)
+    with anyio.CancelScope(shield=True):
+        headers = await anyio.to_thread.run_sync(require_environment)
+        bpf = await anyio.to_thread.run_sync(_compile, source, cflags, headers)
     return LoadedProgram(bpf, source_name)

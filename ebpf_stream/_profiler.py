@@ -113,7 +113,11 @@ class Profiler:
         baseline = 0 if self._standalone else anon_rss_bytes()
         probe = CpuProbe(config, self._stats, self._meter,
                          targets=self._targets(), follow_children=self._follow)
-        await probe.open()
+        try:
+            await probe.open()
+        except BaseException:
+            probe.close()
+            raise
         self._probe = probe
         self._monitor = OverheadMonitor(self._meter, probe.program_fds, probe.map_fds,
                                         anon_baseline=baseline)

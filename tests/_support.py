@@ -34,11 +34,36 @@ def start_ready(argv: list[str]) -> subprocess.Popen[str]:
     return proc
 
 
-def loaded_programs() -> set[tuple[int, str]]:
-    """(id, name) of every BPF program loaded in the kernel."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (user + system).
+
+    Sample counts are checked against this rather than wall time: a CPU
+    sampler can only see a process while it is on a CPU.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loaded_programs() -> set[int]:
+    """Ids of every BPF program loaded in the kernel, as bpftool lists them."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          check=True).stdout
-    return {(p["id"], p.get("name", "")) for p in json.loads(out or "[]")}
+    return {p["id"] for p in json.loads(out or "[]")}
+
+
+def program_ids(pid: int | str = "self") -> set[int]:
+    """Ids of the BPF programs a process holds open."""
+    ids = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:
+            continue
+        ids.update(int(line.split()[1]) for line in info.splitlines()
+                   if line.startswith("prog_id:"))
+    return ids
 
 
 def bpf_fds(pid: int | str = "self") -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _support import UVLOOP, bpf_fds, loaded_programs, start_ready
+from _support import UVLOOP, bpf_fds, cpu_seconds, loaded_programs, program_ids, start_ready
 
 from ebpf_stream import (
     Batch,
@@ -25,13 +25,6 @@ from ebpf_stream import (
 from ebpf_stream.exporters import FoldedFileExporter, MemoryExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
-
-PROBE_PROGRAMS = {"on_cpu_sample", "tracepoint__sch"}
-
-
-def ours(programs: set[tuple[int, str]]) -> set[tuple[int, str]]:
-    return {p for p in programs if p[1] in PROBE_PROGRAMS}
-
 
 def config_for(pid: int, **changes: object) -> EbpfConfig:
     base = EbpfConfig.for_environment("development").with_pids([pid]).with_export_interval(0.5)
@@ -55,10 +48,12 @@ async def test_native_hot_function_dominates_in_root_first_order(
         running: subprocess.Popen[str]) -> None:
     memory = MemoryExporter()
     async with Profiler(config_for(running.pid), [memory]) as profiler:
+        cpu = cpu_seconds(running.pid)
         await anyio.sleep(2)
+        cpu = cpu_seconds(running.pid) - cpu
     profile = memory.profile
     assert profile is not None and memory.closed
-    assert profile.sample_count >= 0.85 * 2 * 99
+    assert profile.sample_count >= 0.85 * cpu * 99
     assert shares(profile, "hot_leaf") > 0.8
     top = max(profile, key=lambda s: s.count)
     names = [f.name for f in top.frames]
@@ -123,26 +118,45 @@ async def test_host_event_loop_keeps_ticking_while_starting_and_running(
 
 @pytest.mark.anyio
 async def test_nothing_stays_loaded_after_exit(running: subprocess.Popen[str]) -> None:
-    before = loaded_programs()
     async with Profiler(config_for(running.pid), [MemoryExporter()]):
-        assert ours(loaded_programs() - before), "the probe should be loaded"
-        assert bpf_fds()
-    assert not ours(loaded_programs() - before)
+        ours = program_ids()
+        assert ours and ours <= loaded_programs(), "the probe should be loaded"
+    assert not ours & loaded_programs()
     assert bpf_fds() == []
 
 
 @pytest.mark.anyio
 async def test_cancellation_flushes_and_detaches(running: subprocess.Popen[str]) -> None:
-    before = loaded_programs()
     memory = MemoryExporter()
-    with anyio.move_on_after(1.5) as scope:
+    ours: set[int] = set()
+    started = anyio.Event()
+
+    async def profile() -> None:
+        nonlocal ours
         async with Profiler(config_for(running.pid, export_interval_s=60.0), [memory]):
+            ours = program_ids()
+            started.set()
             await anyio.sleep(30)
-    assert scope.cancelled_caught
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(profile)
+        await started.wait()
+        await anyio.sleep(1)
+        tg.cancel_scope.cancel()
     assert memory.closed and memory.profile is not None
     assert memory.profile.sample_count > 50, "what was collected before cancelling is exported"
-    assert not ours(loaded_programs() - before)
+    assert ours and not ours & loaded_programs()
     assert bpf_fds() == []
+
+
+@pytest.mark.anyio
+async def test_cancellation_while_starting_leaves_nothing_loaded(
+        running: subprocess.Popen[str]) -> None:
+    with anyio.move_on_after(0.2) as scope:
+        async with Profiler(config_for(running.pid), [MemoryExporter()]):
+            pytest.fail("the profiler cannot have started within 0.2 s")
+    assert scope.cancelled_caught
+    assert bpf_fds() == [], "the program compiled meanwhile must be closed"
 
 
 @pytest.mark.anyio
@@ -217,30 +231,32 @@ async def test_a_failing_exporter_does_not_starve_the_others(
 
 @pytest.mark.anyio
 async def test_a_missing_pid_is_refused_before_loading() -> None:
-    before = loaded_programs()
     with pytest.raises(TargetError, match="pid 4000000: no such process"):
         async with Profiler(EbpfConfig().with_pids([4_000_000])):
             pass
-    assert not ours(loaded_programs() - before)
+    assert bpf_fds() == []
 
 
 def test_sync_api_profiles_the_host_process() -> None:
     memory = MemoryExporter()
     profiler = EbpfCpuProfiler(EbpfConfig().with_sample_rate(99).with_export_interval(0.5),
                                [memory])
-    before = loaded_programs()
     profiler.start()
+    ours = program_ids()
     try:
+        busy = time.thread_time()
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             sum(i * i for i in range(1000))
+        busy = time.thread_time() - busy
         overhead = profiler.get_overhead()
     finally:
         profiler.stop()
     assert memory.profile is not None
     assert {s.pid for s in memory.profile} == {os.getpid()}
-    assert profiler.stats.received > 0.85 * 1.5 * 99
+    assert profiler.stats.received > 0.85 * busy * 99
     assert 0 < overhead.cpu_percent < 20
     assert overhead.bpf_cpu_ns > 0 and overhead.bpf_run_count > 0
     assert overhead.bpf_map_bytes > 0 and overhead.memory_bytes >= overhead.bpf_map_bytes
-    assert not ours(loaded_programs() - before)
+    assert ours and not ours & loaded_programs()
+    assert bpf_fds() == []

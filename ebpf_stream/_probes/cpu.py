@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import anyio.lowlevel
 import numpy as np
 
 from .._config import EbpfConfig
@@ -90,6 +91,7 @@ class CpuProbe(Probe):
     async def open(self) -> None:
         self._program = await load_program("cpu_profile.bpf.c", self.cflags())
         try:
+            await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
             bpf = self._bpf
             for pid in self._targets or ():
                 bpf[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
