@@ -28,7 +28,7 @@ from ._errors import EnvironmentCheckError, ProbeError
 
 log = logging.getLogger("ebpf_stream")
 
-KERNEL_SOURCES = Path(__file__).resolve().parent.parent / "kernel"
+KERNEL_SOURCES = Path(__file__).parent / "_kernel"  # a link to kernel/ in the source tree
 MIN_KERNEL = (5, 8)  # BPF ring buffers
 _TRACEFS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 _CAP_PERFMON, _CAP_BPF, _CAP_SYS_ADMIN = 38, 39, 21

@@ -49,7 +49,7 @@ def main() -> None:
         # One line, like every other error; --help shows the usage.
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
-    except click.Abort:
+    except (click.Abort, KeyboardInterrupt):  # interrupted before recording began
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
