@@ -11,6 +11,7 @@ detached whatever happened.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
@@ -76,6 +77,8 @@ class Profiler:
         self._task_group: TaskGroup | None = None
         self._reading: anyio.CancelScope | None = None
         self._scopes: list[anyio.CancelScope] = []
+        self._sending: anyio.CancelScope | None = None
+        self._deadline = math.inf
         self._failure: Exception | None = None
         self._standalone = False  # the CLI owns the whole process, so all its memory counts
 
@@ -167,11 +170,23 @@ class Profiler:
 
     async def _read(self, probe: Probe, events: Channel[EventMessage]) -> None:
         assert self._reading is not None
+
+        async def emit(message: EventMessage) -> None:
+            # Stopping cancels the wait for the ring, never a message half-sent;
+            # only the shutdown deadline may interrupt a send.
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = self._deadline
+                self._sending = scope
+                try:
+                    await events.send(message)
+                finally:
+                    self._sending = None
+
         try:
             with self._reading:
-                await probe.run(events.send)
+                await probe.run(emit)
             probe.stop()
-            await probe.drain(events.send)
+            await probe.drain(emit)
         finally:
             events.close()
 
@@ -189,15 +204,20 @@ class Profiler:
         tb: TracebackType | None,
     ) -> None:
         try:
-            deadline = anyio.current_time() + self._shutdown_timeout
-            for scope in self._scopes:
-                scope.deadline = deadline
+            self._deadline = anyio.current_time() + self._shutdown_timeout
+            for scope in [*self._scopes, self._sending]:
+                if scope is not None:
+                    scope.deadline = self._deadline
             self._stop_reading()
             if self._task_group is not None:
                 await self._task_group.__aexit__(None, None, None)
             if any(scope.cancelled_caught for scope in self._scopes):
-                log.error("profiling shutdown exceeded %.0fs; some samples may be lost",
-                          self._shutdown_timeout)
+                # Whatever was still queued is lost: count it, never lose it silently.
+                s = self._stats
+                unexported = s.received - s.exported - s.dropped_user
+                s.dropped_user += unexported
+                log.error("profiling shutdown exceeded %.0fs; %d samples were not exported",
+                          self._shutdown_timeout, unexported)
         finally:
             self._close_kernel_side()
         if exc_type is None and self._failure is not None:
@@ -212,6 +232,7 @@ class Profiler:
             self._monitor = None
         if self._probe is not None:
             self._probe.close()
+            self._probe = None
 
 
 class EbpfCpuProfiler:

@@ -260,3 +260,40 @@ def test_sync_api_profiles_the_host_process() -> None:
     assert overhead.bpf_map_bytes > 0 and overhead.memory_bytes >= overhead.bpf_map_bytes
     assert ours and not ours & loaded_programs()
     assert bpf_fds() == []
+
+
+@pytest.mark.anyio
+async def test_a_full_ring_is_counted_as_kernel_drops(running: subprocess.Popen[str]) -> None:
+    slow = SlowExporter(1.5)
+    config = config_for(running.pid, sample_rate_hz=1000, ring_buffer_bytes=4096,
+                        export_interval_s=0.1, channel_capacity=1, max_samples=50,
+                        overflow_policy=OverflowPolicy.BLOCK)
+    async with Profiler(config, [slow], shutdown_timeout=30) as profiler:
+        await anyio.sleep(2)
+    stats = profiler.stats
+    assert stats.dropped_kernel > 0, "backpressure must reach the kernel ring"
+    assert stats.received == stats.exported + stats.dropped_user
+
+
+@pytest.mark.anyio
+async def test_stacks_a_crowded_stack_map_could_not_store_are_counted(
+        workload_dir: Path) -> None:
+    demo = Path(__file__).parent.parent / "ebpf_stream/_demo/demo_workload.c"
+    binary = workload_dir / "demo_workload"
+    subprocess.run(["cc", "-O0", "-fno-omit-frame-pointer", "-o", str(binary), str(demo)],
+                   check=True)
+    proc = subprocess.Popen([str(binary), "30"], stdout=subprocess.DEVNULL)
+    try:
+        memory = MemoryExporter()
+        config = config_for(proc.pid, sample_rate_hz=999, stack_map_entries=64,
+                            export_interval_s=60.0)
+        async with Profiler(config, [memory]) as profiler:
+            await anyio.sleep(2)
+    finally:
+        proc.kill()
+        proc.wait()
+    profile = memory.profile
+    assert profile is not None
+    lost = sum(s.count for s in profile if any(f.name == "[stack lost]" for f in s.frames))
+    assert profiler.stats.lost_stacks == lost > 0
+    assert profile.sample_count == profiler.stats.received, "lost stacks keep their samples"

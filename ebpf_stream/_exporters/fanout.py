@@ -27,18 +27,25 @@ class FanOut:
         self._errors: dict[int, Exception] = {}
 
     async def export(self, batch: Batch) -> None:
-        delivered = True
+        """Export to every healthy exporter.
+
+        A batch counts as exported when at least one exporter took it, and
+        as dropped when none did, so every sample received is accounted for.
+        """
+        delivered = False
         for i, exporter in enumerate(self._exporters):
             if i in self._errors:
-                delivered = False
                 continue
             try:
                 await exporter.export(batch)
             except Exception as exc:
                 self._fail(i, exc)
-                delivered = False
-        if delivered:
+            else:
+                delivered = True
+        if delivered or not self._exporters:
             self._stats.exported += batch.profile.sample_count
+        else:
+            self._stats.dropped_user += batch.profile.sample_count
 
     async def aclose(self) -> None:
         for i, exporter in enumerate(self._exporters):
