@@ -5,25 +5,32 @@ kernel (no headers package) are common, so when the running kernel has no
 headers we point bcc at the nearest installed Debian headers, merged from
 their ``-common`` and per-architecture halves, and say so.  Compiling takes
 about a second of CPU, so it runs in a worker thread: the caller's event loop
-keeps ticking.  Afterwards the compiler's memory is handed back to the OS.
+keeps ticking; it runs in a worker process, so the compiler's memory is
+handed back to the system when the worker exits.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import dataclasses
+import importlib.util
+import json
 import logging
 import os
 import platform
 import re
 import shutil
-from collections.abc import Callable, Iterator
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio.to_thread
 
+from ._bpf import BpfMap, attach_perf_event, attach_tracepoint, online_cpus
 from ._errors import EnvironmentCheckError, ProbeError
 
 log = logging.getLogger("ebpf_stream")
@@ -107,12 +114,12 @@ def ensure_tracefs() -> Path:
 
 
 def check_bcc() -> Check:
-    try:
-        import bcc
-    except ImportError as exc:
-        return Check("bcc", False, f"not importable ({exc})",
+    # Located, not imported: only the compile worker ever imports bcc.
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or spec.origin is None:
+        return Check("bcc", False, "not importable",
                      "apt-get install python3-bpfcc, then ./run setup to link it into .venv")
-    return Check("bcc", True, f"bcc at {Path(bcc.__file__).parent}")
+    return Check("bcc", True, f"bcc at {Path(spec.origin).parent}")
 
 
 # -- kernel headers ----------------------------------------------------------
@@ -229,66 +236,124 @@ def require_environment() -> Headers:
 
 # -- compile, attach, detach -------------------------------------------------
 
-def _release_compiler_memory(bpf: Any) -> None:
-    """Return clang/LLVM's heap to the OS: tens of MB that loading no longer needs."""
-    bpf.free_bcc_memory()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+_MAX_FDS = 64
 
 
-def _compile(source: Path, cflags: list[str], headers: Headers) -> Any:
-    from bcc import BPF
+def _first_error(stderr: str, source: Path) -> str:
+    """The compiler's first error, pointing at our source file rather than bcc's copy."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    line = next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "no output")
+    return line.replace("/virtual/main.c", str(source))
 
-    os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
-    try:
-        bpf = BPF(text=source.read_bytes(), cflags=cflags)
-    except Exception as exc:  # bcc raises bare Exception for compile and load errors
-        raise ProbeError(
-            f"{source.name} failed to compile or load against {headers.path} ({exc}); "
-            "run 'ebpf-stream doctor' and see the compiler output above"
-        ) from None
-    _release_compiler_memory(bpf)
-    return bpf
+
+def _compile(source: Path, programs: dict[str, str], maps: list[str],
+             cflags: list[str], headers: Headers) -> LoadedProgram:
+    """Compile and load in a worker process; receive the program and map fds.
+
+    The worker's exit returns every byte of compiler memory to the system,
+    which is more than freeing bcc's caches and trimming the heap could.
+    """
+    request = json.dumps({"source": source.read_text(), "cflags": cflags,
+                          "programs": programs, "maps": maps})
+    env = dict(os.environ, BCC_KERNEL_SOURCE=str(headers.path))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        result = subprocess.run(
+            [sys.executable, "-m", "ebpf_stream._compile_worker", str(theirs.fileno())],
+            input=request, capture_output=True, text=True, env=env,
+            pass_fds=(theirs.fileno(),), check=False)
+        if result.returncode != 0:
+            raise ProbeError(f"{source.name} failed to compile or load: "
+                             f"{_first_error(result.stderr, source)}")
+        message, ancillary, _, _ = ours.recvmsg(1 << 16, socket.CMSG_SPACE(_MAX_FDS * 4))
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    reply = json.loads(message)
+    names = [*reply["programs"], *reply["maps"]]
+    if len(fds) != len(names):
+        for fd in fds:
+            os.close(fd)
+        raise ProbeError(f"{source.name}: the compile worker returned {len(fds)} fds "
+                         f"for {len(names)} objects")
+    program_fds = dict(zip(reply["programs"], fds, strict=False))
+    map_fds = dict(zip(reply["maps"], fds[len(program_fds):], strict=True))
+    return LoadedProgram(source.name, program_fds,
+                         {name: BpfMap(fd, name) for name, fd in map_fds.items()})
 
 
 class LoadedProgram:
-    """A compiled BPF object and everything attached from it.
+    """A loaded BPF object: its programs, its maps and its attachments.
 
     ``close`` detaches every probe and closes every program, map and perf
     fd; it is idempotent and safe to call from any cleanup path.
     """
 
-    def __init__(self, bpf: Any, name: str) -> None:
-        self.bpf = bpf
+    def __init__(self, name: str, programs: dict[str, int], maps: dict[str, BpfMap]) -> None:
         self.name = name
+        self._programs = programs
+        self._maps = maps
+        self._events: list[int] = []
 
-    def attach(self, how: Callable[[Any], None]) -> None:
+    def map(self, name: str) -> BpfMap:
+        return self._maps[name]
+
+    def attach_perf_event(self, program: str, type_: int, config: int,
+                          sample_period: int) -> None:
+        """Run ``program`` on a perf event on every online CPU."""
         try:
-            how(self.bpf)
-        except Exception as exc:
-            self.close()
-            raise ProbeError(f"{self.name}: attaching failed ({exc})") from None
+            for cpu in online_cpus():
+                self._events.append(
+                    attach_perf_event(self._programs[program], type_, config, sample_period, cpu))
+        except OSError as exc:
+            raise ProbeError(f"{self.name}: attaching {program} failed ({exc.strerror})") from None
+
+    def attach_tracepoints(self) -> None:
+        """Attach every ``tracepoint__CATEGORY__EVENT`` program to its tracepoint."""
+        tracefs = ensure_tracefs()
+        for program, fd in self._programs.items():
+            if not program.startswith("tracepoint__"):
+                continue
+            category, _, event = program.removeprefix("tracepoint__").partition("__")
+            try:
+                self._events.append(attach_tracepoint(fd, tracefs, category, event))
+            except OSError as exc:
+                raise ProbeError(f"{self.name}: attaching to tracepoint {category}:{event} "
+                                 f"failed ({exc.strerror})") from None
+
+    def detach(self) -> None:
+        """Stop every attached probe; programs and maps stay readable."""
+        events, self._events = self._events, []
+        for fd in events:
+            os.close(fd)
 
     def program_fds(self) -> list[int]:
-        return [fn.fd for fn in self.bpf.funcs.values()]
+        return list(self._programs.values())
+
+    def map_fds(self) -> list[int]:
+        return [m.fd for m in self._maps.values()]
 
     def close(self) -> None:
-        if self.bpf is not None:
-            bpf, self.bpf = self.bpf, None
-            bpf.cleanup()
+        self.detach()
+        for fd in [*self.program_fds(), *self.map_fds()]:
+            os.close(fd)
+        self._programs, self._maps = {}, {}
 
 
-async def load_program(source_name: str, cflags: list[str]) -> LoadedProgram:
-    """Check the environment, then compile ``kernel/<source_name>`` in a worker thread.
+async def load_program(source_name: str, programs: dict[str, str], maps: list[str],
+                       cflags: list[str]) -> LoadedProgram:
+    """Check the environment, then compile ``kernel/<source_name>`` in a worker process.
 
-    Shielded: a compile cannot be interrupted, and a cancelled caller must
-    still receive the loaded program so that it can close it.  Callers check
-    for cancellation once they own the result.
+    ``programs`` maps function names to bcc program types (``"PERF_EVENT"``...);
+    ``tracepoint__`` functions are loaded too.  Shielded: a compile cannot be
+    interrupted, and a cancelled caller must still receive the loaded program
+    so that it can close it.  Callers check for cancellation once they own it.
     """
     source = KERNEL_SOURCES / source_name
     if not source.exists():
         raise ProbeError(f"BPF source {source} is missing; reinstall ebpf-stream")
     with anyio.CancelScope(shield=True):
         headers = await anyio.to_thread.run_sync(require_environment)
-        bpf = await anyio.to_thread.run_sync(_compile, source, cflags, headers)
-    return LoadedProgram(bpf, source_name)
+        loaded = await anyio.to_thread.run_sync(_compile, source, programs, maps, cflags, headers)
+    return loaded

@@ -7,16 +7,15 @@ per stack-map generation, however many samples share it.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
+import struct
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import anyio.lowlevel
 import numpy as np
 
+from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap
 from .._config import EbpfConfig
 from .._events import CpuSample, Event, EventMessage, StackTrace, encode_events
 from .._loader import LoadedProgram, load_program
@@ -35,6 +34,7 @@ _COUNTER_RING_FULL = 1
 _WAKEUP_EVERY = 64
 _PAGE = 4096
 _MAX_STACK_DEPTH = 127
+_U32 = struct.Struct("<I")
 
 
 class CpuProbe(Probe):
@@ -83,32 +83,33 @@ class CpuProbe(Probe):
             f"-DWAKEUP_EVERY={_WAKEUP_EVERY}",
         ]
 
-    @property
-    def _bpf(self) -> Any:
-        assert self._program is not None and self._program.bpf is not None
-        return self._program.bpf
+    def _map(self, name: str) -> BpfMap:
+        assert self._program is not None
+        return self._program.map(name)
+
+    def _map_names(self) -> list[str]:
+        names = ["samples", "stacks_0", "stacks_1", "generation", "counters", "known"]
+        return [*names, "targets"] if self._targets is not None else names
 
     async def open(self) -> None:
-        self._program = await load_program("cpu_profile.bpf.c", self.cflags())
+        self._program = await load_program(
+            "cpu_profile.bpf.c", {"on_cpu_sample": "PERF_EVENT"}, self._map_names(),
+            self.cflags())
         try:
             await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
-            bpf = self._bpf
             for pid in self._targets or ():
-                bpf[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+                self._map("targets").update(_U32.pack(pid), b"\x01")
             self._epoch_start[0] = time.monotonic_ns()
-            self._ring = RingBuffer(bpf[b"samples"].map_fd, self._config.ring_buffer_bytes, SAMPLE)
-            from bcc import PerfSWConfig, PerfType
-
+            self._ring = RingBuffer(self._map("samples").fd, self._config.ring_buffer_bytes,
+                                    SAMPLE)
+            if self._follow:
+                self._program.attach_tracepoints()
             period_ns = round(1e9 / self._config.sample_rate_hz)
-            self._program.attach(lambda b: b.attach_perf_event(
-                ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
-                fn_name=b"on_cpu_sample", sample_period=period_ns))
+            self._program.attach_perf_event(
+                "on_cpu_sample", PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK, period_ns)
         except BaseException:
             self.close()
             raise
-
-    def add_target(self, pid: int) -> None:
-        self._bpf[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     async def run(self, emit: Emit) -> None:
         assert self._ring is not None
@@ -122,11 +123,8 @@ class CpuProbe(Probe):
         await drain_forever(self._ring, on_batch, max_latency=max_latency)
 
     def stop(self) -> None:
-        if self._program is not None and self._program.bpf is not None:
-            from bcc import PerfSWConfig, PerfType
-
-            with contextlib.suppress(Exception):  # never attached: nothing to stop
-                self._bpf.detach_perf_event(PerfType.SOFTWARE, PerfSWConfig.CPU_CLOCK)
+        if self._program is not None:
+            self._program.detach()
 
     async def drain(self, emit: Emit) -> None:
         if self._ring is None:
@@ -181,12 +179,10 @@ class CpuProbe(Probe):
         return np.where(stale & (ids >= 0), -errno.ESTALE, keys)
 
     def _read_stack(self, key: int) -> list[int] | None:
-        table = self._bpf[b"stacks_%d" % ((key >> 32) & 1)]
-        try:
-            trace = table[ctypes.c_int(key & 0xFFFFFFFF)]
-        except KeyError:
+        raw = self._map(f"stacks_{(key >> 32) & 1}").lookup(_U32.pack(key & 0xFFFFFFFF))
+        if raw is None:
             return None
-        ips = np.frombuffer(bytes(trace), dtype="<u8", count=_MAX_STACK_DEPTH)
+        ips = np.frombuffer(raw, dtype="<u8", count=_MAX_STACK_DEPTH)
         end = int(np.argmin(ips)) if not ips.all() else _MAX_STACK_DEPTH
         return ips[:end].tolist()  # type: ignore[no-any-return]
 
@@ -208,34 +204,26 @@ class CpuProbe(Probe):
         if age < self._rotate_after_ns and self._keys_this_epoch < self._rotate_after_keys:
             return
         new = self._epoch + 1
-        bpf = self._bpf
-        bpf[b"stacks_%d" % (new & 1)].clear()
+        self._map(f"stacks_{new & 1}").clear()
         self._epoch_start[new & 1] = time.monotonic_ns()
-        bpf[b"generation"][ctypes.c_int(0)] = ctypes.c_uint32(new & 1)
+        self._map("generation").update(_U32.pack(0), _U32.pack(new & 1))
         self._epoch = new
         self._keys_this_epoch = 0
         self._sent = {k for k in self._sent if k >> 32 >= new - 1}
 
     def kernel_drops(self) -> int:
-        if self._program is None or self._program.bpf is None:
-            return 0
-        values = self._bpf[b"counters"][ctypes.c_int(_COUNTER_RING_FULL)]
-        return int(sum(values))
+        return self._map("counters").lookup_u64_sum(_COUNTER_RING_FULL) if self._program else 0
 
     def program_fds(self) -> list[int]:
-        return self._program.program_fds() if self._program and self._program.bpf else []
+        return self._program.program_fds() if self._program else []
 
     def map_fds(self) -> list[int]:
-        if self._program is None or self._program.bpf is None:
-            return []
-        names = [b"samples", b"stacks_0", b"stacks_1", b"generation", b"counters", b"known"]
-        if self._targets is not None:
-            names.append(b"targets")
-        return [self._bpf[n].map_fd for n in names]
+        return self._program.map_fds() if self._program else []
 
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
         if self._program is not None:
-            self._program.close()
+            program, self._program = self._program, None
+            program.close()

@@ -1,0 +1,165 @@
+"""The few BPF and perf syscalls the engine needs once programs are loaded.
+
+Compiling needs bcc, and bcc brings LLVM: over ten megabytes of relocated
+library data and a compiler heap.  The engine therefore compiles in a
+short-lived worker process and receives the program and map fds; from then
+on these thin wrappers over ``bpf(2)``, ``perf_event_open(2)`` and ``ioctl(2)``
+are all it uses, and bcc is never imported into the profiled process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+_SYS_BPF = 321  # x86-64
+_SYS_PERF_EVENT_OPEN = 298
+_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
+_PERCPU_MAP_TYPES = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
+
+PERF_TYPE_SOFTWARE = 1
+PERF_TYPE_TRACEPOINT = 2
+PERF_COUNT_SW_CPU_CLOCK = 0
+_PERF_FLAG_FD_CLOEXEC = 8
+_PERF_EVENT_IOC_ENABLE = 0x2400
+_PERF_EVENT_IOC_SET_BPF = 0x40042408
+_PERF_ATTR_SIZE = 112
+_ATTR_DISABLED = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]
+
+
+def _cpus(path: str) -> list[int]:
+    cpus: list[int] = []
+    for part in Path(path).read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def online_cpus() -> list[int]:
+    return _cpus("/sys/devices/system/cpu/online")
+
+
+def possible_cpus() -> int:
+    return len(_cpus("/sys/devices/system/cpu/possible"))
+
+
+def fdinfo(fd: int) -> dict[str, str]:
+    """The kernel's description of a BPF fd (type, sizes, memlock, run time...)."""
+    info: dict[str, str] = {}
+    try:
+        text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+class BpfMap:
+    """One BPF map, addressed by raw key and value bytes.
+
+    Sizes come from the kernel (fdinfo), so they always match the map.
+    Per-CPU maps return one value per possible CPU, concatenated.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        info = fdinfo(fd)
+        self.map_type = int(info.get("map_type", 0))
+        self.key_size = int(info.get("key_size", 0))
+        self.max_entries = int(info.get("max_entries", 0))
+        value_size = int(info.get("value_size", 0))
+        if self.map_type in _PERCPU_MAP_TYPES:
+            value_size = (value_size + 7) // 8 * 8 * possible_cpus()
+        self.value_size = value_size
+
+    def _call(self, cmd: int, key: bytes | None, value: ctypes.Array[ctypes.c_char] | None,
+              flags: int = 0) -> int:
+        key_buf = ctypes.create_string_buffer(key, self.key_size) if key is not None else None
+        attr = _ElemAttr(self.fd, 0, ctypes.addressof(key_buf) if key_buf else 0,
+                         ctypes.addressof(value) if value is not None else 0, flags)
+        ret = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+        return 0 if ret == 0 else ctypes.get_errno()
+
+    def lookup(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self.value_size)
+        err = self._call(_BPF_MAP_LOOKUP_ELEM, key, value)
+        if err == 0:
+            return value.raw
+        if err == 2:  # ENOENT
+            return None
+        raise OSError(err, f"lookup in BPF map {self.name}: {os.strerror(err)}")
+
+    def update(self, key: bytes, value: bytes) -> None:
+        buf = ctypes.create_string_buffer(value, self.value_size)
+        err = self._call(_BPF_MAP_UPDATE_ELEM, key, buf)
+        if err:
+            raise OSError(err, f"update of BPF map {self.name}: {os.strerror(err)}")
+
+    def delete(self, key: bytes) -> bool:
+        return self._call(_BPF_MAP_DELETE_ELEM, key, None) == 0
+
+    def keys(self) -> Iterator[bytes]:
+        key: bytes | None = None
+        while True:
+            following = ctypes.create_string_buffer(self.key_size)
+            if self._call(_BPF_MAP_GET_NEXT_KEY, key, following):
+                return
+            key = following.raw
+            yield key
+
+    def clear(self) -> None:
+        # Collect first: deleting while walking restarts the walk on some map types.
+        for key in list(self.keys()):
+            self.delete(key)
+
+    def lookup_u64_sum(self, index: int) -> int:
+        """The sum over CPUs of a per-CPU u64 counter (0 if absent)."""
+        raw = self.lookup(struct.pack("<I", index))
+        return sum(v for (v,) in struct.iter_unpack("<Q", raw)) if raw else 0
+
+
+def _perf_event_open(type_: int, config: int, sample_period: int, pid: int, cpu: int) -> int:
+    attr = ctypes.create_string_buffer(_PERF_ATTR_SIZE)
+    struct.pack_into("<IIQQ", attr, 0, type_, _PERF_ATTR_SIZE, config, sample_period)
+    struct.pack_into("<Q", attr, 40, _ATTR_DISABLED)  # flags
+    fd = int(_libc.syscall(_SYS_PERF_EVENT_OPEN, attr, pid, cpu, -1, _PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open: {os.strerror(err)}")
+    return fd
+
+
+def attach_perf_event(program_fd: int, type_: int, config: int, sample_period: int,
+                      cpu: int) -> int:
+    """Run ``program_fd`` on a perf event on ``cpu``; returns the event's fd."""
+    fd = _perf_event_open(type_, config, sample_period, -1, cpu)
+    try:
+        fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_BPF, program_fd)
+        fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def attach_tracepoint(program_fd: int, tracefs: Path, category: str, event: str) -> int:
+    """Run ``program_fd`` on a tracepoint.  One event fd covers every CPU:
+    the program hangs off the tracepoint itself."""
+    event_id = int((tracefs / "events" / category / event / "id").read_text())
+    return attach_perf_event(program_fd, PERF_TYPE_TRACEPOINT, event_id, 1, 0)
