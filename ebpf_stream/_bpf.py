@@ -114,7 +114,7 @@ class BpfMap:
     def delete(self, key: bytes) -> bool:
         return self._call(_BPF_MAP_DELETE_ELEM, key, None) == 0
 
-    def keys(self) -> Iterator[bytes]:
+    def walk_keys(self) -> Iterator[bytes]:
         key: bytes | None = None
         while True:
             following = ctypes.create_string_buffer(self.key_size)
@@ -125,7 +125,7 @@ class BpfMap:
 
     def clear(self) -> None:
         # Collect first: deleting while walking restarts the walk on some map types.
-        for key in list(self.keys()):
+        for key in list(self.walk_keys()):
             self.delete(key)
 
     def lookup_u64_sum(self, index: int) -> int:

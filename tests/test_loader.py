@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -86,3 +87,39 @@ def test_environment_checks_each_carry_a_fix_when_failing() -> None:
         "privileges", "kernel", "btf", "tracefs", "bcc", "kernel headers"]
     for c in checks:
         assert c.ok or c.fix, c
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_a_compile_error_is_one_line_pointing_at_the_source(tmp_path: Path) -> None:
+    from ebpf_stream import ProbeError
+    from ebpf_stream._loader import _compile
+
+    source = tmp_path / "broken.bpf.c"
+    source.write_text("int on_sample(void *ctx) { return undefined_thing; }\n")
+    with pytest.raises(ProbeError) as error:
+        _compile(source, {"on_sample": "PERF_EVENT"}, [], [], find_headers())
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{source}:1:" in message and "undefined_thing" in message
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_the_worker_hands_over_programs_and_maps(tmp_path: Path) -> None:
+    from ebpf_stream._loader import _compile
+
+    source = tmp_path / "ok.bpf.c"
+    source.write_text("BPF_ARRAY(numbers, u64, 4);\n"
+                      "int on_sample(struct bpf_perf_event_data *ctx) { return 0; }\n")
+    program = _compile(source, {"on_sample": "PERF_EVENT"}, ["numbers"], [], find_headers())
+    try:
+        assert len(program.program_fds()) == 1
+        numbers = program.map("numbers")
+        assert (numbers.key_size, numbers.value_size, numbers.max_entries) == (4, 8, 4)
+        fds = program.program_fds() + program.map_fds()
+    finally:
+        program.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
