@@ -95,7 +95,7 @@ class EbpfConfig:
     max_samples: int = 20_000
     pids: tuple[int, ...] = ()
     ring_buffer_bytes: int = 256 * _KIB
-    stack_map_entries: int = 4096
+    stack_map_entries: int = 2048
     export_interval_s: float = 10.0
     channel_capacity: int = 64
     overflow_policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST
@@ -113,15 +113,15 @@ class EbpfConfig:
         presets: dict[Environment, dict[str, object]] = {
             Environment.PRODUCTION: {},
             Environment.STAGING: dict(
-                ring_buffer_bytes=512 * _KIB, stack_map_entries=8192,
+                ring_buffer_bytes=512 * _KIB, stack_map_entries=4096,
                 max_samples=50_000, memory_budget_bytes=100 * _MIB,
             ),
             Environment.DEVELOPMENT: dict(
-                ring_buffer_bytes=1 * _MIB, stack_map_entries=16384, max_samples=100_000,
+                ring_buffer_bytes=1 * _MIB, stack_map_entries=8192, max_samples=100_000,
                 export_interval_s=5.0, memory_budget_bytes=200 * _MIB,
             ),
             Environment.DEBUG: dict(
-                ring_buffer_bytes=4 * _MIB, stack_map_entries=32768, max_samples=500_000,
+                ring_buffer_bytes=4 * _MIB, stack_map_entries=16384, max_samples=500_000,
                 export_interval_s=1.0, overflow_policy=OverflowPolicy.BLOCK,
                 memory_budget_bytes=500 * _MIB,
             ),

@@ -6,6 +6,7 @@ are for bugs only.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 
@@ -42,7 +43,24 @@ cli.add_command(doctor)
 cli.add_command(demo)
 
 
+def _tune_malloc() -> None:
+    """Keep the command's heap compact; it owns its process, unlike the library.
+
+    One malloc arena instead of one per worker thread, and large temporary
+    buffers (kallsyms, ring batches) mmap'ed so that freeing returns them,
+    together save several MB of resident memory.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_arena_max, m_mmap_threshold = -8, -3
+    mallopt(m_arena_max, 1)
+    mallopt(m_mmap_threshold, 128 * 1024)
+
+
 def main() -> None:
+    _tune_malloc()
     try:
         cli.main(prog_name="ebpf-stream", standalone_mode=False)
     except click.UsageError as exc:

@@ -68,8 +68,9 @@ class CpuProbe(Probe):
         self._keys_this_epoch = 0
         self._comm: dict[bytes, str] = {}
         # Rotate well before the map gets crowded: a stack map is a hash table
-        # whose bucket collisions lose stacks.
-        self._rotate_after_keys = max(16, config.stack_map_entries // 8)
+        # whose bucket collisions lose stacks (at 1/16 full, at most 6% of new
+        # stacks can collide).
+        self._rotate_after_keys = max(16, config.stack_map_entries // 16)
         self._rotate_after_ns = int(config.export_interval_s * 1e9)
 
     def cflags(self) -> list[str]:
