@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from _support import UVLOOP, bpf_fds, cpu_seconds, loaded_programs, program_ids, start_ready
 
@@ -32,9 +33,7 @@ def config_for(pid: int, **changes: object) -> EbpfConfig:
 
 
 def _apply(config: EbpfConfig, changes: dict[str, object]) -> EbpfConfig:
-    import dataclasses
-
-    return dataclasses.replace(config.with_sample_rate(99), **changes)  # type: ignore[arg-type]
+    return msgspec.structs.replace(config.with_sample_rate(99), **changes)
 
 
 def shares(profile: Profile, leaf: str) -> float:
