@@ -27,10 +27,11 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, BinaryIO, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ._profile import Frame, FrameKind
 
@@ -46,6 +47,12 @@ _TEXT_TYPES = np.frombuffer(b"tTwW", np.uint8)
 # How far a symbol without a size may reach.  Functions are smaller than this,
 # and it stops addresses far past the last symbol of a region resolving to it.
 _MAX_UNSIZED = np.uint64(1 << 16)
+# kallsyms is read and parsed this many bytes (some 5k lines) at a time, which
+# keeps the transient arrays of its vectorized parse small.
+_KALLSYMS_BLOCK = 1 << 18
+# A kernel built with call padding names the padding before each function foo
+# __pfx_foo: half its symbols.  Such a pair stores its name bytes once.
+_PFX = b"__pfx_"
 _ADDR_MAX = np.uint64(2**64 - 1)
 # A miss in the cached maps re-reads them (dlopen), but at most this often: a
 # JIT process misses on every JIT frame and its maps can be thousands of lines.
@@ -108,39 +115,47 @@ class _Lru(Generic[_K, _V]):
 class _Ranges:
     """Symbol address ranges sorted by start, searched in bulk with numpy."""
 
-    __slots__ = ("_ends", "_starts")
+    __slots__ = ("_lengths", "_starts")
 
-    def __init__(self, starts: _U64, ends: _U64) -> None:
+    def __init__(self, starts: _U64, lengths: npt.NDArray[np.unsignedinteger]) -> None:
         self._starts = starts
-        self._ends = ends
+        self._lengths = lengths
 
     def find(self, addresses: _U64) -> list[int]:
         """The index of the range holding each address, or -1."""
         if not len(self._starts):
             return [-1] * len(addresses)
         index = np.searchsorted(self._starts, addresses, side="right").astype(np.intp) - 1
-        inside = (index >= 0) & (addresses < self._ends[index])
+        inside = (index >= 0) & (addresses - self._starts[index] < self._lengths[index])
         found: list[int] = np.where(inside, index, -1).tolist()
         return found
 
 
-def _range_ends(starts: _U64, sizes: _U64, boundaries: _U64) -> _U64:
-    """Where each symbol ends: by its size if known, else at the next boundary
-    (capped at ``_MAX_UNSIZED``).  ``boundaries`` is sorted."""
-    following = np.append(boundaries, _ADDR_MAX)[
-        np.searchsorted(boundaries, starts, side="right")]
-    reach = np.minimum(following - starts, _MAX_UNSIZED)
-    return np.where(sizes > 0, starts + sizes, starts + reach).astype(np.uint64)
+def _reach(starts: _U64, boundaries: _U64) -> _U64:
+    """How far each symbol without a size reaches: to the next boundary, but at
+    most ``_MAX_UNSIZED``.  ``boundaries`` is sorted and ends with ``_ADDR_MAX``."""
+    reach: _U64 = boundaries[np.searchsorted(boundaries[:-1], starts, side="right")]
+    reach -= starts
+    return np.minimum(reach, _MAX_UNSIZED, out=reach)
 
 
 def _first_per_address(addresses: _U64, *preferences: npt.NDArray[np.integer]) -> npt.NDArray[
         np.intp]:
     """Indices that sort ``addresses``, keeping one symbol per address: the one
     lowest in ``preferences`` (most significant first), then the first listed."""
-    order = np.lexsort((*reversed(preferences), addresses))
+    # A stable sort is fast on addresses that come nearly sorted, as they
+    # usually do; only the few aliases are then ordered by preference.
+    order = np.argsort(addresses, kind="stable")
     ordered = addresses[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = ordered[1:] != ordered[:-1]
+    del ordered  # big for kallsyms: freed before the result is made
+    aliased = ~first
+    aliased[:-1] |= ~first[1:]
+    if aliased.any():
+        tied = order[aliased]
+        order[aliased] = tied[np.lexsort((*(p[tied] for p in reversed(preferences)),
+                                          addresses[tied]))]
     return order[first]
 
 
@@ -161,62 +176,182 @@ def _lookup_addresses(addresses: Sequence[int]) -> _U64:
     return lookup
 
 
-class _Kallsyms:
-    """The parsed text of kallsyms.
+def _gather(chars: npt.NDArray[np.uint8], starts: npt.NDArray[np.intp],
+            lengths: npt.NDArray[np.intp]) -> npt.NDArray[np.uint8]:
+    """The spans ``chars[start:start + length]``, sorted and disjoint, concatenated."""
+    runs = np.empty(2 * len(starts) + 1, dtype=np.intp)  # skipped, kept, skipped, ...
+    runs[0::2] = np.append(starts, len(chars)) - np.append(0, starts + lengths)
+    runs[1::2] = lengths
+    spans: npt.NDArray[np.uint8] = chars[np.repeat(np.arange(len(runs)) % 2 == 1, runs)]
+    return spans
 
-    Parsing is vectorized over the raw bytes (kallsyms has over 100k lines)
-    and names are decoded only for symbols that stacks actually hit.
+
+def _runs(values: npt.NDArray[np.integer]) -> npt.NDArray[np.intp]:
+    """Where each run of equal ``values`` starts."""
+    starts = np.ones(len(values), dtype=bool)
+    starts[1:] = values[1:] != values[:-1]
+    return np.flatnonzero(starts)
+
+
+def _unprefixed(words: _U64, name_starts: npt.NDArray[np.intp],
+                lengths: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+    """Which names are the previous name without its "__pfx_", compared eight
+    bytes at a time: ``words[i]`` holds the text's bytes i to i + 7, little-endian."""
+    after = np.flatnonzero(lengths[:-1] == lengths[1:] + len(_PFX))
+    prefix = np.uint64((1 << 8 * len(_PFX)) - 1)
+    after = after[words[name_starts[after]] & prefix == int.from_bytes(_PFX, "little")]
+    a, b, length = name_starts[after] + len(_PFX), name_starts[after + 1], lengths[after + 1]
+    counts = (length + 7) // 8
+    pair = np.repeat(np.arange(len(after)), counts)
+    at = 8 * (np.arange(len(pair)) - (np.cumsum(counts) - counts)[pair])
+    beyond = (8 * np.maximum(8 - (length[pair] - at), 0)).astype(np.uint64)
+    differ = (words[a[pair] + at] ^ words[b[pair] + at]) << beyond  # drops bytes past the name
+    same = np.ones(len(after), dtype=bool)
+    same[pair[differ != 0]] = False
+    unprefixed = np.zeros(len(lengths), dtype=bool)
+    unprefixed[after[same] + 1] = True
+    return unprefixed
+
+
+class _KallsymsBlock(NamedTuple):
+    """The code symbols of a block of kallsyms lines, in file order."""
+
+    addresses: _U64
+    local: npt.NDArray[np.bool_]
+    underscores: npt.NDArray[np.int8]
+    name_lengths: npt.NDArray[np.int32]
+    name_at: npt.NDArray[np.uint32]  # into the block's names
+    module_runs: npt.NDArray[np.intp]  # where the symbols of each module start
+    run_modules: npt.NDArray[np.int32]  # the module of each run; 0: none
+    data: _U64  # the addresses of the other symbols: they end the code before them
+
+
+def _kallsyms_blocks(stream: BinaryIO) -> Iterator[bytes]:
+    """``stream`` in blocks of whole lines, each ending with a newline."""
+    while block := stream.read(_KALLSYMS_BLOCK):
+        block += stream.readline()
+        yield block if block.endswith(b"\n") else block + b"\n"
+
+
+def _parse_kallsyms_block(block: bytes, width: int,
+                          modules: dict[bytes, int]) -> tuple[_KallsymsBlock, bytes]:
+    """The code symbols of ``block`` and their NUL-ended names; modules are
+    numbered in ``modules``."""
+    # Padded so that the hex digits and the words at any offset are views.
+    padded = block + bytes(16)
+    chars = np.frombuffer(padded, np.uint8)
+    buf = chars[:len(block)]
+    line_ends = np.flatnonzero(buf == ord("\n"))
+    starts = np.concatenate(([0], line_ends[:-1] + 1))
+    long_enough = line_ends - starts > width + 3
+    starts, line_ends = starts[long_enough], line_ends[long_enough]
+    valid = (buf[starts + width] == ord(" ")) & (buf[starts + width + 2] == ord(" "))
+    starts, line_ends = starts[valid], line_ends[valid]
+    digits = sliding_window_view(chars, width)[starts].tobytes().decode("ascii")
+    addresses = np.frombuffer(bytes.fromhex(digits), f">u{width // 2}").astype(np.uint64)
+    kinds = buf[starts + width + 1]
+    text = np.isin(kinds, _TEXT_TYPES) & (addresses != 0)  # 0: hidden by kptr_restrict
+    data = addresses[~text & (addresses != 0)]
+    addresses, kinds, line_ends = addresses[text], kinds[text], line_ends[text]
+    name_starts = starts[text] + width + 3
+    tabs = np.flatnonzero(buf == ord("\t"))
+    name_ends = np.minimum(np.append(tabs, len(buf))[np.searchsorted(tabs, name_starts)],
+                           line_ends)
+    lengths = name_ends - name_starts
+    module_ids = np.zeros(len(addresses), dtype=np.int32)
+    tabbed = np.flatnonzero(name_ends < line_ends)  # few lines: those of modules
+    module_ids[tabbed] = [
+        modules.setdefault(block[tab + 1:end], len(modules))
+        for tab, end in zip(name_ends[tabbed].tolist(), line_ends[tabbed].tolist(), strict=True)]
+    module_runs = _runs(module_ids)
+    # Each name takes its bytes and a NUL, unless it lies within the one before.
+    shared = _unprefixed(np.ndarray((len(block),), "<u8", padded, strides=(1,)), name_starts,
+                         lengths)
+    stored = np.where(shared, 0, lengths + 1)
+    ends = np.cumsum(stored)
+    owner = np.maximum.accumulate(np.where(shared, 0, np.arange(len(lengths))))
+    name_at = (ends - stored)[owner] + len(_PFX) * (np.arange(len(lengths)) - owner)
+    names = _gather(buf, name_starts[~shared], stored[~shared])
+    names[ends[~shared] - 1] = 0  # was the tab or newline after the name
+    return _KallsymsBlock(
+        addresses, kinds >= ord("a"), _underscores(buf, name_starts), lengths.astype(np.int32),
+        name_at.astype(np.uint32), module_runs, module_ids[module_runs], data), names.tobytes()
+
+
+class _Kallsyms:
+    """The code symbols of kallsyms, compact.
+
+    kallsyms has over 100k lines.  They are parsed vectorized a block at a
+    time, to keep transient arrays small, and only what lookups need is kept:
+    per address one symbol's start, length and offset into a blob of names
+    (decoded only for symbols that stacks hit), and modules as runs of symbols.
     """
 
-    __slots__ = ("_data", "_module_spans", "_name_spans", "_resolved", "ranges")
+    __slots__ = ("_module_runs", "_name_at", "_names", "_resolved", "_run_modules", "ranges")
 
-    def __init__(self, data: bytes) -> None:
-        if not data.endswith(b"\n"):
-            data += b"\n"
-        self._data = data
-        buf = np.frombuffer(data, np.uint8)
-        # "ADDRESS TYPE NAME[\t[MODULE]]", addresses zero-padded to one width.
-        width = data.find(b" ")
-        if width <= 0 or width % 2:
+    def __init__(self, stream: BinaryIO) -> None:
+        modules = {b"": 0}
+        columns: list[list[Any]] = [[] for _ in _KallsymsBlock._fields]
+        names = bytearray()
+        symbols = 0
+        blocks = _kallsyms_blocks(stream)
+        block = next(blocks, b"")
+        # "ADDRESS TYPE NAME[\t[MODULE]]", addresses zero-padded to one width:
+        # the hex of a u1, u2, u4 or u8.
+        width = block.find(b" ")
+        if width not in (2, 4, 8, 16):
             raise ValueError("kallsyms is not in the expected format")
-        line_ends = np.flatnonzero(buf == ord("\n"))
-        starts = np.concatenate(([0], line_ends[:-1] + 1))
-        long_enough = line_ends - starts > width + 3
-        starts, line_ends = starts[long_enough], line_ends[long_enough]
-        valid = (buf[starts + width] == ord(" ")) & (buf[starts + width + 2] == ord(" "))
-        starts, line_ends = starts[valid], line_ends[valid]
-        digits = buf[starts[:, None] + np.arange(width)].tobytes().decode("ascii")
-        addresses = np.frombuffer(bytes.fromhex(digits), f">u{width // 2}").astype(np.uint64)
-        kinds = buf[starts + width + 1]
-        name_starts = starts + width + 3
-        tabs = np.flatnonzero(buf == ord("\t"))
-        name_ends = np.minimum(np.append(tabs, len(buf))[np.searchsorted(tabs, name_starts)],
-                               line_ends)
-        text = np.isin(kinds, _TEXT_TYPES) & (addresses != 0)  # 0: hidden by kptr_restrict
-        # Aliases share an address: prefer a global name, then the plainest.
-        keep = np.flatnonzero(text)[_first_per_address(
-            addresses[text], kinds[text] >= ord("a"), _underscores(buf, name_starts[text]),
-            (name_ends - name_starts)[text])]
-        symbol_starts = addresses[keep]
-        # Data symbols end the code before them, so data never resolves to code.
-        boundaries = np.sort(addresses[addresses != 0])
-        self.ranges = _Ranges(symbol_starts, _range_ends(
-            symbol_starts, np.zeros_like(symbol_starts), boundaries))
-        self._name_spans = np.stack((name_starts[keep], name_ends[keep]), axis=1)
-        self._module_spans = np.stack((name_ends[keep] + 1, line_ends[keep]), axis=1)
+        while block:
+            part, part_names = _parse_kallsyms_block(block, width, modules)
+            part.name_at[:] += len(names)
+            part.module_runs[:] += symbols
+            for column, array in zip(columns, part, strict=True):
+                column.append(array)
+            names += part_names
+            symbols += len(part.addresses)
+            block = next(blocks, b"")
+        # The names of aliases not kept stay in the blob: there are few.
+        self._names = bytes(names)
+        del names
+        starts, self._name_at, module_ids, data = _kept_symbols(columns)
+        self._module_runs = _runs(module_ids)
+        module_names = [sys.intern(raw.decode(errors="replace")) if raw else _KERNEL
+                        for raw in modules]
+        self._run_modules = [module_names[i] for i in module_ids[self._module_runs].tolist()]
+        boundaries = np.concatenate((data, starts, [_ADDR_MAX]))
+        boundaries.sort()
+        self.ranges = _Ranges(starts, _reach(starts, boundaries).astype(np.uint32))
         self._resolved: dict[int, tuple[str, str]] = {}
 
     def symbol(self, index: int) -> tuple[str, str]:
         """(name, module) of the symbol at ``index`` of :attr:`ranges`."""
         found = self._resolved.get(index)
         if found is None:
-            name_start, name_end = self._name_spans[index].tolist()
-            module_start, module_end = self._module_spans[index].tolist()
-            module = self._data[module_start:module_end].decode(errors="replace")
+            start = int(self._name_at[index])
+            run = int(np.searchsorted(self._module_runs, index, side="right")) - 1
             found = self._resolved[index] = (
-                self._data[name_start:name_end].decode(errors="replace"),
-                sys.intern(module) if module else _KERNEL)
+                self._names[start:self._names.index(b"\0", start)].decode(errors="replace"),
+                self._run_modules[run])
         return found
+
+
+def _kept_symbols(columns: list[list[Any]]) -> tuple[
+        _U64, npt.NDArray[np.uint32], npt.NDArray[np.int32], _U64]:
+    """The start, name and module of one code symbol per address, sorted, and the
+    addresses of data symbols, from the columns of :class:`_KallsymsBlock`."""
+    (addresses, local, underscores, name_lengths, name_at, module_runs, run_modules,
+     data) = (_join(column) for column in columns)  # each block's arrays freed when joined
+    # Aliases share an address: prefer a global name, then the plainest.
+    keep = _first_per_address(addresses, local, underscores, name_lengths)
+    modules = run_modules[np.searchsorted(module_runs, keep, side="right") - 1]
+    return addresses[keep], name_at[keep], modules, data
+
+
+def _join(arrays: list[Any]) -> npt.NDArray[Any]:
+    """``arrays`` concatenated, which empties the list."""
+    joined = np.concatenate(arrays)
+    arrays.clear()
+    return joined
 
 
 class KernelSymbols:
@@ -238,7 +373,7 @@ class KernelSymbols:
             self._loaded = True
             try:
                 with open(self._path, "rb") as f:
-                    self._table = _Kallsyms(f.read())
+                    self._table = _Kallsyms(f)
             except (OSError, ValueError):  # unreadable or unparsable: addresses only
                 pass
         table = self._table
@@ -504,7 +639,9 @@ class _SymbolTable:
         keep = _first_per_address(merged["value"], merged["size"] == 0, rank,
                                   _underscores(chars, name_at), lengths)
         starts: _U64 = merged["value"][keep]
-        self._ranges = _Ranges(starts, _range_ends(starts, merged["size"][keep], starts))
+        sizes = merged["size"][keep]
+        self._ranges = _Ranges(starts, np.where(
+            sizes > 0, sizes, _reach(starts, np.append(starts, _ADDR_MAX))))
         self._names = name_at[keep]
 
     def name(self, vaddr: int) -> str | None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import lzma
 import os
+import random
 import re
 import shutil
 import subprocess
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ebpf_stream._profile import FrameKind
@@ -22,7 +26,9 @@ from ebpf_stream._symbolize import (
     Symbolizer,
     _ElfHeaders,
     _ElfImage,
+    _Kallsyms,
     _Origin,
+    _Ranges,
     _Reader,
 )
 
@@ -349,6 +355,120 @@ def test_kallsyms_parsing(tmp_path: Path) -> None:
         ("[kernel.kallsyms]+0xffffffffc0001048", "[kernel.kallsyms]"),
         ("[kernel.kallsyms]+0x10", "[kernel.kallsyms]"),  # not "hidden" at address 0
     ]
+
+
+def reference_kallsyms(text: str) -> Callable[[int], tuple[str, str] | None]:
+    """(name, module) that an address resolves to in kallsyms ``text``, by a
+    plain reading of the rules that the vectorized parser implements."""
+    symbols = [(int(line[:16], 16), line[17], *line[19:].partition("\t")[::2])
+               for line in text.split("\n") if len(line) > 19 and line[16] == line[18] == " "]
+    # Per address the code symbol that is global, then has the fewest leading
+    # underscores (of two), then the shortest name, then comes first.
+    chosen: dict[int, tuple[bool, int, int, int, str, str]] = {}
+    for order, (start, kind, name, module) in enumerate(symbols):
+        candidate = (kind.islower(), len(name[:2]) - len(name[:2].lstrip("_")), len(name), order,
+                     name, module or "[kernel.kallsyms]")
+        if kind in "tTwW" and start and (start not in chosen or candidate < chosen[start]):
+            chosen[start] = candidate
+    starts = sorted(chosen)
+    boundaries = sorted({start for start, *_ in symbols if start})
+
+    def resolve(address: int) -> tuple[str, str] | None:
+        index = bisect.bisect_right(starts, address) - 1
+        if index < 0:
+            return None
+        start = starts[index]
+        following = bisect.bisect_right(boundaries, start)
+        end = min(boundaries[following] if following < len(boundaries) else 1 << 64,
+                  start + (1 << 16))
+        *_, name, module = chosen[start]
+        return (name, module) if address < end else None
+
+    return resolve
+
+
+def synthetic_kallsyms(rng: random.Random, count: int) -> str:
+    """kallsyms text with the cases of a real one (call padding, aliases, data,
+    modules, hidden addresses) and some that no kernel writes."""
+    lines, address = [], 0xffffffff81000000
+    for i in range(count):
+        address += rng.choice([0, 0, 8, 16, 16, 64, 0x20000])
+        name = rng.choice(["f", "_f", "__f", "___f", "f_", "", "a_function_name", "x" * 16])
+        name += str(i % 5)
+        kind = rng.choice("tTtTwWdDrbA")
+        module = rng.choice(["", "", "", "\t[nf_tables]", "\t[bpf]", "\t"])
+        if rng.random() < 0.3:  # padding before its function, or before another
+            for depth in range(rng.choice([1, 1, 1, 2]), 0, -1):
+                lines.append(f"{address:016x} {kind} {'__pfx_' * depth}{name}{module}")
+                address += 16
+            if rng.random() < 0.2:
+                at = rng.randrange(len(name))
+                name = name[:at] + "Z" + name[at + 1:]
+        if i and rng.random() < 0.02:
+            lines.append(rng.choice(["", "garbage", f"{address:016x}  x", f"{address:016x} T"]))
+        lines.append(f"{0 if rng.random() < 0.02 else address:016x} {kind} {name}{module}")
+    return "\n".join(lines) + rng.choice(["", "\n"])
+
+
+@pytest.mark.parametrize("block", [64, 1000, 1 << 18])
+def test_kallsyms_matches_its_plain_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    monkeypatch.setattr("ebpf_stream._symbolize._KALLSYMS_BLOCK", block)  # lines split too
+    rng = random.Random(block)
+    for trial in range(20):
+        text = synthetic_kallsyms(rng, rng.randrange(1, 300))
+        kallsyms = tmp_path / f"kallsyms{trial}"
+        kallsyms.write_text(text)
+        expected, symbols = reference_kallsyms(text), KernelSymbols(str(kallsyms))
+        starts = [int(line[:16], 16) for line in text.split("\n") if len(line) > 19]
+        for address in sorted({a + d for a in starts for d in (-1, 0, 1, 9, 17, 1 << 16)
+                               if 0 < a + d < 1 << 64}):
+            (frame,) = symbols.resolve([address])  # a leaf: looked up as it is
+            unknown = (f"[kernel.kallsyms]+0x{address:x}", "[kernel.kallsyms]")
+            assert (frame.name, frame.module) == (expected(address) or unknown), hex(address)
+
+
+def retained_bytes(table: _Kallsyms | _Ranges) -> int:
+    """What a parsed table keeps: its arrays and its bytes."""
+    total = 0
+    for slot in type(table).__slots__:
+        value = getattr(table, slot)
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif isinstance(value, bytes):
+            total += len(value)
+        elif isinstance(value, _Ranges):
+            total += retained_bytes(value)
+    return total
+
+
+def test_kallsyms_table_is_compact(tmp_path: Path) -> None:
+    # Like a distro kernel's: 150k lines, half of them call padding.
+    lines, address = [], 0xffffffff81000000
+    for i in range(75_000):
+        name = f"{['vfs', 'tcp', 'ext4', '__x64_sys'][i % 4]}_handle_thing_{i}"
+        module = "\t[nf_tables]" if i % 10 == 0 else ""
+        lines += [f"{address:016x} t __pfx_{name}{module}",
+                  f"{address + 16:016x} {'Td'[i % 100 == 0]} {name}{module}"]
+        address += 0x70
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("\n".join(lines) + "\n")
+    tracemalloc.start()
+    try:
+        with kallsyms.open("rb") as f:
+            table = _Kallsyms(f)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert retained_bytes(table) < 6 << 20  # 4.6 MB; the text is 6.8 MB
+    assert peak < 12 << 20  # numpy's and Python's allocations, not RSS
+    base = 0xffffffff81000000
+    frames = KernelSymbols(str(kallsyms)).resolve(
+        [base + 0x70 * 20 + 5, base + 0x70 * 21 + 20, base + 0x70 * 100 + 20])
+    assert [(f.name, f.module) for f in frames] == [
+        ("__pfx_vfs_handle_thing_20", "[nf_tables]"),  # sharing "vfs_handle_thing_20"
+        ("tcp_handle_thing_21", "[kernel.kallsyms]"),  # a return address: looked up 1 byte back
+        (f"[kernel.kallsyms]+0x{base + 0x70 * 100 + 20:x}", "[kernel.kallsyms]")]  # data
 
 
 def build_id(elf: Path) -> str:
