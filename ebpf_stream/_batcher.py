@@ -24,7 +24,6 @@ from ._batch import Batch
 from ._channels import Channel
 from ._config import EbpfConfig
 from ._events import CpuSample, EventMessage, StackTrace, decode_events
-from ._overhead import CpuMeter
 from ._profile import Frame, FrameKind, Profile
 from ._stats import Stats
 from ._symbolize import Symbolizer
@@ -93,13 +92,11 @@ class StackResolver:
 class Batcher:
     """Consumes event messages, emits one ``Batch`` per interval (or per ``max_samples``)."""
 
-    def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats,
-                 meter: CpuMeter) -> None:
+    def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats) -> None:
         self._config = config
         self._symbolizer = symbolizer
         self._resolver = StackResolver(symbolizer)
         self._stats = stats
-        self._meter = meter
         self._period_ns = round(1e9 / config.sample_rate_hz)
         self._profile = self._new_profile()
         self._held = 0
@@ -151,17 +148,15 @@ class Batcher:
                         message = await source.receive()
                     except anyio.EndOfStream:
                         break
-                with self._meter.measure():
-                    if message is not None:
-                        self.add(message)
-                    due = anyio.current_time() >= deadline
-                    batch = self.take() if due or self.full else None
+                if message is not None:
+                    self.add(message)
+                due = anyio.current_time() >= deadline
+                batch = self.take() if due or self.full else None
                 if due:
                     deadline = anyio.current_time() + interval
                 if batch is not None and batch.profile.sample_count:
                     await sink.send(batch)
-            with self._meter.measure():
-                batch = self.take()
+            batch = self.take()
             if batch.profile.sample_count or batch.dropped:
                 await sink.send(batch)
         finally:

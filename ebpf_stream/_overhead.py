@@ -14,10 +14,10 @@ import ctypes
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio.to_thread
 
@@ -29,13 +29,49 @@ _BPF_STATS_RUN_TIME = 0
 
 
 class CpuMeter:
-    """Sums thread CPU time spent inside ``with meter.measure():`` blocks."""
+    """Sums the thread CPU time of the profiler's own task steps and sections."""
 
     def __init__(self) -> None:
         self.ns = 0
 
     def measure(self) -> _Section:
+        """Meter a synchronous section: ``with meter.measure(): ...``."""
         return _Section(self)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro``, metering every step it takes on the event loop.
+
+        The profiler's tasks share the host's thread, so per-thread clocks
+        cannot tell them apart; timing each resumption of the coroutine
+        charges everything they do, the engine's internals included, and
+        nothing the host's tasks do in between.
+        """
+        return await _MeteredCoroutine(coro, self)
+
+
+class _MeteredCoroutine(Generic[T]):
+    __slots__ = ("_coro", "_meter")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], meter: CpuMeter) -> None:
+        self._coro = coro
+        self._meter = meter
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        clock, coro, meter = time.thread_time_ns, self._coro, self._meter
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            start = clock()
+            try:
+                step = coro.throw(error) if error is not None else coro.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            finally:
+                meter.ns += clock() - start
+            try:
+                value, error = (yield step), None
+            except BaseException as exc:  # cancellation and the like: deliver it inside
+                value, error = None, exc
 
 
 class _Section:
@@ -104,10 +140,13 @@ def enable_bpf_stats() -> int | None:
 class OverheadMonitor:
     """Reads the counters behind ``Overhead`` for one run.
 
-    ``anon_baseline`` is subtracted from the process's anonymous RSS: embedded
-    in a host app, the profiler's memory is what the process grew by since it
-    started (an upper bound, since the host may grow too); in the CLI the
-    baseline is zero and the whole process counts.
+    Embedded in a host app, the profiler's CPU is what ``meter`` charged to
+    its tasks and worker threads, and its memory is what the process grew by
+    since it started (``anon_baseline``: an upper bound, since the host may
+    grow too).  With
+    ``whole_process`` (the CLI, which owns its process) both are the
+    process's own: every thread's CPU, the event loop's included, and all of
+    its anonymous memory.
     """
 
     def __init__(
@@ -116,12 +155,15 @@ class OverheadMonitor:
         program_fds: Callable[[], Iterable[int]],
         map_fds: Callable[[], Iterable[int]],
         *,
+        whole_process: bool = False,
         anon_baseline: int = 0,
     ) -> None:
-        self._meter = meter
         self._program_fds = program_fds
         self._map_fds = map_fds
-        self._anon_baseline = anon_baseline
+        self._anon_baseline = 0 if whole_process else anon_baseline
+        self._user_ns: Callable[[], int] = (
+            time.process_time_ns if whole_process else lambda: meter.ns)
+        self._user_ns0 = self._user_ns()
         self._stats_fd = enable_bpf_stats()
         self._t0 = time.monotonic_ns()
         self._cpus = os.cpu_count() or 1
@@ -135,11 +177,11 @@ class OverheadMonitor:
             bpf_count += int(info.get("run_cnt", 0))
         maps = sum(int(_fdinfo(fd).get("memlock", 0)) for fd in self._map_fds())
         anon = max(0, anon_rss_bytes() - self._anon_baseline)
-        cpu_ns = self._meter.ns + bpf_ns
+        user_ns = self._user_ns() - self._user_ns0
         return Overhead(
-            cpu_percent=100.0 * cpu_ns / (wall * self._cpus),
+            cpu_percent=100.0 * (user_ns + bpf_ns) / (wall * self._cpus),
             memory_bytes=anon + maps,
-            user_cpu_ns=self._meter.ns,
+            user_cpu_ns=user_ns,
             bpf_cpu_ns=bpf_ns,
             bpf_run_count=bpf_count,
             wall_ns=wall,

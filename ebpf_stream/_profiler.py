@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -113,9 +113,9 @@ class Profiler:
             raise ConfigError("cpu_profiling: must be on; it is the only feature in this version")
         check_pids(config.pids)
         self._reading = anyio.CancelScope()
-        baseline = 0 if self._standalone else anon_rss_bytes()
-        probe = CpuProbe(config, self._stats, self._meter,
-                         targets=self._targets(), follow_children=self._follow)
+        baseline = anon_rss_bytes()
+        probe = CpuProbe(config, self._stats, targets=self._targets(),
+                         follow_children=self._follow)
         try:
             await probe.open()
         except BaseException:
@@ -123,7 +123,7 @@ class Profiler:
             raise
         self._probe = probe
         self._monitor = OverheadMonitor(self._meter, probe.program_fds, probe.map_fds,
-                                        anon_baseline=baseline)
+                                        whole_process=self._standalone, anon_baseline=baseline)
         try:
             events = Channel[EventMessage](
                 config.channel_capacity, config.overflow_policy,
@@ -131,7 +131,7 @@ class Profiler:
             batches = Channel[Batch](
                 _BATCH_QUEUE, config.overflow_policy,
                 weight=lambda b: b.profile.sample_count, on_drop=self._count_drop)
-            batcher = Batcher(config, Symbolizer(), self._stats, self._meter)
+            batcher = Batcher(config, Symbolizer(), self._stats)
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
             self._start(self._read, probe, events)
@@ -149,7 +149,7 @@ class Profiler:
     def _count_drop(self, samples: int) -> None:
         self._stats.dropped_user += samples
 
-    def _start(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    def _start(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         assert self._task_group is not None
 
         # Shielded: cancelling the host's code must not cut the pipeline off
@@ -159,7 +159,7 @@ class Profiler:
             with anyio.CancelScope(shield=True) as scope:
                 self._scopes.append(scope)
                 try:
-                    await fn(*args)
+                    await self._meter.run(fn(*args))
                 except Exception as exc:
                     log.error("profiling stopped: %s", exc)
                     if self._failure is None:

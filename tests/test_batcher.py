@@ -12,7 +12,6 @@ from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy
 from ebpf_stream._batcher import Batcher
 from ebpf_stream._channels import Channel
 from ebpf_stream._events import CpuSample, Event, EventMessage, StackTrace, encode_events
-from ebpf_stream._overhead import CpuMeter
 from ebpf_stream._stats import Stats
 
 
@@ -49,7 +48,7 @@ def make_batcher(**config: object) -> tuple[Batcher, Stats, FakeSymbolizer]:
     stats = Stats()
     symbolizer = FakeSymbolizer()
     cfg = EbpfConfig(**config)  # type: ignore[arg-type]
-    return Batcher(cfg, symbolizer, stats, CpuMeter()), stats, symbolizer  # type: ignore[arg-type]
+    return Batcher(cfg, symbolizer, stats), stats, symbolizer  # type: ignore[arg-type]
 
 
 def names(batch: Batch) -> dict[str, int]:

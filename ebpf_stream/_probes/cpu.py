@@ -19,7 +19,6 @@ from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap
 from .._config import EbpfConfig
 from .._events import CpuSample, Event, EventMessage, StackTrace, encode_events
 from .._loader import LoadedProgram, load_program
-from .._overhead import CpuMeter
 from .._ringbuf import RingBuffer, drain_forever
 from .._stats import Stats
 from .base import Emit, Probe
@@ -49,14 +48,12 @@ class CpuProbe(Probe):
         self,
         config: EbpfConfig,
         stats: Stats,
-        meter: CpuMeter,
         *,
         targets: Sequence[int] | None,
         follow_children: bool = False,
     ) -> None:
         self._config = config
         self._stats = stats
-        self._meter = meter
         self._targets = None if targets is None else tuple(targets)
         self._follow = follow_children and targets is not None
         self._program: LoadedProgram | None = None
@@ -116,9 +113,7 @@ class CpuProbe(Probe):
         assert self._ring is not None
 
         async def on_batch(records: np.ndarray) -> None:
-            with self._meter.measure():
-                message = self._encode(records)
-            await emit(message)
+            await emit(self._encode(records))
 
         max_latency = min(1.0, self._config.export_interval_s / 4)
         await drain_forever(self._ring, on_batch, max_latency=max_latency)
@@ -130,13 +125,8 @@ class CpuProbe(Probe):
     async def drain(self, emit: Emit) -> None:
         if self._ring is None:
             return
-        while True:
-            with self._meter.measure():
-                records = self._ring.read_batch()
-                message = self._encode(records) if len(records) else None
-            if message is None:
-                return
-            await emit(message)
+        while len(records := self._ring.read_batch()):
+            await emit(self._encode(records))
 
     def _encode(self, records: np.ndarray) -> EventMessage:
         n = len(records)
