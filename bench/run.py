@@ -1,0 +1,157 @@
+"""Run the benchmark measurements directly, without asv, and print markdown tables.
+
+asv stores one number per benchmark; this prints every figure of a run side
+by side, with the machine it ran on, ready for bench/README.md.  Both call
+the same measurement functions in ``benchmarks/``.
+
+    sudo .venv/bin/python bench/run.py            # 30 s overhead windows
+    sudo .venv/bin/python bench/run.py --quick    # 10 s windows, fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's directory is on sys.path: the suite imports as asv sees it.
+from benchmarks import bench_config, bench_overhead, bench_reader
+from benchmarks._support import bpf_unavailable
+
+_MIB = 2**20
+
+
+def code_version() -> str:
+    """The commit of the ebpf_stream being measured, ``+dirty`` if it differs from it.
+
+    That is the checkout ebpf_stream imports from, which PYTHONPATH may point
+    at a pinned clone while the main tree keeps changing.
+    """
+    import ebpf_stream
+
+    tree = Path(ebpf_stream.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=tree, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ebpf_stream", "kernel"],
+                               capture_output=True, text=True, cwd=tree, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown ({tree})"
+    return f"{head}{'+dirty' if dirty.strip() else ''} ({tree})"
+
+
+def machine_line() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{datetime.date.today().isoformat()}, {os.cpu_count()} vCPU {model}, "
+            f"Linux {platform.release()}, Python {platform.python_version()}, "
+            f"code {code_version()}")
+
+
+def config_table(ns: dict[str, float]) -> str:
+    rows = ["| operation | ns/op (median) |", "| --- | ---: |"]
+    rows += [f"| `{name}` | {value:,.0f} |" for name, value in ns.items()]
+    return "\n".join(rows)
+
+
+def reader_table(r: bench_reader.ReaderFigures) -> str:
+    rows = [
+        f"Drain of a full ring, {r.records:,} records of 48 bytes, median of {r.rounds} rounds:",
+        "",
+        "| consumer | events/s | CPU ns/event | ours is faster by |",
+        "| --- | ---: | ---: | ---: |",
+        f"| `RingBuffer.read_batch()` (ours) | {r.ours_events_per_s:,.0f} | "
+        f"{r.ours_cpu_ns_per_event:.1f} | |",
+        f"| bcc callback, decoding (`b[\"events\"].event(data)`) | {r.bcc_events_per_s:,.0f} | "
+        f"{r.bcc_cpu_ns_per_event:.1f} | {r.speedup_vs_bcc:.1f}x |",
+        f"| bcc callback, no-op | {r.bcc_noop_events_per_s:,.0f} | "
+        f"{r.bcc_noop_cpu_ns_per_event:.1f} | {r.speedup_vs_bcc_noop:.1f}x |",
+    ]
+    return "\n".join(rows)
+
+
+def overhead_table(run: bench_overhead.OverheadRun) -> str:
+    rows = [
+        "| tool | Hz | windows | samples/s | CPU % library (meter + BPF) "
+        "| CPU % process (clock + BPF) [min-max] | CPU % process (/proc stat + BPF) "
+        "| of which BPF % | BPF ns/run | memory MiB (anon + maps) | machine forks/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for f, windows in run.rows():
+        ours = f.tool == bench_overhead.OURS
+        spread = [w.process_cpu_percent for w in windows]
+        rows.append(
+            f"| {f.tool} | {f.hz} | {len(windows)} | {f.samples_per_s:.1f} | "
+            f"{f'{f.meter_cpu_percent:.3f}' if ours else 'n/a'} | "
+            f"{f.process_cpu_percent:.3f} [{min(spread):.3f}-{max(spread):.3f}] | "
+            f"{f.stat_cpu_percent:.3f} | {f.bpf_cpu_percent:.3f} | {f.bpf_ns_per_run:,.0f} | "
+            f"{f.memory_bytes / _MIB:.1f} ({f.anon_rss_bytes / _MIB:.1f} + "
+            f"{f.bpf_map_bytes / _MIB:.1f}) | {f.machine_forks_per_s:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="one 10 s window per rate, 3 reader rounds, fewer config calls")
+    parser.add_argument("--window", type=float, help="overhead window in seconds (default 30)")
+    parser.add_argument("--repeats", type=int,
+                        help="overhead windows per rate, interleaved (default 3)")
+    parser.add_argument("--rounds", type=int, help="reader rounds per consumer (default 7)")
+    parser.add_argument("--only", choices=["config", "reader", "overhead"], action="append",
+                        help="run only these parts (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    parts = set(args.only or ["config", "reader", "overhead"])
+    window = args.window or (10.0 if args.quick else bench_overhead.WINDOW_S)
+    rounds = args.rounds or (3 if args.quick else 7)
+    repeats = args.repeats or (1 if args.quick else bench_overhead.REPEATS)
+    figures: dict[str, Any] = {"machine": machine_line()}
+
+    print(f"Machine: {figures['machine']}\n")
+    if "config" in parts:
+        ns = bench_config.measure_ns_per_op(number=20_000 if args.quick else 200_000)
+        figures["config_ns_per_op"] = ns
+        print("## Config\n\n" + config_table(ns) + "\n", flush=True)
+    unavailable = bpf_unavailable()
+    if unavailable and parts & {"reader", "overhead"}:
+        print(f"Skipping the BPF benchmarks: {unavailable}.")
+        parts -= {"reader", "overhead"}
+    if "reader" in parts:
+        reader = bench_reader.measure_reader(rounds)
+        figures["reader"] = dataclasses.asdict(reader) | {
+            "speedup_vs_bcc": reader.speedup_vs_bcc,
+            "speedup_vs_bcc_noop": reader.speedup_vs_bcc_noop}
+        print("## Reader throughput\n\n" + reader_table(reader) + "\n", flush=True)
+    if "overhead" in parts:
+        run = bench_overhead.measure_overhead(window_s=window, repeats=repeats)
+        figures["overhead"] = dataclasses.asdict(run)
+        print(f"## Steady-state overhead ({window:g} s windows after "
+              f"{bench_overhead.WARMUP_S:g} s warm-up, both CPUs busy; "
+              f"medians of {repeats} interleaved windows)\n\n"
+              + overhead_table(run) + "\n", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    if (after := machine_line()) != figures["machine"]:
+        print(f"Warning: the code changed during the run; now {after}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
