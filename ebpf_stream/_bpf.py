@@ -18,6 +18,7 @@ from pathlib import Path
 
 _SYS_BPF = 321  # x86-64
 _SYS_PERF_EVENT_OPEN = 298
+_BPF_ENABLE_STATS, _BPF_STATS_RUN_TIME = 32, 0
 _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
 _PERCPU_MAP_TYPES = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
 
@@ -67,6 +68,14 @@ def fdinfo(fd: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         info[key.strip()] = value.strip()
     return info
+
+
+def enable_run_time_stats() -> int | None:
+    """Make the kernel account each BPF program's run time; returns the fd
+    that keeps it on (closing it turns the accounting off again)."""
+    attr = ctypes.c_uint32(_BPF_STATS_RUN_TIME)
+    fd = int(_libc.syscall(_SYS_BPF, _BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr)))
+    return fd if fd >= 0 else None
 
 
 class BpfMap:

@@ -10,7 +10,6 @@ BPF statistics are enabled; we enable them for the run with
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import dataclasses
 import os
 import time
@@ -21,11 +20,9 @@ from typing import Any, Generic, TypeVar
 
 import anyio.to_thread
 
-T = TypeVar("T")
+from ._bpf import enable_run_time_stats, fdinfo
 
-_SYS_BPF = 321  # x86-64
-_BPF_ENABLE_STATS = 32
-_BPF_STATS_RUN_TIME = 0
+T = TypeVar("T")
 
 
 class CpuMeter:
@@ -110,31 +107,11 @@ class Overhead:
     bpf_map_bytes: int = 0
 
 
-def _fdinfo(fd: int) -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        text = Path(f"/proc/self/fdinfo/{fd}").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
-
-
 def anon_rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def enable_bpf_stats() -> int | None:
-    """Enable kernel accounting of BPF run time; returns the fd that keeps it on."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = ctypes.c_uint32(_BPF_STATS_RUN_TIME)
-    fd = int(libc.syscall(_SYS_BPF, _BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr)))
-    return fd if fd >= 0 else None
 
 
 class OverheadMonitor:
@@ -164,7 +141,7 @@ class OverheadMonitor:
         self._user_ns: Callable[[], int] = (
             time.process_time_ns if whole_process else lambda: meter.ns)
         self._user_ns0 = self._user_ns()
-        self._stats_fd = enable_bpf_stats()
+        self._stats_fd = enable_run_time_stats()
         self._t0 = time.monotonic_ns()
         self._cpus = os.cpu_count() or 1
 
@@ -172,10 +149,10 @@ class OverheadMonitor:
         wall = max(1, time.monotonic_ns() - self._t0)
         bpf_ns = bpf_count = 0
         for fd in self._program_fds():
-            info = _fdinfo(fd)
+            info = fdinfo(fd)
             bpf_ns += int(info.get("run_time_ns", 0))
             bpf_count += int(info.get("run_cnt", 0))
-        maps = sum(int(_fdinfo(fd).get("memlock", 0)) for fd in self._map_fds())
+        maps = sum(int(fdinfo(fd).get("memlock", 0)) for fd in self._map_fds())
         anon = max(0, anon_rss_bytes() - self._anon_baseline)
         user_ns = self._user_ns() - self._user_ns0
         return Overhead(
