@@ -9,6 +9,7 @@ someone reading a deployment manifest, not the code.
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Iterable
 from typing import Self
 
@@ -187,11 +188,19 @@ _BOUNDS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+_bounded_values = operator.attrgetter(*(name for name, _, _ in _BOUNDS))
+_NUMBERS = (int, float)  # exact types: a bool is not a rate
+_MAX_PID = (1 << 22) - 1
+
+
 def validate_config(config: EbpfConfig) -> None:
-    """Raise ``ConfigError`` naming the first field that is out of range."""
-    for name, lo, hi in _BOUNDS:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+    """Raise ``ConfigError`` naming the first field that is out of range.
+
+    Written for speed (it runs on every builder call): exact type checks
+    and one attribute fetch for all the bounded fields.
+    """
+    for (name, lo, hi), value in zip(_BOUNDS, _bounded_values(config), strict=True):
+        if type(value) not in _NUMBERS or not lo <= value <= hi:
             raise ConfigError(f"{name}: {value!r} is outside the allowed range {lo:g}..{hi:g}")
     size = config.ring_buffer_bytes
     if size & (size - 1):
@@ -199,14 +208,14 @@ def validate_config(config: EbpfConfig) -> None:
             f"ring_buffer_bytes: {size} must be a power of two between 4096 and {1024 * _MIB}"
         )
     for pid in config.pids:
-        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 22:
-            raise ConfigError(f"pids: {pid!r} is not a process id (1..{(1 << 22) - 1})")
-    if not isinstance(config.environment, Environment):
+        if type(pid) is not int or not 0 < pid <= _MAX_PID:
+            raise ConfigError(f"pids: {pid!r} is not a process id (1..{_MAX_PID})")
+    if type(config.environment) is not Environment:
         raise ConfigError(f"environment: {config.environment!r} is not an Environment")
-    if not isinstance(config.overflow_policy, OverflowPolicy):
+    if type(config.overflow_policy) is not OverflowPolicy:
         raise ConfigError(f"overflow_policy: {config.overflow_policy!r} is not an OverflowPolicy")
-    if not any((config.cpu_profiling, config.network_tracing,
-                config.syscall_tracing, config.memory_tracing)):
+    if not (config.cpu_profiling or config.network_tracing
+            or config.syscall_tracing or config.memory_tracing):
         raise ConfigError(
             "cpu_profiling: every feature is off; enable at least one of cpu_profiling, "
             "network_tracing, syscall_tracing, memory_tracing"
