@@ -277,8 +277,9 @@ def _compile(source: Path, programs: dict[str, str], maps: list[str],
             os.close(fd)
         raise ProbeError(f"{source.name}: the compile worker returned {len(fds)} fds "
                          f"for {len(names)} objects")
-    program_fds = dict(zip(reply["programs"], fds, strict=False))
-    map_fds = dict(zip(reply["maps"], fds[len(program_fds):], strict=True))
+    n_programs = len(reply["programs"])
+    program_fds = dict(zip(reply["programs"], fds[:n_programs], strict=True))
+    map_fds = dict(zip(reply["maps"], fds[n_programs:], strict=True))
     return LoadedProgram(source.name, program_fds,
                          {name: BpfMap(fd, name) for name, fd in map_fds.items()})
 

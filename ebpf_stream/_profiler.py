@@ -116,11 +116,7 @@ class Profiler:
         baseline = anon_rss_bytes()
         probe = CpuProbe(config, self._stats, targets=self._targets(),
                          follow_children=self._follow)
-        try:
-            await probe.open()
-        except BaseException:
-            probe.close()
-            raise
+        await probe.open()  # closes what it opened if it fails
         self._probe = probe
         self._monitor = OverheadMonitor(self._meter, probe.program_fds, probe.map_fds,
                                         whole_process=self._standalone, anon_baseline=baseline)

@@ -21,19 +21,33 @@ from ebpf_stream import (
     OverflowPolicy,
     Profile,
     Profiler,
+    Stats,
     TargetError,
 )
+from ebpf_stream._cli.demo import build_demo
 from ebpf_stream.exporters import FoldedFileExporter, MemoryExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
 
+
 def config_for(pid: int, **changes: object) -> EbpfConfig:
-    base = EbpfConfig.for_environment("development").with_pids([pid]).with_export_interval(0.5)
-    return base.with_sample_rate(99) if not changes else _apply(base, changes)
+    base = (EbpfConfig.for_environment("development").with_pids([pid])
+            .with_export_interval(0.5).with_sample_rate(99))
+    return msgspec.structs.replace(base, **changes)
 
 
-def _apply(config: EbpfConfig, changes: dict[str, object]) -> EbpfConfig:
-    return msgspec.structs.replace(config.with_sample_rate(99), **changes)
+async def profile_until_killed(proc: subprocess.Popen[str], seconds: float,
+                               **changes: object) -> tuple[Profile, Stats]:
+    """Profile ``proc`` for ``seconds``, then kill it."""
+    memory = MemoryExporter()
+    try:
+        async with Profiler(config_for(proc.pid, **changes), [memory]) as profiler:
+            await anyio.sleep(seconds)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert memory.profile is not None
+    return memory.profile, profiler.stats
 
 
 def shares(profile: Profile, leaf: str) -> float:
@@ -67,16 +81,7 @@ async def test_native_hot_function_dominates_in_root_first_order(
 @pytest.mark.anyio
 async def test_syscall_heavy_workload_shows_kernel_frames_after_user_frames(
         syscall_heavy: Path) -> None:
-    proc = start_ready([str(syscall_heavy), "30"])
-    try:
-        memory = MemoryExporter()
-        async with Profiler(config_for(proc.pid), [memory]):
-            await anyio.sleep(1.5)
-    finally:
-        proc.kill()
-        proc.wait()
-    profile = memory.profile
-    assert profile is not None
+    profile, _ = await profile_until_killed(start_ready([str(syscall_heavy), "30"]), 1.5)
     in_kernel = [s for s in profile if s.frames and s.frames[-1].kind is FrameKind.KERNEL]
     assert sum(s.count for s in in_kernel) > 0.5 * profile.sample_count
     for s in in_kernel:
@@ -277,22 +282,10 @@ async def test_a_full_ring_is_counted_as_kernel_drops(running: subprocess.Popen[
 @pytest.mark.anyio
 async def test_stacks_a_crowded_stack_map_could_not_store_are_counted(
         workload_dir: Path) -> None:
-    demo = Path(__file__).parent.parent / "ebpf_stream/_demo/demo_workload.c"
-    binary = workload_dir / "demo_workload"
-    subprocess.run(["cc", "-O0", "-fno-omit-frame-pointer", "-o", str(binary), str(demo)],
-                   check=True)
-    proc = subprocess.Popen([str(binary), "30"], stdout=subprocess.DEVNULL)
-    try:
-        memory = MemoryExporter()
-        config = config_for(proc.pid, sample_rate_hz=999, stack_map_entries=64,
-                            export_interval_s=60.0)
-        async with Profiler(config, [memory]) as profiler:
-            await anyio.sleep(2)
-    finally:
-        proc.kill()
-        proc.wait()
-    profile = memory.profile
-    assert profile is not None
+    binary = build_demo(workload_dir)  # deep, varied stacks: many distinct keys
+    proc = subprocess.Popen([str(binary), "30"], stdout=subprocess.DEVNULL, text=True)
+    profile, stats = await profile_until_killed(
+        proc, 2, sample_rate_hz=999, stack_map_entries=64, export_interval_s=60.0)
     lost = sum(s.count for s in profile if any(f.name == "[stack lost]" for f in s.frames))
-    assert profiler.stats.lost_stacks == lost > 0
-    assert profile.sample_count == profiler.stats.received, "lost stacks keep their samples"
+    assert stats.lost_stacks == lost > 0
+    assert profile.sample_count == stats.received, "lost stacks keep their samples"

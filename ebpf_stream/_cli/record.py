@@ -19,8 +19,8 @@ from rich.text import Text
 from .._config import EbpfConfig, Environment, sample_rate_range
 from .._errors import ConfigError
 from .._exporters.files import FORMATS, format_for_path
-from .._profiler import Profiler, check_pids
-from .launch import GatedCommand, resolve_command, start_gated
+from .._profiler import Profiler
+from .launch import GatedCommand, start_gated
 
 _DEFAULT_NAME = {"folded": "profile.folded", "pprof": "profile.pb.gz",
                  "speedscope": "profile.speedscope.json", "svg": "profile.svg"}
@@ -163,9 +163,6 @@ def record(pids: tuple[int, ...], duration: float | None, rate: int | None, env:
         raise ConfigError("give either --pid or a command, not both")
     config = config_from_options(env, rate, max_samples, pids)
     outputs = outputs_from_options(fmt, paths)
-    if command:
-        resolve_command(command)
-    check_pids(pids)
     progress = sys.stderr.isatty()
     profiler = anyio.run(run_record, config, outputs, command, duration, progress,
                          backend_options={"use_uvloop": True})
