@@ -24,7 +24,7 @@ from ._batch import Batch
 from ._channels import Channel
 from ._config import EbpfConfig
 from ._events import CpuSample, EventMessage, StackTrace, decode_events
-from ._profile import Frame, FrameKind, Profile
+from ._profile import Frame, FrameKind, ProcessInfo, Profile
 from ._stats import Stats
 from ._symbolize import Symbolizer
 
@@ -120,8 +120,11 @@ class Batcher:
             frames, lost = self._resolver.frames(event)
             if lost:
                 self._stats.lost_stacks += 1
-            process = self._symbolizer.process_name(event.pid) or event.comm
-            self._profile.add(event.pid, process, frames, 1, (event.timestamp_ns,))
+            info = self._profile.processes.get(event.pid)
+            if info is None:
+                info = self._profile.processes[event.pid] = (
+                    self._symbolizer.process_info(event.pid) or ProcessInfo(event.pid, event.comm))
+            self._profile.add(event.pid, info.name, frames, 1, (event.timestamp_ns,))
             self._held += 1
 
     def take(self) -> Batch:

@@ -49,11 +49,28 @@ class StackSamples(msgspec.Struct, gc=False):
     timestamps_ns: list[int] = msgspec.field(default_factory=list)
 
 
+class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
+    """What identifies a sampled process to a backend, read while it was alive.
+
+    ``executable`` is the file name of ``/proc/PID/exe`` and ``command_line``
+    its arguments joined by spaces; both are empty when they could not be
+    read (a kernel thread, or a process gone before its first sample).
+    """
+
+    pid: int
+    name: str
+    executable: str = ""
+    command_line: str = ""
+
+
 StackKey = tuple[int, str, tuple[Frame, ...]]
 
 
 class Profile(msgspec.Struct, gc=False):
     """CPU samples of one or more intervals, aggregated by (pid, process, stack).
+
+    ``processes`` describes the pids sampled, for the resource attributes of
+    formats that carry them (OTLP).
 
     ``period_ns`` is the sampling period (1e9 / rate); every sample stands for
     that much CPU time.  Times are wall-clock nanoseconds since the epoch.
@@ -63,6 +80,7 @@ class Profile(msgspec.Struct, gc=False):
     start_ns: int
     end_ns: int
     stacks: dict[StackKey, StackSamples] = msgspec.field(default_factory=dict)
+    processes: dict[int, ProcessInfo] = msgspec.field(default_factory=dict)
 
     @property
     def sample_count(self) -> int:
@@ -94,6 +112,7 @@ class Profile(msgspec.Struct, gc=False):
         for s in other.stacks.values():
             self.add(s.pid, s.process, s.frames, s.count,
                      s.timestamps_ns if keep_timestamps else ())
+        self.processes.update(other.processes)
 
     def __iter__(self) -> Iterator[StackSamples]:
         return iter(self.stacks.values())

@@ -26,10 +26,12 @@ from ._batch import Batch
 from ._batcher import Batcher
 from ._channels import Channel
 from ._config import EbpfConfig, validate_config
-from ._errors import ConfigError, TargetError
+from ._errors import ConfigError, ExportError, TargetError
 from ._events import EventMessage
-from ._exporters.base import Exporter
+from ._exporters.base import ExportContext, Exporter
 from ._exporters.fanout import FanOut
+from ._exporters.otlp.exporter import OtlpExporter
+from ._otlp.settings import endpoint_in_environment
 from ._overhead import CpuMeter, Overhead, OverheadMonitor, anon_rss_bytes, bind_meter
 from ._probes.base import Probe
 from ._probes.cpu import CpuProbe
@@ -53,6 +55,9 @@ class Profiler:
     With no ``pids`` in the config the target is the host process itself;
     ``system_wide=True`` samples every process instead.  ``follow_children``
     also samples the targets' descendants from their fork on.
+
+    With no ``exporters`` and ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its
+    profiles form) set, the profiler exports OTLP as that environment says.
     """
 
     def __init__(
@@ -112,6 +117,8 @@ class Profiler:
         if not config.cpu_profiling:
             raise ConfigError("cpu_profiling: must be on; it is the only feature in this version")
         check_pids(config.pids)
+        if not self._exporters and endpoint_in_environment():
+            self._exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
         self._reading = anyio.CancelScope()
         baseline = anon_rss_bytes()
         probe = CpuProbe(config, self._stats, targets=self._targets(),
@@ -157,7 +164,8 @@ class Profiler:
                 try:
                     await self._meter.run(fn(*args))
                 except Exception as exc:
-                    log.error("profiling stopped: %s", exc)
+                    if not isinstance(exc, ExportError):  # exporters fail at the end: raised then
+                        log.error("profiling stopped: %s", exc)
                     if self._failure is None:
                         self._failure = exc
                     self._stop_reading()
@@ -187,13 +195,10 @@ class Profiler:
             events.close()
 
     async def _export(self, batches: Channel[Batch]) -> None:
-        fanout = FanOut(self._exporters, self._stats)
-        try:
+        context = ExportContext(self.config, self._stats, self.get_overhead)
+        async with FanOut(self._exporters, self._stats, context) as fanout:
             async for batch in batches:
                 await fanout.export(batch)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await fanout.aclose()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -14,6 +14,12 @@ class Stats:
     space (a channel overflowed under a drop policy, or an interval exceeded
     ``max_samples``).  ``lost_stacks`` counts samples kept without one of
     their stacks because the stack map could not store it.
+
+    ``exported`` counts samples handed to at least one exporter.  Exporters
+    that deliver later (OTLP) count what they then fail to deliver in
+    ``undelivered`` (their queue overflowed, or delivery failed for good) and
+    what a receiver refused in a partial success in ``rejected`` (in the
+    receiver's units: profiles, data points, log records).
     """
 
     received: int = 0
@@ -22,6 +28,8 @@ class Stats:
     exported: int = 0
     lost_stacks: int = 0
     export_errors: int = 0
+    undelivered: int = 0
+    rejected: int = 0
 
     @property
     def dropped(self) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._profile import Frame, FrameKind
+from ._profile import Frame, FrameKind, ProcessInfo
 
 __all__ = ["KernelSymbols", "Symbolizer"]
 
@@ -708,15 +708,30 @@ def _read_mappings(pid: int) -> list[_Mapping]:
     return mappings
 
 
+def _identity(pid: int) -> tuple[str, str]:
+    """(executable file name, command line) of ``pid``; empty where unreadable."""
+    try:
+        executable = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        executable = ""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        raw = b""
+    return executable, raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+
+
 class _Process:
     """A pid's name and executable mappings, as last read from /proc."""
 
-    __slots__ = ("_starts", "comm", "mappings", "read_at")
+    __slots__ = ("_starts", "comm", "info", "mappings", "read_at")
 
     def __init__(self, pid: int) -> None:
         self.mappings: list[_Mapping] = []
         self._starts: list[int] = []
         self.read(pid)
+        self.info = ProcessInfo(pid, self.comm, *_identity(pid))
 
     def read(self, pid: int) -> None:
         """(Re-)read name and maps, keeping the loaded ELF of unchanged mappings.
@@ -769,10 +784,10 @@ class Symbolizer:
             leaf = False
         return tuple(frames)
 
-    def process_name(self, pid: int) -> str | None:
-        """``/proc/PID/comm`` as read with the maps, or None if never seen alive."""
+    def process_info(self, pid: int) -> ProcessInfo | None:
+        """Name, executable and command line as first read, or None if never seen alive."""
         process = self._process(pid)
-        return process.comm if process else None
+        return process.info if process else None
 
     def forget(self, pid: int) -> None:
         """Drop what is cached for an exited process (its ELF images stay shared)."""

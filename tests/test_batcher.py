@@ -12,6 +12,7 @@ from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy
 from ebpf_stream._batcher import Batcher
 from ebpf_stream._channels import Channel
 from ebpf_stream._events import CpuSample, Event, EventMessage, StackTrace, encode_events
+from ebpf_stream._profile import ProcessInfo
 from ebpf_stream._stats import Stats
 
 
@@ -29,8 +30,8 @@ class FakeSymbolizer:
         return tuple(Frame(f"k{a:x}", "[kernel.kallsyms]", FrameKind.KERNEL, a)
                      for a in addresses)
 
-    def process_name(self, pid: int) -> str | None:
-        return "app"
+    def process_info(self, pid: int) -> ProcessInfo | None:
+        return ProcessInfo(pid, "app", "app", "app --serve")
 
 
 USER, KERNEL = (1 << 32) | 7, (1 << 32) | 8

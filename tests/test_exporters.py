@@ -11,14 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import otlp_stacks
 import pytest
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
 
+from ebpf_stream._dictionary import KERNEL_MAPPING
 from ebpf_stream._errors import ExportError
-from ebpf_stream._exporters.files import FORMATS, FileExporter, format_for_path
 from ebpf_stream._exporters.flamegraph import WIDTH, render_flamegraph_svg
 from ebpf_stream._exporters.folded import render_folded
-from ebpf_stream._exporters.pprof import KERNEL_MAPPING, render_pprof
+from ebpf_stream._exporters.formats import FORMATS, format_for_path
+from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
+from ebpf_stream._exporters.pprof import render_pprof
 from ebpf_stream._exporters.speedscope import SCHEMA, render_speedscope
+from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._pprof_pb2 import Profile as PprofProfile
 from ebpf_stream._profile import Frame, FrameKind, Profile
 from ebpf_stream.exporters import (
@@ -331,6 +338,11 @@ def check_file(fmt: str, path: Path, samples: int) -> None:
         assert sum(int(line.rsplit(" ", 1)[1]) for line in data.decode().splitlines()) == samples
     elif fmt == "pprof":
         assert sum(s.value[0] for s in decode_pprof(data).sample) == samples
+    elif fmt == "otlp-json":
+        lines = data.splitlines()
+        requests = [decode_otlp_json(line, ExportProfilesServiceRequest) for line in lines
+                    if b'"resourceProfiles"' in line]
+        assert sum(otlp_stacks.stacks(requests).values()) == samples
     elif fmt == "speedscope":
         doc = json.loads(data)
         assert sum(w for p in doc["profiles"] for w in p["weights"]) == samples * PERIOD
@@ -402,6 +414,7 @@ async def test_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     ("cpu.pb.gz", "pprof"), ("cpu.pprof", "pprof"), ("cpu.pb", "pprof"),
     ("cpu.speedscope.json", "speedscope"), ("cpu.json", "speedscope"),
     ("dir/CPU.SVG", "svg"), ("cpu.gz", None), ("cpu", None),
+    ("cpu.otlp.json", "otlp-json"), ("cpu.otlp.jsonl", "otlp-json"), ("cpu.jsonl", "otlp-json"),
 ])
 def test_format_for_path(name: str, fmt: str | None) -> None:
     assert format_for_path(name) == fmt
@@ -410,9 +423,9 @@ def test_format_for_path(name: str, fmt: str | None) -> None:
 
 def test_formats_map_to_file_exporters() -> None:
     expected = {"folded": FoldedFileExporter, "pprof": PprofFileExporter,
-                "speedscope": SpeedscopeFileExporter, "svg": FlamegraphSvgExporter}
+                "speedscope": SpeedscopeFileExporter, "svg": FlamegraphSvgExporter,
+                "otlp-json": OtlpJsonFileExporter}
     assert dict(FORMATS) == expected
-    assert all(issubclass(cls, FileExporter) for cls in FORMATS.values())
 
 
 # -- memory ------------------------------------------------------------------

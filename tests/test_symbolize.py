@@ -206,7 +206,7 @@ def test_process_never_seen_alive_is_unknown() -> None:
     symbolizer = Symbolizer()
     (frame,) = symbolizer.user_frames(gone.pid, [0x401000])
     assert (frame.name, frame.module) == ("[unknown]+0x401000", "[unknown]")
-    assert symbolizer.process_name(gone.pid) is None
+    assert symbolizer.process_info(gone.pid) is None
 
 
 @needs_root
@@ -220,7 +220,10 @@ def test_resolves_after_exit_with_maps_read_while_alive(
     after = symbolizer.user_frames(target.pid, [target.hot_leaf + 5, target.write + 3])
     assert after[0] == alive[0]
     assert after[1].name in {"write", "__write", "__libc_write"}
-    assert symbolizer.process_name(target.pid) == "prog"
+    info = symbolizer.process_info(target.pid)
+    assert info is not None
+    assert (info.name, info.executable) == ("prog", "prog")
+    assert info.command_line.startswith(str(binaries["prog"]))
     symbolizer.forget(target.pid)
     assert symbolizer.user_frames(target.pid, [target.hot_leaf + 5])[0].module == "[unknown]"
 
@@ -285,7 +288,7 @@ def test_process_cache_is_bounded(
         binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
     first, second = spawn(binaries["prog"]), spawn(binaries["prog"])
     symbolizer = Symbolizer(max_processes=1)
-    assert symbolizer.process_name(first.pid) == "prog"
+    assert symbolizer.process_info(first.pid) is not None
     symbolizer.user_frames(second.pid, [second.hot_leaf])  # evicts the first
     first.stop()
     assert symbolizer.user_frames(first.pid, [first.hot_leaf])[0].module == "[unknown]"

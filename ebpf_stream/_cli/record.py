@@ -18,7 +18,7 @@ from rich.text import Text
 
 from .._config import EbpfConfig, Environment, sample_rate_range
 from .._errors import ConfigError
-from .._exporters.files import FORMATS, format_for_path
+from .._exporters.formats import FORMATS, format_for_path
 from .._profiler import Profiler
 from .launch import GatedCommand, start_gated
 

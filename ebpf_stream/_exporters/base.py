@@ -3,13 +3,23 @@
 An exporter receives each batch as it is flushed and is closed once at the
 end of the run.  Anything with these two coroutines is an exporter, so users
 can plug in their own without subclassing.
+
+Two optional extras, both used by the OTLP exporters: ``bind(context)``
+gives an exporter the run's counters (to report on the engine itself and
+count its own losses), and an exporter that is an async context manager is
+entered for the run, so it can keep background tasks (a sender) alive.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from .._batch import Batch
+from .._config import EbpfConfig
+from .._overhead import Overhead
+from .._stats import Stats
 
 
 @runtime_checkable
@@ -19,3 +29,22 @@ class Exporter(Protocol):
 
     async def aclose(self) -> None:
         """Flush what is pending and release resources.  Called exactly once."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportContext:
+    """What a run shares with exporters that report on the engine.
+
+    ``stats`` is the run's live counters: an exporter that loses samples
+    after accepting them adds them to ``stats.undelivered``.
+    """
+
+    config: EbpfConfig
+    stats: Stats
+    overhead: Callable[[], Overhead]
+
+
+@runtime_checkable
+class BindableExporter(Protocol):
+    def bind(self, context: ExportContext) -> None:
+        """Called once before the first export."""

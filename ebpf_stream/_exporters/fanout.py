@@ -1,30 +1,61 @@
 """Delivering each batch to several exporters, isolating their failures.
 
-One exporter failing (a full disk, say) must not stop the others from
-receiving what was collected; its error is kept and raised when the run
-ends, so the user still learns about it.
+One exporter failing (a full disk, an unreachable collector) must not stop
+the others from receiving what was collected; its error is kept and raised
+when the run ends, so the user still learns about it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+import anyio
 
 from .._batch import Batch
 from .._errors import ExportError
 from .._stats import Stats
-from .base import Exporter
+from .base import BindableExporter, ExportContext, Exporter
 
 log = logging.getLogger("ebpf_stream")
 
 
 class FanOut:
-    """An exporter that forwards to ``exporters`` and counts what got through."""
+    """An exporter that forwards to ``exporters`` and counts what got through.
 
-    def __init__(self, exporters: Sequence[Exporter], stats: Stats) -> None:
+    As an async context manager it binds the exporters that want the run's
+    context, enters those that are context managers, and on exit closes
+    them all, shielded, raising the first failure.
+    """
+
+    def __init__(self, exporters: Sequence[Exporter], stats: Stats,
+                 context: ExportContext | None = None) -> None:
         self._exporters = list(exporters)
         self._stats = stats
+        self._context = context
         self._errors: dict[int, Exception] = {}
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Self:
+        async with contextlib.AsyncExitStack() as stack:
+            for exporter in self._exporters:
+                if self._context is not None and isinstance(exporter, BindableExporter):
+                    exporter.bind(self._context)
+                if isinstance(exporter, contextlib.AbstractAsyncContextManager):
+                    await stack.enter_async_context(exporter)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.aclose()
+            finally:
+                await self._stack.aclose()
 
     async def export(self, batch: Batch) -> None:
         """Export to every healthy exporter.
@@ -52,14 +83,16 @@ class FanOut:
             try:
                 await exporter.aclose()
             except Exception as exc:
-                self._fail(i, exc)
+                self._fail(i, exc, quiet=True)  # raised below: logging it too would say it twice
         if self._errors:
             first = next(iter(self._errors.values()))
             if isinstance(first, ExportError):
                 raise first
             raise ExportError(f"export failed: {first}") from first
 
-    def _fail(self, index: int, exc: Exception) -> None:
+    def _fail(self, index: int, exc: Exception, *, quiet: bool = False) -> None:
         self._stats.export_errors += 1
         self._errors.setdefault(index, exc)
-        log.error("exporter %s failed: %s", type(self._exporters[index]).__name__, exc)
+        if not quiet:
+            log.error("exporter %s failed: %s",
+                      type(self._exporters[index]).__name__, exc)

@@ -13,7 +13,6 @@ import abc
 import os
 import secrets
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -110,30 +109,3 @@ class FlamegraphSvgExporter(FileExporter):
 
     def render(self, profile: Profile) -> bytes:
         return render_flamegraph_svg(profile, title=self.title).encode("utf-8")
-
-
-FORMATS: Mapping[str, type[FileExporter]] = {
-    "folded": FoldedFileExporter,
-    "pprof": PprofFileExporter,
-    "speedscope": SpeedscopeFileExporter,
-    "svg": FlamegraphSvgExporter,
-}
-
-# Longest suffix first, so ".speedscope.json" wins over ".json".
-_SUFFIXES = (
-    (".speedscope.json", "speedscope"),
-    (".collapsed", "folded"),
-    (".folded", "folded"),
-    (".pprof", "pprof"),
-    (".pb.gz", "pprof"),
-    (".json", "speedscope"),
-    (".txt", "folded"),
-    (".svg", "svg"),
-    (".pb", "pprof"),
-)
-
-
-def format_for_path(path: str | os.PathLike[str]) -> str | None:
-    """The format a file name implies (a key of FORMATS), or None if it implies none."""
-    name = os.fspath(path).lower()
-    return next((fmt for suffix, fmt in _SUFFIXES if name.endswith(suffix)), None)

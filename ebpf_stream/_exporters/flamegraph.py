@@ -11,8 +11,9 @@ from __future__ import annotations
 import zlib
 from xml.sax.saxutils import escape
 
+from .._dictionary import valid_utf8
 from .._profile import Profile
-from .folded import KERNEL_SUFFIX, collapse, valid_utf8
+from .folded import KERNEL_SUFFIX, collapse
 
 DEFAULT_TITLE = "CPU flame graph"
 WIDTH = 1200

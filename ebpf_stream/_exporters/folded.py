@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+from .._dictionary import valid_utf8
 from .._profile import Frame, FrameKind, Profile
 
 KERNEL_SUFFIX = "_[k]"
@@ -18,11 +19,6 @@ KERNEL_SUFFIX = "_[k]"
 # characters (and two non-characters) would corrupt the line-oriented file or
 # the SVG's XML.
 _UNSAFE = {ord(";"): ":"} | {c: " " for c in (*range(32), 127, 0xFFFE, 0xFFFF)}
-
-
-def valid_utf8(text: str) -> str:
-    """Replace what UTF-8 cannot encode (lone surrogates from undecodable symbol bytes)."""
-    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def clean_name(name: str) -> str:

@@ -1,0 +1,68 @@
+"""OTLP/JSON files: one ``Export*ServiceRequest`` per line, as the Collector writes them.
+
+The lines are what the Collector's file exporter produces, so a file can be
+replayed into a collector (its ``otlpjsonfile`` receiver reads them) or
+loaded by any OTLP/JSON reader.  The file is appended to after every export
+and flushed to disk, so it holds every interval completed before a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+from google.protobuf.message import Message
+
+from ..._batch import Batch
+from ..._errors import ExportError
+from ..._otlp.converter import EventConverter
+from ..._otlp.json import encode_otlp_json
+from ..._overhead import run_sync
+from ..base import ExportContext
+
+
+def _append(path: Path, requests: list[Message]) -> None:
+    lines = b"".join(encode_otlp_json(r) + b"\n" for r in requests if r.ListFields())
+    try:
+        with path.open("ab") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+class OtlpJsonFileExporter:
+    """Writes each batch's profiles and metrics as OTLP/JSON lines to ``path``.
+
+    The file is truncated when the exporter is created: one file, one run.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._converter = EventConverter()
+        self._context: ExportContext | None = None
+        self._lock = anyio.Lock()
+        try:
+            self.path.write_bytes(b"")
+        except OSError as exc:
+            raise ExportError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+    def bind(self, context: ExportContext) -> None:
+        self._context = context
+        self._converter = EventConverter(context.config)
+
+    async def export(self, batch: Batch) -> None:
+        async with self._lock:
+            await run_sync(self._write, batch)
+
+    def _write(self, batch: Batch) -> None:
+        context = self._context
+        converted = self._converter.convert_batch(
+            batch, context.stats if context else None,
+            context.overhead() if context else None)
+        _append(self.path, [converted.profiles, converted.metrics])
+
+    async def aclose(self) -> None:
+        pass
