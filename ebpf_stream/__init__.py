@@ -20,7 +20,9 @@ from ._errors import (
     ProbeError,
     TargetError,
 )
+from ._events import CpuSample
 from ._exporters.base import Exporter
+from ._otlp.converter import EventConverter
 from ._overhead import Overhead
 from ._profile import Frame, FrameKind, Profile, StackSamples
 from ._profiler import EbpfCpuProfiler, Profiler
@@ -29,11 +31,13 @@ from ._stats import Stats
 __all__ = [
     "Batch",
     "ConfigError",
+    "CpuSample",
     "EbpfConfig",
     "EbpfCpuProfiler",
     "EbpfStreamError",
     "Environment",
     "EnvironmentCheckError",
+    "EventConverter",
     "ExportError",
     "Exporter",
     "Frame",

@@ -49,7 +49,7 @@ def demo(duration: float, out_dir: Path, rate: int) -> None:
     binary = build_demo(out_dir / "build")
     outputs = [("svg", out_dir / "demo.svg"), ("folded", out_dir / "demo.folded")]
     config = config_from_options("development", rate, None, ())
-    profiler = anyio.run(run_record, config, outputs, [str(binary), f"{duration:g}"], None,
+    profiler = anyio.run(run_record, config, outputs, None, [str(binary), f"{duration:g}"], None,
                          sys.stderr.isatty(), backend_options={"use_uvloop": True})
     s = profiler.stats
     click.echo(f"profiled the demo workload: {s.received:,} samples, {s.dropped:,} dropped")

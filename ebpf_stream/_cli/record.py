@@ -18,12 +18,17 @@ from rich.text import Text
 
 from .._config import EbpfConfig, Environment, sample_rate_range
 from .._errors import ConfigError
+from .._exporters.base import Exporter
 from .._exporters.formats import FORMATS, format_for_path
+from .._exporters.otlp.exporter import OtlpExporter
+from .._otlp.settings import Signal, endpoint_in_environment
 from .._profiler import Profiler
 from .launch import GatedCommand, start_gated
 
 _DEFAULT_NAME = {"folded": "profile.folded", "pprof": "profile.pb.gz",
-                 "speedscope": "profile.speedscope.json", "svg": "profile.svg"}
+                 "speedscope": "profile.speedscope.json", "svg": "profile.svg",
+                 "otlp-json": "profile.otlp.jsonl"}
+_SHUTDOWN_MARGIN_S = 5.0  # beyond the OTLP flush timeout, for the last batch's conversion
 
 
 def config_from_options(env: str | None, rate: int | None, max_samples: int | None,
@@ -42,7 +47,11 @@ def config_from_options(env: str | None, rate: int | None, max_samples: int | No
     return config.with_pids(pids)
 
 
-def outputs_from_options(fmt: str | None, paths: Sequence[str]) -> list[tuple[str, Path]]:
+def outputs_from_options(fmt: str | None, paths: Sequence[str],
+                         otlp: bool = False) -> list[tuple[str, Path]]:
+    """The files to write; none by default when the run exports OTLP."""
+    if not paths and otlp and fmt is None:
+        return []
     if not paths:
         name = _DEFAULT_NAME[fmt or "folded"]
         return [(fmt or "folded", Path(name))]
@@ -103,13 +112,29 @@ async def _stop_when_any(tg: TaskGroup, *waits: Awaitable[object]) -> None:
     tg.cancel_scope.cancel()
 
 
-async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]], command: Sequence[str],
+def otlp_from_options(endpoint: str | None, protocol: str | None) -> OtlpExporter | None:
+    """The OTLP exporter the options and ``OTEL_*`` variables ask for, if any."""
+    if endpoint is None and not endpoint_in_environment():
+        if protocol is not None:
+            raise ConfigError("--otlp-protocol: needs --otlp-endpoint or "
+                              "OTEL_EXPORTER_OTLP_ENDPOINT")
+        return None
+    return OtlpExporter(endpoint, protocol=protocol, source="--otlp-endpoint")
+
+
+async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]],
+                     otlp: OtlpExporter | None, command: Sequence[str],
                      duration: float | None, progress: bool) -> Profiler:
-    exporters = [FORMATS[fmt](path) for fmt, path in outputs]
+    exporters: list[Exporter] = [FORMATS[fmt](path) for fmt, path in outputs]
+    shutdown_timeout = 15.0
+    if otlp is not None:
+        exporters.append(otlp)
+        shutdown_timeout = max(shutdown_timeout, otlp.flush_timeout_s + _SHUTDOWN_MARGIN_S)
     gated: GatedCommand | None = await start_gated(command) if command else None
     targets = [gated.pid] if gated else list(config.pids)
     profiler = Profiler(config.with_pids(targets), exporters,
-                        system_wide=not targets, follow_children=gated is not None)
+                        system_wide=not targets, follow_children=gated is not None,
+                        shutdown_timeout=shutdown_timeout)
     profiler._standalone = True
     what = (f"{command[0]} (pid {gated.pid})" if gated else
             f"pid {', '.join(map(str, targets))}" if targets else "all processes")
@@ -147,26 +172,39 @@ async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]], comman
 @click.option("-f", "--format", "fmt", type=click.Choice(sorted(FORMATS)),
               help="Output format. Default: from each -o name's extension.")
 @click.option("-o", "--output", "paths", multiple=True, help="Output file (repeatable).")
+@click.option("--otlp-endpoint", metavar="URL", help="Export OTLP to this collector. "
+              "Default: $OTEL_EXPORTER_OTLP_ENDPOINT, if set.")
+@click.option("--otlp-protocol", type=click.Choice(["grpc", "http/protobuf"]),
+              help="OTLP protocol. Default: $OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(pids: tuple[int, ...], duration: float | None, rate: int | None, env: str | None,
            max_samples: int | None, fmt: str | None, paths: tuple[str, ...],
+           otlp_endpoint: str | None, otlp_protocol: str | None,
            command: tuple[str, ...]) -> None:
     """Record a CPU profile of --pid processes, of COMMAND, or of the whole system.
+
+    Profiles go to the -o files, and over OTLP when --otlp-endpoint or
+    OTEL_EXPORTER_OTLP_ENDPOINT is set (then no file is written unless asked).
 
     \b
     ebpf-stream record --pid 1234 --duration 10 -o app.svg
     ebpf-stream record -o build.folded -- make -j2
+    ebpf-stream record --pid 1234 --otlp-endpoint http://collector:4317 --otlp-protocol grpc
     """
     if duration is not None and duration <= 0:
         raise ConfigError(f"--duration: {duration:g} must be a positive number of seconds")
     if pids and command:
         raise ConfigError("give either --pid or a command, not both")
     config = config_from_options(env, rate, max_samples, pids)
-    outputs = outputs_from_options(fmt, paths)
+    otlp = otlp_from_options(otlp_endpoint, otlp_protocol)
+    outputs = outputs_from_options(fmt, paths, otlp is not None)
     progress = sys.stderr.isatty()
-    profiler = anyio.run(run_record, config, outputs, command, duration, progress,
+    profiler = anyio.run(run_record, config, outputs, otlp, command, duration, progress,
                          backend_options={"use_uvloop": True})
     if progress:
         s = profiler.stats
-        written = ", ".join(str(p) for _, p in outputs)
-        click.echo(f"{s.received:,} samples, {s.dropped:,} dropped; wrote {written}", err=True)
+        where = [str(p) for _, p in outputs]
+        if otlp is not None:
+            where.append(otlp.endpoints[Signal.PROFILES].display)
+        click.echo(f"{s.received:,} samples, {s.dropped:,} dropped; sent to {', '.join(where)}",
+                   err=True)

@@ -51,11 +51,12 @@ class FanOut:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
+        try:
+            with anyio.CancelScope(shield=True):
                 await self.aclose()
-            finally:
-                await self._stack.aclose()
+        finally:
+            # Outside the shield: the exporters' task groups were entered before it.
+            await self._stack.aclose()
 
     async def export(self, batch: Batch) -> None:
         """Export to every healthy exporter.

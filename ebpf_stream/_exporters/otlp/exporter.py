@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
@@ -147,8 +147,8 @@ class OtlpExporter:
         self._queue_size = queue_size
         self._policy = overflow_policy
         self._retry_for = retry_for_s
-        self._flush_timeout = (flush_timeout_s if flush_timeout_s is not None
-                               else max(ep.timeout_s for ep in self.endpoints.values()))
+        self.flush_timeout_s = (flush_timeout_s if flush_timeout_s is not None
+                                else max(ep.timeout_s for ep in self.endpoints.values()))
         self._stats = Stats()
         self._context: ExportContext | None = None
         self._logs = _LogBuffer()
@@ -225,7 +225,7 @@ class OtlpExporter:
         self._closing = True
         self._wake.set()
         if self._task_group is not None:
-            with anyio.move_on_after(self._flush_timeout):
+            with anyio.move_on_after(self.flush_timeout_s):
                 await self._idle.wait()
             if not self._idle.is_set():
                 self._task_group.cancel_scope.cancel()
@@ -233,7 +233,7 @@ class OtlpExporter:
                 self._queue.clear()
                 signal, reason = self._last_error or (Signal.PROFILES, "no response")
                 self._give_up(signal, lost,
-                              f"{reason} (gave up at the {self._flush_timeout:g}s flush timeout)")
+                              f"{reason} (gave up at the {self.flush_timeout_s:g}s flush timeout)")
         for transport in self._transports.values():
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
@@ -324,3 +324,17 @@ class OtlpExporter:
         if self._failure is None:
             self._failure = (signal, reason)
         log.error("OTLP export to %s failed: %s", self.endpoints[signal].display, reason)
+
+
+class OtlpGrpcExporter(OtlpExporter):
+    """``OtlpExporter`` over gRPC, whatever ``OTEL_EXPORTER_OTLP_PROTOCOL`` says."""
+
+    def __init__(self, endpoint: str | None = None, **options: Any) -> None:
+        super().__init__(endpoint, protocol=Protocol.GRPC, **options)
+
+
+class OtlpHttpExporter(OtlpExporter):
+    """``OtlpExporter`` over HTTP with protobuf bodies, whatever the environment says."""
+
+    def __init__(self, endpoint: str | None = None, **options: Any) -> None:
+        super().__init__(endpoint, protocol=Protocol.HTTP_PROTOBUF, **options)
