@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this file's directory is on sys.path: the suite imports as asv sees it.
-from benchmarks import bench_config, bench_overhead, bench_reader
+from benchmarks import bench_config, bench_otlp, bench_overhead, bench_reader
 from benchmarks._support import bpf_unavailable
 
 _MIB = 2**20
@@ -104,6 +104,42 @@ def overhead_table(run: bench_overhead.OverheadRun) -> str:
     return "\n".join(rows)
 
 
+def otlp_encode_table(e: bench_otlp.EncodeFigures) -> str:
+    rows = [
+        f"One batch of {e.samples:,} samples over {e.stacks:,} stacks, median of {e.repeats} "
+        "repeats:",
+        "",
+        "| stage | CPU ns/sample | CPU ms/batch |",
+        "| --- | ---: | ---: |",
+    ]
+    rows += [f"| {name} | {ns:,.0f} | {ns * e.samples / 1e6:.1f} |"
+             for name, ns in e.ns_per_sample.items()]
+    rows += ["", "| encoding | bytes/batch | bytes/sample |", "| --- | ---: | ---: |"]
+    rows += [f"| {name} | {size:,} | {size / e.samples:.1f} |"
+             for name, size in e.bytes_per_batch.items()]
+    return "\n".join(rows)
+
+
+def otlp_delivery_table(d: bench_otlp.DeliveryFigures) -> str:
+    rows = [
+        f"{d.batches} batches of {d.samples_per_batch:,} samples per run, median of "
+        f"{d.repeats} runs:",
+        "",
+        "| protocol | compression | samples/s [min-max] | payload MB/s | payload bytes/batch "
+        "| exporter CPU ns/sample | receiver CPU ns/sample | other processes' CPU % |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows += [
+        f"| {r['protocol']} | {r['compression']} | {r['samples_per_s']:,.0f} "
+        f"[{r['min_samples_per_s']:,.0f}-{r['max_samples_per_s']:,.0f}] | "
+        f"{r['payload_mb_per_s']:.1f} | {r['payload_bytes_per_batch']:,.0f} | "
+        f"{r['exporter_cpu_ns_per_sample']:,.0f} | {r['receiver_cpu_ns_per_sample']:,.0f} | "
+        f"{r['others_cpu_percent']:.1f} |"
+        for r in d.rows
+    ]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int,
                         help="overhead windows per rate, interleaved (default 3)")
     parser.add_argument("--rounds", type=int, help="reader rounds per consumer (default 7)")
-    parser.add_argument("--only", choices=["config", "reader", "overhead"], action="append",
+    parser.add_argument("--only", choices=["config", "reader", "overhead", "otlp"],
+                        action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["config", "reader", "overhead"])
+    parts = set(args.only or ["config", "reader", "overhead", "otlp"])
     window = args.window or (10.0 if args.quick else bench_overhead.WINDOW_S)
     rounds = args.rounds or (3 if args.quick else 7)
     repeats = args.repeats or (1 if args.quick else bench_overhead.REPEATS)
@@ -145,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench_overhead.WARMUP_S:g} s warm-up, both CPUs busy; "
               f"medians of {repeats} interleaved windows)\n\n"
               + overhead_table(run) + "\n", flush=True)
+    if "otlp" in parts:
+        encode = bench_otlp.measure_encode(repeats=5 if args.quick else bench_otlp.ENCODE_REPEATS)
+        figures["otlp_encode"] = dataclasses.asdict(encode)
+        print("## OTLP encode cost\n\n" + otlp_encode_table(encode) + "\n", flush=True)
+        delivery = bench_otlp.measure_delivery(
+            batches=10 if args.quick else bench_otlp.DELIVERY_BATCHES,
+            repeats=3 if args.quick else bench_otlp.DELIVERY_REPEATS)
+        figures["otlp_delivery"] = dataclasses.asdict(delivery)
+        print("## OTLP delivery to a loopback receiver\n\n" + otlp_delivery_table(delivery)
+              + "\n", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if (after := machine_line()) != figures["machine"]:

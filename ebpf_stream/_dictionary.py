@@ -63,7 +63,7 @@ class ProfileDictionary:
         self.locations: list[LocationEntry] = [LocationEntry(0, 0, 0, FrameKind.NATIVE)]
         self.stacks: list[tuple[int, ...]] = [()]
         self._mapping_index: dict[str, int] = {}
-        self._function_index: dict[tuple[str, str], int] = {}
+        self._function_index: dict[str, int] = {}
         self._location_index: dict[Frame, int] = {}
         self._stack_index: dict[tuple[Frame, ...], int] = {}
 
@@ -105,9 +105,10 @@ class ProfileDictionary:
         return index
 
     def _function(self, frame: Frame) -> int:
-        key = (frame.name, frame.module)
-        index = self._function_index.get(key)
+        # A function is only its name in both formats (its binary is the location's
+        # mapping), so one name is one entry even when several binaries define it.
+        index = self._function_index.get(frame.name)
         if index is None:
-            index = self._function_index[key] = len(self.functions)
+            index = self._function_index[frame.name] = len(self.functions)
             self.functions.append(FunctionEntry(self.string(valid_utf8(frame.name))))
         return index

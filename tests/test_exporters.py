@@ -146,9 +146,13 @@ def test_pprof_round_trip() -> None:
         (20, "db", ("operator new(unsigned long)", "main")): [2, 2 * PERIOD],
     }
 
-    # "main" of app and "main" of db are different functions; shared frames share a location.
-    assert sorted(s[f.name] for f in out.function).count("main") == 2
+    # A function is its name, so "main" of app and of db is one entry; their locations
+    # differ by mapping, and shared frames share a location.
+    assert sorted(s[f.name] for f in out.function).count("main") == 1
     assert len(out.location) == 7
+    mains = {locations[i].mapping_id for i in locations
+             if s[functions[locations[i].line[0].function_id].name] == "main"}
+    assert len(mains) == 2
     assert len({(s[f.name], f.id) for f in out.function}) == len(out.function)
 
     by_address = {loc.address: loc for loc in out.location}

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import otlp_stacks
 import pytest
 from _support import UVLOOP, bpf_fds, cpu_seconds, loaded_programs, program_ids, start_ready
+from otlp_receivers import grpc_receiver
 
 from ebpf_stream import (
     Batch,
+    ConfigError,
     EbpfConfig,
     EbpfCpuProfiler,
     ExportError,
@@ -289,3 +292,30 @@ async def test_stacks_a_crowded_stack_map_could_not_store_are_counted(
     lost = sum(s.count for s in profile if any(f.name == "[stack lost]" for f in s.frames))
     assert stats.lost_stacks == lost > 0
     assert profile.sample_count == stats.received, "lost stacks keep their samples"
+
+
+@pytest.mark.anyio
+async def test_otel_endpoint_alone_makes_the_profiler_export_otlp(
+        running: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    async with grpc_receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout")
+        async with Profiler(config_for(running.pid)) as profiler:
+            await anyio.sleep(1.5)
+        stats = profiler.stats
+        delivered = otlp_stacks.stacks(receiver.requests("profiles"))
+    assert stats.received > 50 and stats.undelivered == 0
+    assert sum(delivered.values()) == stats.exported == stats.received - stats.dropped
+    assert {pid for pid, _ in delivered} == {running.pid}
+
+
+@pytest.mark.anyio
+async def test_a_malformed_otel_endpoint_is_refused_before_loading(
+        running: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")
+    before = loaded_programs()
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_ENDPOINT: 'collector:4318'"):
+        async with Profiler(config_for(running.pid)):
+            pass
+    assert loaded_programs() == before

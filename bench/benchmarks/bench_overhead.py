@@ -201,10 +201,10 @@ def measure_profile_tool(hz: int, warmup_s: float, window_s: float) -> OverheadF
     """bcc's ``profile -F hz``, measured from outside; None when it is not installed."""
     if not PROFILE_TOOL.exists():
         return None
-    from ebpf_stream._overhead import enable_bpf_stats
+    from ebpf_stream._bpf import enable_run_time_stats
 
     env = dict(os.environ, **prepare_bcc())
-    stats_fd = enable_bpf_stats()  # run_time_ns is only accounted while held
+    stats_fd = enable_run_time_stats()  # run_time_ns is only accounted while held
     proc = subprocess.Popen(
         [str(PROFILE_TOOL), "-F", str(hz), "-f"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -8,6 +8,7 @@ they look at the profiles.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Sequence
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -39,8 +40,11 @@ def log_record(record: logging.LogRecord) -> pb.LogRecord:
     }
     if record.exc_info and record.exc_info[1] is not None:
         exc = record.exc_info[1]
-        attributes["exception.type"] = type(exc).__qualname__
+        kind = type(exc)
+        attributes["exception.type"] = (kind.__qualname__ if kind.__module__ == "builtins"
+                                        else f"{kind.__module__}.{kind.__qualname__}")
         attributes["exception.message"] = str(exc)
+        attributes["exception.stacktrace"] = "".join(traceback.format_exception(exc))
     time_ns = int(record.created * 1e9)
     return pb.LogRecord(
         time_unix_nano=time_ns, observed_time_unix_nano=time_ns,

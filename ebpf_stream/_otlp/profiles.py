@@ -77,16 +77,12 @@ def _fill_dictionary(out: pb.ProfilesDictionary, d: ProfileDictionary) -> None:
         out.attribute_table.add(key_strindex=frame_type_key, value=any_value(name))
     out.mapping_table.extend(
         pb.Mapping(filename_strindex=m.filename, memory_limit=m.memory_limit) for m in d.mappings)
-    # A function here is only its name (its binary is the location's mapping), so functions
-    # of the same name in different binaries are one entry: the dictionary has no duplicates.
-    by_name: dict[int, int] = {0: 0}
-    function_index = [by_name.setdefault(f.name, len(by_name)) for f in d.functions]
     out.function_table.extend(
-        pb.Function(name_strindex=name, system_name_strindex=name) for name in by_name)
+        pb.Function(name_strindex=f.name, system_name_strindex=f.name) for f in d.functions)
     out.location_table.add()
     out.location_table.extend(
         pb.Location(mapping_index=loc.mapping, address=loc.address,
-                    lines=[pb.Line(function_index=function_index[loc.function])],
+                    lines=[pb.Line(function_index=loc.function)],
                     attribute_indices=[attribute_index[loc.kind]])
         for loc in d.locations[1:])
     out.stack_table.extend(pb.Stack(location_indices=s) for s in d.stacks)

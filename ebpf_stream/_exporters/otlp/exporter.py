@@ -137,7 +137,8 @@ class OtlpExporter:
                                    timeout_s=timeout_s, source=source)
         self._transports: dict[Signal, Transport] = dict(transports or {})
         for signal, ep in endpoints.items():
-            self._transports.setdefault(signal, _transport(ep))
+            if signal not in self._transports:  # not setdefault: it would build one anyway
+                self._transports[signal] = _transport(ep)
         self.endpoints = {s: t.endpoint for s, t in self._transports.items()}
         self._resource_attributes = (
             otlp_resource_attributes(environ) if resource_attributes is None
@@ -153,6 +154,7 @@ class OtlpExporter:
         self._context: ExportContext | None = None
         self._logs = _LogBuffer()
         self._task_group: TaskGroup | None = None
+        self._sender: anyio.CancelScope | None = None
         self._wake = anyio.Event()
         self._space = anyio.Event()
         self._idle = anyio.Event()
@@ -179,7 +181,10 @@ class OtlpExporter:
     async def __aenter__(self) -> Self:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._send_loop)
+        # Shielded: cancelling the host must not stop the flush in aclose(), which bounds it
+        # with the flush timeout and then cancels the sender itself.
+        self._sender = anyio.CancelScope(shield=True)
+        self._task_group.start_soon(self._send_loop, self._sender)
         logging.getLogger("ebpf_stream").addHandler(self._logs)
         return self
 
@@ -189,7 +194,8 @@ class OtlpExporter:
             with anyio.CancelScope(shield=exc_type is not None):
                 await self.aclose()
         finally:
-            assert self._task_group is not None
+            assert self._task_group is not None and self._sender is not None
+            self._sender.cancel()
             self._task_group.cancel_scope.cancel()
             await self._task_group.__aexit__(None, None, None)
 
@@ -220,28 +226,33 @@ class OtlpExporter:
         records = self._logs.take()
         logging.getLogger("ebpf_stream").removeHandler(self._logs)
         if records and self._task_group is not None and not self._closing:
+            # Appended over the bound rather than through _enqueue: a full queue must neither
+            # block close past the flush timeout nor drop a batch of samples for the logs.
             logs = self._converter.convert_logs(records)
-            await self._enqueue(_Outgoing(0, [(Signal.LOGS, logs)]))
+            self._queue.append(_Outgoing(0, [(Signal.LOGS, logs)]))
         self._closing = True
         self._wake.set()
         if self._task_group is not None:
             with anyio.move_on_after(self.flush_timeout_s):
                 await self._idle.wait()
             if not self._idle.is_set():
-                self._task_group.cancel_scope.cancel()
+                assert self._sender is not None
+                self._sender.cancel()
                 lost = sum(item.samples for item in self._queue) + self._in_flight_samples
                 self._queue.clear()
                 signal, reason = self._last_error or (Signal.PROFILES, "no response")
-                self._give_up(signal, lost,
-                              f"{reason} (gave up at the {self.flush_timeout_s:g}s flush timeout)")
+                self._give_up(signal, lost,  # raised below: no need to log it as well
+                              f"{reason} (gave up at the {self.flush_timeout_s:g}s flush timeout)",
+                              quiet=True)
         for transport in self._transports.values():
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
         if self._failure is not None:
             signal, reason = self._failure
+            lost = self._stats.undelivered
             raise ExportError(
                 f"OTLP export to {self.endpoints[signal].display} failed: {reason}; "
-                f"{self._stats.undelivered:,} samples not delivered")
+                + (f"{lost:,} samples not delivered" if lost else "no samples lost"))
 
     # -- queue ------------------------------------------------------------------
 
@@ -265,7 +276,11 @@ class OtlpExporter:
             log.warning("OTLP export queue full (%d batches); dropping batches until the "
                         "receiver catches up", self._queue_size)
 
-    async def _send_loop(self) -> None:
+    async def _send_loop(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
         while True:
             while not self._queue:
                 if self._closing:
@@ -276,8 +291,11 @@ class OtlpExporter:
             item = self._queue.popleft()
             self._space.set()
             self._in_flight_samples = item.samples
+            # One retry budget per batch: once a down receiver has cost it, the batch's
+            # other requests are not retried for as long again.
+            give_up_at = time.monotonic() + self._retry_for
             for signal, request in item.requests:
-                delivered = await self._deliver(signal, request)
+                delivered = await self._deliver(signal, request, give_up_at)
                 if signal is Signal.PROFILES:
                     self._in_flight_samples = 0
                     if not delivered:
@@ -285,12 +303,11 @@ class OtlpExporter:
 
     # -- delivery ---------------------------------------------------------------
 
-    async def _deliver(self, signal: Signal, request: Message) -> bool:
-        """Send with retries; True once delivered, False once given up (and counted)."""
+    async def _deliver(self, signal: Signal, request: Message, give_up_at: float) -> bool:
+        """Send with retries until ``give_up_at``; True once delivered, False once given up."""
         if not request.ListFields():
             return True  # nothing in it: a batch without samples, say
         transport = self._transports[signal]
-        give_up_at = time.monotonic() + self._retry_for
         attempt = 0
         while True:
             try:
@@ -318,12 +335,13 @@ class OtlpExporter:
                             rejected, signal.value, message or "no reason given")
             return True
 
-    def _give_up(self, signal: Signal, samples: int, reason: str) -> None:
+    def _give_up(self, signal: Signal, samples: int, reason: str, *, quiet: bool = False) -> None:
         self._stats.undelivered += samples
         self._stats.export_errors += 1
         if self._failure is None:
             self._failure = (signal, reason)
-        log.error("OTLP export to %s failed: %s", self.endpoints[signal].display, reason)
+        if not quiet:
+            log.error("OTLP export to %s failed: %s", self.endpoints[signal].display, reason)
 
 
 class OtlpGrpcExporter(OtlpExporter):
