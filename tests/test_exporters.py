@@ -16,6 +16,7 @@ import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from sample_frames import DB_MAIN, EXT4, MAIN, PERIOD, READ, START, WORK, native
 
 from ebpf_stream._dictionary import KERNEL_MAPPING
 from ebpf_stream._errors import ExportError
@@ -27,7 +28,7 @@ from ebpf_stream._exporters.pprof import render_pprof
 from ebpf_stream._exporters.speedscope import SCHEMA, render_speedscope
 from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._pprof_pb2 import Profile as PprofProfile
-from ebpf_stream._profile import Frame, FrameKind, Profile
+from ebpf_stream._profile import Profile
 from ebpf_stream.exporters import (
     Batch,
     Exporter,
@@ -38,24 +39,7 @@ from ebpf_stream.exporters import (
     SpeedscopeFileExporter,
 )
 
-PERIOD = 10_000_000  # 100 Hz
-START = 1_700_000_000_000_000_000
 SVG = "{http://www.w3.org/2000/svg}"
-
-
-def native(name: str, module: str = "/usr/bin/app", address: int = 0x1000) -> Frame:
-    return Frame(name, module, FrameKind.NATIVE, address)
-
-
-def kernel(name: str, module: str = "[kernel.kallsyms]", address: int = 0) -> Frame:
-    return Frame(name, module, FrameKind.KERNEL, address)
-
-
-MAIN = native("main", address=0x1100)
-WORK = native("work", address=0x1200)
-READ = kernel("vfs_read", address=0xFFFF_FFFF_8120_0000)
-EXT4 = kernel("ext4_file_read_iter", module="ext4", address=0xFFFF_FFFF_C030_0000)
-DB_MAIN = native("main", module="/usr/bin/db", address=0x2000)
 ODD = native("tmpl<int>::run&;go\nnow", module="/usr/lib/libodd.so", address=0x3000)
 
 

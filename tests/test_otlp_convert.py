@@ -28,6 +28,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
+from sample_frames import MAIN, PERIOD, READ, START, WORK, kernel, native
 
 from ebpf_stream._batch import Batch
 from ebpf_stream._config import EbpfConfig
@@ -42,24 +43,9 @@ from ebpf_stream._pprof_pb2 import Profile as PprofProfile
 from ebpf_stream._profile import Frame, FrameKind, ProcessInfo, Profile
 from ebpf_stream._stats import Stats
 
-PERIOD = 10_000_000  # 100 Hz
-START = 1_700_000_000_000_000_000
 DURATION = 2_000_000_000
 END = START + DURATION
-
-
-def native(name: str, module: str = "/usr/bin/app", address: int = 0x1000) -> Frame:
-    return Frame(name, module, FrameKind.NATIVE, address)
-
-
-def kernel(name: str, module: str = "[kernel.kallsyms]", address: int = 0) -> Frame:
-    return Frame(name, module, FrameKind.KERNEL, address)
-
-
-MAIN = native("main", address=0x1100)
-WORK = native("work", address=0x1200)
 PARSE = native("parse", module="/usr/lib/libjson.so", address=0x300)
-READ = kernel("vfs_read", address=0xFFFF_FFFF_8120_0000)
 EXT4 = kernel("ext4_file_read_iter", module="ext4", address=0xFFFF_FFFF_C030_0000)
 SCHEDULE = kernel("schedule", address=0xFFFF_FFFF_8110_0000)
 WORKER = kernel("worker_thread", address=0xFFFF_FFFF_8100_0000)

@@ -1,0 +1,23 @@
+"""Frames and timings shared by the tests that build profiles by hand."""
+
+from __future__ import annotations
+
+from ebpf_stream._profile import Frame, FrameKind
+
+PERIOD = 10_000_000  # 100 Hz
+START = 1_700_000_000_000_000_000
+
+
+def native(name: str, module: str = "/usr/bin/app", address: int = 0x1000) -> Frame:
+    return Frame(name, module, FrameKind.NATIVE, address)
+
+
+def kernel(name: str, module: str = "[kernel.kallsyms]", address: int = 0) -> Frame:
+    return Frame(name, module, FrameKind.KERNEL, address)
+
+
+MAIN = native("main", address=0x1100)
+WORK = native("work", address=0x1200)
+READ = kernel("vfs_read", address=0xFFFF_FFFF_8120_0000)
+EXT4 = kernel("ext4_file_read_iter", module="ext4", address=0xFFFF_FFFF_C030_0000)
+DB_MAIN = native("main", module="/usr/bin/db", address=0x2000)
