@@ -67,10 +67,6 @@ class ProfileDictionary:
         self._location_index: dict[Frame, int] = {}
         self._stack_index: dict[tuple[Frame, ...], int] = {}
 
-    @property
-    def string_table(self) -> list[str]:
-        return list(self.strings)
-
     def string(self, text: str) -> int:
         index = self.strings.get(text)
         if index is None:

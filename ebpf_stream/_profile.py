@@ -114,5 +114,9 @@ class Profile(msgspec.Struct, gc=False):
                      s.timestamps_ns if keep_timestamps else ())
         self.processes.update(other.processes)
 
+    def process_of(self, stack: StackSamples) -> ProcessInfo:
+        """The process ``stack`` was sampled in: as read while alive, else its pid and name."""
+        return self.processes.get(stack.pid) or ProcessInfo(stack.pid, stack.process)
+
     def __iter__(self) -> Iterator[StackSamples]:
         return iter(self.stacks.values())

@@ -723,20 +723,21 @@ def _identity(pid: int) -> tuple[str, str]:
 
 
 class _Process:
-    """A pid's name and executable mappings, as last read from /proc."""
+    """A pid's identity and executable mappings, as last read from /proc."""
 
-    __slots__ = ("_starts", "comm", "info", "mappings", "read_at")
+    __slots__ = ("_starts", "info", "mappings", "read_at")
 
     def __init__(self, pid: int) -> None:
         self.mappings: list[_Mapping] = []
         self._starts: list[int] = []
         self.read(pid)
-        self.info = ProcessInfo(pid, self.comm, *_identity(pid))
 
     def read(self, pid: int) -> None:
-        """(Re-)read name and maps, keeping the loaded ELF of unchanged mappings.
+        """(Re-)read identity and maps, keeping the loaded ELF of unchanged mappings.
 
-        Raises OSError, leaving this unchanged, if the process is gone.
+        Re-read together because a refresh usually follows an exec, which
+        changes the name and command line as well as the maps.  Raises
+        OSError, leaving this unchanged, if the process is gone.
         """
         self.read_at = time.monotonic()
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
@@ -744,7 +745,7 @@ class _Process:
         known = {m.identity: m for m in self.mappings}
         self.mappings = [known.get(m.identity, m) for m in _read_mappings(pid)]
         self._starts = [m.start for m in self.mappings]
-        self.comm = comm
+        self.info = ProcessInfo(pid, comm, *_identity(pid))
 
     def find(self, address: int) -> _Mapping | None:
         i = bisect_right(self._starts, address) - 1

@@ -76,21 +76,17 @@ def cpu_time_by_process(profile: Profile) -> dict[ProcessInfo, pb.Metric]:
 
     A sample whose leaf frame is in the kernel counts as ``system`` time.
     """
-    counts: Counter[tuple[int, str]] = Counter()
-    names: dict[int, str] = {}
+    # Grouped like the profiles (Profile.process_of), so both name the same resources.
+    counts: Counter[tuple[ProcessInfo, str]] = Counter()
     for s in profile:
         in_kernel = bool(s.frames) and s.frames[-1].kind is FrameKind.KERNEL
-        counts[s.pid, "system" if in_kernel else "user"] += s.count
-        names[s.pid] = s.process
-    by_pid: dict[int, list[pb.NumberDataPoint]] = {}
-    for (pid, mode), count in counts.items():
-        by_pid.setdefault(pid, []).append(point(
+        counts[profile.process_of(s), "system" if in_kernel else "user"] += s.count
+    points: dict[ProcessInfo, list[pb.NumberDataPoint]] = {}
+    for (process, mode), count in counts.items():
+        points.setdefault(process, []).append(point(
             count * profile.period_ns / 1e9, profile.end_ns, profile.start_ns,
             {"cpu.mode": mode}))
-    return {
-        profile.processes.get(pid) or ProcessInfo(pid, names[pid]): _cpu_time(points)
-        for pid, points in by_pid.items()
-    }
+    return {process: _cpu_time(p) for process, p in points.items()}
 
 
 def engine_metrics(stats: Stats, overhead: Overhead, start_ns: int, now_ns: int) -> list[pb.Metric]:

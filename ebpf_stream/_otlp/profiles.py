@@ -32,8 +32,7 @@ _FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native"}
 def _group_by_process(profile: Profile) -> dict[ProcessInfo, list[StackSamples]]:
     groups: dict[ProcessInfo, list[StackSamples]] = defaultdict(list)
     for s in profile:
-        info = profile.processes.get(s.pid) or ProcessInfo(s.pid, s.process)
-        groups[info].append(s)
+        groups[profile.process_of(s)].append(s)
     return groups
 
 
