@@ -97,7 +97,7 @@ class Batcher:
         self._symbolizer = symbolizer
         self._resolver = StackResolver(symbolizer)
         self._stats = stats
-        self._period_ns = round(1e9 / config.sample_rate_hz)
+        self._period_ns = config.sample_period_ns
         self._profile = self._new_profile()
         self._held = 0
         self._dropped = 0

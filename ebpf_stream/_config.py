@@ -104,6 +104,11 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
     include_idle: bool = False
     memory_budget_bytes: int = 50 * _MIB
 
+    @property
+    def sample_period_ns(self) -> int:
+        """Nanoseconds of CPU between samples: what each sample stands for."""
+        return round(1e9 / self.sample_rate_hz)
+
     @classmethod
     def for_environment(cls, env: str | Environment) -> Self:
         """The preset for ``env``: rate, buffers and budgets sized for it.

@@ -125,7 +125,7 @@ def make_batch(samples: int = SAMPLES, stacks: int = STACKS, processes: int = PR
     """A batch of ``samples`` samples over ``stacks`` distinct stacks (see the module doc)."""
     rng = random.Random(seed)
     start_ns = 1_790_000_000 * 10**9
-    profile = Profile(period_ns=round(1e9 / EbpfConfig().sample_rate_hz), start_ns=start_ns,
+    profile = Profile(period_ns=EbpfConfig().sample_period_ns, start_ns=start_ns,
                       end_ns=start_ns + INTERVAL_NS)
     kernel = [Frame(name, "[kernel.kallsyms]", FrameKind.KERNEL,
                     0xFFFFFFFF81000000 + rng.randrange(0, 0x1000000, 16))

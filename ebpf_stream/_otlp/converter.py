@@ -51,8 +51,7 @@ class EventConverter:
 
     def __init__(self, config: EbpfConfig | None = None,
                  resource_attributes: Mapping[str, str] | None = None) -> None:
-        config = config or EbpfConfig()
-        self.period_ns = round(1e9 / config.sample_rate_hz)
+        self.period_ns = (config or EbpfConfig()).sample_period_ns
         self.started_ns = time.time_ns()
         self._resources = ResourceFactory(
             settings.resource_attributes() if resource_attributes is None

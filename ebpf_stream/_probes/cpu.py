@@ -102,9 +102,8 @@ class CpuProbe(Probe):
                                     SAMPLE)
             if self._follow:
                 self._program.attach_tracepoints()
-            period_ns = round(1e9 / self._config.sample_rate_hz)
-            self._program.attach_perf_event(
-                "on_cpu_sample", PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK, period_ns)
+            self._program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
+                                            PERF_COUNT_SW_CPU_CLOCK, self._config.sample_period_ns)
         except BaseException:
             self.close()
             raise
