@@ -28,6 +28,11 @@ from .pprof import render_pprof
 from .speedscope import render_speedscope
 
 
+def cannot_write(path: Path, exc: OSError) -> ExportError:
+    """The one-line error every file exporter gives when the OS refuses a write."""
+    return ExportError(f"cannot write {path}: {exc.strerror or exc}")
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step; raise ExportError if the OS refuses."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -45,7 +50,7 @@ def write_atomically(path: Path, data: bytes) -> None:
             tmp.unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise cannot_write(path, exc) from exc
 
 
 class FileExporter(abc.ABC):

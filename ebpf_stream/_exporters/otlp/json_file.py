@@ -15,11 +15,11 @@ import anyio
 from google.protobuf.message import Message
 
 from ..._batch import Batch
-from ..._errors import ExportError
 from ..._otlp.converter import EventConverter
 from ..._otlp.json import encode_otlp_json
 from ..._overhead import run_sync
 from ..base import ExportContext
+from ..files import cannot_write
 
 
 def _append(path: Path, requests: list[Message]) -> None:
@@ -30,7 +30,7 @@ def _append(path: Path, requests: list[Message]) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise cannot_write(path, exc) from exc
 
 
 class OtlpJsonFileExporter:
@@ -47,7 +47,7 @@ class OtlpJsonFileExporter:
         try:
             self.path.write_bytes(b"")
         except OSError as exc:
-            raise ExportError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            raise cannot_write(self.path, exc) from exc
 
     def bind(self, context: ExportContext) -> None:
         self._context = context
