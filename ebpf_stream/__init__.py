@@ -4,7 +4,7 @@ The public API is re-exported here; everything in underscore modules is
 private and may change.
 """
 
-from ._batch import Batch
+from ._batch import Batch, SlowCall
 from ._config import (
     EbpfConfig,
     Environment,
@@ -20,7 +20,15 @@ from ._errors import (
     ProbeError,
     TargetError,
 )
-from ._events import CpuSample
+from ._events import (
+    CpuSample,
+    MemoryTotals,
+    NetworkTotals,
+    OomKill,
+    SlowSyscall,
+    SyscallTotals,
+    TcpConnection,
+)
 from ._exporters.base import Exporter
 from ._otlp.converter import EventConverter
 from ._overhead import Overhead
@@ -42,14 +50,21 @@ __all__ = [
     "Exporter",
     "Frame",
     "FrameKind",
+    "MemoryTotals",
+    "NetworkTotals",
+    "OomKill",
     "OverflowPolicy",
     "Overhead",
     "ProbeError",
     "Profile",
     "Profiler",
+    "SlowCall",
+    "SlowSyscall",
     "StackSamples",
     "Stats",
+    "SyscallTotals",
     "TargetError",
+    "TcpConnection",
     "recommended_sample_rate",
     "validate_config",
 ]

@@ -4,16 +4,44 @@ from __future__ import annotations
 
 import msgspec
 
-from ._profile import Profile
+from ._events import OomKill, SlowSyscall, TcpConnection, Totals
+from ._profile import Frame, Profile
+
+
+class SlowCall(msgspec.Struct, frozen=True, gc=False):
+    """A slow syscall with its stack symbolized (root first, kernel frames last)."""
+
+    call: SlowSyscall
+    frames: tuple[Frame, ...]
+
+
+TraceRecord = SlowCall | TcpConnection | OomKill
 
 
 class Batch(msgspec.Struct, gc=False):
-    """The samples of one export interval, with the loss seen while collecting them.
+    """Everything one export interval collected, with the loss seen while collecting it.
 
-    ``dropped`` counts samples lost before this batch was built (kernel ring
-    full, channel full, or over ``max_samples``), so an exporter can report
-    how complete the batch is.
+    ``profile`` holds the CPU samples, and in ``profile.processes`` every
+    process the batch mentions.  ``records`` are discrete events (slow
+    syscalls, closed TCP connections, OOM kills), oldest first.  ``totals``
+    are the latest cumulative counters per process (and per syscall) seen in
+    the interval.
+
+    ``dropped`` counts samples and records lost before this batch was built
+    (kernel ring full, channel full, or over ``max_samples``), so an exporter
+    can report how complete the batch is.
     """
 
     profile: Profile
     dropped: int = 0
+    records: list[TraceRecord] = msgspec.field(default_factory=list)
+    totals: list[Totals] = msgspec.field(default_factory=list)
+
+    @property
+    def sample_count(self) -> int:
+        """CPU samples plus records: the unit of ``max_samples`` and of ``Stats``."""
+        return self.profile.sample_count + len(self.records)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.sample_count or self.totals or self.dropped)

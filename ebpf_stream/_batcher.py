@@ -7,7 +7,10 @@ once per stack-map generation and then only looked up.
 
 A batch flushes when the export interval elapses or when it holds
 ``max_samples``; further samples in that interval are dropped and counted,
-which caps both memory and export size per interval.
+which caps both memory and export size per interval.  Records (slow
+syscalls, connections, OOM kills) count as samples.  Cumulative totals are
+kept as the latest snapshot per key, so their size is bounded by the
+kernel maps they are read from, not by the interval.
 """
 
 from __future__ import annotations
@@ -20,10 +23,21 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from ._batch import Batch
+from ._batch import Batch, SlowCall, TraceRecord
 from ._channels import Channel
 from ._config import EbpfConfig
-from ._events import CpuSample, EventMessage, StackTrace, decode_events
+from ._events import (
+    CpuSample,
+    EventMessage,
+    MemoryTotals,
+    NetworkTotals,
+    SlowSyscall,
+    StackTrace,
+    SyscallTotals,
+    Totals,
+    decode_events,
+    totals_key,
+)
 from ._profile import Frame, FrameKind, ProcessInfo, Profile
 from ._stats import Stats
 from ._symbolize import Symbolizer
@@ -60,6 +74,13 @@ class StackResolver:
                 k: v for k, v in self._frames.items() if _epoch(max(k[1], k[2])) >= epoch - 1}
         self._addresses[stack.key] = stack.addresses
 
+    def slow_call_frames(self, call: SlowSyscall) -> tuple[Frame, ...]:
+        """Root-first frames of a slow syscall, whose stacks travel with it."""
+        user, _ = self._symbolized(call.user_stack,
+                                   functools.partial(self._symbolizer.user_frames, call.pid))
+        kernel, _ = self._symbolized(call.kernel_stack, self._symbolizer.kernel_frames)
+        return user[::-1] + kernel[::-1]
+
     def frames(self, s: CpuSample) -> tuple[tuple[Frame, ...], bool]:
         """(root-first frames, whether a stack was lost) for one sample."""
         key = (s.pid, s.user_stack, s.kernel_stack)
@@ -79,14 +100,20 @@ class StackResolver:
             addresses = self._addresses.get(key)
             if addresses is None:
                 return (_LOST,), True
-            try:
-                return symbolize(addresses), False
-            except Exception:  # a symbolizer bug must not cost the samples
-                log.exception("symbolizing a stack failed; keeping raw addresses")
-                return tuple(_raw(a) for a in addresses), False
+            return self._symbolized(addresses, symbolize)
         if key == -errno.EFAULT:
             return (), False  # no such stack, e.g. no kernel stack while in user mode
         return (_LOST,), True
+
+    @staticmethod
+    def _symbolized(
+        addresses: Sequence[int], symbolize: Callable[[Sequence[int]], tuple[Frame, ...]]
+    ) -> tuple[tuple[Frame, ...], bool]:
+        try:
+            return symbolize(addresses), False
+        except Exception:  # a symbolizer bug must not cost the samples
+            log.exception("symbolizing a stack failed; keeping raw addresses")
+            return tuple(_raw(a) for a in addresses), False
 
 
 class Batcher:
@@ -99,6 +126,8 @@ class Batcher:
         self._stats = stats
         self._period_ns = config.sample_period_ns
         self._profile = self._new_profile()
+        self._records: list[TraceRecord] = []
+        self._totals: dict[tuple[str, int, str], Totals] = {}
         self._held = 0
         self._dropped = 0
 
@@ -113,25 +142,40 @@ class Batcher:
             if isinstance(event, StackTrace):
                 self._resolver.add_stack(event)
                 continue
+            if isinstance(event, SyscallTotals | NetworkTotals | MemoryTotals):
+                self._process(event.pid, event.comm)
+                self._totals[totals_key(event)] = event
+                continue
             if self._held >= cap:
                 self._dropped += 1
                 self._stats.dropped_user += 1
                 continue
-            frames, lost = self._resolver.frames(event)
-            if lost:
-                self._stats.lost_stacks += 1
-            info = self._profile.processes.get(event.pid)
-            if info is None:
-                info = self._profile.processes[event.pid] = (
-                    self._symbolizer.process_info(event.pid) or ProcessInfo(event.pid, event.comm))
-            self._profile.add(event.pid, info.name, frames, 1, (event.timestamp_ns,))
             self._held += 1
+            info = self._process(event.pid, event.comm)
+            if isinstance(event, CpuSample):
+                frames, lost = self._resolver.frames(event)
+                if lost:
+                    self._stats.lost_stacks += 1
+                self._profile.add(event.pid, info.name, frames, 1, (event.timestamp_ns,))
+            elif isinstance(event, SlowSyscall):
+                self._records.append(SlowCall(event, self._resolver.slow_call_frames(event)))
+            else:
+                self._records.append(event)
+
+    def _process(self, pid: int, comm: str) -> ProcessInfo:
+        """The batch's description of ``pid``, read from /proc the first time it is seen."""
+        info = self._profile.processes.get(pid)
+        if info is None:
+            info = self._profile.processes[pid] = (
+                self._symbolizer.process_info(pid) or ProcessInfo(pid, comm))
+        return info
 
     def take(self) -> Batch:
         """Close the current batch and start the next one."""
         profile, self._profile = self._profile, self._new_profile()
         profile.end_ns = self._profile.start_ns
-        batch = Batch(profile, self._dropped)
+        batch = Batch(profile, self._dropped, self._records, list(self._totals.values()))
+        self._records, self._totals = [], {}
         self._held = self._dropped = 0
         return batch
 
@@ -157,10 +201,10 @@ class Batcher:
                 batch = self.take() if due or self.full else None
                 if due:
                     deadline = anyio.current_time() + interval
-                if batch is not None and batch.profile.sample_count:
+                if batch is not None and (batch.sample_count or batch.totals):
                     await sink.send(batch)
             batch = self.take()
-            if batch.profile.sample_count or batch.dropped:
+            if not batch.empty:
                 await sink.send(batch)
         finally:
             sink.close()

@@ -20,11 +20,15 @@ _SYS_BPF = 321  # x86-64
 _SYS_PERF_EVENT_OPEN = 298
 _BPF_ENABLE_STATS, _BPF_STATS_RUN_TIME = 32, 0
 _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
+_BPF_RAW_TRACEPOINT_OPEN, _BPF_LINK_CREATE = 17, 28
+_BPF_PERF_EVENT = 41  # link attach type
 _PERCPU_MAP_TYPES = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
 
 PERF_TYPE_SOFTWARE = 1
 PERF_TYPE_TRACEPOINT = 2
 PERF_COUNT_SW_CPU_CLOCK = 0
+PERF_COUNT_SW_PAGE_FAULTS_MIN = 5
+PERF_COUNT_SW_PAGE_FAULTS_MAJ = 6
 _PERF_FLAG_FD_CLOEXEC = 8
 _PERF_EVENT_IOC_ENABLE = 0x2400
 _PERF_EVENT_IOC_SET_BPF = 0x40042408
@@ -154,21 +158,62 @@ def _perf_event_open(type_: int, config: int, sample_period: int, pid: int, cpu:
     return fd
 
 
+def _bpf_call(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    fd = int(_libc.syscall(_SYS_BPF, cmd, attr, len(attr)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return fd
+
+
+def _link_with_cookie(program_fd: int, perf_fd: int, cookie: int) -> int:
+    """Attach through a BPF link, the only way to give a perf event program a cookie."""
+    attr = ctypes.create_string_buffer(64)
+    struct.pack_into("<IIII", attr, 0, program_fd, perf_fd, _BPF_PERF_EVENT, 0)
+    struct.pack_into("<Q", attr, 16, cookie)
+    link = _bpf_call(_BPF_LINK_CREATE, attr, "BPF link")
+    fcntl.ioctl(perf_fd, _PERF_EVENT_IOC_ENABLE, 0)
+    return link
+
+
 def attach_perf_event(program_fd: int, type_: int, config: int, sample_period: int,
-                      cpu: int) -> int:
-    """Run ``program_fd`` on a perf event on ``cpu``; returns the event's fd."""
+                      cpu: int, cookie: int | None = None) -> list[int]:
+    """Run ``program_fd`` on a perf event on ``cpu``; returns the fds that keep it attached.
+
+    With a ``cookie`` the program reads it back with ``bpf_get_attach_cookie``.
+    """
     fd = _perf_event_open(type_, config, sample_period, -1, cpu)
     try:
+        if cookie is not None:
+            return [_link_with_cookie(program_fd, fd, cookie), fd]
         fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_BPF, program_fd)
         fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
     except OSError:
         os.close(fd)
         raise
-    return fd
+    return [fd]
 
 
-def attach_tracepoint(program_fd: int, tracefs: Path, category: str, event: str) -> int:
+def tracepoint_id(tracefs: Path, category: str, event: str) -> int:
+    return int((tracefs / "events" / category / event / "id").read_text())
+
+
+def attach_tracepoint(program_fd: int, tracefs: Path, category: str, event: str,
+                      cookie: int | None = None) -> list[int]:
     """Run ``program_fd`` on a tracepoint.  One event fd covers every CPU:
     the program hangs off the tracepoint itself."""
-    event_id = int((tracefs / "events" / category / event / "id").read_text())
-    return attach_perf_event(program_fd, PERF_TYPE_TRACEPOINT, event_id, 1, 0)
+    return attach_perf_event(program_fd, PERF_TYPE_TRACEPOINT,
+                             tracepoint_id(tracefs, category, event), 1, 0, cookie)
+
+
+def attach_raw_tracepoint(program_fd: int, name: str) -> int:
+    """Run a raw tracepoint program on ``name``; returns the fd that keeps it attached.
+
+    Raw tracepoints hand the program the tracepoint's arguments as they are,
+    without building a perf record first: the cheapest hook on hot paths
+    such as every syscall's entry and exit.
+    """
+    name_buf = ctypes.create_string_buffer(name.encode())
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<QI", attr, 0, ctypes.addressof(name_buf), program_fd)
+    return _bpf_call(_BPF_RAW_TRACEPOINT_OPEN, attr, f"raw tracepoint {name}")

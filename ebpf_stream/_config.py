@@ -103,6 +103,7 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
     overflow_policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST
     include_idle: bool = False
     memory_budget_bytes: int = 50 * _MIB
+    slow_syscall_ms: float = 10.0
 
     @property
     def sample_period_ns(self) -> int:
@@ -180,6 +181,10 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
     def with_include_idle(self, enabled: bool) -> Self:
         return self._with(include_idle=enabled)
 
+    def with_slow_syscall_threshold(self, ms: float) -> Self:
+        """Stream each syscall that takes at least ``ms`` milliseconds, with its stack."""
+        return self._with(slow_syscall_ms=ms)
+
 
 # (field, lowest, highest): inclusive numeric bounds checked by validate_config.
 _BOUNDS: tuple[tuple[str, float, float], ...] = (
@@ -190,6 +195,7 @@ _BOUNDS: tuple[tuple[str, float, float], ...] = (
     ("export_interval_s", 0.1, 3600.0),
     ("channel_capacity", 1, 65536),
     ("memory_budget_bytes", 1 * _MIB, 64 * 1024 * _MIB),
+    ("slow_syscall_ms", 0.001, 3_600_000.0),
 )
 
 

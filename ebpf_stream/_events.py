@@ -40,11 +40,133 @@ class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=Tru
     kernel_stack: int
 
 
-Event = StackTrace | CpuSample
+class SyscallTotals(msgspec.Struct, tag="syscalls", array_like=True, gc=False, frozen=True):
+    """One process's calls of one syscall since tracing began (cumulative).
+
+    Totals are cumulative so that a snapshot lost on a full channel costs
+    nothing: the next one carries everything.  ``buckets[i]`` counts calls
+    that took ``[2**i, 2**(i+1))`` nanoseconds (bucket 0 also takes 0 ns).
+    """
+
+    pid: int
+    comm: str
+    syscall: str
+    count: int
+    errors: int
+    duration_ns: int
+    buckets: list[int]
+
+
+class SlowSyscall(msgspec.Struct, tag="slow_syscall", array_like=True, gc=False, frozen=True):
+    """A syscall that took at least the configured threshold, with its stacks.
+
+    ``ret`` is the raw return value (a negative errno on failure); the
+    stacks are addresses, leaf first.
+    """
+
+    timestamp_ns: int  # wall clock, when the call returned
+    pid: int
+    tid: int
+    comm: str
+    syscall: str
+    duration_ns: int
+    ret: int
+    user_stack: list[int]
+    kernel_stack: list[int]
+
+
+class TcpConnection(msgspec.Struct, tag="tcp", array_like=True, gc=False, frozen=True):
+    """One TCP connection, reported once it has closed (or failed to open).
+
+    ``role`` is ``"client"`` for connect() and ``"server"`` for accept().
+    ``outcome`` is ``"closed"``, ``"reset"`` (ended by a RST, either way) or
+    ``"failed"`` (a connect that never established).  Byte counts are what
+    the process passed through the socket.
+    """
+
+    start_ns: int  # wall clock
+    end_ns: int
+    pid: int
+    comm: str
+    role: str
+    outcome: str
+    family: int  # 4 or 6
+    local_address: str
+    local_port: int
+    peer_address: str
+    peer_port: int
+    bytes_sent: int
+    bytes_received: int
+    retransmits: int
+
+
+class NetworkTotals(msgspec.Struct, tag="network", array_like=True, gc=False, frozen=True):
+    """One process's TCP activity since tracing began (cumulative)."""
+
+    pid: int
+    comm: str
+    bytes_sent: int
+    bytes_received: int
+    connects: int
+    accepts: int
+    failed_connects: int
+    retransmits: int
+    resets_sent: int
+    resets_received: int
+
+
+class MemoryTotals(msgspec.Struct, tag="memory", array_like=True, gc=False, frozen=True):
+    """One process's memory activity since tracing began (cumulative).
+
+    The ``rss_*`` fields are the latest resident sizes in bytes seen by
+    ``kmem:rss_stat``, not sums; they are 0 until the first change is seen.
+    """
+
+    pid: int
+    comm: str
+    minor_faults: int
+    major_faults: int
+    rss_anon: int
+    rss_file: int
+    rss_shmem: int
+    rss_swap: int
+    mmap_calls: int
+    mmap_bytes: int
+    munmap_calls: int
+    munmap_bytes: int
+    brk_growth: int  # bytes the heap grew by (brk calls that shrank it subtract)
+
+
+class OomKill(msgspec.Struct, tag="oom_kill", array_like=True, gc=False, frozen=True):
+    """The kernel's OOM killer chose a victim."""
+
+    timestamp_ns: int  # wall clock
+    pid: int
+    comm: str
+    total_vm: int  # bytes
+    anon_rss: int
+    file_rss: int
+    shmem_rss: int
+    oom_score_adj: int
+
+
+Totals = SyscallTotals | NetworkTotals | MemoryTotals
+
+
+def totals_key(totals: Totals) -> tuple[str, int, str]:
+    """What a snapshot of ``totals`` supersedes: the same kind, process and syscall."""
+    name = totals.syscall if isinstance(totals, SyscallTotals) else ""
+    return (type(totals).__name__, totals.pid, name)
+Record = SlowSyscall | TcpConnection | OomKill
+Event = StackTrace | CpuSample | SyscallTotals | NetworkTotals | MemoryTotals | Record
 
 
 class EventMessage(msgspec.Struct, gc=False, frozen=True):
-    """One encoded message and how many samples it carries (for loss accounting)."""
+    """One encoded message and how many samples it carries (for loss accounting).
+
+    CPU samples and records (``Record``) count as samples; totals do not:
+    a later snapshot supersedes a lost one.
+    """
 
     samples: int
     payload: bytes

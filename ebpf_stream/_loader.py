@@ -30,7 +30,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from ._bpf import BpfMap, attach_perf_event, attach_tracepoint, online_cpus
+from ._bpf import BpfMap, attach_perf_event, attach_raw_tracepoint, attach_tracepoint, online_cpus
 from ._errors import EnvironmentCheckError, ProbeError
 
 log = logging.getLogger("ebpf_stream")
@@ -246,6 +246,16 @@ def _first_error(stderr: str, source: Path) -> str:
     return line.replace("/virtual/main.c", str(source))
 
 
+def _with_local_includes(source: Path) -> str:
+    """The program's text with our own ``#include "x.h"`` lines replaced by the headers.
+
+    bcc rewrites map calls and generates tracepoint argument structs only in
+    the main file, so shared kernel code must be part of it.
+    """
+    return re.sub(r'^#include "([\w.]+)"$', lambda m: (source.parent / m[1]).read_text(),
+                  source.read_text(), flags=re.MULTILINE)
+
+
 def _compile(source: Path, programs: dict[str, str], maps: list[str],
              cflags: list[str], headers: Headers) -> LoadedProgram:
     """Compile and load in a worker process; receive the program and map fds.
@@ -253,7 +263,7 @@ def _compile(source: Path, programs: dict[str, str], maps: list[str],
     The worker's exit returns every byte of compiler memory to the system,
     which is more than freeing bcc's caches and trimming the heap could.
     """
-    request = json.dumps({"source": source.read_text(), "cflags": cflags,
+    request = json.dumps({"source": _with_local_includes(source), "cflags": cflags,
                           "programs": programs, "maps": maps})
     env = dict(os.environ, BCC_KERNEL_SOURCE=str(headers.path))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -305,23 +315,35 @@ class LoadedProgram:
         """Run ``program`` on a perf event on every online CPU."""
         try:
             for cpu in online_cpus():
-                self._events.append(
+                self._events.extend(
                     attach_perf_event(self._programs[program], type_, config, sample_period, cpu))
         except OSError as exc:
             raise ProbeError(f"{self.name}: attaching {program} failed ({exc.strerror})") from None
 
     def attach_tracepoints(self) -> None:
-        """Attach every ``tracepoint__CATEGORY__EVENT`` program to its tracepoint."""
+        """Attach every ``tracepoint__CATEGORY__EVENT`` program to its tracepoint and
+        every ``raw_tracepoint__NAME`` program to its raw tracepoint."""
         tracefs = ensure_tracefs()
         for program, fd in self._programs.items():
-            if not program.startswith("tracepoint__"):
-                continue
-            category, _, event = program.removeprefix("tracepoint__").partition("__")
+            kind, _, target = program.partition("__")
+            category, _, event = target.partition("__")
             try:
-                self._events.append(attach_tracepoint(fd, tracefs, category, event))
+                if kind == "tracepoint":
+                    self._events.extend(attach_tracepoint(fd, tracefs, category, event))
+                elif kind == "raw_tracepoint":
+                    self._events.append(attach_raw_tracepoint(fd, target))
             except OSError as exc:
-                raise ProbeError(f"{self.name}: attaching to tracepoint {category}:{event} "
-                                 f"failed ({exc.strerror})") from None
+                raise ProbeError(f"{self.name}: attaching to {kind.replace('_', ' ')} "
+                                 f"{target.replace('__', ':')} failed ({exc.strerror})") from None
+
+    def attach_tracepoint(self, program: str, category: str, event: str, cookie: int) -> None:
+        """Attach ``program`` to one more tracepoint, with a cookie that says which."""
+        try:
+            self._events.extend(attach_tracepoint(
+                self._programs[program], ensure_tracefs(), category, event, cookie))
+        except OSError as exc:
+            raise ProbeError(f"{self.name}: attaching {program} to tracepoint "
+                             f"{category}:{event} failed ({exc.strerror})") from None
 
     def detach(self) -> None:
         """Stop every attached probe; programs and maps stay readable."""

@@ -116,7 +116,12 @@ class Profile(msgspec.Struct, gc=False):
 
     def process_of(self, stack: StackSamples) -> ProcessInfo:
         """The process ``stack`` was sampled in: as read while alive, else its pid and name."""
-        return self.processes.get(stack.pid) or ProcessInfo(stack.pid, stack.process)
+        return self.process(stack.pid, stack.process)
+
+    def process(self, pid: int, name: str) -> ProcessInfo:
+        """``pid`` as read while alive (the batcher describes every pid it puts in a
+        batch), else its pid and ``name``."""
+        return self.processes.get(pid) or ProcessInfo(pid, name)
 
     def __iter__(self) -> Iterator[StackSamples]:
         return iter(self.stacks.values())

@@ -26,15 +26,15 @@ from ._batch import Batch
 from ._batcher import Batcher
 from ._channels import Channel
 from ._config import EbpfConfig, validate_config
-from ._errors import ConfigError, ExportError, TargetError
+from ._errors import ExportError, TargetError
 from ._events import EventMessage
 from ._exporters.base import ExportContext, Exporter
 from ._exporters.fanout import FanOut
 from ._exporters.otlp.exporter import OtlpExporter
 from ._otlp.settings import endpoint_in_environment
 from ._overhead import CpuMeter, Overhead, OverheadMonitor, anon_rss_bytes, bind_meter
+from ._probes import probes_for
 from ._probes.base import Probe
-from ._probes.cpu import CpuProbe
 from ._stats import Stats
 from ._symbolize import Symbolizer
 
@@ -50,7 +50,11 @@ def check_pids(pids: Sequence[int]) -> None:
 
 
 class Profiler:
-    """Profile while the ``async with`` block runs; export every interval and at exit.
+    """Profile and trace while the ``async with`` block runs; export every interval and at exit.
+
+    The config's features choose the probes: CPU profiling, syscall,
+    network and memory tracing, each its own kernel program feeding the
+    same channel, batcher and exporters.
 
     With no ``pids`` in the config the target is the host process itself;
     ``system_wide=True`` samples every process instead.  ``follow_children``
@@ -76,13 +80,15 @@ class Profiler:
         self._shutdown_timeout = shutdown_timeout
         self._stats = Stats()
         self._meter = CpuMeter()
-        self._probe: Probe | None = None
+        self._probes: list[Probe] = []
+        self._readers = 0
         self._monitor: OverheadMonitor | None = None
         self._final_overhead: Overhead | None = None
         self._task_group: TaskGroup | None = None
-        self._reading: anyio.CancelScope | None = None
+        self._reading: list[anyio.CancelScope] = []  # one per probe reader
+        self._stopping = False
         self._scopes: list[anyio.CancelScope] = []
-        self._sending: anyio.CancelScope | None = None
+        self._sending: set[anyio.CancelScope] = set()  # readers' sends in progress
         self._deadline = math.inf
         self._failure: Exception | None = None
         self._standalone = False  # the CLI owns the whole process, so all its memory counts
@@ -90,9 +96,12 @@ class Profiler:
     @property
     def stats(self) -> Stats:
         """A snapshot of the received, dropped and exported counters."""
-        if self._probe is not None:
-            self._stats.dropped_kernel = self._probe.kernel_drops()
+        if self._probes:
+            self._stats.dropped_kernel = self._kernel_drops()
         return self._stats.snapshot()
+
+    def _kernel_drops(self) -> int:
+        return sum(probe.kernel_drops() for probe in self._probes)
 
     def get_overhead(self) -> Overhead:
         """Measured CPU and memory cost since start (see ``Overhead``)."""
@@ -110,34 +119,31 @@ class Profiler:
     async def __aenter__(self) -> Self:
         config = self.config
         validate_config(config)
-        for feature in ("network_tracing", "syscall_tracing", "memory_tracing"):
-            if getattr(config, feature):
-                raise ConfigError(
-                    f"{feature}: not available in this version; only cpu_profiling is")
-        if not config.cpu_profiling:
-            raise ConfigError("cpu_profiling: must be on; it is the only feature in this version")
         check_pids(config.pids)
         if not self._exporters and endpoint_in_environment():
             self._exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
-        self._reading = anyio.CancelScope()
+        self._reading = []
+        self._stopping = False
         baseline = anon_rss_bytes()
-        probe = CpuProbe(config, self._stats, targets=self._targets(),
-                         follow_children=self._follow)
-        await probe.open()  # closes what it opened if it fails
-        self._probe = probe
-        self._monitor = OverheadMonitor(self._meter, probe.program_fds, probe.map_fds,
-                                        whole_process=self._standalone, anon_baseline=baseline)
+        await self._open_probes(probes_for(config, self._stats, targets=self._targets(),
+                                           follow_children=self._follow))
+        self._monitor = OverheadMonitor(
+            self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
+            lambda: [fd for p in self._probes for fd in p.map_fds()],
+            whole_process=self._standalone, anon_baseline=baseline)
         try:
             events = Channel[EventMessage](
                 config.channel_capacity, config.overflow_policy,
                 weight=lambda m: m.samples, on_drop=self._count_drop)
             batches = Channel[Batch](
                 _BATCH_QUEUE, config.overflow_policy,
-                weight=lambda b: b.profile.sample_count, on_drop=self._count_drop)
+                weight=lambda b: b.sample_count, on_drop=self._count_drop)
             batcher = Batcher(config, Symbolizer(), self._stats)
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
-            self._start(self._read, probe, events)
+            self._readers = len(self._probes)
+            for probe in self._probes:
+                self._start(self._read, probe, events)
             self._start(batcher.run, events, batches)
             self._start(self._export, batches)
         except BaseException:
@@ -145,9 +151,27 @@ class Profiler:
             raise
         return self
 
+    async def _open_probes(self, probes: list[Probe]) -> None:
+        """Open the probes side by side (each compiles in its own worker process).
+
+        If any fails, every one is closed and the first failure is raised alone.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                for probe in probes:
+                    tg.start_soon(probe.open)
+        except BaseException as exc:
+            for probe in probes:
+                probe.close()
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) >= 1:
+                exc = exc.exceptions[0]
+            raise exc from None
+        self._probes = probes
+
     def _stop_reading(self) -> None:
-        if self._reading is not None:
-            self._reading.cancel()
+        self._stopping = True
+        for scope in self._reading:
+            scope.cancel()
 
     def _count_drop(self, samples: int) -> None:
         self._stats.dropped_user += samples
@@ -156,7 +180,7 @@ class Profiler:
         assert self._task_group is not None
 
         # Shielded: cancelling the host's code must not cut the pipeline off
-        # mid-flush; the pipeline stops through ``_reading`` and its deadline.
+        # mid-flush; the pipeline stops through ``_stop_reading`` and its deadline.
         async def guarded() -> None:
             bind_meter(self._meter)
             with anyio.CancelScope(shield=True) as scope:
@@ -173,26 +197,31 @@ class Profiler:
         self._task_group.start_soon(guarded)
 
     async def _read(self, probe: Probe, events: Channel[EventMessage]) -> None:
-        assert self._reading is not None
+        reading = anyio.CancelScope()
+        self._reading.append(reading)
+        if self._stopping:
+            reading.cancel()
 
         async def emit(message: EventMessage) -> None:
             # Stopping cancels the wait for the ring, never a message half-sent;
             # only the shutdown deadline may interrupt a send.
             with anyio.CancelScope(shield=True) as scope:
                 scope.deadline = self._deadline
-                self._sending = scope
+                self._sending.add(scope)
                 try:
                     await events.send(message)
                 finally:
-                    self._sending = None
+                    self._sending.discard(scope)
 
         try:
-            with self._reading:
+            with reading:
                 await probe.run(emit)
             probe.stop()
             await probe.drain(emit)
         finally:
-            events.close()
+            self._readers -= 1
+            if not self._readers:
+                events.close()
 
     async def _export(self, batches: Channel[Batch]) -> None:
         context = ExportContext(self.config, self._stats, self.get_overhead)
@@ -206,9 +235,8 @@ class Profiler:
     ) -> None:
         try:
             self._deadline = anyio.current_time() + self._shutdown_timeout
-            for scope in [*self._scopes, self._sending]:
-                if scope is not None:
-                    scope.deadline = self._deadline
+            for scope in [*self._scopes, *self._sending]:
+                scope.deadline = self._deadline
             self._stop_reading()
             if self._task_group is not None:
                 await self._task_group.__aexit__(None, None, None)
@@ -225,15 +253,15 @@ class Profiler:
             raise self._failure
 
     def _close_kernel_side(self) -> None:
-        if self._probe is not None:
-            self._stats.dropped_kernel = self._probe.kernel_drops()
+        if self._probes:
+            self._stats.dropped_kernel = self._kernel_drops()
         if self._monitor is not None:
             self._final_overhead = self._monitor.measure()
             self._monitor.close()
             self._monitor = None
-        if self._probe is not None:
-            self._probe.close()
-            self._probe = None
+        for probe in self._probes:
+            probe.close()
+        self._probes = []
 
 
 class EbpfCpuProfiler:

@@ -10,8 +10,8 @@
 //    samples still in flight stay readable for a whole generation;
 //  * every loss is counted in `counters`.
 //
-// Build-time settings (-D): STACK_ENTRIES, RINGBUF_PAGES, FILTER_PIDS,
-// FOLLOW_CHILDREN, INCLUDE_IDLE, WAKEUP_EVERY.
+// Build-time settings (-D): STACK_ENTRIES, RINGBUF_PAGES, INCLUDE_IDLE,
+// WAKEUP_EVERY, and common.h's FILTER_PIDS and FOLLOW_CHILDREN.
 
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -39,21 +39,11 @@ BPF_RINGBUF_OUTPUT(samples, RINGBUF_PAGES);
 BPF_STACK_TRACE(stacks_0, STACK_ENTRIES);
 BPF_STACK_TRACE(stacks_1, STACK_ENTRIES);
 BPF_ARRAY(generation, u32, 1);
-BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+#include "common.h"
 // Processes that have been sampled before.  A process's first sample wakes
 // the reader at once, so that user space reads its memory map while it is
 // still alive: a short-lived process would otherwise exit unnamed.
 BPF_TABLE("lru_hash", u32, u8, known, 8192);
-#if FILTER_PIDS
-BPF_TABLE("lru_hash", u32, u8, targets, 8192);
-#endif
-
-static __always_inline u64 count(int which) {
-    u64 *c = counters.lookup(&which);
-    if (!c)
-        return 0;
-    return ++(*c);
-}
 
 // A stack that could not be stored is a loss worth reporting; a stack that
 // does not exist (no user stack in a kernel thread, no kernel stack while in
@@ -69,10 +59,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u32 pid = id >> 32;
     if (pid == 0 && !INCLUDE_IDLE)
         return 0;
-#if FILTER_PIDS
-    if (!targets.lookup(&pid))
+    if (!is_target(pid))
         return 0;
-#endif
     u64 seen = count(SAMPLES_SEEN);
 
     u32 zero = 0;
@@ -109,17 +97,3 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
                            BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
     return 0;
 }
-
-#if FOLLOW_CHILDREN
-// Targets' children become targets, so a launched command is followed
-// through fork and exec.
-TRACEPOINT_PROBE(sched, sched_process_fork) {
-    u32 parent = bpf_get_current_pid_tgid() >> 32;
-    if (!targets.lookup(&parent))
-        return 0;
-    u32 child = args->child_pid;
-    u8 one = 1;
-    targets.update(&child, &one);
-    return 0;
-}
-#endif

@@ -9,9 +9,19 @@ import anyio
 import pytest
 
 from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy
+from ebpf_stream._batch import SlowCall
 from ebpf_stream._batcher import Batcher
 from ebpf_stream._channels import Channel
-from ebpf_stream._events import CpuSample, Event, EventMessage, StackTrace, encode_events
+from ebpf_stream._events import (
+    CpuSample,
+    Event,
+    EventMessage,
+    SlowSyscall,
+    StackTrace,
+    SyscallTotals,
+    TcpConnection,
+    encode_events,
+)
 from ebpf_stream._profile import ProcessInfo
 from ebpf_stream._stats import Stats
 
@@ -143,3 +153,35 @@ async def test_a_slow_consumer_under_drop_oldest_loses_counted_batches() -> None
     await batcher.run(source, sink)  # nobody consumes until the end
     kept = [b async for b in sink]
     assert len(kept) == 1 and stats.dropped_user == 4
+
+
+def syscall_totals(pid: int, name: str, count: int) -> SyscallTotals:
+    return SyscallTotals(pid, "app", name, count, 0, count * 100, [count] + [0] * 31)
+
+
+def test_totals_keep_the_latest_snapshot_per_process_and_syscall() -> None:
+    batcher, stats, _ = make_batcher()
+    batcher.add(encode_events([syscall_totals(42, "read", 1), syscall_totals(42, "write", 5)], 0))
+    batcher.add(encode_events([syscall_totals(42, "read", 3), syscall_totals(7, "read", 2)], 0))
+    batch = batcher.take()
+    assert sorted((t.pid, t.syscall, t.count) for t in batch.totals
+                  if isinstance(t, SyscallTotals)) == [(7, "read", 2), (42, "read", 3),
+                                                       (42, "write", 5)]
+    assert batch.sample_count == 0 and not batch.empty, "totals alone are worth exporting"
+    assert set(batch.profile.processes) == {7, 42}
+    assert stats.received == stats.dropped_user == 0, "totals are not samples"
+    assert batcher.take().totals == [], "each interval starts empty"
+
+
+def test_records_count_as_samples_and_slow_syscalls_get_their_stack() -> None:
+    batcher, stats, _ = make_batcher(max_samples=2)
+    slow = SlowSyscall(5, 42, 43, "app", "nanosleep", 20_000_000, 0, [0xB, 0xA], [0x1])
+    closed = TcpConnection(1, 2, 42, "app", "client", "closed", 4, "127.0.0.1", 5000,
+                           "127.0.0.1", 80, 10, 20, 0)
+    batcher.add(encode_events([slow, closed, closed], 3))
+    batch = batcher.take()
+    assert batch.sample_count == 2 and batch.dropped == 1 and stats.dropped_user == 1
+    first, second = batch.records
+    assert isinstance(first, SlowCall) and first.call == slow
+    assert [f.name for f in first.frames] == ["ua", "ub", "k1"], "root first, kernel last"
+    assert second == closed

@@ -123,3 +123,38 @@ def test_the_worker_hands_over_programs_and_maps(tmp_path: Path) -> None:
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_local_headers_raw_tracepoints_and_cookies(tmp_path: Path) -> None:
+    """A shared header is part of the program (bcc rewrites its map calls), raw
+    tracepoint programs attach by name, and a cookie tells attachments apart."""
+    from ebpf_stream._loader import _compile
+
+    (tmp_path / "shared.h").write_text("BPF_ARRAY(hits, u64, 2);\n"
+                                       "static __always_inline void hit(int i) {\n"
+                                       "    u64 *n = hits.lookup(&i);\n"
+                                       "    if (n) __sync_fetch_and_add(n, 1);\n"
+                                       "}\n")
+    source = tmp_path / "hooks.bpf.c"
+    source.write_text('#include "shared.h"\n'
+                      "RAW_TRACEPOINT_PROBE(sys_enter) { hit(0); return 0; }\n"
+                      "BPF_ARRAY(cookies, u64, 1);\n"
+                      "int on_getppid(void *ctx) {\n"
+                      "    int zero = 0;\n"
+                      "    u64 cookie = bpf_get_attach_cookie(ctx);\n"
+                      "    cookies.update(&zero, &cookie);\n"
+                      "    return 0;\n"
+                      "}\n")
+    program = _compile(source, {"on_getppid": "TRACEPOINT"}, ["hits", "cookies"], [],
+                       find_headers())
+    try:
+        program.attach_tracepoints()
+        program.attach_tracepoint("on_getppid", "syscalls", "sys_enter_getppid", 0xC0FFEE)
+        os.getppid()
+        assert int.from_bytes(program.map("hits").lookup(b"\0" * 4) or b"", "little") > 0
+        cookie = program.map("cookies").lookup(b"\0" * 4) or b""
+        assert int.from_bytes(cookie, "little") == 0xC0FFEE
+    finally:
+        program.close()

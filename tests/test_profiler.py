@@ -22,6 +22,7 @@ from ebpf_stream import (
     ExportError,
     FrameKind,
     OverflowPolicy,
+    ProbeError,
     Profile,
     Profiler,
     Stats,
@@ -319,3 +320,23 @@ async def test_a_malformed_otel_endpoint_is_refused_before_loading(
         async with Profiler(config_for(running.pid)):
             pass
     assert loaded_programs() == before
+
+
+@pytest.mark.anyio
+async def test_a_probe_failing_to_open_closes_the_others_and_is_raised_alone(
+        running: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ebpf_stream._probes import cpu
+
+    class Failing(cpu.CpuProbe):
+        async def open(self) -> None:
+            await anyio.sleep(0.1)
+            raise ProbeError("failing.bpf.c failed to compile or load: on purpose")
+
+    def two_probes(config: EbpfConfig, stats: object, **kwargs: object) -> list[object]:
+        return [cpu.CpuProbe(config, stats, **kwargs), Failing(config, stats, **kwargs)]  # type: ignore[arg-type]
+
+    monkeypatch.setattr("ebpf_stream._profiler.probes_for", two_probes)
+    with pytest.raises(ProbeError, match="on purpose"):
+        async with Profiler(config_for(running.pid), [MemoryExporter()]):
+            pytest.fail("cannot start with a probe that failed")
+    assert bpf_fds() == [], "the probe that opened must be closed"

@@ -75,9 +75,9 @@ class FanOut:
             else:
                 delivered = True
         if delivered or not self._exporters:
-            self._stats.exported += batch.profile.sample_count
+            self._stats.exported += batch.sample_count
         else:
-            self._stats.dropped_user += batch.profile.sample_count
+            self._stats.dropped_user += batch.sample_count
 
     async def aclose(self) -> None:
         for i, exporter in enumerate(self._exporters):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .._batch import Batch
+from .._batch import Batch, TraceRecord
+from .._events import Totals, totals_key
 from .._profile import Profile
 
 
@@ -19,12 +20,23 @@ def accumulate(total: Profile | None, profile: Profile, *, keep_timestamps: bool
 
 
 class MemoryExporter:
-    """Collects every batch as is, plus their merge, timestamps included."""
+    """Collects every batch as is, plus their merge, timestamps included.
+
+    ``records`` holds every record (slow syscalls, connections, OOM kills) in
+    arrival order; ``totals`` the latest cumulative totals per process (and
+    per syscall), which are the run's totals once it has ended.
+    """
 
     def __init__(self) -> None:
         self.batches: list[Batch] = []
+        self.records: list[TraceRecord] = []
         self.closed = False
         self._profile: Profile | None = None
+        self._totals: dict[tuple[str, int, str], Totals] = {}
+
+    @property
+    def totals(self) -> list[Totals]:
+        return list(self._totals.values())
 
     @property
     def profile(self) -> Profile | None:
@@ -34,6 +46,8 @@ class MemoryExporter:
     async def export(self, batch: Batch) -> None:
         self.batches.append(batch)
         self._profile = accumulate(self._profile, batch.profile, keep_timestamps=True)
+        self.records.extend(batch.records)
+        self._totals.update((totals_key(t), t) for t in batch.totals)
 
     async def aclose(self) -> None:
         self.closed = True

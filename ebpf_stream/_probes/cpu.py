@@ -22,6 +22,7 @@ from .._loader import LoadedProgram, load_program
 from .._ringbuf import RingBuffer, drain_forever
 from .._stats import Stats
 from .base import Emit, Probe
+from .tracing import CommNames, load_targets, ring_latency_s, wall_clock_offset_ns
 
 # Mirrors `struct sample` in kernel/cpu_profile.bpf.c.
 SAMPLE = np.dtype([
@@ -58,12 +59,12 @@ class CpuProbe(Probe):
         self._follow = follow_children and targets is not None
         self._program: LoadedProgram | None = None
         self._ring: RingBuffer | None = None
-        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._wall_offset_ns = wall_clock_offset_ns()
         self._epoch = 0
         self._epoch_start = [0, 0]  # CLOCK_MONOTONIC start of the epochs of each generation
         self._sent: set[int] = set()  # stack keys already emitted
         self._keys_this_epoch = 0
-        self._comm: dict[bytes, str] = {}
+        self._comm = CommNames()
         # Rotate well before the map gets crowded: a stack map is a hash table
         # whose bucket collisions lose stacks (at 1/16 full, at most 6% of new
         # stacks can collide).
@@ -95,8 +96,7 @@ class CpuProbe(Probe):
             self.cflags())
         try:
             await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
-            for pid in self._targets or ():
-                self._map("targets").update(_U32.pack(pid), b"\x01")
+            load_targets(self._program, self._targets or ())
             self._epoch_start[0] = time.monotonic_ns()
             self._ring = RingBuffer(self._map("samples").fd, self._config.ring_buffer_bytes,
                                     SAMPLE)
@@ -114,8 +114,7 @@ class CpuProbe(Probe):
         async def on_batch(records: np.ndarray) -> None:
             await emit(self._encode(records))
 
-        max_latency = min(1.0, self._config.export_interval_s / 4)
-        await drain_forever(self._ring, on_batch, max_latency=max_latency)
+        await drain_forever(self._ring, on_batch, max_latency=ring_latency_s(self._config))
 
     def stop(self) -> None:
         if self._program is not None:
@@ -142,7 +141,7 @@ class CpuProbe(Probe):
                     events.append(StackTrace(key, addresses))
                     self._sent.add(key)
                     self._keys_this_epoch += 1
-        comms = [self._comm_str(c) for c in records["comm"].tolist()]
+        comms = [self._comm(c) for c in records["comm"].tolist()]
         events.extend(
             CpuSample(t, pid, tid, cpu, comm, u, k)
             for t, pid, tid, cpu, comm, u, k in zip(
@@ -175,14 +174,6 @@ class CpuProbe(Probe):
         ips = np.frombuffer(raw, dtype="<u8", count=_MAX_STACK_DEPTH)
         end = int(np.argmin(ips)) if not ips.all() else _MAX_STACK_DEPTH
         return ips[:end].tolist()  # type: ignore[no-any-return]
-
-    def _comm_str(self, raw: bytes) -> str:
-        s = self._comm.get(raw)
-        if s is None:
-            if len(self._comm) > 4096:
-                self._comm.clear()
-            s = self._comm[raw] = raw.decode("utf-8", "replace")
-        return s
 
     def _maybe_rotate(self) -> None:
         """Switch the kernel to the other stack map once this one has aged or filled.

@@ -1,0 +1,233 @@
+"""The shape shared by the tracing probe families (syscalls, network, memory).
+
+Each family has one kernel program that does two things: it aggregates
+counts in maps, which are far too frequent to stream one by one, and it
+streams rare, discrete records (a slow syscall, a closed connection, an OOM
+kill) through a ring buffer of fixed-size records.  This base owns the
+loading, target filtering, ring draining and the periodic reading of the
+totals; a family says what its program is called, how its records decode
+and how its totals read.
+
+Totals are read half an export interval out of phase with the batcher, so
+each batch gets one fresh snapshot; they are cumulative, so a snapshot that
+is lost or late costs nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+import anyio
+import anyio.lowlevel
+import numpy as np
+
+from .._bpf import BpfMap
+from .._config import EbpfConfig
+from .._events import Event, EventMessage, encode_events
+from .._loader import LoadedProgram, load_program
+from .._ringbuf import RingBuffer, drain_forever
+from .._stats import Stats
+from .base import Emit, Probe
+
+log = logging.getLogger("ebpf_stream")
+
+_PAGE = 4096
+_U32 = struct.Struct("<I")
+COUNTER_RING_FULL = 0  # every family's `enum counter` starts with RING_FULL
+
+
+class CommNames:
+    """Decodes the kernel's 16-byte ``comm`` fields, caching the few distinct ones."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._names: dict[bytes, str] = {}
+        self._limit = limit
+
+    def __call__(self, raw: bytes) -> str:
+        s = self._names.get(raw)
+        if s is None:
+            if len(self._names) > self._limit:
+                self._names.clear()
+            s = self._names[raw] = raw.decode("utf-8", "replace")
+        return s
+
+
+def wall_clock_offset_ns() -> int:
+    """Add to a ``bpf_ktime_get_ns`` (CLOCK_MONOTONIC) time to get wall-clock ns."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+def ring_latency_s(config: EbpfConfig) -> float:
+    """The longest a record may wait in the ring: well inside an export interval."""
+    return min(1.0, config.export_interval_s / 4)
+
+
+def load_targets(program: LoadedProgram, targets: Iterable[int]) -> None:
+    for pid in targets:
+        program.map("targets").update(_U32.pack(pid), b"\x01")
+
+
+class TracingProbe(Probe):
+    """Base of the families that stream records and read cumulative totals.
+
+    Subclasses set ``source`` (the file under ``kernel/``), ``record`` (the
+    ring's record layout), ``maps`` (the maps user space reads besides
+    ``records``, ``counters`` and ``targets``) and ``programs`` (programs the
+    loader must be told about: tracepoint programs are found by name, others
+    such as perf event programs are not), and implement ``decode``,
+    ``read_totals`` and ``forget``.  ``losses`` names the counters beyond
+    RING_FULL that count events the program could not keep (a full table),
+    so each new loss is reported as a warning when the totals are read.
+    ``attach`` may be extended for hooks other than the program's tracepoints.
+    """
+
+    source: str
+    record: np.dtype[np.void]
+    maps: tuple[str, ...] = ()
+    programs: ClassVar[dict[str, str]] = {}
+    losses: ClassVar[dict[int, str]] = {}  # counter index -> what a loss there means
+
+    def __init__(self, config: EbpfConfig, stats: Stats, *,
+                 targets: Sequence[int] | None, follow_children: bool = False) -> None:
+        self.config = config
+        self._stats = stats
+        self._targets = None if targets is None else tuple(targets)
+        self._follow = follow_children and targets is not None
+        self._program: LoadedProgram | None = None
+        self._ring: RingBuffer | None = None
+        self.wall_offset_ns = wall_clock_offset_ns()
+        self.comm = CommNames()
+        self._ended: set[int] = set()  # pids found gone at the last read of the totals
+        self._losses_seen: dict[int, int] = {}
+
+    # -- what a family provides -------------------------------------------------
+
+    def cflags(self) -> list[str]:
+        """Build settings beyond the common ones; extend in subclasses."""
+        return []
+
+    @abc.abstractmethod
+    def decode(self, records: np.ndarray) -> list[Event]:
+        """The events of a batch of ring records."""
+
+    @abc.abstractmethod
+    def read_totals(self) -> list[Event]:
+        """A snapshot of the cumulative totals in the maps."""
+
+    @abc.abstractmethod
+    def forget(self, pids: set[int]) -> None:
+        """Delete the map entries of processes that have exited."""
+
+    def attach(self, program: LoadedProgram) -> None:
+        program.attach_tracepoints()
+
+    # -- the Probe interface ------------------------------------------------
+
+    def map(self, name: str) -> BpfMap:
+        assert self._program is not None
+        return self._program.map(name)
+
+    def _common_cflags(self) -> list[str]:
+        return [
+            f"-DRINGBUF_PAGES={self.config.ring_buffer_bytes // _PAGE}",
+            f"-DFILTER_PIDS={int(self._targets is not None)}",
+            f"-DFOLLOW_CHILDREN={int(self._follow)}",
+        ]
+
+    async def open(self) -> None:
+        names = ["records", "counters", *self.maps]
+        if self._targets is not None:
+            names.append("targets")
+        self._program = await load_program(self.source, self.programs, names,
+                                           [*self._common_cflags(), *self.cflags()])
+        try:
+            await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
+            load_targets(self._program, self._targets or ())
+            self._ring = RingBuffer(self.map("records").fd, self.config.ring_buffer_bytes,
+                                    self.record)
+            self.attach(self._program)
+        except BaseException:
+            self.close()
+            raise
+
+    def _message(self, records: np.ndarray) -> EventMessage:
+        self._stats.received += len(records)
+        return encode_events(self.decode(records), len(records))
+
+    async def run(self, emit: Emit) -> None:
+        assert self._ring is not None
+        ring = self._ring
+
+        async def on_batch(records: np.ndarray) -> None:
+            await emit(self._message(records))
+
+        async def totals_every_interval() -> None:
+            interval = self.config.export_interval_s
+            await anyio.sleep(interval / 2)
+            while True:
+                await emit(self._totals_message())
+                await anyio.sleep(interval)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(totals_every_interval)
+            await drain_forever(ring, on_batch, max_latency=ring_latency_s(self.config))
+
+    def _totals_message(self) -> EventMessage:
+        """The totals, then forget processes that were already gone last time.
+
+        A process's final totals are therefore sent twice before its entries
+        are deleted, so one lost snapshot cannot lose them.
+        """
+        totals = self.read_totals()
+        self._warn_of_losses()
+        if self._ended:
+            self.forget(self._ended)
+        pids = {getattr(t, "pid", 0) for t in totals}
+        self._ended = {p for p in pids if p and not os.path.exists(f"/proc/{p}")}
+        return encode_events(totals, 0)
+
+    def _warn_of_losses(self) -> None:
+        counters = self.map("counters")
+        for index, meaning in self.losses.items():
+            total = counters.lookup_u64_sum(index)
+            new = total - self._losses_seen.get(index, 0)
+            if new > 0:
+                log.warning("%s: %s (%d more, %d in all)", self.source, meaning, new, total)
+                self._losses_seen[index] = total
+
+    def stop(self) -> None:
+        if self._program is not None:
+            self._program.detach()
+
+    async def drain(self, emit: Emit) -> None:
+        if self._ring is None:
+            return
+        while len(records := self._ring.read_batch()):
+            await emit(self._message(records))
+        await emit(encode_events(self.read_totals(), 0))
+        self._warn_of_losses()
+
+    def kernel_drops(self) -> int:
+        if self._program is None:
+            return 0
+        return self.map("counters").lookup_u64_sum(COUNTER_RING_FULL)
+
+    def program_fds(self) -> list[int]:
+        return self._program.program_fds() if self._program else []
+
+    def map_fds(self) -> list[int]:
+        return self._program.map_fds() if self._program else []
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._program is not None:
+            program, self._program = self._program, None
+            program.close()
