@@ -1,0 +1,110 @@
+"""Memory tracing: page faults, resident sizes, mmap/munmap/brk and OOM kills per process.
+
+Page faults are counted by the kernel's own software perf events, raised
+exactly where it adds to a task's ``min_flt``/``maj_flt``, so the counts are
+the ones ``getrusage`` reports (faults taken on behalf of another process
+through get_user_pages, such as exec copying its arguments, add to those
+counters without raising the event).  Everything is aggregated per process
+in the kernel; only OOM kills travel through the ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+from typing import ClassVar
+
+import numpy as np
+
+from .._bpf import PERF_COUNT_SW_PAGE_FAULTS_MAJ, PERF_COUNT_SW_PAGE_FAULTS_MIN, PERF_TYPE_SOFTWARE
+from .._errors import ProbeError
+from .._events import Event, MemoryTotals, OomKill
+from .._loader import LoadedProgram, ensure_tracefs
+from .tracing import TracingProbe
+
+log = logging.getLogger("ebpf_stream")
+
+# Mirrors `struct oom_kill` in kernel/memory.bpf.c.
+OOM_KILL = np.dtype([
+    ("timestamp_ns", "<u8"), ("total_vm_kb", "<u8"), ("anon_rss_kb", "<u8"),
+    ("file_rss_kb", "<u8"), ("shmem_rss_kb", "<u8"), ("pid", "<u4"),
+    ("oom_score_adj", "<i4"), ("comm", "S16"),
+])
+# Mirrors `struct totals`: faults, rss[4], mmap/munmap calls and bytes, brk growth, brk, comm.
+_TOTALS = struct.Struct("<QQ4qQQQQqQ16s")
+_N_RSS = 4
+_COUNTER_TOTALS_FULL = 1
+_MAX_PROCESSES = 8192
+_FAULT_PROGRAMS = {"on_minor_fault": PERF_COUNT_SW_PAGE_FAULTS_MIN,
+                   "on_major_fault": PERF_COUNT_SW_PAGE_FAULTS_MAJ}
+_RSS_MEMBER = re.compile(r'\{\s*(\d+),\s*"MM_(\w+)"\s*\}')
+_RSS_NAMES = {"FILEPAGES": "file", "ANONPAGES": "anon", "SWAPENTS": "swap", "SHMEMPAGES": "shmem"}
+
+
+def rss_members(format_text: str) -> list[str]:
+    """``kmem:rss_stat``'s member indices as names (``anon``, ``file``, ``shmem``, ``swap``).
+
+    Read from the tracepoint's format, where the kernel spells out its
+    ``MM_*`` counter enum, rather than assumed.
+    """
+    names = {int(m[1]): _RSS_NAMES.get(m[2]) for m in _RSS_MEMBER.finditer(format_text)}
+    if sorted(names) != list(range(_N_RSS)) or None in names.values():
+        raise ProbeError("kmem:rss_stat's format does not list the 4 RSS counters "
+                         "this version knows; memory tracing needs updating for this kernel")
+    return [str(names[i]) for i in range(_N_RSS)]
+
+
+class MemoryProbe(TracingProbe):
+    """Emits cumulative ``MemoryTotals`` per process and an ``OomKill`` per OOM victim."""
+
+    source = "memory.bpf.c"
+    record = OOM_KILL
+    maps = ("totals",)
+    programs: ClassVar[dict[str, str]] = dict.fromkeys(_FAULT_PROGRAMS, "PERF_EVENT")
+
+    _rss_names: tuple[str, ...] = ()  # read from the tracepoint's format when attaching
+    losses: ClassVar[dict[int, str]] = {
+        _COUNTER_TOTALS_FULL: f"the table of {_MAX_PROCESSES} processes is full; "
+                              "events of processes beyond it were not counted"}
+
+    def cflags(self) -> list[str]:
+        return [f"-DMAX_PROCESSES={_MAX_PROCESSES}"]
+
+    def attach(self, program: LoadedProgram) -> None:
+        fmt = ensure_tracefs() / "events/kmem/rss_stat/format"
+        self._rss_names = tuple(rss_members(fmt.read_text()))
+        super().attach(program)
+        for name, event in _FAULT_PROGRAMS.items():
+            program.attach_perf_event(name, PERF_TYPE_SOFTWARE, event, 1)
+
+    def decode(self, records: np.ndarray) -> list[Event]:
+        ts = (records["timestamp_ns"].astype(np.int64) + self.wall_offset_ns).tolist()
+        kib = [(records[f] * 1024).tolist()
+               for f in ("total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb")]
+        comms = [self.comm(c) for c in records["comm"].tolist()]
+        return [OomKill(t, pid, comm, vm, anon, file, shmem, adj)
+                for t, pid, comm, vm, anon, file, shmem, adj in zip(
+                    ts, records["pid"].tolist(), comms, *kib,
+                    records["oom_score_adj"].tolist(), strict=True)]
+
+    def read_totals(self) -> list[Event]:
+        table = self.map("totals")
+        events: list[Event] = []
+        for key in list(table.walk_keys()):
+            raw = table.lookup(key)
+            if raw is None:  # deleted since the walk saw it
+                continue
+            (minor, major, *rss_values, mmaps, mmap_bytes, munmaps, munmap_bytes,
+             brk_growth, _brk, comm) = _TOTALS.unpack_from(raw)
+            rss = dict(zip(self._rss_names, rss_values, strict=True))
+            events.append(MemoryTotals(
+                int.from_bytes(key, "little"), self.comm(comm.partition(b"\0")[0]),
+                minor, major, rss["anon"], rss["file"], rss["shmem"], rss["swap"],
+                mmaps, mmap_bytes, munmaps, munmap_bytes, brk_growth))
+        return events
+
+    def forget(self, pids: set[int]) -> None:
+        table = self.map("totals")
+        for pid in pids:
+            table.delete(pid.to_bytes(4, "little"))
