@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -18,17 +19,25 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, ScopeMetrics
 
-from .._batch import Batch
+from .._batch import Batch, SlowCall
 from .._config import EbpfConfig
-from .._events import CpuSample
+from .._events import CpuSample, Totals
 from .._overhead import Overhead
+from .._profile import ProcessInfo
 from .._stats import Stats
 from . import settings
 from .attributes import ResourceFactory, own_process, scope
-from .logs import logs_request
-from .metrics import cpu_time_by_process, engine_metrics, sample_metric
+from .logs import log_record, logs_request, trace_log_record
+from .metrics import (
+    SeriesStarts,
+    cpu_time_by_process,
+    engine_metrics,
+    sample_metric,
+    totals_metrics,
+)
 from .profiles import profiles_request
 
 
@@ -38,15 +47,17 @@ class BatchRequests:
 
     profiles: ExportProfilesServiceRequest
     metrics: ExportMetricsServiceRequest
+    logs: ExportLogsServiceRequest
 
 
 class EventConverter:
     """Converts events, batches and log records into OTLP requests.
 
     ``resource_attributes`` default to ``OTEL_RESOURCE_ATTRIBUTES`` and
-    ``OTEL_SERVICE_NAME``; each sampled process adds its own ``process.*``
-    attributes and ``host.name``.  Cumulative engine counters start at the
-    converter's creation.
+    ``OTEL_SERVICE_NAME``; each sampled or traced process adds its own
+    ``process.*`` attributes and ``host.name``.  Cumulative engine counters
+    start at the converter's creation; traced totals start when their series
+    was first seen (``SeriesStarts``), so use one converter per run.
     """
 
     def __init__(self, config: EbpfConfig | None = None,
@@ -56,6 +67,7 @@ class EventConverter:
         self._resources = ResourceFactory(
             settings.resource_attributes() if resource_attributes is None
             else resource_attributes)
+        self._series = SeriesStarts()
 
     def convert_event_to_metric(self, event: CpuSample) -> Metric:
         """One CPU sample as a ``process.cpu.time`` metric of one sampling period."""
@@ -63,22 +75,45 @@ class EventConverter:
 
     def convert_batch(self, batch: Batch, stats: Stats | None = None,
                       overhead: Overhead | None = None) -> BatchRequests:
-        """The batch's profiles and per-process CPU time, plus the engine's
-        counters when ``stats`` (and ``overhead``) are given."""
+        """The batch's profiles, its metrics (CPU time and traced totals) and
+        its logs (traced events), each under the resource of its process;
+        plus the engine's counters when ``stats`` (and ``overhead``) are given."""
         profile = batch.profile
-        metrics = ExportMetricsServiceRequest()
+        by_process: defaultdict[ProcessInfo, list[Metric]] = defaultdict(list)
         for process, metric in cpu_time_by_process(profile).items():
+            by_process[process].append(metric)
+        for process, totals in self._totals_by_process(batch).items():
+            by_process[process] += totals_metrics(totals, profile.end_ns)
+        metrics = ExportMetricsServiceRequest()
+        for process, process_metrics in by_process.items():
             metrics.resource_metrics.add(
                 resource=self._resources.for_process(process),
-                scope_metrics=[ScopeMetrics(scope=scope(), metrics=[metric])])
+                scope_metrics=[ScopeMetrics(scope=scope(), metrics=process_metrics)])
         if stats is not None:
             own = engine_metrics(stats, overhead or Overhead(0.0, 0), self.started_ns,
                                  time.time_ns())
             metrics.resource_metrics.add(
                 resource=self._resources.for_process(own_process()),
                 scope_metrics=[ScopeMetrics(scope=scope(), metrics=own)])
-        return BatchRequests(profiles_request(profile, self._resources), metrics)
+        return BatchRequests(profiles_request(profile, self._resources), metrics,
+                             self._trace_logs(batch))
+
+    def _totals_by_process(self, batch: Batch) -> dict[ProcessInfo, list[tuple[Totals, int]]]:
+        starts = self._series.of(batch.totals, batch.profile.start_ns)
+        groups: defaultdict[ProcessInfo, list[tuple[Totals, int]]] = defaultdict(list)
+        for totals, start in zip(batch.totals, starts, strict=True):
+            groups[batch.profile.process(totals.pid, totals.comm)].append((totals, start))
+        return groups
+
+    def _trace_logs(self, batch: Batch) -> ExportLogsServiceRequest:
+        groups: defaultdict[ProcessInfo, list[LogRecord]] = defaultdict(list)
+        for record in batch.records:
+            event = record.call if isinstance(record, SlowCall) else record
+            groups[batch.profile.process(event.pid, event.comm)].append(
+                trace_log_record(record))
+        return logs_request((self._resources.for_process(p), r) for p, r in groups.items())
 
     def convert_logs(self, records: Sequence[logging.LogRecord]) -> ExportLogsServiceRequest:
         """The engine's log records, under the resource of the engine's process."""
-        return logs_request(records, self._resources.for_process(own_process()))
+        return logs_request([(self._resources.for_process(own_process()),
+                              [log_record(r) for r in records])])

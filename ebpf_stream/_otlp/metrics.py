@@ -1,20 +1,32 @@
-"""Metrics: sampled CPU time per process, and the engine's own counters.
+"""Metrics: sampled CPU time and traced activity per process, and the engine's own counters.
 
 Sampled CPU time uses the semantic-convention name ``process.cpu.time``
 (seconds, by ``cpu.mode``), as a delta per export interval: each sample
-stands for one sampling period of CPU.  The engine's counters have no
-convention, so they live under ``ebpf_stream.*``; they are cumulative since
-the profiler started, so a lost request loses no counts.
+stands for one sampling period of CPU.
+
+Syscall, network and memory totals are cumulative since tracing of their
+series began, as the kernel keeps them, so a lost request loses no counts.
+They use the semantic conventions' names where there are some
+(``process.paging.faults``, ``process.memory.usage``, ``process.network.io``)
+and ``process.syscall.*``, ``process.tcp.*`` and ``process.memory.*`` names
+of the same style where there are none.  Sizes that go down as well as up
+are non-monotonic sums (the conventions' UpDownCounter).
+
+The engine's counters have no convention, so they live under
+``ebpf_stream.*``; they are cumulative since the profiler started.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 from collections import Counter
+from collections.abc import Sequence
 
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb
 
-from .._events import CpuSample
+from .._events import CpuSample, MemoryTotals, NetworkTotals, SyscallTotals, Totals, totals_key
 from .._overhead import Overhead
 from .._profile import FrameKind, ProcessInfo, Profile
 from .._stats import Stats
@@ -38,10 +50,11 @@ def point(value: float | int, time_ns: int, start_ns: int = 0,
 
 
 def counter(name: str, unit: str, description: str, points: list[pb.NumberDataPoint], *,
-            temporality: pb.AggregationTemporality.ValueType = CUMULATIVE) -> pb.Metric:
+            temporality: pb.AggregationTemporality.ValueType = CUMULATIVE,
+            monotonic: bool = True) -> pb.Metric:
     return pb.Metric(name=name, unit=unit, description=description,
                      sum=pb.Sum(data_points=points, aggregation_temporality=temporality,
-                                is_monotonic=True))
+                                is_monotonic=monotonic))
 
 
 def gauge(name: str, unit: str, description: str, value: float | int, time_ns: int) -> pb.Metric:
@@ -118,3 +131,168 @@ def engine_metrics(stats: Stats, overhead: Overhead, start_ns: int, now_ns: int)
         gauge("ebpf_stream.overhead.memory.usage", "By",
               "The profiler's anonymous memory plus its BPF maps", overhead.memory_bytes, now_ns),
     ]
+
+
+# -- traced activity ------------------------------------------------------------
+
+SYSCALL_NAME = "syscall.name"
+IO_DIRECTION = "network.io.direction"  # transmit | receive
+TCP_ROLE = "tcp.connection.role"  # client (connect) | server (accept)
+FAULT_TYPE = "process.paging.fault_type"  # major | minor
+MEMORY_TYPE = "process.memory.type"  # anon | file | shmem
+MAPPING_OPERATION = "process.memory.mapping.operation"  # mmap | munmap
+
+SYSCALL_DURATION = "process.syscall.duration"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Instrument:
+    """A cumulative sum's name, unit and description; ``monotonic`` unless it can go down."""
+
+    name: str
+    unit: str
+    description: str
+    monotonic: bool = True
+
+    def metric(self, points: list[pb.NumberDataPoint]) -> pb.Metric:
+        return counter(self.name, self.unit, self.description, points, monotonic=self.monotonic)
+
+
+SYSCALL_COUNT = Instrument("process.syscall.count", "{call}", "Syscalls the process made")
+SYSCALL_ERRORS = Instrument("process.syscall.errors", "{call}",
+                            "Syscalls the process made that returned an error")
+NETWORK_IO = Instrument("process.network.io", "By",
+                        "Bytes the process passed through its TCP sockets")
+TCP_CONNECTIONS = Instrument("process.tcp.connections", "{connection}",
+                             "TCP connections the process opened (client) or accepted (server)")
+TCP_CONNECTION_FAILURES = Instrument("process.tcp.connection.failures", "{connection}",
+                                     "TCP connects of the process that never established")
+TCP_RETRANSMITS = Instrument("process.tcp.retransmits", "{segment}",
+                             "TCP segments the kernel retransmitted for the process")
+TCP_RESETS = Instrument("process.tcp.resets", "{reset}",
+                        "TCP resets the process's connections sent or received")
+PAGING_FAULTS = Instrument("process.paging.faults", "{fault}", "Page faults the process made")
+MEMORY_USAGE = Instrument("process.memory.usage", "By",
+                          "Resident memory of the process (anonymous, file and shared)",
+                          monotonic=False)
+MEMORY_RESIDENT = Instrument("process.memory.resident", "By",
+                             "Resident memory of the process, by type", monotonic=False)
+MEMORY_SWAP = Instrument("process.memory.swap", "By", "Memory of the process swapped out",
+                         monotonic=False)
+MAPPING_CALLS = Instrument("process.memory.mapping.calls", "{call}",
+                           "mmap and munmap calls of the process")
+MAPPING_SIZE = Instrument("process.memory.mapping.size", "By",
+                          "Bytes the process mapped (mmap) and unmapped (munmap)")
+HEAP_GROWTH = Instrument("process.memory.heap.growth", "By",
+                         "Net bytes the process's heap grew by through brk", monotonic=False)
+
+Observation = tuple[Instrument, int, dict[str, AttributeValue]]
+
+
+def _observations(totals: Totals) -> list[Observation]:
+    """The sums one totals snapshot holds, as (instrument, value, attributes)."""
+    if isinstance(totals, SyscallTotals):
+        name: dict[str, AttributeValue] = {SYSCALL_NAME: totals.syscall}
+        return [(SYSCALL_COUNT, totals.count, name), (SYSCALL_ERRORS, totals.errors, name)]
+    if isinstance(totals, NetworkTotals):
+        return [
+            (NETWORK_IO, totals.bytes_sent, {IO_DIRECTION: "transmit"}),
+            (NETWORK_IO, totals.bytes_received, {IO_DIRECTION: "receive"}),
+            (TCP_CONNECTIONS, totals.connects, {TCP_ROLE: "client"}),
+            (TCP_CONNECTIONS, totals.accepts, {TCP_ROLE: "server"}),
+            (TCP_CONNECTION_FAILURES, totals.failed_connects, {}),
+            (TCP_RETRANSMITS, totals.retransmits, {}),
+            (TCP_RESETS, totals.resets_sent, {IO_DIRECTION: "transmit"}),
+            (TCP_RESETS, totals.resets_received, {IO_DIRECTION: "receive"}),
+        ]
+    return _memory_observations(totals)
+
+
+def _memory_observations(totals: MemoryTotals) -> list[Observation]:
+    observations: list[Observation] = [
+        (PAGING_FAULTS, totals.minor_faults, {FAULT_TYPE: "minor"}),
+        (PAGING_FAULTS, totals.major_faults, {FAULT_TYPE: "major"}),
+        (MAPPING_CALLS, totals.mmap_calls, {MAPPING_OPERATION: "mmap"}),
+        (MAPPING_CALLS, totals.munmap_calls, {MAPPING_OPERATION: "munmap"}),
+        (MAPPING_SIZE, totals.mmap_bytes, {MAPPING_OPERATION: "mmap"}),
+        (MAPPING_SIZE, totals.munmap_bytes, {MAPPING_OPERATION: "munmap"}),
+        (HEAP_GROWTH, totals.brk_growth, {}),
+    ]
+    resident = {"anon": totals.rss_anon, "file": totals.rss_file, "shmem": totals.rss_shmem}
+    if any(resident.values()):  # all 0 until the kernel reports a change: unknown, not empty
+        observations.append((MEMORY_USAGE, sum(resident.values()), {}))
+        observations += [(MEMORY_RESIDENT, size, {MEMORY_TYPE: kind})
+                         for kind, size in resident.items()]
+        observations.append((MEMORY_SWAP, totals.rss_swap, {}))
+    return observations
+
+
+@functools.cache
+def duration_bounds(buckets: int) -> tuple[float, ...]:
+    """Explicit bounds, in seconds, at 2**1 .. 2**(buckets-1) ns.
+
+    The kernel's bucket ``i`` holds calls of ``[2**i, 2**(i+1))`` ns, so it
+    is OTLP bucket ``i`` (whose upper bound is ``2**(i+1)`` ns) one for one;
+    only a call of exactly a power of two nanoseconds sits on the other side
+    of a bound, as OTLP bounds are inclusive.
+    """
+    return tuple(2 ** (i + 1) / 1e9 for i in range(buckets - 1))
+
+
+def _duration_point(totals: SyscallTotals, start_ns: int,
+                    time_ns: int) -> pb.HistogramDataPoint:
+    # The count is the buckets' sum, which OTLP requires: a snapshot of a
+    # per-CPU map taken while a call is being counted may be one call apart.
+    return pb.HistogramDataPoint(
+        attributes=key_values({SYSCALL_NAME: totals.syscall}),
+        start_time_unix_nano=start_ns, time_unix_nano=time_ns,
+        count=sum(totals.buckets), sum=totals.duration_ns / 1e9,
+        bucket_counts=totals.buckets, explicit_bounds=duration_bounds(len(totals.buckets)))
+
+
+def totals_metrics(totals: Sequence[tuple[Totals, int]], time_ns: int) -> list[pb.Metric]:
+    """The metrics of one process's totals, each given with its series' start time."""
+    points: dict[Instrument, list[pb.NumberDataPoint]] = {}
+    durations: list[pb.HistogramDataPoint] = []
+    for t, start_ns in totals:
+        for instrument, value, attributes in _observations(t):
+            points.setdefault(instrument, []).append(point(value, time_ns, start_ns, attributes))
+        if isinstance(t, SyscallTotals):
+            durations.append(_duration_point(t, start_ns, time_ns))
+    metrics = [instrument.metric(p) for instrument, p in points.items()]
+    if durations:
+        metrics.append(pb.Metric(
+            name=SYSCALL_DURATION, unit="s", description="How long the process's syscalls took",
+            histogram=pb.Histogram(data_points=durations, aggregation_temporality=CUMULATIVE)))
+    return metrics
+
+
+class SeriesStarts:
+    """The start time of each cumulative series: when tracing of it began.
+
+    A series first seen in a batch was not in the previous batch's snapshot,
+    so it began after that batch started (the first batch starts before
+    tracing does).  The start is kept while the series keeps coming, so
+    every point of a series carries the same one, as cumulative points must.
+    Series of processes long gone are forgotten, least recently seen first.
+    """
+
+    LIMIT = 1 << 16  # series kept; pids churn, and the kernel maps are bounded anyway
+
+    def __init__(self) -> None:
+        self._starts: dict[tuple[str, int, str], int] = {}
+        self._previous_batch_ns: int | None = None
+
+    def of(self, totals: Sequence[Totals], batch_start_ns: int) -> list[int]:
+        """The start time of each of ``totals``, from a batch that began at ``batch_start_ns``."""
+        since = self._previous_batch_ns if self._previous_batch_ns is not None else batch_start_ns
+        self._previous_batch_ns = batch_start_ns
+        starts = []
+        for t in totals:
+            key = totals_key(t)
+            start = self._starts.pop(key, since)
+            self._starts[key] = start  # re-inserted: the dict is ordered by last sight
+            starts.append(start)
+        while len(self._starts) > self.LIMIT:
+            del self._starts[next(iter(self._starts))]
+        return starts

@@ -1,10 +1,12 @@
 """The OTLP exporter: converts each batch and delivers it in the background.
 
 ``export()`` only converts the batch (in a worker thread) and queues its
-requests, so a slow or absent receiver never holds up the pipeline or the
-other exporters.  The queue is bounded in batches; when it is full the
-run's overflow policy applies (wait, drop the newest, or drop the oldest)
-and every sample lost that way is counted in ``Stats.undelivered``.
+requests (profiles, metrics and logs), so a slow or absent receiver never
+holds up the pipeline or the other exporters.  The queue is bounded in
+batches; when it is full the run's overflow policy applies (wait, drop the
+newest, or drop the oldest) and every sample lost that way is counted in
+``Stats.undelivered``.  A sample travels in one request (CPU samples in the
+profiles, traced events in the logs), so a request given up costs its own.
 
 A single sender delivers the queue in order.  Retryable failures are retried
 with exponential backoff and jitter (or after the delay the receiver asked
@@ -84,10 +86,20 @@ class _LogBuffer(logging.Handler):
         return records
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Request:
+    signal: Signal
+    message: Message
+    samples: int  # the samples it carries: lost with it if it is given up
+
+
 @dataclasses.dataclass(slots=True)
 class _Outgoing:
-    samples: int
-    requests: list[tuple[Signal, Message]]
+    requests: list[_Request]
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.requests)
 
 
 def _transport(endpoint: Endpoint) -> Transport:
@@ -100,7 +112,7 @@ def _transport(endpoint: Endpoint) -> Transport:
 
 
 class OtlpExporter:
-    """Exports profiles, metrics and the engine's logs over OTLP.
+    """Exports profiles, metrics and logs (traced events and the engine's own) over OTLP.
 
     Settings come from the ``OTEL_EXPORTER_OTLP_*`` variables, overridden by
     the arguments; see the README for the list.  Use it as an async context
@@ -207,12 +219,15 @@ class OtlpExporter:
         overhead = context.overhead() if context else None
         converted = await run_sync(
             self._converter.convert_batch, batch, context.stats if context else None, overhead)
-        requests: list[tuple[Signal, Message]] = [
-            (Signal.PROFILES, converted.profiles), (Signal.METRICS, converted.metrics)]
+        logs = converted.logs
         records = self._logs.take()
-        if records:
-            requests.append((Signal.LOGS, self._converter.convert_logs(records)))
-        await self._enqueue(_Outgoing(batch.profile.sample_count, requests))
+        if records:  # one logs request: the engine's records go with the batch's events
+            logs.MergeFrom(self._converter.convert_logs(records))
+        await self._enqueue(_Outgoing([
+            _Request(Signal.PROFILES, converted.profiles, batch.profile.sample_count),
+            _Request(Signal.METRICS, converted.metrics, 0),
+            _Request(Signal.LOGS, logs, len(batch.records)),
+        ]))
 
     async def aclose(self) -> None:
         """Deliver what is queued within the flush timeout, then release the transports.
@@ -229,7 +244,7 @@ class OtlpExporter:
             # Appended over the bound rather than through _enqueue: a full queue must neither
             # block close past the flush timeout nor drop a batch of samples for the logs.
             logs = self._converter.convert_logs(records)
-            self._queue.append(_Outgoing(0, [(Signal.LOGS, logs)]))
+            self._queue.append(_Outgoing([_Request(Signal.LOGS, logs, 0)]))
         self._closing = True
         self._wake.set()
         if self._task_group is not None:
@@ -294,12 +309,11 @@ class OtlpExporter:
             # One retry budget per batch: once a down receiver has cost it, the batch's
             # other requests are not retried for as long again.
             give_up_at = time.monotonic() + self._retry_for
-            for signal, request in item.requests:
-                delivered = await self._deliver(signal, request, give_up_at)
-                if signal is Signal.PROFILES:
-                    self._in_flight_samples = 0
-                    if not delivered:
-                        self._stats.undelivered += item.samples
+            for request in item.requests:
+                delivered = await self._deliver(request.signal, request.message, give_up_at)
+                self._in_flight_samples -= request.samples
+                if not delivered:
+                    self._stats.undelivered += request.samples
 
     # -- delivery ---------------------------------------------------------------
 

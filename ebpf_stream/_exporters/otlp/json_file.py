@@ -34,7 +34,7 @@ def _append(path: Path, requests: list[Message]) -> None:
 
 
 class OtlpJsonFileExporter:
-    """Writes each batch's profiles and metrics as OTLP/JSON lines to ``path``.
+    """Writes each batch's profiles, metrics and logs as OTLP/JSON lines to ``path``.
 
     The file is truncated when the exporter is created: one file, one run.
     """
@@ -62,7 +62,7 @@ class OtlpJsonFileExporter:
         converted = self._converter.convert_batch(
             batch, context.stats if context else None,
             context.overhead() if context else None)
-        _append(self.path, [converted.profiles, converted.metrics])
+        _append(self.path, [converted.profiles, converted.metrics, converted.logs])
 
     async def aclose(self) -> None:
         pass
