@@ -222,6 +222,9 @@ def environment_checks() -> list[Check]:
             check_bcc(), check_headers()]
 
 
+_warned_about: set[Path] = set()
+
+
 def require_environment() -> Headers:
     """Fail with the first actionable problem, or return the headers to compile with."""
     for check in (check_privileges(), check_kernel(), check_btf(), check_bcc()):
@@ -229,7 +232,8 @@ def require_environment() -> Headers:
             raise EnvironmentCheckError(f"{check.name}: {check.detail}; fix: {check.fix}")
     ensure_tracefs()
     headers = find_headers()
-    if not headers.exact:
+    if not headers.exact and headers.path not in _warned_about:
+        _warned_about.add(headers.path)  # once per run, not once per probe
         log.warning("kernel headers: %s", headers.description)
     return headers
 

@@ -16,6 +16,7 @@ from .._errors import EbpfStreamError
 from .demo import demo
 from .doctor import doctor
 from .record import record
+from .top import top
 
 
 class _Cli(click.Group):
@@ -39,6 +40,7 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(record)
+cli.add_command(top)
 cli.add_command(doctor)
 cli.add_command(demo)
 
