@@ -38,7 +38,6 @@ from ebpf_stream._probes.network import (
     NetworkProbe,
     endpoints,
 )
-from ebpf_stream._probes.tracing import COUNTER_RING_FULL
 
 CONNECTIONS = 9  # three of each kind
 RESET_REQUEST = 1000  # as in tcp_pairs.c
@@ -161,7 +160,8 @@ async def test_one_exact_record_per_connection_and_totals_that_add_up(
         assert run.started_ns < r.start_ns <= r.end_ns < run.ended_ns
         assert r.retransmits == 0
     assert {r.family for r in records} == {4, 6}
-    assert run.counters[COUNTER_RING_FULL] == run.counters[COUNTER_CONNECTIONS_FULL] == 0
+    assert run.counters[NetworkProbe.ring_full_counter] == 0
+    assert run.counters[COUNTER_CONNECTIONS_FULL] == 0
     assert run.counters[COUNTER_PROCESSES_FULL] == 0
 
     def sums(pid: int) -> tuple[int, int]:

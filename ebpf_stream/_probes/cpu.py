@@ -15,13 +15,13 @@ from collections.abc import Sequence
 import anyio.lowlevel
 import numpy as np
 
-from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap
+from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
 from .._config import EbpfConfig
 from .._events import CpuSample, Event, EventMessage, StackTrace, encode_events
-from .._loader import LoadedProgram, load_program
+from .._loader import load_program
 from .._ringbuf import RingBuffer, drain_forever
 from .._stats import Stats
-from .base import Emit, Probe
+from .base import Emit, RingProbe
 from .tracing import CommNames, load_targets, ring_latency_s, wall_clock_offset_ns
 
 # Mirrors `struct sample` in kernel/cpu_profile.bpf.c.
@@ -30,14 +30,13 @@ SAMPLE = np.dtype([
     ("user_stack_id", "<i4"), ("kernel_stack_id", "<i4"), ("generation", "<u4"),
     ("comm", "S16"),
 ])
-_COUNTER_RING_FULL = 1
 _WAKEUP_EVERY = 64
 _PAGE = 4096
 _MAX_STACK_DEPTH = 127
 _U32 = struct.Struct("<I")
 
 
-class CpuProbe(Probe):
+class CpuProbe(RingProbe):
     """Samples at ``config.sample_rate_hz`` and emits ``CpuSample``/``StackTrace`` events.
 
     ``targets`` are the thread-group ids to sample; ``None`` samples every
@@ -57,8 +56,7 @@ class CpuProbe(Probe):
         self._stats = stats
         self._targets = None if targets is None else tuple(targets)
         self._follow = follow_children and targets is not None
-        self._program: LoadedProgram | None = None
-        self._ring: RingBuffer | None = None
+        super().__init__()
         self._wall_offset_ns = wall_clock_offset_ns()
         self._epoch = 0
         self._epoch_start = [0, 0]  # CLOCK_MONOTONIC start of the epochs of each generation
@@ -71,6 +69,8 @@ class CpuProbe(Probe):
         self._rotate_after_keys = max(16, config.stack_map_entries // 16)
         self._rotate_after_ns = int(config.export_interval_s * 1e9)
 
+    ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
+
     def cflags(self) -> list[str]:
         c = self._config
         return [
@@ -81,10 +81,6 @@ class CpuProbe(Probe):
             f"-DINCLUDE_IDLE={int(c.include_idle)}",
             f"-DWAKEUP_EVERY={_WAKEUP_EVERY}",
         ]
-
-    def _map(self, name: str) -> BpfMap:
-        assert self._program is not None
-        return self._program.map(name)
 
     def _map_names(self) -> list[str]:
         names = ["samples", "stacks_0", "stacks_1", "generation", "counters", "known"]
@@ -98,7 +94,7 @@ class CpuProbe(Probe):
             await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
             load_targets(self._program, self._targets or ())
             self._epoch_start[0] = time.monotonic_ns()
-            self._ring = RingBuffer(self._map("samples").fd, self._config.ring_buffer_bytes,
+            self._ring = RingBuffer(self.map("samples").fd, self._config.ring_buffer_bytes,
                                     SAMPLE)
             if self._follow:
                 self._program.attach_tracepoints()
@@ -168,7 +164,7 @@ class CpuProbe(Probe):
         return np.where(stale & (ids >= 0), -errno.ESTALE, keys)
 
     def _read_stack(self, key: int) -> list[int] | None:
-        raw = self._map(f"stacks_{(key >> 32) & 1}").lookup(_U32.pack(key & 0xFFFFFFFF))
+        raw = self.map(f"stacks_{(key >> 32) & 1}").lookup(_U32.pack(key & 0xFFFFFFFF))
         if raw is None:
             return None
         ips = np.frombuffer(raw, dtype="<u8", count=_MAX_STACK_DEPTH)
@@ -185,26 +181,9 @@ class CpuProbe(Probe):
         if age < self._rotate_after_ns and self._keys_this_epoch < self._rotate_after_keys:
             return
         new = self._epoch + 1
-        self._map(f"stacks_{new & 1}").clear()
+        self.map(f"stacks_{new & 1}").clear()
         self._epoch_start[new & 1] = time.monotonic_ns()
-        self._map("generation").update(_U32.pack(0), _U32.pack(new & 1))
+        self.map("generation").update(_U32.pack(0), _U32.pack(new & 1))
         self._epoch = new
         self._keys_this_epoch = 0
         self._sent = {k for k in self._sent if k >> 32 >= new - 1}
-
-    def kernel_drops(self) -> int:
-        return self._map("counters").lookup_u64_sum(_COUNTER_RING_FULL) if self._program else 0
-
-    def program_fds(self) -> list[int]:
-        return self._program.program_fds() if self._program else []
-
-    def map_fds(self) -> list[int]:
-        return self._program.map_fds() if self._program else []
-
-    def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-        if self._program is not None:
-            program, self._program = self._program, None
-            program.close()

@@ -27,19 +27,17 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 
-from .._bpf import BpfMap
 from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram, load_program
 from .._ringbuf import RingBuffer, drain_forever
 from .._stats import Stats
-from .base import Emit, Probe
+from .base import Emit, RingProbe
 
 log = logging.getLogger("ebpf_stream")
 
 _PAGE = 4096
 _U32 = struct.Struct("<I")
-COUNTER_RING_FULL = 0  # every family's `enum counter` starts with RING_FULL
 
 
 class CommNames:
@@ -73,7 +71,7 @@ def load_targets(program: LoadedProgram, targets: Iterable[int]) -> None:
         program.map("targets").update(_U32.pack(pid), b"\x01")
 
 
-class TracingProbe(Probe):
+class TracingProbe(RingProbe):
     """Base of the families that stream records and read cumulative totals.
 
     Subclasses set ``source`` (the file under ``kernel/``), ``record`` (the
@@ -91,6 +89,7 @@ class TracingProbe(Probe):
     record: np.dtype[np.void]
     maps: tuple[str, ...] = ()
     programs: ClassVar[dict[str, str]] = {}
+    ring_full_counter = 0  # every family's `enum counter` starts with RING_FULL
     losses: ClassVar[dict[int, str]] = {}  # counter index -> what a loss there means
 
     def __init__(self, config: EbpfConfig, stats: Stats, *,
@@ -99,8 +98,7 @@ class TracingProbe(Probe):
         self._stats = stats
         self._targets = None if targets is None else tuple(targets)
         self._follow = follow_children and targets is not None
-        self._program: LoadedProgram | None = None
-        self._ring: RingBuffer | None = None
+        super().__init__()
         self.wall_offset_ns = wall_clock_offset_ns()
         self.comm = CommNames()
         self._ended: set[int] = set()  # pids found gone at the last read of the totals
@@ -128,10 +126,6 @@ class TracingProbe(Probe):
         program.attach_tracepoints()
 
     # -- the Probe interface ------------------------------------------------
-
-    def map(self, name: str) -> BpfMap:
-        assert self._program is not None
-        return self._program.map(name)
 
     def _common_cflags(self) -> list[str]:
         return [
@@ -212,22 +206,3 @@ class TracingProbe(Probe):
             await emit(self._message(records))
         await emit(encode_events(self.read_totals(), 0))
         self._warn_of_losses()
-
-    def kernel_drops(self) -> int:
-        if self._program is None:
-            return 0
-        return self.map("counters").lookup_u64_sum(COUNTER_RING_FULL)
-
-    def program_fds(self) -> list[int]:
-        return self._program.program_fds() if self._program else []
-
-    def map_fds(self) -> list[int]:
-        return self._program.map_fds() if self._program else []
-
-    def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-        if self._program is not None:
-            program, self._program = self._program, None
-            program.close()
