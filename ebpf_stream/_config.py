@@ -93,6 +93,7 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
     cpu_profiling: bool = True
     network_tracing: bool = False
     syscall_tracing: bool = False
+    syscall_latency: bool = True
     memory_tracing: bool = False
     max_samples: int = 20_000
     pids: tuple[int, ...] = ()
@@ -154,6 +155,16 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def with_syscall_tracing(self, enabled: bool) -> Self:
         return self._with(syscall_tracing=enabled)
+
+    def with_syscall_latency(self, enabled: bool) -> Self:
+        """Measure each syscall's duration (histograms, slow-call records), or only count.
+
+        Durations need a hook at entry and two clock reads per call, about
+        60 ns on every syscall of every task; counts and errors alone need
+        only the exit hook, which brings tracing close to the least any exact
+        syscall counter costs.
+        """
+        return self._with(syscall_latency=enabled)
 
     def with_memory_tracing(self, enabled: bool) -> Self:
         return self._with(memory_tracing=enabled)

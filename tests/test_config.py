@@ -50,6 +50,7 @@ def test_feature_builders() -> None:
          .with_memory_tracing(True).with_cpu_profiling(False))
     assert (c.cpu_profiling, c.network_tracing, c.syscall_tracing, c.memory_tracing) == (
         False, True, True, True)
+    assert EbpfConfig().syscall_latency and not c.with_syscall_latency(False).syscall_latency
 
 
 def test_presets_grow_budgets_from_production_to_debug() -> None:

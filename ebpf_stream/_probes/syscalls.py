@@ -1,0 +1,163 @@
+"""The syscall family: exact per-process, per-syscall totals, and slow calls with stacks.
+
+Counting happens in the kernel (``kernel/syscalls.bpf.c``) on the raw
+``sys_enter``/``sys_exit`` tracepoints, the cheapest hooks there are on that
+path, or on ``sys_exit`` alone when ``EbpfConfig.syscall_latency`` is off
+(counts and errors only, durations left 0); user space reads the per-CPU
+totals once per interval and names the numbers with what ``SyscallNames``
+learned from the running kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anyio
+import numpy as np
+
+from .._config import EbpfConfig
+from .._events import Event, SlowSyscall, SyscallTotals
+from .._stats import Stats
+from .._syscall_names import SyscallNames
+from .base import Emit
+from .tracing import TracingProbe
+
+log = logging.getLogger("ebpf_stream")
+
+BUCKETS = 32
+STACK_DEPTH = 64
+TOTALS_ENTRIES = 16384  # (process, syscall) pairs: a busy machine uses a few thousand
+COUNTER_TOTALS_FULL = 1
+
+_KEY = np.dtype([("pid", "<u4"), ("nr", "<u4")])
+_TOTALS = np.dtype([("count", "<u8"), ("errors", "<u8"), ("duration_ns", "<u8"),
+                    ("buckets", "<u8", (BUCKETS,))])
+_SLOW_CALL = np.dtype([
+    ("timestamp_ns", "<u8"), ("duration_ns", "<u8"), ("ret", "<i8"),
+    ("pid", "<u4"), ("tid", "<u4"), ("nr", "<u4"), ("reserved", "<u4"),
+    ("comm", "S16"),
+    ("user_stack", "<u8", (STACK_DEPTH,)), ("kernel_stack", "<u8", (STACK_DEPTH,)),
+])
+
+
+def _frames(stack: np.ndarray) -> list[int]:
+    """A zero-padded stack's addresses, leaf first."""
+    return [int(a) for a in stack[stack != 0]]
+
+
+def process_name(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+class SyscallProbe(TracingProbe):
+    """Counts every syscall of the targets (or of every process) and streams slow ones."""
+
+    source = "syscalls.bpf.c"
+    record = _SLOW_CALL
+    maps = ("totals",)
+
+    def __init__(self, config: EbpfConfig, stats: Stats, *,
+                 targets: Sequence[int] | None, follow_children: bool = False,
+                 names: SyscallNames | None = None) -> None:
+        super().__init__(config, stats, targets=targets, follow_children=follow_children)
+        self.names = names or SyscallNames()
+        self._process_names: dict[int, str] = {}
+        self._not_counted = 0
+
+    def cflags(self) -> list[str]:
+        return [f"-DLATENCY={int(self.config.syscall_latency)}",
+                f"-DSLOW_NS={round(self.config.slow_syscall_ms * 1e6)}",
+                f"-DSTACK_DEPTH={STACK_DEPTH}", f"-DTOTALS_ENTRIES={TOTALS_ENTRIES}"]
+
+    async def open(self) -> None:
+        await self.names.open()  # first: every call counted is then a call it saw
+        try:
+            await super().open()
+        except BaseException:
+            self.names.close()
+            raise
+
+    async def run(self, emit: Emit) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.names.learn_forever)
+            await super().run(emit)
+
+    def decode(self, records: np.ndarray) -> list[Event]:
+        self.names.learn()
+        offset = self.wall_offset_ns
+        return [SlowSyscall(int(r["timestamp_ns"]) + offset, int(r["pid"]), int(r["tid"]),
+                            self.comm(r["comm"]), self.names.name(int(r["nr"])),
+                            int(r["duration_ns"]), int(r["ret"]),
+                            _frames(r["user_stack"]), _frames(r["kernel_stack"]))
+                for r in records]
+
+    def read_raw_totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (pid, nr) key and its totals summed over CPUs."""
+        table = self.map("totals")
+        keys, values = [], []
+        for key in table.walk_keys():
+            value = table.lookup(key)
+            if value is not None:
+                keys.append(key)
+                values.append(value)
+        if not keys:
+            return np.zeros(0, _KEY), np.zeros(0, _TOTALS)
+        per_cpu = np.frombuffer(b"".join(values), _TOTALS).reshape(len(values), -1)
+        summed = np.zeros(len(values), _TOTALS)
+        for field in _TOTALS.names or ():
+            summed[field] = per_cpu[field].sum(axis=1)
+        return np.frombuffer(b"".join(keys), _KEY), summed
+
+    def read_totals(self) -> list[Event]:
+        keys, totals = self.read_raw_totals()
+        self.names.learn()  # after the totals: it has seen every number in them
+        self._check_not_counted()
+        events: list[Event] = []
+        for (pid, nr), count, errors, duration_ns, buckets in zip(
+                keys.tolist(), totals["count"].tolist(), totals["errors"].tolist(),
+                totals["duration_ns"].tolist(), totals["buckets"].tolist(), strict=True):
+            events.append(SyscallTotals(pid, self._process_name(pid), self.names.name(nr),
+                                        count, errors, duration_ns, buckets))
+        return events
+
+    def _process_name(self, pid: int) -> str:
+        """The process's current name (it changes at exec), or the last one seen."""
+        name = process_name(pid)
+        if name is not None:
+            self._process_names[pid] = name
+        return self._process_names.get(pid, "")
+
+    @property
+    def calls_not_counted(self) -> int:
+        """Calls the kernel could not count: no room for a new (process, syscall) pair."""
+        if self._program is None:
+            return self._not_counted
+        return self.map("counters").lookup_u64_sum(COUNTER_TOTALS_FULL)
+
+    def _check_not_counted(self) -> None:
+        lost = self.calls_not_counted
+        if lost and not self._not_counted:
+            log.warning("syscall totals: %d calls not counted, the map of %d (process, syscall) "
+                        "pairs is full; trace fewer processes", lost, TOTALS_ENTRIES)
+        self._not_counted = lost
+
+    def forget(self, pids: set[int]) -> None:
+        table = self.map("totals")
+        for key in list(table.walk_keys()):
+            if int.from_bytes(key[:4], "little") in pids:
+                table.delete(key)
+        for pid in pids:
+            self._process_names.pop(pid, None)
+
+    def stop(self) -> None:
+        super().stop()
+        self.names.stop()
+
+    def close(self) -> None:
+        super().close()
+        self.names.close()
