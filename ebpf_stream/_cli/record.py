@@ -59,12 +59,18 @@ def config_from_options(env: str | None, rate: int | None, max_samples: int | No
 
 
 def with_features(config: EbpfConfig, *, cpu: bool, syscalls: bool, network: bool,
-                  memory: bool, slow_syscall_ms: float | None) -> EbpfConfig:
+                  memory: bool, slow_syscall_ms: float | None,
+                  syscall_latency: bool = True) -> EbpfConfig:
     """``config`` with the features the options switch on."""
     if slow_syscall_ms is not None:
-        if not syscalls:
-            raise ConfigError("--slow-syscall-ms: needs syscall tracing (--syscalls)")
+        if not syscalls or not syscall_latency:
+            raise ConfigError("--slow-syscall-ms: needs syscall tracing with latency "
+                              "(--syscalls, without --syscall-counts-only)")
         config = config.with_slow_syscall_threshold(slow_syscall_ms)
+    if not syscall_latency:
+        if not syscalls:
+            raise ConfigError("--syscall-counts-only: needs syscall tracing (--syscalls)")
+        config = config.with_syscall_latency(False)
     # CPU last: each builder validates, and CPU may be the only feature on before.
     return (config.with_syscall_tracing(syscalls).with_network_tracing(network)
             .with_memory_tracing(memory).with_cpu_profiling(cpu))
@@ -342,6 +348,8 @@ def check_target(pids: Sequence[int], command: Sequence[str], duration: float | 
 @click.option("--memory", is_flag=True, help="Trace page faults, RSS, mmap and OOM kills.")
 @click.option("--slow-syscall-ms", type=float, metavar="MS",
               help="With --syscalls: report each call that takes at least MS, with its stack.")
+@click.option("--syscall-counts-only", is_flag=True,
+              help="With --syscalls: exact counts and errors only, no latency; the cheapest.")
 @click.option("-r", "--rate", type=int, help="Samples per second per CPU.")
 @click.option("--max-samples", type=int, help="Most samples kept per export interval.")
 @click.option("-f", "--format", "fmt", type=click.Choice(sorted(FORMATS)),
@@ -353,8 +361,9 @@ def check_target(pids: Sequence[int], command: Sequence[str], duration: float | 
               help="OTLP protocol. Default: $OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf.")
 def record(pids: tuple[int, ...], duration: float | None, env: str | None,
            command: tuple[str, ...], cpu: bool, syscalls: bool, network: bool, memory: bool,
-           slow_syscall_ms: float | None, rate: int | None, max_samples: int | None,
-           fmt: str | None, paths: tuple[str, ...], otlp_endpoint: str | None,
+           slow_syscall_ms: float | None, syscall_counts_only: bool, rate: int | None,
+           max_samples: int | None, fmt: str | None, paths: tuple[str, ...],
+           otlp_endpoint: str | None,
            otlp_protocol: str | None) -> None:
     """Record --pid processes, COMMAND, or the whole system: CPU profile and traces.
 
@@ -376,7 +385,8 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
         raise ConfigError("--rate: sets CPU sampling, which --no-cpu turns off")
     config = with_features(config_from_options(env, rate, max_samples, pids), cpu=cpu,
                            syscalls=syscalls, network=network, memory=memory,
-                           slow_syscall_ms=slow_syscall_ms)
+                           slow_syscall_ms=slow_syscall_ms,
+                           syscall_latency=not syscall_counts_only)
     otlp = otlp_from_options(otlp_endpoint, otlp_protocol)
     outputs = outputs_from_options(fmt, paths, otlp is not None, cpu)
     if traces(config) and otlp is None and not any(f in _TRACE_FORMATS for f, _ in outputs):
