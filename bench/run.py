@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this file's directory is on sys.path: the suite imports as asv sees it.
-from benchmarks import bench_config, bench_otlp, bench_overhead, bench_reader
+from benchmarks import (
+    bench_config,
+    bench_features,
+    bench_otlp,
+    bench_overhead,
+    bench_reader,
+    bench_syscalls,
+)
 from benchmarks._support import bpf_unavailable
 
 _MIB = 2**20
@@ -140,6 +147,35 @@ def otlp_delivery_table(d: bench_otlp.DeliveryFigures) -> str:
     return "\n".join(rows)
 
 
+def features_table(rows: list[bench_features.FeatureFigures]) -> str:
+    lines = [
+        f"{bench_features.ROUNDS} rounds of `mixed_load` (each: "
+        "20,000 getppid, one loopback TCP connection of 64 KiB each way, 256 fresh pages), "
+        f"median of {bench_features.REPEATS} interleaved runs:",
+        "",
+        "| features on | workload ms | slowdown | tracer CPU ms (process + BPF) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {f.feature} | {f.workload_ms:,.0f} | {f.slowdown:.3f}x | "
+              f"{f.tracer_cpu_ms:,.1f} |" for f in rows]
+    return "\n".join(lines)
+
+
+def syscalls_table(f: bench_syscalls.SyscallLoadFigures) -> str:
+    rows = [
+        f"`getppid_loop` making {f.calls:,} getppid calls on one core, CPU ns per call, "
+        f"median of {f.rounds} interleaved runs (counts checked exact on every traced run):",
+        "",
+        "| tracing | ns/call [min-max] | calls/s | slowdown vs off | vs floor |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    rows += [f"| {mode} | {f.median_ns(mode):.1f} [{min(f.ns_per_call[mode]):.1f}-"
+             f"{max(f.ns_per_call[mode]):.1f}] | {f.calls_per_s(mode) / 1e6:.2f} M | "
+             f"{f.slowdown(mode):.2f}x | {f.median_ns(mode) / f.median_ns('floor'):.2f}x |"
+             for mode in bench_syscalls.MODES]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int,
                         help="overhead windows per rate, interleaved (default 3)")
     parser.add_argument("--rounds", type=int, help="reader rounds per consumer (default 7)")
-    parser.add_argument("--only", choices=["config", "reader", "overhead", "otlp"],
-                        action="append",
+    parser.add_argument("--only", action="append",
+                        choices=["config", "reader", "overhead", "otlp", "features", "syscalls"],
                         help="run only these parts (repeatable)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["config", "reader", "overhead", "otlp"])
+    parts = set(args.only or ["config", "reader", "overhead", "otlp", "features", "syscalls"])
     window = args.window or (10.0 if args.quick else bench_overhead.WINDOW_S)
     rounds = args.rounds or (3 if args.quick else 7)
     repeats = args.repeats or (1 if args.quick else bench_overhead.REPEATS)
@@ -166,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         figures["config_ns_per_op"] = ns
         print("## Config\n\n" + config_table(ns) + "\n", flush=True)
     unavailable = bpf_unavailable()
-    if unavailable and parts & {"reader", "overhead"}:
+    if unavailable and parts & {"reader", "overhead", "features", "syscalls"}:
         print(f"Skipping the BPF benchmarks: {unavailable}.")
-        parts -= {"reader", "overhead"}
+        parts -= {"reader", "overhead", "features", "syscalls"}
     if "reader" in parts:
         reader = bench_reader.measure_reader(rounds)
         figures["reader"] = dataclasses.asdict(reader) | {
@@ -192,6 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         figures["otlp_delivery"] = dataclasses.asdict(delivery)
         print("## OTLP delivery to a loopback receiver\n\n" + otlp_delivery_table(delivery)
               + "\n", flush=True)
+    if "features" in parts:
+        rows = bench_features.measure_features()
+        figures["features"] = [dataclasses.asdict(f) for f in rows]
+        print("## Cost of each feature on a fixed workload\n\n" + features_table(rows) + "\n",
+              flush=True)
+    if "syscalls" in parts:
+        load = bench_syscalls.measure_syscall_load(
+            rounds=3 if args.quick else bench_syscalls.ROUNDS)
+        figures["syscalls"] = dataclasses.asdict(load)
+        print("## Syscall tracing under load\n\n" + syscalls_table(load) + "\n", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if (after := machine_line()) != figures["machine"]:
