@@ -153,7 +153,7 @@ def features_table(rows: list[bench_features.FeatureFigures]) -> str:
         "20,000 getppid, one loopback TCP connection of 64 KiB each way, 256 fresh pages), "
         f"median of {bench_features.REPEATS} interleaved runs:",
         "",
-        "| features on | workload ms | slowdown | tracer CPU ms (process + BPF) |",
+        "| features on | workload ms | slowdown | tracer process CPU ms |",
         "| --- | ---: | ---: | ---: |",
     ]
     lines += [f"| {f.feature} | {f.workload_ms:,.0f} | {f.slowdown:.3f}x | "
