@@ -11,10 +11,13 @@ import abc
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
+import numpy as np
+
 from .._bpf import BpfMap
+from .._config import EbpfConfig
 from .._events import EventMessage
 from .._loader import LoadedProgram
-from .._ringbuf import RingBuffer
+from .._ringbuf import RingBuffer, drain_forever
 
 Emit = Callable[[EventMessage], Awaitable[None]]
 
@@ -55,14 +58,40 @@ class RingProbe(Probe):
     """A probe that owns one loaded program and reads one ring buffer of its.
 
     ``ring_full_counter`` is the index of the per-CPU counter in which the
-    program counts records the ring had no room for.
+    program counts records the ring had no room for; ``encode`` turns a
+    batch of ring records into one message.
     """
 
     ring_full_counter: ClassVar[int]
 
-    def __init__(self) -> None:
+    def __init__(self, config: EbpfConfig) -> None:
+        self._ring_latency_s = min(1.0, config.export_interval_s / 4)  # well inside an interval
         self._program: LoadedProgram | None = None
         self._ring: RingBuffer | None = None
+
+    @abc.abstractmethod
+    def encode(self, records: np.ndarray) -> EventMessage:
+        """The message of one batch of ring records."""
+
+    async def read_ring(self, emit: Emit) -> None:
+        """Emit the ring's records as they arrive, until cancelled."""
+        assert self._ring is not None
+
+        async def on_batch(records: np.ndarray) -> None:
+            await emit(self.encode(records))
+
+        await drain_forever(self._ring, on_batch, max_latency=self._ring_latency_s)
+
+    async def drain_ring(self, emit: Emit) -> None:
+        """Emit the records left in the ring."""
+        if self._ring is None:
+            return
+        while len(records := self._ring.read_batch()):
+            await emit(self.encode(records))
+
+    def stop(self) -> None:
+        if self._program is not None:
+            self._program.detach()
 
     def map(self, name: str) -> BpfMap:
         assert self._program is not None

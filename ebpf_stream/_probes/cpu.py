@@ -19,10 +19,10 @@ from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
 from .._config import EbpfConfig
 from .._events import CpuSample, Event, EventMessage, StackTrace, encode_events
 from .._loader import load_program
-from .._ringbuf import RingBuffer, drain_forever
+from .._ringbuf import RingBuffer
 from .._stats import Stats
 from .base import Emit, RingProbe
-from .tracing import CommNames, load_targets, ring_latency_s, wall_clock_offset_ns
+from .tracing import CommNames, load_targets, wall_clock_offset_ns
 
 # Mirrors `struct sample` in kernel/cpu_profile.bpf.c.
 SAMPLE = np.dtype([
@@ -56,7 +56,7 @@ class CpuProbe(RingProbe):
         self._stats = stats
         self._targets = None if targets is None else tuple(targets)
         self._follow = follow_children and targets is not None
-        super().__init__()
+        super().__init__(config)
         self._wall_offset_ns = wall_clock_offset_ns()
         self._epoch = 0
         self._epoch_start = [0, 0]  # CLOCK_MONOTONIC start of the epochs of each generation
@@ -105,24 +105,12 @@ class CpuProbe(RingProbe):
             raise
 
     async def run(self, emit: Emit) -> None:
-        assert self._ring is not None
-
-        async def on_batch(records: np.ndarray) -> None:
-            await emit(self._encode(records))
-
-        await drain_forever(self._ring, on_batch, max_latency=ring_latency_s(self._config))
-
-    def stop(self) -> None:
-        if self._program is not None:
-            self._program.detach()
+        await self.read_ring(emit)
 
     async def drain(self, emit: Emit) -> None:
-        if self._ring is None:
-            return
-        while len(records := self._ring.read_batch()):
-            await emit(self._encode(records))
+        await self.drain_ring(emit)
 
-    def _encode(self, records: np.ndarray) -> EventMessage:
+    def encode(self, records: np.ndarray) -> EventMessage:
         n = len(records)
         self._stats.received += n
         ts = records["timestamp_ns"].astype(np.int64)

@@ -30,7 +30,7 @@ import numpy as np
 from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram, load_program
-from .._ringbuf import RingBuffer, drain_forever
+from .._ringbuf import RingBuffer
 from .._stats import Stats
 from .base import Emit, RingProbe
 
@@ -59,11 +59,6 @@ class CommNames:
 def wall_clock_offset_ns() -> int:
     """Add to a ``bpf_ktime_get_ns`` (CLOCK_MONOTONIC) time to get wall-clock ns."""
     return time.time_ns() - time.monotonic_ns()
-
-
-def ring_latency_s(config: EbpfConfig) -> float:
-    """The longest a record may wait in the ring: well inside an export interval."""
-    return min(1.0, config.export_interval_s / 4)
 
 
 def load_targets(program: LoadedProgram, targets: Iterable[int]) -> None:
@@ -98,7 +93,7 @@ class TracingProbe(RingProbe):
         self._stats = stats
         self._targets = None if targets is None else tuple(targets)
         self._follow = follow_children and targets is not None
-        super().__init__()
+        super().__init__(config)
         self.wall_offset_ns = wall_clock_offset_ns()
         self.comm = CommNames()
         self._ended: set[int] = set()  # pids found gone at the last read of the totals
@@ -150,17 +145,11 @@ class TracingProbe(RingProbe):
             self.close()
             raise
 
-    def _message(self, records: np.ndarray) -> EventMessage:
+    def encode(self, records: np.ndarray) -> EventMessage:
         self._stats.received += len(records)
         return encode_events(self.decode(records), len(records))
 
     async def run(self, emit: Emit) -> None:
-        assert self._ring is not None
-        ring = self._ring
-
-        async def on_batch(records: np.ndarray) -> None:
-            await emit(self._message(records))
-
         async def totals_every_interval() -> None:
             interval = self.config.export_interval_s
             await anyio.sleep(interval / 2)
@@ -170,7 +159,7 @@ class TracingProbe(RingProbe):
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(totals_every_interval)
-            await drain_forever(ring, on_batch, max_latency=ring_latency_s(self.config))
+            await self.read_ring(emit)
 
     def _totals_message(self) -> EventMessage:
         """The totals, then forget processes that were already gone last time.
@@ -195,14 +184,9 @@ class TracingProbe(RingProbe):
                 log.warning("%s: %s (%d more, %d in all)", self.source, meaning, new, total)
                 self._losses_seen[index] = total
 
-    def stop(self) -> None:
-        if self._program is not None:
-            self._program.detach()
-
     async def drain(self, emit: Emit) -> None:
         if self._ring is None:
             return
-        while len(records := self._ring.read_batch()):
-            await emit(self._message(records))
+        await self.drain_ring(emit)
         await emit(encode_events(self.read_totals(), 0))
         self._warn_of_losses()
