@@ -10,7 +10,6 @@ in the kernel; only OOM kills travel through the ring.
 
 from __future__ import annotations
 
-import logging
 import re
 import struct
 from typing import ClassVar
@@ -22,8 +21,6 @@ from .._errors import ProbeError
 from .._events import Event, MemoryTotals, OomKill
 from .._loader import LoadedProgram, ensure_tracefs
 from .tracing import TracingProbe
-
-log = logging.getLogger("ebpf_stream")
 
 # Mirrors `struct oom_kill` in kernel/memory.bpf.c.
 OOM_KILL = np.dtype([

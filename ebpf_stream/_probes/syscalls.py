@@ -10,8 +10,8 @@ learned from the running kernel.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
+from typing import ClassVar
 
 import anyio
 import numpy as np
@@ -22,8 +22,6 @@ from .._stats import Stats
 from .._syscall_names import SyscallNames
 from .base import Emit
 from .tracing import TracingProbe
-
-log = logging.getLogger("ebpf_stream")
 
 BUCKETS = 32
 STACK_DEPTH = 64
@@ -60,6 +58,9 @@ class SyscallProbe(TracingProbe):
     source = "syscalls.bpf.c"
     record = _SLOW_CALL
     maps = ("totals",)
+    losses: ClassVar[dict[int, str]] = {
+        COUNTER_TOTALS_FULL: f"the map of {TOTALS_ENTRIES} (process, syscall) pairs is full; "
+                             "calls of new pairs were not counted (trace fewer processes)"}
 
     def __init__(self, config: EbpfConfig, stats: Stats, *,
                  targets: Sequence[int] | None, follow_children: bool = False,
@@ -67,7 +68,6 @@ class SyscallProbe(TracingProbe):
         super().__init__(config, stats, targets=targets, follow_children=follow_children)
         self.names = names or SyscallNames()
         self._process_names: dict[int, str] = {}
-        self._not_counted = 0
 
     def cflags(self) -> list[str]:
         return [f"-DLATENCY={int(self.config.syscall_latency)}",
@@ -116,12 +116,13 @@ class SyscallProbe(TracingProbe):
     def read_totals(self) -> list[Event]:
         keys, totals = self.read_raw_totals()
         self.names.learn()  # after the totals: it has seen every number in them
-        self._check_not_counted()
+        pairs = keys.tolist()
+        names = {pid: self._process_name(pid) for pid, _ in pairs}  # one read per process
         events: list[Event] = []
         for (pid, nr), count, errors, duration_ns, buckets in zip(
-                keys.tolist(), totals["count"].tolist(), totals["errors"].tolist(),
+                pairs, totals["count"].tolist(), totals["errors"].tolist(),
                 totals["duration_ns"].tolist(), totals["buckets"].tolist(), strict=True):
-            events.append(SyscallTotals(pid, self._process_name(pid), self.names.name(nr),
+            events.append(SyscallTotals(pid, names[pid], self.names.name(nr),
                                         count, errors, duration_ns, buckets))
         return events
 
@@ -136,15 +137,8 @@ class SyscallProbe(TracingProbe):
     def calls_not_counted(self) -> int:
         """Calls the kernel could not count: no room for a new (process, syscall) pair."""
         if self._program is None:
-            return self._not_counted
+            return 0
         return self.map("counters").lookup_u64_sum(COUNTER_TOTALS_FULL)
-
-    def _check_not_counted(self) -> None:
-        lost = self.calls_not_counted
-        if lost and not self._not_counted:
-            log.warning("syscall totals: %d calls not counted, the map of %d (process, syscall) "
-                        "pairs is full; trace fewer processes", lost, TOTALS_ENTRIES)
-        self._not_counted = lost
 
     def forget(self, pids: set[int]) -> None:
         table = self.map("totals")
