@@ -100,6 +100,11 @@ class TcpConnection(msgspec.Struct, tag="tcp", array_like=True, gc=False, frozen
     retransmits: int
 
 
+def endpoint(address: str, port: int) -> str:
+    """``address:port``, with an IPv6 address in brackets as URLs write it."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 class NetworkTotals(msgspec.Struct, tag="network", array_like=True, gc=False, frozen=True):
     """One process's TCP activity since tracing began (cumulative)."""
 

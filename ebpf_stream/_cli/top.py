@@ -26,7 +26,14 @@ from rich.table import Table
 from .._batch import Batch
 from .._config import EbpfConfig
 from .._errors import ConfigError
-from .._events import MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection, Totals
+from .._events import (
+    MemoryTotals,
+    NetworkTotals,
+    SyscallTotals,
+    TcpConnection,
+    Totals,
+    endpoint,
+)
 from .._exporters.base import ExportContext, Exporter
 from .._profiler import Profiler
 from .record import (
@@ -310,15 +317,12 @@ class TopView:
             table.add_column(name, justify="right" if name in ("PID", "SENT", "RECV", "TIME")
                              else "left")
         for c in self._connections:
-            table.add_row(str(c.pid), c.comm, c.role, _endpoint(c.local_address, c.local_port),
-                          _endpoint(c.peer_address, c.peer_port), human_bytes(c.bytes_sent),
+            table.add_row(str(c.pid), c.comm, c.role, endpoint(c.local_address, c.local_port),
+                          endpoint(c.peer_address, c.peer_port), human_bytes(c.bytes_sent),
                           human_bytes(c.bytes_received), human_duration(c.end_ns - c.start_ns),
                           c.outcome)
         return table
 
-
-def _endpoint(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 @click.command(context_settings={"ignore_unknown_options": False})

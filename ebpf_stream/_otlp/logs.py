@@ -27,7 +27,7 @@ from opentelemetry.proto.logs.v1 import logs_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .._batch import SlowCall, TraceRecord
-from .._events import OomKill, TcpConnection
+from .._events import OomKill, TcpConnection, endpoint
 from .attributes import AttributeValue, any_value, key_values, scope
 
 TCP_CONNECTION_CLOSED = "tcp.connection.closed"
@@ -71,9 +71,6 @@ def log_record(record: logging.LogRecord) -> pb.LogRecord:
     )
 
 
-def _endpoint(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
 
 def _event(event_name: str, time_ns: int, body: str, attributes: dict[str, AttributeValue],
            severity_number: pb.SeverityNumber.ValueType = pb.SeverityNumber.SEVERITY_NUMBER_INFO,
@@ -87,7 +84,7 @@ def _event(event_name: str, time_ns: int, body: str, attributes: dict[str, Attri
 
 def _connection(c: TcpConnection) -> pb.LogRecord:
     duration_s = max(0, c.end_ns - c.start_ns) / 1e9
-    local, peer = _endpoint(c.local_address, c.local_port), _endpoint(c.peer_address, c.peer_port)
+    local, peer = endpoint(c.local_address, c.local_port), endpoint(c.peer_address, c.peer_port)
     return _event(
         TCP_CONNECTION_CLOSED, c.end_ns,
         f"TCP {c.role} {local} -> {peer} {c.outcome} after {duration_s:.6f} s: "
