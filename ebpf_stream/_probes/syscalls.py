@@ -136,8 +136,8 @@ class SyscallProbe(TracingProbe):
     @property
     def calls_not_counted(self) -> int:
         """Calls the kernel could not count: no room for a new (process, syscall) pair."""
-        if self._program is None:
-            return 0
+        if self._program is None:  # closed: the last count read
+            return self.losses_seen(COUNTER_TOTALS_FULL)
         return self.map("counters").lookup_u64_sum(COUNTER_TOTALS_FULL)
 
     def forget(self, pids: set[int]) -> None:

@@ -175,6 +175,10 @@ class TracingProbe(RingProbe):
         self._ended = {p for p in pids if p and not os.path.exists(f"/proc/{p}")}
         return encode_events(totals, 0)
 
+    def losses_seen(self, index: int) -> int:
+        """The loss counter ``index`` as last read (it survives closing)."""
+        return self._losses_seen.get(index, 0)
+
     def _warn_of_losses(self) -> None:
         counters = self.map("counters")
         for index, meaning in self.losses.items():
