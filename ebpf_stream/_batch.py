@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ._events import OomKill, SlowSyscall, TcpConnection, Totals
+from ._events import LoopStall, OomKill, SlowSyscall, TcpConnection, Totals
 from ._profile import Frame, Profile
 
 
@@ -15,7 +15,29 @@ class SlowCall(msgspec.Struct, frozen=True, gc=False):
     frames: tuple[Frame, ...]
 
 
-TraceRecord = SlowCall | TcpConnection | OomKill
+class StallStack(msgspec.Struct, frozen=True, gc=False):
+    """One stack seen while a loop stalled: how often it was sampled on the CPU,
+    and how long the thread slept in it.
+
+    ``frames`` are root first.  A stack slept in holds only Python frames:
+    the kernel walks them as the thread goes to sleep.
+    """
+
+    frames: tuple[Frame, ...]
+    samples: int = 0
+    slept_ns: int = 0
+
+
+class Stall(msgspec.Struct, frozen=True, gc=False):
+    """An asyncio loop that ran callbacks for ``stall.duration_ns`` without waiting,
+    with the stacks seen meanwhile, heaviest first (slept time, then samples).
+    """
+
+    stall: LoopStall
+    stacks: tuple[StallStack, ...]
+
+
+TraceRecord = SlowCall | TcpConnection | OomKill | Stall
 
 
 class Batch(msgspec.Struct, gc=False):
@@ -23,7 +45,7 @@ class Batch(msgspec.Struct, gc=False):
 
     ``profile`` holds the CPU samples, and in ``profile.processes`` every
     process the batch mentions.  ``records`` are discrete events (slow
-    syscalls, closed TCP connections, OOM kills), oldest first.  ``totals``
+    syscalls, closed TCP connections, OOM kills, loop stalls), oldest first.  ``totals``
     are the latest cumulative counters per process (and per syscall) seen in
     the interval.
 

@@ -25,26 +25,40 @@ import anyio
 
 from ._batch import Batch, SlowCall, TraceRecord
 from ._channels import Channel
-from ._config import EbpfConfig
+from ._config import EbpfConfig, PythonFrames
 from ._events import (
     CpuSample,
     EventMessage,
+    LoopBlocked,
+    LoopStall,
+    LoopThread,
+    LoopTotals,
     MemoryTotals,
     NetworkTotals,
+    OomKill,
+    ProcessExec,
+    PythonStack,
     SlowSyscall,
     StackTrace,
     SyscallTotals,
+    TcpConnection,
     Totals,
     decode_events,
     totals_key,
 )
+from ._loops import LoopWatch
 from ._profile import Frame, FrameKind, ProcessInfo, Profile
+from ._python.code import PythonSymbols
+from ._python.merge import merge, runs
+from ._python.runtime import UnsupportedPython, find_python
 from ._stats import Stats
 from ._symbolize import Symbolizer
 
 log = logging.getLogger("ebpf_stream")
 
 _LOST = Frame("[stack lost]", "[unknown]", FrameKind.NATIVE)
+_PYTHON_LOST = Frame("[python stack lost]", "[unknown]", FrameKind.PYTHON)
+_TRUNCATED = Frame("[truncated]", "[unknown]", FrameKind.PYTHON)
 
 
 def _raw(address: int) -> Frame:
@@ -56,13 +70,24 @@ def _epoch(key: int) -> int:
 
 
 class StackResolver:
-    """Turns a sample's stack keys into root-first frames, caching per generation."""
+    """Turns a sample's stack keys into root-first frames, caching per generation.
 
-    def __init__(self, symbolizer: Symbolizer) -> None:
+    A sample with a Python stack gets its Python frames spliced into its
+    native ones (``PythonFrames.MERGED``) or in their place
+    (``PythonFrames.PYTHON``).
+    """
+
+    def __init__(self, symbolizer: Symbolizer,
+                 python_frames: PythonFrames = PythonFrames.MERGED) -> None:
         self._symbolizer = symbolizer
         self._addresses: dict[int, list[int]] = {}
-        self._frames: dict[tuple[int, int, int], tuple[tuple[Frame, ...], bool]] = {}
+        self._frames: dict[tuple[int, int, int, int], tuple[tuple[Frame, ...], bool]] = {}
         self._epoch = 0
+        self._python_only = python_frames is PythonFrames.PYTHON
+        self._python_symbols = PythonSymbols()
+        self._python_stacks: dict[int, PythonStack] = {}
+        self._python_epoch = 0
+        self._interpreters: dict[int, bool] = {}  # pid -> whether its Python frames can be named
 
     def add_stack(self, stack: StackTrace) -> None:
         epoch = _epoch(stack.key)
@@ -74,6 +99,56 @@ class StackResolver:
                 k: v for k, v in self._frames.items() if _epoch(max(k[1], k[2])) >= epoch - 1}
         self._addresses[stack.key] = stack.addresses
 
+    def add_python_stack(self, stack: PythonStack) -> None:
+        if stack.epoch > self._python_epoch:
+            # The probe sends again any key it last sent two epochs ago.
+            self._python_epoch = stack.epoch
+            self._python_stacks = {k: v for k, v in self._python_stacks.items()
+                                   if v.epoch >= stack.epoch - 1}
+        self._python_stacks[stack.key] = stack
+
+    def process_exec(self, pid: int) -> None:
+        """``pid`` runs a new program: nothing named for it before still holds."""
+        self._interpreters.pop(pid, None)
+        self._python_symbols.forget(pid)
+        self._frames = {k: v for k, v in self._frames.items() if k[0] != pid}
+
+    def forget(self, pid: int) -> None:
+        self._interpreters.pop(pid, None)
+        self._python_symbols.forget(pid)
+
+    def python_frames(self, pid: int, key: int) -> tuple[Frame, ...] | None:
+        """Root-first Python frames of one stack key; None if the key is unknown."""
+        found = self._python_runs(pid, key)
+        if found is None:
+            return None
+        return tuple(frame for run in found for frame in run)[::-1]
+
+    def _python_runs(self, pid: int, key: int) -> list[list[Frame]] | None:
+        stack = self._python_stacks.get(key)
+        if stack is None:
+            return None
+        if not self._interpreter(pid):
+            return [[_PYTHON_LOST]]
+        named = [self._python_symbols.frame(pid, code, lasti, first_line)
+                 for code, lasti, first_line, _ in stack.frames]
+        found = runs(named, [flags for *_, flags in stack.frames])
+        if stack.truncated:
+            found.append([_TRUNCATED])
+        return found
+
+    def _interpreter(self, pid: int) -> bool:
+        known = self._interpreters.get(pid)
+        if known is None:
+            try:
+                runtime = find_python(pid)
+            except (UnsupportedPython, OSError):
+                runtime = None
+            if runtime is not None:
+                self._python_symbols.add_process(runtime)
+            known = self._interpreters[pid] = runtime is not None
+        return known
+
     def slow_call_frames(self, call: SlowSyscall) -> tuple[Frame, ...]:
         """Root-first frames of a slow syscall, whose stacks travel with it."""
         user, _ = self._symbolized(call.user_stack,
@@ -83,12 +158,20 @@ class StackResolver:
 
     def frames(self, s: CpuSample) -> tuple[tuple[Frame, ...], bool]:
         """(root-first frames, whether a stack was lost) for one sample."""
-        key = (s.pid, s.user_stack, s.kernel_stack)
+        key = (s.pid, s.user_stack, s.kernel_stack, s.python_stack)
         cached = self._frames.get(key)
         if cached is None:
             user, user_lost = self._resolve(
                 s.user_stack, functools.partial(self._symbolizer.user_frames, s.pid))
             kernel, kernel_lost = self._resolve(s.kernel_stack, self._symbolizer.kernel_frames)
+            if s.python_stack:
+                python = self._python_runs(s.pid, s.python_stack)
+                if python is None:
+                    python, user_lost = [[_PYTHON_LOST]], True
+                if self._python_only:
+                    user, kernel = tuple(f for run in python for f in run), ()
+                else:
+                    user = merge(user, python)
             cached = self._frames[key] = (user[::-1] + kernel[::-1], user_lost or kernel_lost)
         return cached
 
@@ -122,7 +205,8 @@ class Batcher:
     def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats) -> None:
         self._config = config
         self._symbolizer = symbolizer
-        self._resolver = StackResolver(symbolizer)
+        self._resolver = StackResolver(symbolizer, config.python_frames)
+        self._loops = LoopWatch(self._resolver.python_frames)
         self._stats = stats
         self._period_ns = config.sample_period_ns
         self._profile = self._new_profile()
@@ -142,10 +226,25 @@ class Batcher:
             if isinstance(event, StackTrace):
                 self._resolver.add_stack(event)
                 continue
-            if isinstance(event, SyscallTotals | NetworkTotals | MemoryTotals):
-                self._process(event.pid, event.comm)
-                self._totals[totals_key(event)] = event
+            if isinstance(event, PythonStack):
+                self._resolver.add_python_stack(event)
                 continue
+            if isinstance(event, LoopThread | LoopBlocked | ProcessExec):
+                self._loop_event(event)
+                continue
+            if isinstance(event, SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals):
+                if not isinstance(event, LoopTotals) or self._loops.keeps(event):
+                    self._process(event.pid, event.comm)
+                    self._totals[totals_key(event)] = event
+                continue
+            stall = None
+            if isinstance(event, LoopStall):
+                # A stall counts as received once it is known to be an
+                # asyncio loop's: other pollers' busy periods are not news.
+                stall = self._loops.stall(event)
+                if stall is None:
+                    continue
+                self._stats.received += 1
             if self._held >= cap:
                 self._dropped += 1
                 self._stats.dropped_user += 1
@@ -157,10 +256,22 @@ class Batcher:
                 if lost:
                     self._stats.lost_stacks += 1
                 self._profile.add(event.pid, info.name, frames, 1, (event.timestamp_ns,))
+                self._loops.sample(event, frames)
             elif isinstance(event, SlowSyscall):
                 self._records.append(SlowCall(event, self._resolver.slow_call_frames(event)))
-            else:
+            elif isinstance(event, TcpConnection | OomKill):
                 self._records.append(event)
+            elif stall is not None:
+                self._records.append(stall)
+
+    def _loop_event(self, event: LoopThread | LoopBlocked | ProcessExec) -> None:
+        if isinstance(event, LoopThread):
+            self._loops.thread(event)
+        elif isinstance(event, LoopBlocked):
+            self._loops.blocked(event)
+        else:
+            self._resolver.process_exec(event.pid)
+            self._loops.forget(event.pid)
 
     def _process(self, pid: int, comm: str) -> ProcessInfo:
         """The batch's description of ``pid``, read from /proc the first time it is seen."""

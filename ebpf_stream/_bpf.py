@@ -177,12 +177,13 @@ def _link_with_cookie(program_fd: int, perf_fd: int, cookie: int) -> int:
 
 
 def attach_perf_event(program_fd: int, type_: int, config: int, sample_period: int,
-                      cpu: int, cookie: int | None = None) -> list[int]:
-    """Run ``program_fd`` on a perf event on ``cpu``; returns the fds that keep it attached.
+                      cpu: int, cookie: int | None = None, thread: int = -1) -> list[int]:
+    """Run ``program_fd`` on a perf event on ``cpu`` (-1 with a ``thread``: that
+    thread wherever it runs); returns the fds that keep it attached.
 
     With a ``cookie`` the program reads it back with ``bpf_get_attach_cookie``.
     """
-    fd = _perf_event_open(type_, config, sample_period, -1, cpu)
+    fd = _perf_event_open(type_, config, sample_period, thread, cpu)
     try:
         if cookie is not None:
             return [_link_with_cookie(program_fd, fd, cookie), fd]

@@ -43,6 +43,20 @@ class OverflowPolicy(enum.StrEnum):
     DROP_OLDEST = "drop-oldest"
 
 
+class PythonFrames(enum.StrEnum):
+    """How Python processes' stacks read.
+
+    ``merged`` splices each Python frame into the native stack where its
+    interpreter loop runs; ``python`` keeps the Python frames alone (native
+    frames only where no Python frame was running); ``off`` walks no Python
+    frames at all.
+    """
+
+    MERGED = "merged"
+    PYTHON = "python"
+    OFF = "off"
+
+
 # Allowed sampling rates per environment.  The recommended rate is a prime (or
 # just off a round number) so that samples do not beat with timers firing at
 # round frequencies, which would over- or under-count periodic work.
@@ -105,6 +119,8 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
     include_idle: bool = False
     memory_budget_bytes: int = 50 * _MIB
     slow_syscall_ms: float = 10.0
+    python_frames: PythonFrames = PythonFrames.MERGED
+    loop_stall_ms: float = 100.0
 
     @property
     def sample_period_ns(self) -> int:
@@ -196,6 +212,24 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
         """Stream each syscall that takes at least ``ms`` milliseconds, with its stack."""
         return self._with(slow_syscall_ms=ms)
 
+    def with_python_frames(self, mode: str | PythonFrames) -> Self:
+        """Merge Python frames into native stacks, show them alone, or walk none."""
+        try:
+            parsed = PythonFrames(mode)
+        except ValueError:
+            allowed = ", ".join(m.value for m in PythonFrames)
+            raise ConfigError(f"python_frames: {mode!r} is not one of {allowed}") from None
+        return self._with(python_frames=parsed)
+
+    def with_stall_threshold(self, ms: float) -> Self:
+        """Report an asyncio loop that runs callbacks ``ms`` milliseconds without
+        waiting; 0 turns stall detection off.
+
+        Detection needs Python frames and CPU profiling, and costs a hook on
+        every context switch of the machine while it is on.
+        """
+        return self._with(loop_stall_ms=ms)
+
 
 # (field, lowest, highest): inclusive numeric bounds checked by validate_config.
 _BOUNDS: tuple[tuple[str, float, float], ...] = (
@@ -207,6 +241,7 @@ _BOUNDS: tuple[tuple[str, float, float], ...] = (
     ("channel_capacity", 1, 65536),
     ("memory_budget_bytes", 1 * _MIB, 64 * 1024 * _MIB),
     ("slow_syscall_ms", 0.001, 3_600_000.0),
+    ("loop_stall_ms", 0.0, 3_600_000.0),
 )
 
 
@@ -234,6 +269,8 @@ def validate_config(config: EbpfConfig) -> None:
             raise ConfigError(f"pids: {pid!r} is not a process id (1..{_MAX_PID})")
     if type(config.environment) is not Environment:
         raise ConfigError(f"environment: {config.environment!r} is not an Environment")
+    if type(config.python_frames) is not PythonFrames:
+        raise ConfigError(f"python_frames: {config.python_frames!r} is not a PythonFrames")
     if type(config.overflow_policy) is not OverflowPolicy:
         raise ConfigError(f"overflow_policy: {config.overflow_policy!r} is not an OverflowPolicy")
     if not (config.cpu_profiling or config.network_tracing

@@ -38,6 +38,88 @@ class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=Tru
     comm: str
     user_stack: int
     kernel_stack: int
+    python_stack: int = 0  # a ``PythonStack`` key; 0 when none was walked
+    busy_since: int = 0  # the busy loop period the thread was in (see ``LoopBlocked``)
+
+
+class PythonStack(msgspec.Struct, tag="python_stack", array_like=True, gc=False, frozen=True):
+    """A Python stack as the kernel walked it, sent once per key.
+
+    ``key`` hashes the contents, so it means the same stack for the whole
+    run.  ``frames`` are leaf first, each ``(code object address, lasti,
+    first line, flags)`` (flags: ``PYTHON_FRAME_ENTRY``,
+    ``PYTHON_FRAME_GENERATOR``).  ``truncated`` means the outermost frames
+    were beyond the walker's depth.  ``epoch`` is the probe's stack-map
+    epoch when it was sent: the probe sends a key again once two epochs have
+    passed, so the batcher keeps keys of the last two epochs it has seen.
+    """
+
+    key: int
+    frames: list[tuple[int, int, int, int]]
+    truncated: bool
+    epoch: int
+
+
+PYTHON_FRAME_ENTRY = 1  # the first frame an evaluation loop call ran
+PYTHON_FRAME_GENERATOR = 2  # a generator's or coroutine's frame
+
+
+class ProcessExec(msgspec.Struct, tag="exec", array_like=True, gc=False, frozen=True):
+    """A sampled process ran exec: what was known of its old program is stale."""
+
+    pid: int
+
+
+class LoopThread(msgspec.Struct, tag="loop_thread", array_like=True, gc=False, frozen=True):
+    """A thread of a Python process waited in epoll for the first time.
+
+    ``python_stack`` is where it waited, which tells an asyncio loop from
+    other pollers.
+    """
+
+    pid: int
+    tid: int
+    python_stack: int
+
+
+class LoopBlocked(msgspec.Struct, tag="loop_blocked", array_like=True, gc=False, frozen=True):
+    """A loop's thread slept while its loop was busy: where, and for how long.
+
+    ``busy_since`` identifies the busy period (the monotonic time the loop
+    last returned from epoll); samples and stalls of the period carry it.
+    """
+
+    pid: int
+    tid: int
+    busy_since: int
+    duration_ns: int
+    python_stack: int
+
+
+class LoopStall(msgspec.Struct, tag="loop_stall", array_like=True, gc=False, frozen=True):
+    """An event loop ran callbacks for at least the stall threshold without waiting."""
+
+    timestamp_ns: int  # wall clock, when the loop waited again
+    pid: int
+    tid: int
+    comm: str
+    busy_since: int
+    duration_ns: int
+
+
+class LoopTotals(msgspec.Struct, tag="loop", array_like=True, gc=False, frozen=True):
+    """One event loop's busy periods (callback runs) since tracing began (cumulative).
+
+    ``buckets`` is a log2 histogram of the periods in nanoseconds, as in
+    ``SyscallTotals``.
+    """
+
+    pid: int
+    tid: int
+    comm: str
+    count: int
+    duration_ns: int
+    buckets: list[int]
 
 
 class SyscallTotals(msgspec.Struct, tag="syscalls", array_like=True, gc=False, frozen=True):
@@ -155,15 +237,24 @@ class OomKill(msgspec.Struct, tag="oom_kill", array_like=True, gc=False, frozen=
     oom_score_adj: int
 
 
-Totals = SyscallTotals | NetworkTotals | MemoryTotals
+Totals = SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals
 
 
 def totals_key(totals: Totals) -> tuple[str, int, str]:
-    """What a snapshot of ``totals`` supersedes: the same kind, process and syscall."""
-    name = totals.syscall if isinstance(totals, SyscallTotals) else ""
+    """What a snapshot of ``totals`` supersedes: the same kind, process and syscall
+    (or loop thread)."""
+    if isinstance(totals, SyscallTotals):
+        name = totals.syscall
+    elif isinstance(totals, LoopTotals):
+        name = str(totals.tid)
+    else:
+        name = ""
     return (type(totals).__name__, totals.pid, name)
-Record = SlowSyscall | TcpConnection | OomKill
-Event = StackTrace | CpuSample | SyscallTotals | NetworkTotals | MemoryTotals | Record
+
+
+Record = SlowSyscall | TcpConnection | OomKill | LoopStall
+Event = (StackTrace | PythonStack | CpuSample | ProcessExec | LoopThread | LoopBlocked
+         | SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals | Record)
 
 
 class EventMessage(msgspec.Struct, gc=False, frozen=True):

@@ -314,6 +314,9 @@ class LoadedProgram:
     def map(self, name: str) -> BpfMap:
         return self._maps[name]
 
+    def program_fd(self, name: str) -> int:
+        return self._programs[name]
+
     def attach_perf_event(self, program: str, type_: int, config: int,
                           sample_period: int) -> None:
         """Run ``program`` on a perf event on every online CPU."""

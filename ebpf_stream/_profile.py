@@ -16,6 +16,7 @@ import msgspec
 class FrameKind(enum.IntEnum):
     KERNEL = 0
     NATIVE = 1
+    PYTHON = 2
 
 
 class Frame(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -26,12 +27,17 @@ class Frame(msgspec.Struct, frozen=True, gc=False, array_like=True):
     address relative to ``module``'s load base (the ELF virtual address for
     native frames, the kernel address for kernel frames), which is what pprof
     and addr2line want.
+
+    A Python frame's ``name`` is the code object's qualified name, its
+    ``module`` the source file and ``line`` the line being run; its
+    ``address`` is 0.
     """
 
     name: str
     module: str
     kind: FrameKind
     address: int = 0
+    line: int = 0
 
 
 class StackSamples(msgspec.Struct, gc=False):

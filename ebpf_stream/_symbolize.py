@@ -25,7 +25,7 @@ import time
 import zlib
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from functools import partial
 from typing import Any, BinaryIO, Generic, NamedTuple, TypeVar
 
@@ -70,7 +70,7 @@ _SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u
 _SHT_SYMTAB, _SHT_NOTE, _SHT_DYNSYM = 2, 7, 11
 _PT_LOAD, _PT_NOTE = 1, 4
 _PF_X = 1
-_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+_STT_OBJECT, _STT_FUNC, _STT_GNU_IFUNC = 1, 2, 10
 _STB_GLOBAL, _STB_WEAK = 1, 2
 _NT_GNU_BUILD_ID = 3
 _SHN_XINDEX = 0xFFFF
@@ -507,6 +507,36 @@ def _read_symbols(reader: _Reader, sections: list[_Section]) -> list[_Symbols]:
                           & (symbols["value"] != 0) & (symbols["shndx"] != 0)
                           & (symbols["name"] != 0) & (symbols["name"] < strtab.size)]
         found.append((symbols, reader.read(strtab.offset, strtab.size)))
+    return found
+
+
+def object_symbols(reader: _Reader, headers: _ElfHeaders, names: Collection[str]) -> dict[
+        str, int]:
+    """ELF virtual addresses of the named data objects a file exports (defined
+    ``STT_OBJECT`` symbols of ``.dynsym``); names not exported are left out."""
+    found: dict[str, int] = {}
+    for section in headers.sections:
+        if section.type != _SHT_DYNSYM or section.link >= len(headers.sections):
+            continue
+        strtab = headers.sections[section.link]
+        strings = reader.read(strtab.offset, strtab.size)
+        symbols = np.frombuffer(
+            reader.read(section.offset, section.size - section.size % _SYM.itemsize), _SYM)
+        symbols = symbols[((symbols["info"] & 0xF) == _STT_OBJECT) & (symbols["shndx"] != 0)]
+        for name in names:
+            if name in found:
+                continue
+            # Where the string table reads the name: linkers share tails of
+            # strings, so it may end another one, and may be there more than once.
+            raw = os.fsencode(name) + b"\0"
+            name_at = []
+            at = strings.find(raw)
+            while at >= 0:
+                name_at.append(at)
+                at = strings.find(raw, at + 1)
+            match = symbols["value"][np.isin(symbols["name"], name_at)]
+            if len(match):
+                found[name] = int(match[0])
     return found
 
 

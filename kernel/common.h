@@ -39,3 +39,19 @@ static __always_inline u64 count(int which) {
         return 0;
     return ++(*c);
 }
+
+// Log2 histogram buckets: bucket i counts [2^i, 2^(i+1)) ns, bucket 0 also
+// takes 0 ns and the last one everything longer.
+#define LOG2_BUCKETS 32
+
+static __always_inline u32 log2_bucket(u64 ns) {
+    u32 b = 0;
+    // Binary search for the highest set bit, capped at the last bucket.
+    if (ns >> 32) return LOG2_BUCKETS - 1;
+    if (ns >> 16) { b += 16; ns >>= 16; }
+    if (ns >> 8) { b += 8; ns >>= 8; }
+    if (ns >> 4) { b += 4; ns >>= 4; }
+    if (ns >> 2) { b += 2; ns >>= 2; }
+    if (ns >> 1) { b += 1; }
+    return b;
+}

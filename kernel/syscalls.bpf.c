@@ -78,20 +78,6 @@ BPF_TASK_STORAGE(calls, struct call);
 #endif
 #include "common.h"
 
-#if LATENCY
-static __always_inline u32 log2_bucket(u64 ns) {
-    u32 b = 0;
-    // Binary search for the highest set bit, capped at the last bucket.
-    if (ns >> 32) return BUCKETS - 1;
-    if (ns >> 16) { b += 16; ns >>= 16; }
-    if (ns >> 8) { b += 8; ns >>= 8; }
-    if (ns >> 4) { b += 4; ns >>= 4; }
-    if (ns >> 2) { b += 2; ns >>= 2; }
-    if (ns >> 1) { b += 1; }
-    return b;
-}
-#endif
-
 static __always_inline void add_call(u32 pid, u32 nr, u64 ns, s64 ret) {
     struct key k = {pid, nr};
     struct totals *t = totals.lookup(&k);

@@ -8,14 +8,16 @@ closes probes, so new families plug in without touching it.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
+import anyio
 import numpy as np
 
 from .._bpf import BpfMap
 from .._config import EbpfConfig
-from .._events import EventMessage
+from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram
 from .._ringbuf import RingBuffer, drain_forever
 
@@ -60,18 +62,59 @@ class RingProbe(Probe):
     ``ring_full_counter`` is the index of the per-CPU counter in which the
     program counts records the ring had no room for; ``encode`` turns a
     batch of ring records into one message.
+
+    A probe whose program also aggregates in maps overrides ``read_totals``
+    and ``forget`` and runs ``read_ring_and_totals``: the totals are read
+    half an export interval out of phase with the batcher, so each batch
+    gets one fresh snapshot, and they are cumulative, so a snapshot that is
+    lost or late costs nothing.
     """
 
     ring_full_counter: ClassVar[int]
 
     def __init__(self, config: EbpfConfig) -> None:
         self._ring_latency_s = min(1.0, config.export_interval_s / 4)  # well inside an interval
+        self._totals_interval_s = config.export_interval_s
         self._program: LoadedProgram | None = None
         self._ring: RingBuffer | None = None
+        self._ended: set[int] = set()  # pids found gone at the last read of the totals
 
     @abc.abstractmethod
     def encode(self, records: np.ndarray) -> EventMessage:
         """The message of one batch of ring records."""
+
+    def read_totals(self) -> list[Event]:
+        """A snapshot of the cumulative totals in the maps."""
+        return []
+
+    def forget(self, pids: set[int]) -> None:
+        """Delete the map entries of processes that have exited."""
+
+    async def read_ring_and_totals(self, emit: Emit) -> None:
+        """``read_ring``, with a snapshot of the totals every export interval."""
+        async def totals_every_interval() -> None:
+            interval = self._totals_interval_s
+            await anyio.sleep(interval / 2)
+            while True:
+                await emit(self.totals_message())
+                await anyio.sleep(interval)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(totals_every_interval)
+            await self.read_ring(emit)
+
+    def totals_message(self) -> EventMessage:
+        """The totals, then forget processes that were already gone last time.
+
+        A process's final totals are therefore sent twice before its entries
+        are deleted, so one lost snapshot cannot lose them.
+        """
+        totals = self.read_totals()
+        if self._ended:
+            self.forget(self._ended)
+        pids = {getattr(t, "pid", 0) for t in totals}
+        self._ended = {p for p in pids if p and not os.path.exists(f"/proc/{p}")}
+        return encode_events(totals, 0)
 
     async def read_ring(self, emit: Emit) -> None:
         """Emit the ring's records as they arrive, until cancelled."""

@@ -3,33 +3,65 @@
 User space does as little as possible per sample: records are fixed-size
 and decoded a batch at a time, and each stack is read from the kernel once
 per stack-map generation, however many samples share it.
+
+Samples of Python processes also carry the Python stack the kernel walked
+(see ``python.py`` for which processes those are), and the same ring
+carries the event-loop records from which the batcher builds stalls.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import struct
 import time
 from collections.abc import Sequence
 
 import anyio.lowlevel
+import anyio.to_thread
 import numpy as np
 
 from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
-from .._config import EbpfConfig
-from .._events import CpuSample, Event, EventMessage, StackTrace, encode_events
+from .._config import EbpfConfig, PythonFrames
+from .._events import (
+    CpuSample,
+    Event,
+    EventMessage,
+    LoopBlocked,
+    LoopStall,
+    LoopThread,
+    ProcessExec,
+    StackTrace,
+    encode_events,
+)
 from .._loader import load_program
+from .._python.offsets import VERSIONS
+from .._python.runtime import UnsupportedPython, find_python
 from .._ringbuf import RingBuffer
 from .._stats import Stats
 from .base import Emit, RingProbe
+from .python import (
+    PythonProcesses,
+    forget_loops,
+    load_offsets,
+    read_loop_totals,
+    read_python_stack,
+    self_test,
+)
 from .tracing import CommNames, load_targets, wall_clock_offset_ns
+
+log = logging.getLogger("ebpf_stream")
 
 # Mirrors `struct sample` in kernel/cpu_profile.bpf.c.
 SAMPLE = np.dtype([
     ("timestamp_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
     ("user_stack_id", "<i4"), ("kernel_stack_id", "<i4"), ("generation", "<u4"),
-    ("comm", "S16"),
+    ("comm", "S16"), ("python_stack", "<u8"), ("busy_since", "<u8"), ("duration_ns", "<u8"),
+    ("kind", "<u4"), ("pad", "<u4"),
 ])
+# `enum kind` in kernel/cpu_profile.bpf.c
+_SAMPLE, _LOOP_THREAD, _LOOP_BLOCKED, _LOOP_STALL, _PROCESS_EXEC = range(5)
 _WAKEUP_EVERY = 64
 _PAGE = 4096
 _MAX_STACK_DEPTH = 127
@@ -68,11 +100,16 @@ class CpuProbe(RingProbe):
         # stacks can collide).
         self._rotate_after_keys = max(16, config.stack_map_entries // 16)
         self._rotate_after_ns = int(config.export_interval_s * 1e9)
+        self._python_frames = config.python_frames is not PythonFrames.OFF
+        self._loop_stalls = self._python_frames and config.loop_stall_ms > 0
+        self._python: PythonProcesses | None = None
+        self._python_sent: dict[int, int] = {}  # Python stack key -> epoch it was last sent in
 
     ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
 
     def cflags(self) -> list[str]:
         c = self._config
+        stall_ns = int(c.loop_stall_ms * 1e6)
         return [
             f"-DSTACK_ENTRIES={c.stack_map_entries}",
             f"-DRINGBUF_PAGES={c.ring_buffer_bytes // _PAGE}",
@@ -80,10 +117,22 @@ class CpuProbe(RingProbe):
             f"-DFOLLOW_CHILDREN={int(self._follow)}",
             f"-DINCLUDE_IDLE={int(c.include_idle)}",
             f"-DWAKEUP_EVERY={_WAKEUP_EVERY}",
+            f"-DPYTHON={int(self._python_frames)}",
+            f"-DPYTHON_VERSIONS={len(VERSIONS)}",
+            f"-DPYTHON_STACK_ENTRIES={c.stack_map_entries}",
+            f"-DLOOP_STALLS={int(self._loop_stalls)}",
+            f"-DSTALL_NS={stall_ns}",
+            # Sleeps this short cannot explain a stall by themselves; not
+            # reporting them bounds the records a busy loop can cause.
+            f"-DBLOCKED_MIN_NS={max(1, stall_ns // 16)}",
         ]
 
     def _map_names(self) -> list[str]:
         names = ["samples", "stacks_0", "stacks_1", "generation", "counters", "known"]
+        if self._python_frames:
+            names += ["python_offsets", "python_processes", "python_stacks_0", "python_stacks_1"]
+        if self._loop_stalls:
+            names.append("loop_busy")
         return [*names, "targets"] if self._targets is not None else names
 
     async def open(self) -> None:
@@ -96,23 +145,83 @@ class CpuProbe(RingProbe):
             self._epoch_start[0] = time.monotonic_ns()
             self._ring = RingBuffer(self.map("samples").fd, self._config.ring_buffer_bytes,
                                     SAMPLE)
-            if self._follow:
-                self._program.attach_tracepoints()
+            if self._python_frames:
+                await anyio.to_thread.run_sync(self._start_python)
+            self._program.attach_tracepoints()
             self._program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
                                             PERF_COUNT_SW_CPU_CLOCK, self._config.sample_period_ns)
         except BaseException:
             self.close()
             raise
 
+    def _start_python(self) -> None:
+        """Check the offsets on this process, then register the targets' interpreters."""
+        assert self._program is not None and self._ring is not None
+        load_offsets(self._program)
+        failed: dict[tuple[int, int], str] = {}
+        try:
+            host = find_python(os.getpid())
+        except UnsupportedPython:
+            host = None  # nothing to test with; each target is still checked
+        if host is not None:
+            problem = self_test(self._program, self._ring, host, SAMPLE,
+                                filtered=self._targets is not None)
+            if problem:
+                failed[host.version[:2]] = (
+                    f"the self-test of the CPython {'.'.join(map(str, host.version))} "
+                    f"layout failed ({problem})")
+        self._python = PythonProcesses(self._program, failed)
+        for pid in self._targets or ():
+            self._python.look(pid)
+
     async def run(self, emit: Emit) -> None:
-        await self.read_ring(emit)
+        if self._loop_stalls:
+            await self.read_ring_and_totals(emit)
+        else:
+            await self.read_ring(emit)
+
+    def read_totals(self) -> list[Event]:
+        if not self._loop_stalls or self._program is None:
+            return []
+        return list(read_loop_totals(self.map("loop_busy"), self._comm_of))
+
+    def forget(self, pids: set[int]) -> None:
+        if self._loop_stalls and self._program is not None:
+            forget_loops(self.map("loop_busy"), pids)
+        if self._python is not None:
+            for pid in pids:
+                self._python.forget(pid)
+
+    def _comm_of(self, pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                return f.read().rstrip("\n")
+        except OSError:
+            return ""
 
     async def drain(self, emit: Emit) -> None:
         await self.drain_ring(emit)
+        if self._loop_stalls:
+            await emit(encode_events(self.read_totals(), 0))
 
     def encode(self, records: np.ndarray) -> EventMessage:
-        n = len(records)
-        self._stats.received += n
+        kinds = records["kind"]
+        samples = records[kinds == _SAMPLE]
+        others = records[kinds != _SAMPLE]
+        events: list[Event] = []
+        if self._python is not None:
+            self._python_stacks(records, events)
+            for pid in np.unique(samples["pid"]).tolist():
+                self._python.look(pid)
+        events += self._samples(samples)
+        events += self._loop_events(others)
+        # Stalls are counted by the batcher, which alone knows whether they
+        # are an asyncio loop's.
+        self._stats.received += len(samples)
+        self._maybe_rotate()
+        return encode_events(events, len(samples))
+
+    def _samples(self, records: np.ndarray) -> list[Event]:
         ts = records["timestamp_ns"].astype(np.int64)
         user = self._stack_keys(records["user_stack_id"], records["generation"], ts)
         kernel = self._stack_keys(records["kernel_stack_id"], records["generation"], ts)
@@ -127,14 +236,52 @@ class CpuProbe(RingProbe):
                     self._keys_this_epoch += 1
         comms = [self._comm(c) for c in records["comm"].tolist()]
         events.extend(
-            CpuSample(t, pid, tid, cpu, comm, u, k)
-            for t, pid, tid, cpu, comm, u, k in zip(
+            CpuSample(t, pid, tid, cpu, comm, u, k, py, busy)
+            for t, pid, tid, cpu, comm, u, k, py, busy in zip(
                 (ts + self._wall_offset_ns).tolist(), records["pid"].tolist(),
                 records["tid"].tolist(), records["cpu"].tolist(), comms,
-                user.tolist(), kernel.tolist(), strict=True)
+                user.tolist(), kernel.tolist(), records["python_stack"].tolist(),
+                records["busy_since"].tolist(), strict=True)
         )
-        self._maybe_rotate()
-        return encode_events(events, n)
+        return events
+
+    def _python_stacks(self, records: np.ndarray, events: list[Event]) -> None:
+        """A ``PythonStack`` for each key in ``records`` not sent this epoch or the last.
+
+        Keys hash the stack's contents, so a key sent once needs no reading
+        again while the batcher keeps it (see ``PythonStack``).
+        """
+        walked = records[records["python_stack"] != 0]
+        if not len(walked):
+            return
+        keys, first = np.unique(walked["python_stack"], return_index=True)
+        for key, generation in zip(keys.tolist(), walked["generation"][first].tolist(),
+                                   strict=True):
+            if self._python_sent.get(key, -2) >= self._epoch - 1:
+                continue
+            stack = read_python_stack(self.map(f"python_stacks_{generation & 1}"), key,
+                                      self._epoch)
+            if stack is not None:
+                events.append(stack)
+                self._python_sent[key] = self._epoch
+                self._keys_this_epoch += 1
+
+    def _loop_events(self, records: np.ndarray) -> list[Event]:
+        events: list[Event] = []
+        for r in records.tolist():
+            kind, pid, tid = r[-2], r[1], r[2]
+            if kind == _PROCESS_EXEC:
+                if self._python is not None:
+                    self._python.exec_seen(pid)
+                events.append(ProcessExec(pid))
+            elif kind == _LOOP_THREAD:
+                events.append(LoopThread(pid, tid, r[8]))
+            elif kind == _LOOP_BLOCKED:
+                events.append(LoopBlocked(pid, tid, r[9], r[10], r[8]))
+            elif kind == _LOOP_STALL:
+                events.append(LoopStall(r[0] + self._wall_offset_ns, pid, tid,
+                                        self._comm_of(pid), r[9], r[10]))
+        return events
 
     def _stack_keys(self, ids: np.ndarray, generation: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Run-unique keys (epoch << 32 | id) for stack ids; errors stay negative.
@@ -175,3 +322,6 @@ class CpuProbe(RingProbe):
         self._epoch = new
         self._keys_this_epoch = 0
         self._sent = {k for k in self._sent if k >> 32 >= new - 1}
+        if self._python_frames:
+            self.map(f"python_stacks_{new & 1}").clear()
+            self._python_sent = {k: e for k, e in self._python_sent.items() if e >= new - 1}

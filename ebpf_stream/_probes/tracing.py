@@ -8,16 +8,14 @@ loading, target filtering, ring draining and the periodic reading of the
 totals; a family says what its program is called, how its records decode
 and how its totals read.
 
-Totals are read half an export interval out of phase with the batcher, so
-each batch gets one fresh snapshot; they are cumulative, so a snapshot that
-is lost or late costs nothing.
+Totals are read as ``RingProbe`` reads them: cumulative, once per export
+interval.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import os
 import struct
 import time
 from collections.abc import Iterable, Sequence
@@ -96,7 +94,6 @@ class TracingProbe(RingProbe):
         super().__init__(config)
         self.wall_offset_ns = wall_clock_offset_ns()
         self.comm = CommNames()
-        self._ended: set[int] = set()  # pids found gone at the last read of the totals
         self._losses_seen: dict[int, int] = {}
 
     # -- what a family provides -------------------------------------------------
@@ -150,30 +147,12 @@ class TracingProbe(RingProbe):
         return encode_events(self.decode(records), len(records))
 
     async def run(self, emit: Emit) -> None:
-        async def totals_every_interval() -> None:
-            interval = self.config.export_interval_s
-            await anyio.sleep(interval / 2)
-            while True:
-                await emit(self._totals_message())
-                await anyio.sleep(interval)
+        await self.read_ring_and_totals(emit)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(totals_every_interval)
-            await self.read_ring(emit)
-
-    def _totals_message(self) -> EventMessage:
-        """The totals, then forget processes that were already gone last time.
-
-        A process's final totals are therefore sent twice before its entries
-        are deleted, so one lost snapshot cannot lose them.
-        """
-        totals = self.read_totals()
+    def totals_message(self) -> EventMessage:
+        message = super().totals_message()
         self._warn_of_losses()
-        if self._ended:
-            self.forget(self._ended)
-        pids = {getattr(t, "pid", 0) for t in totals}
-        self._ended = {p for p in pids if p and not os.path.exists(f"/proc/{p}")}
-        return encode_events(totals, 0)
+        return message
 
     def losses_seen(self, index: int) -> int:
         """The loss counter ``index`` as last read (it survives closing)."""

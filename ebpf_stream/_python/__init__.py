@@ -1,0 +1,1 @@
+"""CPython support: where interpreters keep their frames, and reading them back."""

@@ -1,0 +1,142 @@
+// Event-loop stall detection for the threads of Python processes.
+//
+// A loop is busy from a return from epoll_wait (or epoll_pwait, pwait2) to
+// its next entry: that is the time its callbacks ran.  Contract with user
+// space (ebpf_stream/_probes/cpu.py mirrors it), in `samples` records:
+//  * LOOP_THREAD: a thread's first wait, with its Python stack then, from
+//    which user space tells an asyncio loop from other pollers;
+//  * LOOP_BLOCKED: the thread slept at least BLOCKED_MIN_NS while its loop
+//    was busy; `python_stack` is where it went to sleep, which CPU samples
+//    can never show;
+//  * LOOP_STALL: the loop was busy for at least STALL_NS, from `busy_since`
+//    to `timestamp_ns`;
+//  * CPU samples of a busy loop's thread carry its `busy_since`, so user
+//    space gathers a stall's stacks by it.  The stall record comes last:
+//    every record of its busy period was reserved before it in this ring.
+//  * `loop_busy[(pid, tid)]` is a per-CPU log2 histogram of busy periods.
+//
+// Build-time settings (-D): STALL_NS, BLOCKED_MIN_NS.
+
+struct loop_thread {
+    u64 busy_since;        // 0 while waiting
+    u64 blocked_since;     // 0 unless asleep while busy
+    u64 blocked_stack;
+    u32 blocked_generation;
+    u32 pid;
+};
+
+struct loop_key {
+    u32 pid;
+    u32 tid;
+};
+
+struct loop_histogram {
+    u64 count;
+    u64 total_ns;
+    u64 buckets[LOG2_BUCKETS];
+};
+
+BPF_TABLE("lru_hash", u32, struct loop_thread, loop_threads, 4096);
+BPF_PERCPU_HASH(loop_busy, struct loop_key, struct loop_histogram, 4096);
+
+static __always_inline void loop_record(u32 kind, u32 pid, u32 tid, u64 now, u64 stack,
+                                        u32 g, u64 busy_since, u64 duration) {
+    struct sample *r = samples.ringbuf_reserve(sizeof(struct sample));
+    if (!r) {
+        count(RING_FULL);
+        return;
+    }
+    __builtin_memset(r, 0, sizeof(*r));
+    r->timestamp_ns = now;
+    r->pid = pid;
+    r->tid = tid;
+    r->cpu = bpf_get_smp_processor_id();
+    r->user_stack_id = -EFAULT;
+    r->kernel_stack_id = -EFAULT;
+    r->generation = g;
+    r->python_stack = stack;
+    r->busy_since = busy_since;
+    r->duration_ns = duration;
+    r->kind = kind;
+    // Nothing here may wake the reader: this can run inside the scheduler.
+    samples.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline int loop_waits(void) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32, tid = id;
+    if (!python_processes.lookup(&pid))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    struct loop_thread *t = loop_threads.lookup(&tid);
+    if (!t || t->pid != pid) {
+        struct loop_thread fresh = {.pid = pid};
+        loop_threads.update(&tid, &fresh);
+        u32 g = current_generation();
+        loop_record(LOOP_THREAD, pid, tid, now, python_stack(pid, tid, g, now), g, 0, 0);
+        return 0;
+    }
+    u64 since = t->busy_since;
+    if (!since)
+        return 0;
+    t->busy_since = 0;
+    t->blocked_since = 0;
+    u64 busy = now - since;
+    struct loop_key key = {pid, tid};
+    struct loop_histogram *h = loop_busy.lookup(&key);
+    if (!h) {
+        struct loop_histogram zero = {};
+        loop_busy.insert(&key, &zero);
+        h = loop_busy.lookup(&key);
+        if (!h)
+            return 0;
+    }
+    h->count++;
+    h->total_ns += busy;
+    h->buckets[log2_bucket(busy) & (LOG2_BUCKETS - 1)]++;
+    if (busy >= STALL_NS)
+        loop_record(LOOP_STALL, pid, tid, now, 0, current_generation(), since, busy);
+    return 0;
+}
+
+static __always_inline int loop_returned(void) {
+    u32 tid = bpf_get_current_pid_tgid();
+    struct loop_thread *t = loop_threads.lookup(&tid);
+    if (t)
+        t->busy_since = bpf_ktime_get_ns();
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait) { return loop_waits(); }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait) { return loop_waits(); }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait2) { return loop_waits(); }
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return loop_returned(); }
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait) { return loop_returned(); }
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait2) { return loop_returned(); }
+
+// A busy loop's thread going to sleep: remember where, in Python terms.
+// This runs as the sleeping thread, so its memory is the one read.
+TRACEPOINT_PROBE(sched, sched_switch) {
+    if (args->prev_state & 0xff) {  // asleep; a preempted thread is still runnable
+        u32 prev = args->prev_pid;
+        struct loop_thread *t = loop_threads.lookup(&prev);
+        if (t && t->busy_since) {
+            u64 now = bpf_ktime_get_ns();
+            u32 g = current_generation();
+            t->blocked_stack = python_stack(t->pid, prev, g, now);
+            t->blocked_generation = g;
+            t->blocked_since = now;
+        }
+    }
+    u32 next = args->next_pid;
+    struct loop_thread *n = loop_threads.lookup(&next);
+    if (n && n->blocked_since) {
+        u64 now = bpf_ktime_get_ns();
+        u64 slept = now - n->blocked_since;
+        n->blocked_since = 0;
+        if (slept >= BLOCKED_MIN_NS)
+            loop_record(LOOP_BLOCKED, n->pid, next, now, n->blocked_stack,
+                        n->blocked_generation, n->busy_since, slept);
+    }
+    return 0;
+}
