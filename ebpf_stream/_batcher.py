@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -105,6 +106,8 @@ class StackResolver:
             self._python_epoch = stack.epoch
             self._python_stacks = {k: v for k, v in self._python_stacks.items()
                                    if v.epoch >= stack.epoch - 1}
+            for pid in [p for p in self._interpreters if not os.path.exists(f"/proc/{p}")]:
+                self.forget(pid)  # closes its /proc/PID/mem
         self._python_stacks[stack.key] = stack
 
     def process_exec(self, pid: int) -> None:

@@ -216,7 +216,9 @@ class Profiler:
         try:
             with reading:
                 await probe.run(emit)
-            probe.stop()
+            # Detaching a tracepoint waits out an RCU grace period (tens of
+            # ms each): never on the host's event loop.
+            await anyio.to_thread.run_sync(probe.stop)
             await probe.drain(emit)
         finally:
             self._readers -= 1

@@ -325,3 +325,5 @@ class CpuProbe(RingProbe):
         if self._python_frames:
             self.map(f"python_stacks_{new & 1}").clear()
             self._python_sent = {k: e for k, e in self._python_sent.items() if e >= new - 1}
+        if self._python is not None:
+            self._python.forget_exited()

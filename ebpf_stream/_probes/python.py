@@ -126,6 +126,12 @@ class PythonProcesses:
         for table in (self._found, self._first_seen, self._looks):
             table.pop(pid, None)
 
+    def forget_exited(self) -> None:
+        """Drop what is known of processes that have exited (the kernel drops
+        their entries itself)."""
+        for pid in [p for p in self._found if not os.path.exists(f"/proc/{p}")]:
+            self.forget(pid)
+
     def _report(self, problem: str) -> None:
         if problem not in self._reported:
             self._reported.add(problem)
@@ -221,7 +227,8 @@ def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
     """
     me = _U32.pack(os.getpid())
     register(program, runtime)
-    if filtered:
+    added = filtered and program.map("targets").lookup(me) is None
+    if added:
         program.map("targets").update(me, b"\x01")
     symbols = PythonSymbols()
     symbols.add_process(runtime)
@@ -240,7 +247,7 @@ def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
     finally:
         symbols.forget(os.getpid())
         unregister(program, os.getpid())
-        if filtered:
+        if added:
             program.map("targets").delete(me)
         while len(ring.read_batch()):
             pass
