@@ -25,7 +25,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -328,11 +328,14 @@ class LoadedProgram:
         except OSError as exc:
             raise ProbeError(f"{self.name}: attaching {program} failed ({exc.strerror})") from None
 
-    def attach_tracepoints(self) -> None:
-        """Attach every ``tracepoint__CATEGORY__EVENT`` program to its tracepoint and
-        every ``raw_tracepoint__NAME`` program to its raw tracepoint."""
+    def attach_tracepoints(self, only: Collection[str] | None = None) -> None:
+        """Attach every ``tracepoint__CATEGORY__EVENT`` program (or those named in
+        ``only``) to its tracepoint and every ``raw_tracepoint__NAME`` program to
+        its raw tracepoint."""
         tracefs = ensure_tracefs()
         for program, fd in self._programs.items():
+            if only is not None and program not in only:
+                continue
             kind, _, target = program.partition("__")
             category, _, event = target.partition("__")
             try:
@@ -343,6 +346,9 @@ class LoadedProgram:
             except OSError as exc:
                 raise ProbeError(f"{self.name}: attaching to {kind.replace('_', ' ')} "
                                  f"{target.replace('__', ':')} failed ({exc.strerror})") from None
+
+    def program_names(self) -> list[str]:
+        return list(self._programs)
 
     def attach_tracepoint(self, program: str, category: str, event: str, cookie: int) -> None:
         """Attach ``program`` to one more tracepoint, with a cookie that says which."""

@@ -103,6 +103,7 @@ class CpuProbe(RingProbe):
         self._python_frames = config.python_frames is not PythonFrames.OFF
         self._loop_stalls = self._python_frames and config.loop_stall_ms > 0
         self._python: PythonProcesses | None = None
+        self._loop_hooks: list[str] = []  # programs attached once a Python process is found
         self._python_sent: dict[int, int] = {}  # Python stack key -> epoch it was last sent in
 
     ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
@@ -145,9 +146,12 @@ class CpuProbe(RingProbe):
             self._epoch_start[0] = time.monotonic_ns()
             self._ring = RingBuffer(self.map("samples").fd, self._config.ring_buffer_bytes,
                                     SAMPLE)
+            programs = self._program.program_names()
+            self._loop_hooks = [p for p in programs if "epoll" in p or "sched_switch" in p]
+            self._program.attach_tracepoints(
+                only=[p for p in programs if p not in self._loop_hooks])
             if self._python_frames:
                 await anyio.to_thread.run_sync(self._start_python)
-            self._program.attach_tracepoints()
             self._program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
                                             PERF_COUNT_SW_CPU_CLOCK, self._config.sample_period_ns)
         except BaseException:
@@ -170,9 +174,19 @@ class CpuProbe(RingProbe):
                 failed[host.version[:2]] = (
                     f"the self-test of the CPython {'.'.join(map(str, host.version))} "
                     f"layout failed ({problem})")
-        self._python = PythonProcesses(self._program, failed)
+        self._python = PythonProcesses(self._program, failed, self._watch_loops)
         for pid in self._targets or ():
             self._python.look(pid)
+
+    def _watch_loops(self) -> None:
+        """Attach the event-loop hooks, once there is a Python process to watch.
+
+        Until then they would cost every process on the machine: enabling any
+        syscall tracepoint sends every syscall down the kernel's slow path.
+        """
+        if self._loop_hooks and self._program is not None:
+            hooks, self._loop_hooks = self._loop_hooks, []
+            self._program.attach_tracepoints(only=hooks)
 
     async def run(self, emit: Emit) -> None:
         if self._loop_stalls:

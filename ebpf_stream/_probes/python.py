@@ -70,8 +70,10 @@ def unregister(program: LoadedProgram, pid: int) -> None:
 class PythonProcesses:
     """Finds the interpreters of sampled processes and registers them with the kernel."""
 
-    def __init__(self, program: LoadedProgram, failed: dict[tuple[int, int], str]) -> None:
+    def __init__(self, program: LoadedProgram, failed: dict[tuple[int, int], str],
+                 on_found: Callable[[], None]) -> None:
         self._program = program
+        self._on_found = on_found  # called as each interpreter is registered
         self._failed = failed  # versions whose offsets failed the self-test, and how
         self._found: dict[int, PythonRuntime | None] = {}
         self._first_seen: dict[int, float] = {}
@@ -102,6 +104,7 @@ class PythonProcesses:
             self._looks[pid] = len(_LOOK_AGAIN_AT)  # an answer, not a race: stop looking
         if runtime is not None:
             register(self._program, runtime)
+            self._on_found()
         self._found[pid] = runtime
         return runtime
 
