@@ -7,6 +7,11 @@ samples identical frame for frame.
 
 Index 0 of every table is a null entry: pprof ids start at 1, and OTLP's
 dictionary reserves entry 0 of each table for the zero value.
+
+A Python frame is a function of a source file at a line: its location has
+no mapping (index 0, which both formats read as "not applicable": there is
+no binary to symbolize against) and one location per line, so the lines of
+one function stay apart.
 """
 
 from __future__ import annotations
@@ -43,14 +48,16 @@ class MappingEntry:
 @dataclasses.dataclass(frozen=True, slots=True)
 class FunctionEntry:
     name: int
+    filename: int = 0  # the source file of a Python function; native ones have none
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LocationEntry:
-    mapping: int
+    mapping: int  # 0 for a Python frame
     address: int
     function: int
     kind: FrameKind
+    line: int = 0  # the source line of a Python frame
 
 
 class ProfileDictionary:
@@ -63,7 +70,7 @@ class ProfileDictionary:
         self.locations: list[LocationEntry] = [LocationEntry(0, 0, 0, FrameKind.NATIVE)]
         self.stacks: list[tuple[int, ...]] = [()]
         self._mapping_index: dict[str, int] = {}
-        self._function_index: dict[str, int] = {}
+        self._function_index: dict[tuple[str, str], int] = {}
         self._location_index: dict[Frame, int] = {}
         self._stack_index: dict[tuple[Frame, ...], int] = {}
 
@@ -85,11 +92,13 @@ class ProfileDictionary:
         index = self._location_index.get(frame)
         if index is None:
             index = self._location_index[frame] = len(self.locations)
-            mapping = self._mapping(frame)
-            entry = self.mappings[mapping]
-            entry.memory_limit = max(entry.memory_limit, frame.address + 1)
-            self.locations.append(
-                LocationEntry(mapping, frame.address, self._function(frame), frame.kind))
+            mapping = 0
+            if frame.kind is not FrameKind.PYTHON:
+                mapping = self._mapping(frame)
+                entry = self.mappings[mapping]
+                entry.memory_limit = max(entry.memory_limit, frame.address + 1)
+            self.locations.append(LocationEntry(mapping, frame.address, self._function(frame),
+                                                frame.kind, frame.line))
         return index
 
     def _mapping(self, frame: Frame) -> int:
@@ -101,10 +110,14 @@ class ProfileDictionary:
         return index
 
     def _function(self, frame: Frame) -> int:
-        # A function is only its name in both formats (its binary is the location's
-        # mapping), so one name is one entry even when several binaries define it.
-        index = self._function_index.get(frame.name)
+        # A native function is only its name in both formats (its binary is the
+        # location's mapping), so one name is one entry even when several binaries
+        # define it.  A Python function is its name in its source file.
+        filename = frame.module if frame.kind is FrameKind.PYTHON else ""
+        key = (frame.name, filename)
+        index = self._function_index.get(key)
         if index is None:
-            index = self._function_index[frame.name] = len(self.functions)
-            self.functions.append(FunctionEntry(self.string(valid_utf8(frame.name))))
+            index = self._function_index[key] = len(self.functions)
+            self.functions.append(FunctionEntry(self.string(valid_utf8(frame.name)),
+                                                self.string(valid_utf8(filename))))
         return index

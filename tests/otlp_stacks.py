@@ -10,7 +10,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from ebpf_stream._exporters.folded import KERNEL_SUFFIX
+from ebpf_stream._exporters.folded import KERNEL_SUFFIX, short_file
 
 
 def resource_attributes(resource: object) -> dict[str, object]:
@@ -25,8 +25,9 @@ def stacks(requests: Iterable[ExportProfilesServiceRequest], *,
            sample_type: str = "samples") -> Counter[tuple[int, tuple[str, ...]]]:
     """{(pid, root-first frame names): value} over every profile of ``sample_type``.
 
-    Kernel frames get the folded format's suffix, so the result compares
-    directly with folded output.
+    Kernel frames get the folded format's suffix and Python frames read
+    ``qualname (file.py:line)``, so the result compares directly with folded
+    output.
     """
     total: Counter[tuple[int, tuple[str, ...]]] = Counter()
     for request in requests:
@@ -38,9 +39,12 @@ def stacks(requests: Iterable[ExportProfilesServiceRequest], *,
         def name(location_index: int, d: Any = d, s: Any = s,
                  kinds: dict[int, str] = kinds) -> str:
             loc = d.location_table[location_index]
-            fn = d.function_table[loc.lines[0].function_index]
-            kernel = any(kinds.get(i) == "kernel" for i in loc.attribute_indices)
-            return s[fn.name_strindex] + (KERNEL_SUFFIX if kernel else "")
+            (line,) = loc.lines
+            fn = d.function_table[line.function_index]
+            (kind,) = (kinds[i] for i in loc.attribute_indices)
+            if kind == "cpython":
+                return f"{s[fn.name_strindex]} ({short_file(s[fn.filename_strindex])}:{line.line})"
+            return s[fn.name_strindex] + (KERNEL_SUFFIX if kind == "kernel" else "")
 
         for rp in request.resource_profiles:
             pid = int(resource_attributes(rp.resource)["process.pid"])  # type: ignore[call-overload]

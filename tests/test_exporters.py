@@ -16,7 +16,21 @@ import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
-from sample_frames import DB_MAIN, EXT4, MAIN, PERIOD, READ, START, WORK, native
+from sample_frames import (
+    DB_MAIN,
+    EVAL,
+    EXT4,
+    HANDLE_RUN,
+    HANDLER,
+    HANDLER_LATER,
+    MAIN,
+    PERIOD,
+    READ,
+    RUN_ONCE,
+    START,
+    WORK,
+    native,
+)
 
 from ebpf_stream._dictionary import KERNEL_MAPPING
 from ebpf_stream._errors import ExportError
@@ -264,6 +278,47 @@ def test_svg_without_samples_says_so() -> None:
     root = ET.fromstring(svg)
     assert "No samples" in "".join(root.itertext())
     assert frames_of(svg) == {}
+
+
+# -- Python frames -----------------------------------------------------------
+
+PYTHON_ROOT = ("python3;main;_PyEval_EvalFrameDefault;"
+               "BaseEventLoop._run_once (asyncio/base_events.py:1922);"
+               "Handle._run (asyncio/events.py:80)")
+
+
+def python_profile() -> Profile:
+    """An asyncio service's merged stacks, in two lines of one handler."""
+    p = empty_profile()
+    p.add(40, "python3", (MAIN, EVAL, RUN_ONCE, HANDLE_RUN, HANDLER), count=3)
+    p.add(40, "python3", (MAIN, EVAL, RUN_ONCE, HANDLE_RUN, HANDLER_LATER), count=1)
+    return p
+
+
+def test_folded_python_frames_read_qualname_file_and_line() -> None:
+    assert render_folded(python_profile()).splitlines() == [
+        f"{PYTHON_ROOT};handler (app.py:3) 3",
+        f"{PYTHON_ROOT};handler (app.py:4) 1",
+    ]
+
+
+def test_speedscope_python_frames_carry_their_source_file_and_line() -> None:
+    frames = json.loads(render_speedscope(python_profile()))["shared"]["frames"]
+    assert {"name": "handler (app.py:3)", "file": "/srv/app.py", "line": 3} in frames
+    assert {"name": "handler (app.py:4)", "file": "/srv/app.py", "line": 4} in frames
+    assert {"name": "Handle._run (asyncio/events.py:80)",
+            "file": "/usr/lib/python3.11/asyncio/events.py", "line": 80} in frames
+    assert {"name": "main", "file": "/usr/bin/app"} in frames  # native: no line
+    assert len(frames) == 6
+
+
+def test_svg_python_frames_are_labelled_like_folded() -> None:
+    frames = frames_of(render_flamegraph_svg(python_profile()))
+    assert {"BaseEventLoop._run_once (asyncio/base_events.py:1922)",
+            "Handle._run (asyncio/events.py:80)", "handler (app.py:3)",
+            "handler (app.py:4)"} <= set(frames)
+    assert frames["handler (app.py:3)"].findtext(f"{SVG}title") == (
+        "handler (app.py:3) (3 samples, 75.00%)")
 
 
 # -- exporters ---------------------------------------------------------------

@@ -28,13 +28,27 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
-from sample_frames import MAIN, PERIOD, READ, START, WORK, kernel, native
+from sample_frames import (
+    EVAL,
+    HANDLE_RUN,
+    HANDLER,
+    HANDLER_LATER,
+    MAIN,
+    PERIOD,
+    READ,
+    RUN_ONCE,
+    START,
+    WORK,
+    kernel,
+    native,
+    python,
+)
 
 from ebpf_stream._batch import Batch
 from ebpf_stream._config import EbpfConfig
 from ebpf_stream._dictionary import KERNEL_MAPPING
 from ebpf_stream._events import CpuSample
-from ebpf_stream._exporters.folded import KERNEL_SUFFIX
+from ebpf_stream._exporters.folded import KERNEL_SUFFIX, frame_label, short_file
 from ebpf_stream._exporters.pprof import render_pprof
 from ebpf_stream._otlp.converter import EventConverter
 from ebpf_stream._otlp.profiles import FRAME_TYPE
@@ -400,6 +414,80 @@ def test_pprof_and_otlp_list_the_same_stacks_mappings_and_totals() -> None:
                                              for m in pprof.mapping}
     assert pprof.period == PERIOD
     assert (pprof.time_nanos, pprof.duration_nanos) == (START, DURATION)
+
+
+# -- Python frames -----------------------------------------------------------------------------
+
+PY_APP = ProcessInfo(40, "python3", "python3.11", "python3 /srv/app.py")
+ADMIN_HANDLER = python("handler", "/srv/admin.py", 3)  # the same name in another file
+
+
+def python_profile() -> Profile:
+    """A Python service's merged stacks: two lines of one function, and a function of the same
+    name in another file."""
+    rng = random.Random(3)
+    p = Profile(period_ns=PERIOD, start_ns=START, end_ns=END, processes={40: PY_APP})
+    for frames, count in (
+        ((MAIN, EVAL, RUN_ONCE, HANDLE_RUN, HANDLER), 4),
+        ((MAIN, EVAL, RUN_ONCE, HANDLE_RUN, HANDLER_LATER, EVAL), 2),
+        ((MAIN, EVAL, RUN_ONCE, ADMIN_HANDLER), 1),
+    ):
+        p.add(40, "python3", frames, count, timestamps(rng, count))
+    return p
+
+
+def python_expected() -> Counter[tuple[int, tuple[str, ...]]]:
+    return Counter({(s.pid, tuple(map(frame_label, s.frames))): s.count
+                    for s in python_profile()})
+
+
+def test_python_frames_in_otlp_are_cpython_locations_without_mapping() -> None:
+    request = convert(python_profile())
+    assert otlp_stacks.stacks([request]) == python_expected()
+    d = request.dictionary
+    s = d.string_table
+    by_frame: dict[tuple[str, str, int], profiles_pb2.Location] = {}
+    functions: dict[tuple[str, str], int] = {}
+    for loc in d.location_table[1:]:
+        (index,) = loc.attribute_indices
+        if d.attribute_table[index].value.string_value != "cpython":
+            assert loc.mapping_index > 0
+            continue
+        (line,) = loc.lines
+        fn = d.function_table[line.function_index]
+        name, path = s[fn.name_strindex], s[fn.filename_strindex]
+        assert (loc.mapping_index, loc.address, s[fn.system_name_strindex]) == (0, 0, name)
+        by_frame[name, path, line.line] = loc
+        functions[name, path] = line.function_index
+    python_frames = (RUN_ONCE, HANDLE_RUN, HANDLER, HANDLER_LATER, ADMIN_HANDLER)
+    assert set(by_frame) == {(f.name, f.module, f.line) for f in python_frames}
+    # Lines 3 and 4 of handler: two locations of one function; admin.py's handler is another.
+    assert functions["handler", "/srv/app.py"] != functions["handler", "/srv/admin.py"]
+    assert len(set(functions.values())) == len(functions) == 4
+    assert "/srv/app.py" not in {s[m.filename_strindex] for m in d.mapping_table}
+
+
+def test_python_frames_in_pprof_match_otlp() -> None:
+    pprof = PprofProfile.FromString(gzip.decompress(render_pprof(python_profile())))
+    ps = pprof.string_table
+    functions = {f.id: f for f in pprof.function}
+    mapped = {m.id for m in pprof.mapping}
+
+    def label(loc: Any) -> str:
+        (line,) = loc.line
+        fn = functions[line.function_id]
+        if loc.mapping_id == 0:
+            return f"{ps[fn.name]} ({short_file(ps[fn.filename])}:{line.line})"
+        assert loc.mapping_id in mapped and line.line == 0 and fn.filename == 0
+        return ps[fn.name]
+
+    locations = {loc.id: label(loc) for loc in pprof.location}
+    got: Counter[tuple[int, tuple[str, ...]]] = Counter()
+    for sample in pprof.sample:
+        pid = next(label.num for label in sample.label if ps[label.key] == "pid")
+        got[pid, tuple(locations[i] for i in reversed(sample.location_id))] += sample.value[0]
+    assert got == python_expected()
+    assert sum(loc.mapping_id == 0 for loc in pprof.location) == 5
 
 
 # -- metrics -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Traced data in OTLP: syscall, network and memory totals as metrics, discrete events as logs.
+"""Traced data in OTLP: syscall, network, memory and event-loop totals as metrics, discrete
+events (loop stalls among them) as logs.
 
 Batches are built by hand, converted, and what comes out is checked exactly (names, units,
 values, attributes, temporality, histogram buckets, log attributes); then the same batch goes
@@ -30,11 +31,27 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from otlp_receivers import Receiver, grpc_receiver, http_receiver
 from otlp_stacks import resource_attributes as attributes
-from sample_frames import EXT4, MAIN, PERIOD, READ, START, WORK
+from sample_frames import (
+    EVAL,
+    EXT4,
+    HANDLE_RUN,
+    HANDLER,
+    HANDLER_LATER,
+    MAIN,
+    PERIOD,
+    READ,
+    RUN_ONCE,
+    START,
+    WORK,
+    native,
+    python,
+)
 
-from ebpf_stream._batch import Batch, SlowCall, TraceRecord
+from ebpf_stream._batch import Batch, SlowCall, Stall, StallStack, TraceRecord
 from ebpf_stream._errors import ExportError
 from ebpf_stream._events import (
+    LoopStall,
+    LoopTotals,
     MemoryTotals,
     NetworkTotals,
     OomKill,
@@ -48,6 +65,7 @@ from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
 from ebpf_stream._exporters.otlp.transport import DeliveryError, MockTransport
 from ebpf_stream._otlp.converter import BatchRequests, EventConverter
 from ebpf_stream._otlp.json import decode_otlp_json
+from ebpf_stream._otlp.logs import STALL_FRAMES, STALL_STACKS
 from ebpf_stream._otlp.settings import Protocol, Signal, otlp_endpoints
 from ebpf_stream._profile import ProcessInfo, Profile
 
@@ -71,6 +89,9 @@ DB_MEMORY = MemoryTotals(20, "db", minor_faults=300, major_faults=2, rss_anon=40
                          rss_file=4096 * 20, rss_shmem=4096, rss_swap=8192, mmap_calls=6,
                          mmap_bytes=1 << 20, munmap_calls=2, munmap_bytes=1 << 16,
                          brk_growth=-4096)
+# The loop thread 10 had 5 busy periods: 2 in [2**26, 2**27) ns and 3 in [2**28, 2**29) ns.
+LOOP = LoopTotals(10, 10, "app", count=5, duration_ns=1_500_000_000,
+                  buckets=[0] * 26 + [2, 0, 3] + [0] * (BUCKETS - 29))
 FRESH_MEMORY = MemoryTotals(GONE_PID, "short", minor_faults=1, major_faults=0, rss_anon=0,
                             rss_file=0, rss_shmem=0, rss_swap=0, mmap_calls=0, mmap_bytes=0,
                             munmap_calls=0, munmap_bytes=0, brk_growth=0)
@@ -82,6 +103,10 @@ SERVER = TcpConnection(START + 200, START + 300, 20, "db", "server", "reset", 6,
 SLOW = SlowCall(SlowSyscall(START + 500, 10, 11, "app-worker", "read", 25_000_000,
                             -errno.EAGAIN, [1, 2], [3, 4]),
                 (MAIN, WORK, READ, EXT4))
+# Slept 300.1 ms in handler line 3 (sampled 3 times there), sampled once in line 4.
+STALL = Stall(LoopStall(START + 700, 10, 10, "app", busy_since=12345, duration_ns=301_000_000),
+              (StallStack((MAIN, EVAL, RUN_ONCE, HANDLE_RUN, HANDLER), 3, 300_100_000),
+               StallStack((MAIN, RUN_ONCE, HANDLE_RUN, HANDLER_LATER, EVAL), 1, 0)))
 OOM = OomKill(START + 900, 20, "db", total_vm=1 << 30, anon_rss=1 << 29, file_rss=1 << 20,
               shmem_rss=0, oom_score_adj=500)
 
@@ -93,8 +118,8 @@ def make_batch(start_ns: int = START, *, totals: list[Totals] | None = None,
     if samples:
         profile.add(10, "app", (MAIN, WORK), samples, [start_ns + i for i in range(samples)])
     return Batch(profile,
-                 records=[CLIENT, SERVER, SLOW, OOM] if records is None else records,
-                 totals=[READS, OPENS, APP_NET, DB_MEMORY, FRESH_MEMORY] if totals is None
+                 records=[CLIENT, SERVER, SLOW, STALL, OOM] if records is None else records,
+                 totals=[READS, OPENS, APP_NET, LOOP, DB_MEMORY, FRESH_MEMORY] if totals is None
                  else totals)
 
 
@@ -160,6 +185,29 @@ def test_syscall_duration_histogram_maps_the_log2_buckets_exactly() -> None:
     assert (read.count, read.sum) == (7, 9_300 / 1e9)
     assert (openat.count, openat.sum, openat.bucket_counts[-1]) == (3, 3.0, 3)
     assert (read.start_time_unix_nano, read.time_unix_nano) == (START, START + INTERVAL)
+
+
+def test_loop_busy_histogram_per_thread_with_the_syscall_bounds() -> None:
+    other = LoopTotals(10, 14, "app", count=1, duration_ns=2_000,
+                       buckets=[0] * 10 + [1] + [0] * (BUCKETS - 11))
+    metrics = metrics_by_pid(convert(make_batch(totals=[LOOP, other, READS])).metrics)
+    metric = metrics[10, "asyncio.loop.busy.duration"]
+    assert metric.unit == "s"
+    assert metric.histogram.aggregation_temporality == CUMULATIVE
+    assert [attributes(p) for p in metric.histogram.data_points] == [
+        {"thread.id": 10}, {"thread.id": 14}]
+    points = {attributes(p)["thread.id"]: p for p in metric.histogram.data_points}
+    loop = points[10]
+    assert list(loop.explicit_bounds) == list(
+        metrics[10, "process.syscall.duration"].histogram.data_points[0].explicit_bounds)
+    assert list(loop.bucket_counts) == LOOP.buckets
+    assert (loop.count, loop.sum) == (5, 1.5)
+    assert (points[14].count, points[14].sum, points[14].bucket_counts[10]) == (1, 2e-6, 1)
+    assert (loop.start_time_unix_nano, loop.time_unix_nano) == (START, START + INTERVAL)
+    # A loop's totals are a histogram and nothing else.
+    assert {name for pid, name in metrics if pid == 10} == {
+        "process.cpu.time", "process.syscall.count", "process.syscall.errors",
+        "process.syscall.duration", "asyncio.loop.busy.duration"}
 
 
 def test_network_totals() -> None:
@@ -314,13 +362,74 @@ def test_oom_kills_are_warnings_about_the_victim() -> None:
     }
 
 
+def test_a_stall_is_a_warning_naming_the_culprit_with_its_stacks() -> None:
+    logs = convert(make_batch()).logs
+    (record,) = [r for _, r in logs_by_pid(logs) if r.event_name == "asyncio.loop.stall"]
+    assert record.severity_number == logs_pb2.SeverityNumber.SEVERITY_NUMBER_WARN
+    assert record.severity_text == "WARN"
+    assert record.time_unix_nano == STALL.stall.timestamp_ns
+    assert record.body.string_value == "asyncio loop blocked for 301 ms in handler (app.py:3)"
+    assert record_named(logs, "asyncio.loop.stall", 10) == {
+        "thread.id": 10, "asyncio.loop.stall.duration": 0.301,
+        "code.function.name": "handler", "code.file.path": "/srv/app.py",
+        "code.line.number": 3,
+        "code.stacktrace": "\n".join([
+            "slept 300.1 ms / 3 samples:",
+            "  at handler (/srv/app.py:3)",
+            "  at Handle._run (/usr/lib/python3.11/asyncio/events.py:80)",
+            "  at BaseEventLoop._run_once (/usr/lib/python3.11/asyncio/base_events.py:1922)",
+            "  at _PyEval_EvalFrameDefault (/usr/bin/python3.11)",
+            "  at main (/usr/bin/app)",
+            "slept 0.0 ms / 1 samples:",
+            "  at _PyEval_EvalFrameDefault (/usr/bin/python3.11)",
+            "  at handler (/srv/app.py:4)",
+            "  at Handle._run (/usr/lib/python3.11/asyncio/events.py:80)",
+            "  at BaseEventLoop._run_once (/usr/lib/python3.11/asyncio/base_events.py:1922)",
+            "  at main (/usr/bin/app)",
+        ]),
+    }
+
+
+def test_the_culprit_is_the_innermost_named_python_frame_of_the_heaviest_stack() -> None:
+    lost = python("[unknown python]", "[unknown]", 0)
+    stall = Stall(STALL.stall, (StallStack((RUN_ONCE, HANDLER_LATER, lost, EVAL), 5, 0),
+                                StallStack((RUN_ONCE, HANDLER), 1, 0)))
+    logs = convert(make_batch(records=[stall])).logs
+    (record,) = [r for _, r in logs_by_pid(logs)]
+    assert record.body.string_value == "asyncio loop blocked for 301 ms in handler (app.py:4)"
+    assert record_named(logs, "asyncio.loop.stall", 10)["code.line.number"] == 4
+
+
+def test_a_stall_without_stacks_names_no_code() -> None:
+    logs = convert(make_batch(records=[Stall(STALL.stall, ())])).logs
+    (record,) = [r for _, r in logs_by_pid(logs)]
+    assert record.body.string_value == "asyncio loop blocked for 301 ms"
+    assert record_named(logs, "asyncio.loop.stall", 10) == {
+        "thread.id": 10, "asyncio.loop.stall.duration": 0.301}
+
+
+def test_a_stall_stack_trace_is_bounded() -> None:
+    deep = tuple(native(f"f{i}", address=i) for i in range(STALL_FRAMES + 6))
+    stacks = tuple(StallStack(deep, i, 0) for i in range(STALL_STACKS + 2))
+    logs = convert(make_batch(records=[Stall(STALL.stall, stacks)])).logs
+    trace = str(record_named(logs, "asyncio.loop.stall", 10)["code.stacktrace"]).split("\n")
+    headers = [i for i, line in enumerate(trace) if line.startswith("slept ")]
+    assert len(headers) == STALL_STACKS
+    first = trace[headers[0]:headers[1]]
+    # Leaf first: the innermost frames are kept.
+    assert first[1:3] == [f"  at f{STALL_FRAMES + 5} (/usr/bin/app)",
+                          f"  at f{STALL_FRAMES + 4} (/usr/bin/app)"]
+    assert len(first) == 1 + STALL_FRAMES + 1 and first[-1] == "  ... 6 more frames"
+    assert trace[-1] == "  ... 2 more stacks"
+
+
 def test_records_go_on_the_resource_of_their_process() -> None:
     logs = convert(make_batch()).logs
     assert len(logs.resource_logs) == 2
     by_pid: dict[int, list[str]] = {}
     for pid, record in logs_by_pid(logs):
         by_pid.setdefault(pid, []).append(record.event_name)
-    assert by_pid == {10: ["tcp.connection.closed", "syscall.slow"],
+    assert by_pid == {10: ["tcp.connection.closed", "syscall.slow", "asyncio.loop.stall"],
                       20: ["tcp.connection.closed", "process.oom_kill"]}
     db = next(rl.resource for rl in logs.resource_logs
               if attributes(rl.resource)["process.pid"] == 20)
@@ -382,7 +491,7 @@ OK: dict[Signal, Message] = {
 
 
 @pytest.mark.parametrize(("failing", "lost"), [
-    (Signal.LOGS, 4),  # the four records
+    (Signal.LOGS, 5),  # the five records
     (Signal.PROFILES, 3),  # the three CPU samples
     (Signal.METRICS, 0),  # totals are cumulative: the next batch carries them again
 ])
@@ -404,5 +513,5 @@ async def test_a_request_given_up_costs_the_samples_it_carries(failing: Signal,
         async with OtlpExporter(environ={}, transports=transports) as exporter:
             await exporter.export(make_batch())
     assert sent == [Signal.PROFILES, Signal.METRICS, Signal.LOGS]
-    assert make_batch().sample_count == 3 + 4
+    assert make_batch().sample_count == 3 + 5
     assert (exporter.stats.undelivered, exporter.stats.export_errors) == (lost, 1)

@@ -4,6 +4,8 @@ The tables come from the same ``ProfileDictionary`` as the OTLP encoding, so
 both describe every stack with the same functions, locations and mappings.
 Frames are already symbolized, so every mapping says it has functions and
 consumers show our names rather than trying to symbolize addresses again.
+Python frames have no mapping; their functions name the source file and
+their lines the line being run.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ def render_pprof(profile: Profile) -> bytes:
         pb.Mapping(id=i, filename=m.filename, memory_limit=m.memory_limit, has_functions=True)
         for i, m in enumerate(d.mappings) if i)
     out.function.extend(
-        pb.Function(id=i, name=f.name, system_name=f.name) for i, f in enumerate(d.functions) if i)
+        pb.Function(id=i, name=f.name, system_name=f.name, filename=f.filename)
+        for i, f in enumerate(d.functions) if i)
     out.location.extend(
         pb.Location(id=i, mapping_id=loc.mapping, address=loc.address,
-                    line=[pb.Line(function_id=loc.function)])
+                    line=[pb.Line(function_id=loc.function, line=loc.line)])
         for i, loc in enumerate(d.locations) if i)
     out.string_table.extend(d.strings)
     # mtime=0 keeps the bytes a pure function of the profile.

@@ -2,6 +2,7 @@
 
 Splitting by process (and pid) lets the viewer switch between programs
 instead of blending them, while the shared frame table keeps the file small.
+A Python frame's file is its source file, and it carries its line.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ SCHEMA = "https://www.speedscope.app/file-format-schema.json"
 
 def render_speedscope(profile: Profile) -> str:
     """The speedscope JSON of ``profile``; weights are CPU nanoseconds."""
-    frames: dict[tuple[str, str], int] = {}
+    frames: dict[tuple[str, str, int], int] = {}  # (label, file, line) -> index
     by_process: dict[tuple[str, int], dict[tuple[int, ...], int]] = {}
     for s in profile:
         stack = tuple(
-            frames.setdefault((frame_label(f), f.module), len(frames)) for f in s.frames
+            frames.setdefault((frame_label(f), f.module, f.line), len(frames))
+            for f in s.frames
         )
         weights = by_process.setdefault((clean_name(s.process), s.pid), {})
         weights[stack] = weights.get(stack, 0) + s.count * profile.period_ns
@@ -42,7 +44,8 @@ def render_speedscope(profile: Profile) -> str:
         "exporter": "ebpf-stream",
         "name": "ebpf-stream CPU profile",
         "activeProfileIndex": 0,
-        "shared": {"frames": [{"name": name, "file": module} for name, module in frames]},
+        "shared": {"frames": [{"name": name, "file": file} | ({"line": line} if line else {})
+                              for name, file, line in frames]},
         "profiles": profiles,
     }
     return json.dumps(document, separators=(",", ":"))

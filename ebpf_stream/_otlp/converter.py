@@ -22,9 +22,9 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, ScopeMetrics
 
-from .._batch import Batch, SlowCall
+from .._batch import Batch, SlowCall, Stall, TraceRecord
 from .._config import EbpfConfig
-from .._events import CpuSample, Totals
+from .._events import CpuSample, LoopStall, OomKill, SlowSyscall, TcpConnection, Totals
 from .._overhead import Overhead
 from .._profile import ProcessInfo
 from .._stats import Stats
@@ -39,6 +39,15 @@ from .metrics import (
     totals_metrics,
 )
 from .profiles import profiles_request
+
+
+def _event_of(record: TraceRecord) -> SlowSyscall | TcpConnection | OomKill | LoopStall:
+    """The kernel's event a record was built from, which names its process."""
+    if isinstance(record, SlowCall):
+        return record.call
+    if isinstance(record, Stall):
+        return record.stall
+    return record
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,7 +117,7 @@ class EventConverter:
     def _trace_logs(self, batch: Batch) -> ExportLogsServiceRequest:
         groups: defaultdict[ProcessInfo, list[LogRecord]] = defaultdict(list)
         for record in batch.records:
-            event = record.call if isinstance(record, SlowCall) else record
+            event = _event_of(record)
             groups[batch.profile.process(event.pid, event.comm)].append(
                 trace_log_record(record))
         return logs_request((self._resources.for_process(p), r) for p, r in groups.items())

@@ -8,7 +8,11 @@ resource of its process:
   semantic conventions' ``network.*`` attributes;
 - ``syscall.slow``: a syscall over the threshold, with its stack in
   ``code.stacktrace`` (root first, one ``function (module)`` per line);
-- ``process.oom_kill``: the OOM killer's victim, at severity WARN.
+- ``process.oom_kill``: the OOM killer's victim, at severity WARN;
+- ``asyncio.loop.stall``: an asyncio loop that ran callbacks past the stall
+  threshold without waiting, at severity WARN, naming the culprit (the
+  innermost Python frame of the heaviest stack) in ``code.*`` and the
+  stacks seen meanwhile in ``code.stacktrace``.
 
 Warnings and errors of the engine (lost samples, a failing exporter, a slow
 shutdown) reach the same pipeline as its data, so operators see them where
@@ -26,13 +30,20 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.logs.v1 import logs_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
-from .._batch import SlowCall, TraceRecord
+from .._batch import SlowCall, Stall, StallStack, TraceRecord
 from .._events import OomKill, TcpConnection, endpoint
+from .._exporters.folded import frame_label
+from .._profile import Frame, FrameKind
 from .attributes import AttributeValue, any_value, key_values, scope
 
 TCP_CONNECTION_CLOSED = "tcp.connection.closed"
 SYSCALL_SLOW = "syscall.slow"
 PROCESS_OOM_KILL = "process.oom_kill"
+ASYNCIO_LOOP_STALL = "asyncio.loop.stall"
+# A stall's stack trace stays a readable size: its heaviest stacks, each
+# with its innermost frames (where the time went).
+STALL_STACKS = 8
+STALL_FRAMES = 64
 _MAX_ERRNO = 4095  # the kernel returns -1 .. -4095 for errors; anything else is a result
 
 _SEVERITIES = (  # (lowest logging level, OTLP severity number): the data model's mapping
@@ -141,12 +152,61 @@ def _oom_kill(kill: OomKill) -> pb.LogRecord:
         pb.SeverityNumber.SEVERITY_NUMBER_WARN)
 
 
+def _frame_line(frame: Frame) -> str:
+    where = f"{frame.module}:{frame.line}" if frame.line else frame.module
+    return f"  at {frame.name} ({where})"
+
+
+def _more(count: int, what: str) -> list[str]:
+    return [f"  ... {count} more {what}"] if count > 0 else []
+
+
+def _stall_stack(stack: StallStack) -> str:
+    """``slept 300.1 ms / 3 samples:`` then the frames, leaf first, one per line."""
+    return "\n".join([f"slept {stack.slept_ns / 1e6:.1f} ms / {stack.samples} samples:",
+                      *map(_frame_line, stack.frames[::-1][:STALL_FRAMES]),
+                      *_more(len(stack.frames) - STALL_FRAMES, "frames")])
+
+
+def stall_culprit(stall: Stall) -> Frame | None:
+    """The code that kept the loop from waiting: the innermost named Python frame
+    of the heaviest stack (stacks come heaviest first)."""
+    if not stall.stacks:
+        return None
+    return next((f for f in reversed(stall.stacks[0].frames)
+                 if f.kind is FrameKind.PYTHON and f.line), None)
+
+
+def _stall(record: Stall) -> pb.LogRecord:
+    stall = record.stall
+    attributes: dict[str, AttributeValue] = {
+        "thread.id": stall.tid,
+        "asyncio.loop.stall.duration": stall.duration_ns / 1e9,
+    }
+    where = ""
+    culprit = stall_culprit(record)
+    if culprit is not None:
+        attributes["code.function.name"] = culprit.name
+        attributes["code.file.path"] = culprit.module
+        attributes["code.line.number"] = culprit.line
+        where = f" in {frame_label(culprit)}"
+    if record.stacks:
+        attributes["code.stacktrace"] = "\n".join(
+            [*map(_stall_stack, record.stacks[:STALL_STACKS]),
+             *_more(len(record.stacks) - STALL_STACKS, "stacks")])
+    return _event(ASYNCIO_LOOP_STALL, stall.timestamp_ns,
+                  f"asyncio loop blocked for {stall.duration_ns / 1e6:.0f} ms{where}",
+                  attributes, pb.SeverityNumber.SEVERITY_NUMBER_WARN)
+
+
 def trace_log_record(record: TraceRecord) -> pb.LogRecord:
     """One traced event as a log record (its process goes in the resource)."""
     if isinstance(record, TcpConnection):
         return _connection(record)
     if isinstance(record, SlowCall):
         return _slow_call(record)
+    if isinstance(record, Stall):
+        return _stall(record)
     return _oom_kill(record)
 
 

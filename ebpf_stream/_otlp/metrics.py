@@ -4,13 +4,13 @@ Sampled CPU time uses the semantic-convention name ``process.cpu.time``
 (seconds, by ``cpu.mode``), as a delta per export interval: each sample
 stands for one sampling period of CPU.
 
-Syscall, network and memory totals are cumulative since tracing of their
-series began, as the kernel keeps them, so a lost request loses no counts.
-They use the semantic conventions' names where there are some
+Syscall, network, memory and event-loop totals are cumulative since tracing
+of their series began, as the kernel keeps them, so a lost request loses no
+counts.  They use the semantic conventions' names where there are some
 (``process.paging.faults``, ``process.memory.usage``, ``process.network.io``)
-and ``process.syscall.*``, ``process.tcp.*`` and ``process.memory.*`` names
-of the same style where there are none.  Sizes that go down as well as up
-are non-monotonic sums (the conventions' UpDownCounter).
+and ``process.syscall.*``, ``process.tcp.*``, ``process.memory.*`` and
+``asyncio.loop.*`` names of the same style where there are none.  Sizes that
+go down as well as up are non-monotonic sums (the conventions' UpDownCounter).
 
 The engine's counters have no convention, so they live under
 ``ebpf_stream.*``; they are cumulative since the profiler started.
@@ -26,7 +26,15 @@ from collections.abc import Sequence
 
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb
 
-from .._events import CpuSample, MemoryTotals, NetworkTotals, SyscallTotals, Totals, totals_key
+from .._events import (
+    CpuSample,
+    LoopTotals,
+    MemoryTotals,
+    NetworkTotals,
+    SyscallTotals,
+    Totals,
+    totals_key,
+)
 from .._overhead import Overhead
 from .._profile import FrameKind, ProcessInfo, Profile
 from .._stats import Stats
@@ -142,7 +150,14 @@ FAULT_TYPE = "process.paging.fault_type"  # major | minor
 MEMORY_TYPE = "process.memory.type"  # anon | file | shmem
 MAPPING_OPERATION = "process.memory.mapping.operation"  # mmap | munmap
 
+THREAD_ID = "thread.id"
+
 SYSCALL_DURATION = "process.syscall.duration"
+LOOP_BUSY_DURATION = "asyncio.loop.busy.duration"
+_DURATION_DESCRIPTIONS = {
+    SYSCALL_DURATION: "How long the process's syscalls took",
+    LOOP_BUSY_DURATION: "How long the process's asyncio loops ran callbacks between two waits",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -205,7 +220,9 @@ def _observations(totals: Totals) -> list[Observation]:
             (TCP_RESETS, totals.resets_sent, {IO_DIRECTION: "transmit"}),
             (TCP_RESETS, totals.resets_received, {IO_DIRECTION: "receive"}),
         ]
-    return _memory_observations(totals)
+    if isinstance(totals, MemoryTotals):
+        return _memory_observations(totals)
+    return []  # a loop's totals are its busy-duration histogram alone
 
 
 def _memory_observations(totals: MemoryTotals) -> list[Observation]:
@@ -239,12 +256,20 @@ def duration_bounds(buckets: int) -> tuple[float, ...]:
     return tuple(2 ** (i + 1) / 1e9 for i in range(buckets - 1))
 
 
-def _duration_point(totals: SyscallTotals, start_ns: int,
-                    time_ns: int) -> pb.HistogramDataPoint:
+def _duration_point(totals: Totals, start_ns: int,
+                    time_ns: int) -> tuple[str, pb.HistogramDataPoint] | None:
+    """The duration histogram a totals snapshot feeds, and its point; None if none."""
+    attributes: dict[str, AttributeValue]
+    if isinstance(totals, SyscallTotals):
+        name, attributes = SYSCALL_DURATION, {SYSCALL_NAME: totals.syscall}
+    elif isinstance(totals, LoopTotals):
+        name, attributes = LOOP_BUSY_DURATION, {THREAD_ID: totals.tid}
+    else:
+        return None
     # The count is the buckets' sum, which OTLP requires: a snapshot of a
     # per-CPU map taken while a call is being counted may be one call apart.
-    return pb.HistogramDataPoint(
-        attributes=key_values({SYSCALL_NAME: totals.syscall}),
+    return name, pb.HistogramDataPoint(
+        attributes=key_values(attributes),
         start_time_unix_nano=start_ns, time_unix_nano=time_ns,
         count=sum(totals.buckets), sum=totals.duration_ns / 1e9,
         bucket_counts=totals.buckets, explicit_bounds=duration_bounds(len(totals.buckets)))
@@ -253,17 +278,17 @@ def _duration_point(totals: SyscallTotals, start_ns: int,
 def totals_metrics(totals: Sequence[tuple[Totals, int]], time_ns: int) -> list[pb.Metric]:
     """The metrics of one process's totals, each given with its series' start time."""
     points: dict[Instrument, list[pb.NumberDataPoint]] = {}
-    durations: list[pb.HistogramDataPoint] = []
+    durations: dict[str, list[pb.HistogramDataPoint]] = {}
     for t, start_ns in totals:
         for instrument, value, attributes in _observations(t):
             points.setdefault(instrument, []).append(point(value, time_ns, start_ns, attributes))
-        if isinstance(t, SyscallTotals):
-            durations.append(_duration_point(t, start_ns, time_ns))
+        duration = _duration_point(t, start_ns, time_ns)
+        if duration is not None:
+            durations.setdefault(duration[0], []).append(duration[1])
     metrics = [instrument.metric(p) for instrument, p in points.items()]
-    if durations:
-        metrics.append(pb.Metric(
-            name=SYSCALL_DURATION, unit="s", description="How long the process's syscalls took",
-            histogram=pb.Histogram(data_points=durations, aggregation_temporality=CUMULATIVE)))
+    metrics += [pb.Metric(name=name, unit="s", description=_DURATION_DESCRIPTIONS[name],
+                          histogram=pb.Histogram(data_points=p, aggregation_temporality=CUMULATIVE))
+                for name, p in durations.items()]
     return metrics
 
 

@@ -8,7 +8,9 @@ stacks, because an OTLP profile has a single sample type:
 - ``cpu/nanoseconds``: the CPU time per stack (count times the period).
 
 Both carry the sampling period as ``cpu/nanoseconds``.  Locations carry the
-``profile.frame.type`` attribute (``kernel`` or ``native``).
+``profile.frame.type`` attribute (``kernel``, ``native`` or ``cpython``).  A
+Python location has no mapping, and one line: its function (qualified name
+and source file) and the line being run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .._profile import FrameKind, ProcessInfo, Profile, StackSamples
 from .attributes import ResourceFactory, any_value, scope
 
 FRAME_TYPE = "profile.frame.type"
-_FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native"}
+_FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native",
+                FrameKind.PYTHON: "cpython"}
 
 
 def _group_by_process(profile: Profile) -> dict[ProcessInfo, list[StackSamples]]:
@@ -77,11 +80,12 @@ def _fill_dictionary(out: pb.ProfilesDictionary, d: ProfileDictionary) -> None:
     out.mapping_table.extend(
         pb.Mapping(filename_strindex=m.filename, memory_limit=m.memory_limit) for m in d.mappings)
     out.function_table.extend(
-        pb.Function(name_strindex=f.name, system_name_strindex=f.name) for f in d.functions)
+        pb.Function(name_strindex=f.name, system_name_strindex=f.name,
+                    filename_strindex=f.filename) for f in d.functions)
     out.location_table.add()
     out.location_table.extend(
         pb.Location(mapping_index=loc.mapping, address=loc.address,
-                    lines=[pb.Line(function_index=loc.function)],
+                    lines=[pb.Line(function_index=loc.function, line=loc.line)],
                     attribute_indices=[attribute_index[loc.kind]])
         for loc in d.locations[1:])
     out.stack_table.extend(pb.Stack(location_indices=s) for s in d.stacks)
