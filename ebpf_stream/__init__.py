@@ -4,11 +4,12 @@ The public API is re-exported here; everything in underscore modules is
 private and may change.
 """
 
-from ._batch import Batch, SlowCall
+from ._batch import Batch, SlowCall, Stall, StallStack
 from ._config import (
     EbpfConfig,
     Environment,
     OverflowPolicy,
+    PythonFrames,
     recommended_sample_rate,
     validate_config,
 )
@@ -22,6 +23,8 @@ from ._errors import (
 )
 from ._events import (
     CpuSample,
+    LoopStall,
+    LoopTotals,
     MemoryTotals,
     NetworkTotals,
     OomKill,
@@ -50,6 +53,8 @@ __all__ = [
     "Exporter",
     "Frame",
     "FrameKind",
+    "LoopStall",
+    "LoopTotals",
     "MemoryTotals",
     "NetworkTotals",
     "OomKill",
@@ -58,9 +63,12 @@ __all__ = [
     "ProbeError",
     "Profile",
     "Profiler",
+    "PythonFrames",
     "SlowCall",
     "SlowSyscall",
     "StackSamples",
+    "Stall",
+    "StallStack",
     "Stats",
     "SyscallTotals",
     "TargetError",

@@ -13,6 +13,13 @@ from pathlib import Path
 
 import pytest
 from _support import bpf_fds, cpu_seconds, loaded_programs, program_ids, start_ready
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from otlp_stacks import resource_attributes
+
+from ebpf_stream._otlp.json import decode_otlp_json
 
 CLI = [sys.executable, "-m", "ebpf_stream._cli"]
 
@@ -39,6 +46,18 @@ def folded(path: Path) -> dict[str, int]:
     (["record", "--", "no-such-command-here"], "error: command not found: no-such-command-here"),
     (["record", "--env", "prod"], "error: environment: 'prod' is not one of"),
     (["record", "--pid", "abc"], "error: Invalid value for '-p' / '--pid'"),
+    (["record", "--python-frames", "native"],
+     "error: Invalid value for '--python-frames': 'native' is not one of 'merged', 'python', "
+     "'off'"),
+    (["record", "--stall-threshold", "soon"], "error: Invalid value for '--stall-threshold'"),
+    (["record", "--stall-threshold", "-5"],
+     "error: loop_stall_ms: -5.0 is outside the allowed range"),
+    (["record", "--no-cpu", "--syscalls", "--python-frames", "python"],
+     "error: --python-frames: works on CPU samples, which --no-cpu turns off"),
+    (["record", "--no-cpu", "--syscalls", "--stall-threshold", "50"],
+     "error: --stall-threshold: works on CPU samples, which --no-cpu turns off"),
+    (["record", "--python-frames", "off", "--stall-threshold", "50"],
+     "error: --stall-threshold: needs Python frames"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args: list[str], message: str) -> None:
     result = run_cli(*args)
@@ -152,6 +171,72 @@ def test_interrupt_writes_what_was_collected_and_detaches(
     assert "Traceback" not in stderr
     assert sum(folded(out).values()) > 100
     assert ours and not ours & loaded_programs()
+
+
+STALLING_APP = """\
+import asyncio
+import time
+
+
+def spin(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+async def blocker():
+    time.sleep(0.3)  # blocks the loop
+
+
+async def main():
+    for _ in range(2):
+        await asyncio.sleep(0.1)
+        await blocker()
+    for _ in range(50):  # 0.5 s of CPU in 10 ms callbacks: no stall
+        spin(0.01)
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.5)  # alive while the last stall's frames are named
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_record_a_python_command_shows_its_functions_and_loop_stalls(tmp_path: Path) -> None:
+    app = tmp_path / "stalling_app.py"
+    app.write_text(STALLING_APP)
+    sleep_line = STALLING_APP.splitlines().index("    time.sleep(0.3)  # blocks the loop") + 1
+    out, jsonl = tmp_path / "out.folded", tmp_path / "out.otlp.jsonl"
+    result = run_cli("record", "--rate", "99", "--stall-threshold", "100", "-o", str(out),
+                     "-o", str(jsonl), "--", sys.executable, str(app))
+    assert result.returncode == 0, result.stderr
+
+    spinning = sum(n for stack, n in folded(out).items()
+                   if ";main (stalling_app.py:" in stack and ";spin (stalling_app.py:" in stack)
+    assert spinning >= 25, folded(out)  # about 50 at 99 Hz
+
+    lines = jsonl.read_bytes().splitlines()
+    stalls = [r for line in lines if b'"resourceLogs"' in line
+              for rl in decode_otlp_json(line, ExportLogsServiceRequest).resource_logs
+              for sl in rl.scope_logs for r in sl.log_records
+              if r.event_name == "asyncio.loop.stall"]
+    assert len(stalls) == 2, [r.body.string_value for r in stalls]
+    for record in stalls:
+        attributes = resource_attributes(record)
+        assert attributes["asyncio.loop.stall.duration"] == pytest.approx(0.3, rel=0.1)
+        assert (attributes["code.function.name"], attributes["code.file.path"],
+                attributes["code.line.number"]) == ("blocker", str(app), sleep_line)
+        assert record.body.string_value.endswith(f" ms in blocker (stalling_app.py:{sleep_line})")
+
+    last = [decode_otlp_json(line, ExportMetricsServiceRequest) for line in lines
+            if b'"asyncio.loop.busy.duration"' in line][-1]
+    (busy,) = [m for rm in last.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+               if m.name == "asyncio.loop.busy.duration"]
+    (point,) = busy.histogram.data_points
+    # The two 300 ms blocks, in [2**28, 2**29) ns; every other busy period is far shorter.
+    assert sum(point.bucket_counts[28:]) == point.bucket_counts[28] == 2
 
 
 @pytest.mark.bpf

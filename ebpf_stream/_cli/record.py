@@ -18,13 +18,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .._batch import Batch
-from .._config import EbpfConfig, Environment, sample_rate_range
+from .._batch import Batch, Stall
+from .._config import EbpfConfig, Environment, PythonFrames, sample_rate_range
 from .._errors import ConfigError
 from .._events import MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection, Totals
 from .._exporters.base import Exporter
+from .._exporters.folded import frame_label
 from .._exporters.formats import FORMATS, format_for_path
 from .._exporters.otlp.exporter import OtlpExporter
+from .._otlp.logs import stall_culprit
 from .._otlp.settings import Signal, endpoint_in_environment
 from .._profiler import Profiler
 from .launch import GatedCommand, start_gated
@@ -74,6 +76,23 @@ def with_features(config: EbpfConfig, *, cpu: bool, syscalls: bool, network: boo
     # CPU last: each builder validates, and CPU may be the only feature on before.
     return (config.with_syscall_tracing(syscalls).with_network_tracing(network)
             .with_memory_tracing(memory).with_cpu_profiling(cpu))
+
+
+def with_python(config: EbpfConfig, *, cpu: bool, python_frames: str | None,
+                stall_threshold_ms: float | None) -> EbpfConfig:
+    """``config`` with how Python stacks read and when an asyncio loop has stalled."""
+    for option, value in (("--python-frames", python_frames),
+                          ("--stall-threshold", stall_threshold_ms)):
+        if value is not None and not cpu:
+            raise ConfigError(f"{option}: works on CPU samples, which --no-cpu turns off")
+    if python_frames is not None:
+        config = config.with_python_frames(python_frames)
+    if stall_threshold_ms is not None:
+        if stall_threshold_ms and config.python_frames is PythonFrames.OFF:
+            raise ConfigError("--stall-threshold: needs Python frames, which "
+                              "--python-frames off turns off")
+        config = config.with_stall_threshold(stall_threshold_ms)
+    return config
 
 
 def traces(config: EbpfConfig) -> bool:
@@ -184,11 +203,18 @@ class Tally:
     def __init__(self) -> None:
         self.cpu_samples = 0
         self.connections = 0
+        self.stalls = 0
+        self.longest_stall: Stall | None = None
         self.latest: dict[tuple[str, int, str], Totals] = {}
 
     async def export(self, batch: Batch) -> None:
         self.cpu_samples += batch.profile.sample_count
         self.connections += sum(isinstance(r, TcpConnection) for r in batch.records)
+        for stall in (r for r in batch.records if isinstance(r, Stall)):
+            self.stalls += 1
+            if (self.longest_stall is None
+                    or stall.stall.duration_ns > self.longest_stall.stall.duration_ns):
+                self.longest_stall = stall
         for totals in batch.totals:
             self.latest[totals_key(totals)] = totals
 
@@ -213,6 +239,11 @@ class Tally:
         if config.memory_tracing:
             mem = self.of_kind(MemoryTotals)
             parts.append(f"page faults {sum(t.minor_faults + t.major_faults for t in mem):,}")
+        if self.longest_stall is not None:
+            culprit = stall_culprit(self.longest_stall)
+            parts.append(f"loop stalls {self.stalls:,} (longest "
+                         f"{self.longest_stall.stall.duration_ns / 1e6:,.0f} ms"
+                         f"{' in ' + frame_label(culprit) if culprit else ''})")
         return ", ".join(parts)
 
 
@@ -352,6 +383,13 @@ def check_target(pids: Sequence[int], command: Sequence[str], duration: float | 
               help="With --syscalls: exact counts and errors only, no latency; the cheapest.")
 @click.option("-r", "--rate", type=int, help="Samples per second per CPU.")
 @click.option("--max-samples", type=int, help="Most samples kept per export interval.")
+@click.option("--python-frames", type=click.Choice([m.value for m in PythonFrames]),
+              help="Python processes' stacks: Python frames spliced into the native ones "
+              "(merged), Python frames alone (python), or native frames only (off). "
+              "Default: merged.")
+@click.option("--stall-threshold", "stall_threshold_ms", type=float, metavar="MS",
+              help="Report an asyncio loop that runs callbacks for MS without waiting, with "
+              "the stacks it ran; 0 turns stall detection off. Default: 100.")
 @click.option("-f", "--format", "fmt", type=click.Choice(sorted(FORMATS)),
               help="Output format. Default: from each -o name's extension.")
 @click.option("-o", "--output", "paths", multiple=True, help="Output file (repeatable).")
@@ -362,17 +400,20 @@ def check_target(pids: Sequence[int], command: Sequence[str], duration: float | 
 def record(pids: tuple[int, ...], duration: float | None, env: str | None,
            command: tuple[str, ...], cpu: bool, syscalls: bool, network: bool, memory: bool,
            slow_syscall_ms: float | None, syscall_counts_only: bool, rate: int | None,
-           max_samples: int | None, fmt: str | None, paths: tuple[str, ...],
+           max_samples: int | None, python_frames: str | None,
+           stall_threshold_ms: float | None, fmt: str | None, paths: tuple[str, ...],
            otlp_endpoint: str | None,
            otlp_protocol: str | None) -> None:
     """Record --pid processes, COMMAND, or the whole system: CPU profile and traces.
 
     Profiles go to the -o files, and over OTLP when --otlp-endpoint or
     OTEL_EXPORTER_OTLP_ENDPOINT is set (then no file is written unless asked).
-    Syscall, network and memory traces go to OTLP and otlp-json files.
+    Syscall, network and memory traces, and asyncio loop stalls, go to OTLP
+    and otlp-json files.
 
     \b
     ebpf-stream record --pid 1234 --duration 10 -o app.svg
+    ebpf-stream record --pid 1234 --stall-threshold 50 -o app.svg -o app.otlp.jsonl
     ebpf-stream record -o build.folded -- make -j2
     ebpf-stream record --no-cpu --syscalls --network -o trace.otlp.jsonl -- ./server
     ebpf-stream record --pid 1234 --otlp-endpoint http://collector:4317 --otlp-protocol grpc
@@ -387,6 +428,8 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
                            syscalls=syscalls, network=network, memory=memory,
                            slow_syscall_ms=slow_syscall_ms,
                            syscall_latency=not syscall_counts_only)
+    config = with_python(config, cpu=cpu, python_frames=python_frames,
+                         stall_threshold_ms=stall_threshold_ms)
     otlp = otlp_from_options(otlp_endpoint, otlp_protocol)
     outputs = outputs_from_options(fmt, paths, otlp is not None, cpu)
     if traces(config) and otlp is None and not any(f in _TRACE_FORMATS for f, _ in outputs):
