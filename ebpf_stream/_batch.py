@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from ._events import LoopStall, OomKill, SlowSyscall, TcpConnection, Totals
-from ._profile import Frame, Profile
+from ._profile import Frame, FrameKind, Profile
 
 
 class SlowCall(msgspec.Struct, frozen=True, gc=False):
@@ -35,6 +35,15 @@ class Stall(msgspec.Struct, frozen=True, gc=False):
 
     stall: LoopStall
     stacks: tuple[StallStack, ...]
+
+    @property
+    def culprit(self) -> Frame | None:
+        """The code that kept the loop from waiting: the innermost named Python
+        frame of the heaviest stack."""
+        if not self.stacks:
+            return None
+        return next((f for f in reversed(self.stacks[0].frames)
+                     if f.kind is FrameKind.PYTHON and f.line), None)
 
 
 TraceRecord = SlowCall | TcpConnection | OomKill | Stall

@@ -26,7 +26,6 @@ from .._exporters.base import Exporter
 from .._exporters.folded import frame_label
 from .._exporters.formats import FORMATS, format_for_path
 from .._exporters.otlp.exporter import OtlpExporter
-from .._otlp.logs import stall_culprit
 from .._otlp.settings import Signal, endpoint_in_environment
 from .._profiler import Profiler
 from .launch import GatedCommand, start_gated
@@ -240,7 +239,7 @@ class Tally:
             mem = self.of_kind(MemoryTotals)
             parts.append(f"page faults {sum(t.minor_faults + t.major_faults for t in mem):,}")
         if self.longest_stall is not None:
-            culprit = stall_culprit(self.longest_stall)
+            culprit = self.longest_stall.culprit
             parts.append(f"loop stalls {self.stalls:,} (longest "
                          f"{self.longest_stall.stall.duration_ns / 1e6:,.0f} ms"
                          f"{' in ' + frame_label(culprit) if culprit else ''})")

@@ -33,7 +33,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from .._batch import SlowCall, Stall, StallStack, TraceRecord
 from .._events import OomKill, TcpConnection, endpoint
 from .._exporters.folded import frame_label
-from .._profile import Frame, FrameKind
+from .._profile import Frame
 from .attributes import AttributeValue, any_value, key_values, scope
 
 TCP_CONNECTION_CLOSED = "tcp.connection.closed"
@@ -168,15 +168,6 @@ def _stall_stack(stack: StallStack) -> str:
                       *_more(len(stack.frames) - STALL_FRAMES, "frames")])
 
 
-def stall_culprit(stall: Stall) -> Frame | None:
-    """The code that kept the loop from waiting: the innermost named Python frame
-    of the heaviest stack (stacks come heaviest first)."""
-    if not stall.stacks:
-        return None
-    return next((f for f in reversed(stall.stacks[0].frames)
-                 if f.kind is FrameKind.PYTHON and f.line), None)
-
-
 def _stall(record: Stall) -> pb.LogRecord:
     stall = record.stall
     attributes: dict[str, AttributeValue] = {
@@ -184,7 +175,7 @@ def _stall(record: Stall) -> pb.LogRecord:
         "asyncio.loop.stall.duration": stall.duration_ns / 1e9,
     }
     where = ""
-    culprit = stall_culprit(record)
+    culprit = record.culprit
     if culprit is not None:
         attributes["code.function.name"] = culprit.name
         attributes["code.file.path"] = culprit.module
