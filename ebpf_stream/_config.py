@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import operator
 from collections.abc import Iterable
-from typing import Self
+from typing import Self, TypeVar
 
 import msgspec
 
@@ -198,12 +198,7 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
         return self._with(export_interval_s=seconds)
 
     def with_overflow_policy(self, policy: str | OverflowPolicy) -> Self:
-        try:
-            parsed = OverflowPolicy(policy)
-        except ValueError:
-            allowed = ", ".join(p.value for p in OverflowPolicy)
-            raise ConfigError(f"overflow_policy: {policy!r} is not one of {allowed}") from None
-        return self._with(overflow_policy=parsed)
+        return self._with(overflow_policy=_choice("overflow_policy", OverflowPolicy, policy))
 
     def with_include_idle(self, enabled: bool) -> Self:
         return self._with(include_idle=enabled)
@@ -214,12 +209,7 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def with_python_frames(self, mode: str | PythonFrames) -> Self:
         """Merge Python frames into native stacks, show them alone, or walk none."""
-        try:
-            parsed = PythonFrames(mode)
-        except ValueError:
-            allowed = ", ".join(m.value for m in PythonFrames)
-            raise ConfigError(f"python_frames: {mode!r} is not one of {allowed}") from None
-        return self._with(python_frames=parsed)
+        return self._with(python_frames=_choice("python_frames", PythonFrames, mode))
 
     def with_stall_threshold(self, ms: float) -> Self:
         """Report an asyncio loop that runs callbacks ``ms`` milliseconds without
@@ -229,6 +219,17 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
         every context switch of the machine while it is on.
         """
         return self._with(loop_stall_ms=ms)
+
+
+_Choice = TypeVar("_Choice", bound=enum.StrEnum)
+
+
+def _choice(field: str, kind: type[_Choice], value: object) -> _Choice:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise ConfigError(f"{field}: {value!r} is not one of {allowed}") from None
 
 
 # (field, lowest, highest): inclusive numeric bounds checked by validate_config.
