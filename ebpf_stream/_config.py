@@ -224,7 +224,7 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
 _Choice = TypeVar("_Choice", bound=enum.StrEnum)
 
 
-def _choice(field: str, kind: type[_Choice], value: object) -> _Choice:
+def _choice(field: str, kind: type[_Choice], value: str) -> _Choice:
     try:
         return kind(value)
     except ValueError:
