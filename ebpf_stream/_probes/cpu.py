@@ -221,14 +221,17 @@ class CpuProbe(RingProbe):
     def encode(self, records: np.ndarray) -> EventMessage:
         kinds = records["kind"]
         samples = records[kinds == _SAMPLE]
-        others = records[kinds != _SAMPLE]
         events: list[Event] = []
         if self._python is not None:
             self._python_stacks(records, events)
             for pid in np.unique(samples["pid"]).tolist():
                 self._python.look(pid)
-        events += self._samples(samples)
-        events += self._loop_events(others)
+        # In ring order: a stall's record follows its busy period's samples
+        # and precedes the next period's, and the batcher relies on it.
+        for part in np.split(records, np.flatnonzero(np.diff(kinds == _SAMPLE)) + 1):
+            if len(part):
+                events += (self._samples(part) if part["kind"][0] == _SAMPLE
+                           else self._loop_events(part))
         # Stalls are counted by the batcher, which alone knows whether they
         # are an asyncio loop's.
         self._stats.received += len(samples)
