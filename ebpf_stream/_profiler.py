@@ -138,7 +138,9 @@ class Profiler:
             batches = Channel[Batch](
                 _BATCH_QUEUE, config.overflow_policy,
                 weight=lambda b: b.sample_count, on_drop=self._count_drop)
-            batcher = Batcher(config, Symbolizer(), self._stats)
+            symbolizer = Symbolizer()
+            await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
+            batcher = Batcher(config, symbolizer, self._stats)
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
             self._readers = len(self._probes)

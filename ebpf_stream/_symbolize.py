@@ -365,10 +365,8 @@ class KernelSymbols:
         self._loaded = False
         self._table: _Kallsyms | None = None
 
-    def resolve(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
-        """Frames for a kernel stack, leaf first, in the order given."""
-        if not addresses:
-            return ()
+    def load(self) -> None:
+        """Parse kallsyms now, if not yet done."""
         if not self._loaded:
             self._loaded = True
             try:
@@ -376,6 +374,12 @@ class KernelSymbols:
                     self._table = _Kallsyms(f)
             except (OSError, ValueError):  # unreadable or unparsable: addresses only
                 pass
+
+    def resolve(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        """Frames for a kernel stack, leaf first, in the order given."""
+        if not addresses:
+            return ()
+        self.load()
         table = self._table
         found = (table.ranges.find(_lookup_addresses(addresses)) if table
                  else [-1] * len(addresses))
@@ -794,6 +798,15 @@ class Symbolizer:
             max_cached_frames)
         self._images: _Lru[_ImageKey, _ElfImage] = _Lru(_MAX_IMAGES)
         self.elf_parses = 0  # ELF symbol tables parsed, for stats: the rest were cache hits
+
+    def load_kernel_symbols(self) -> None:
+        """Parse kallsyms ahead of the first kernel stack.
+
+        It takes thousands of reads; done on an event loop whose process
+        has a busy Python thread, each read waits for the GIL and the loop
+        freezes for seconds.  Callers run this in a worker thread.
+        """
+        self._kernel.load()
 
     def kernel_frames(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
         """Frames for a kernel stack, leaf first, in the order given."""
