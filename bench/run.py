@@ -27,6 +27,7 @@ from benchmarks import (
     bench_features,
     bench_otlp,
     bench_overhead,
+    bench_python,
     bench_reader,
     bench_syscalls,
 )
@@ -176,6 +177,26 @@ def syscalls_table(f: bench_syscalls.SyscallLoadFigures) -> str:
     return "\n".join(rows)
 
 
+def python_table(rows: list[bench_python.PythonFigures], repeats: int) -> str:
+    groups = (bench_python.SAMPLING, bench_python.SCHED_SWITCH, bench_python.EPOLL)
+    lines = [
+        f"Medians of {repeats} interleaved runs; BPF figures from the kernel's run-time "
+        "statistics (ns per run, and runs in the timed part):",
+        "",
+        "| workload | profiling | workload ms | slowdown | samples | BPF ns/sample "
+        "| on_cpu_sample ns/run (runs) | sched_switch ns/run (runs) | epoll hooks ns/run (runs) "
+        "| tracer CPU ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for f in rows:
+        hooks = [f"{f.ns_per_run[g]:,.0f} ({f.runs[g]:,.0f})" if g in f.ns_per_run else ""
+                 for g in groups]
+        samples = f"{f.target_samples:,.0f} | {f.ns_per_sample:,.0f}" if f.runs else " | "
+        lines.append(f"| {f.workload} | {f.config} | {f.workload_ms:,.0f} | {f.slowdown:.3f}x "
+                     f"| {samples} | {' | '.join(hooks)} | {f.tracer_cpu_ms:,.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="overhead windows per rate, interleaved (default 3)")
     parser.add_argument("--rounds", type=int, help="reader rounds per consumer (default 7)")
     parser.add_argument("--only", action="append",
-                        choices=["config", "reader", "overhead", "otlp", "features", "syscalls"],
+                        choices=["config", "reader", "overhead", "otlp", "features", "syscalls",
+                                 "python"],
                         help="run only these parts (repeatable)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["config", "reader", "overhead", "otlp", "features", "syscalls"])
+    parts = set(args.only or ["config", "reader", "overhead", "otlp", "features", "syscalls",
+                              "python"])
     window = args.window or (10.0 if args.quick else bench_overhead.WINDOW_S)
     rounds = args.rounds or (3 if args.quick else 7)
     repeats = args.repeats or (1 if args.quick else bench_overhead.REPEATS)
@@ -202,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         figures["config_ns_per_op"] = ns
         print("## Config\n\n" + config_table(ns) + "\n", flush=True)
     unavailable = bpf_unavailable()
-    if unavailable and parts & {"reader", "overhead", "features", "syscalls"}:
+    bpf_parts = {"reader", "overhead", "features", "syscalls", "python"}
+    if unavailable and parts & bpf_parts:
         print(f"Skipping the BPF benchmarks: {unavailable}.")
-        parts -= {"reader", "overhead", "features", "syscalls"}
+        parts -= bpf_parts
     if "reader" in parts:
         reader = bench_reader.measure_reader(rounds)
         figures["reader"] = dataclasses.asdict(reader) | {
@@ -238,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
             rounds=3 if args.quick else bench_syscalls.ROUNDS)
         figures["syscalls"] = dataclasses.asdict(load)
         print("## Syscall tracing under load\n\n" + syscalls_table(load) + "\n", flush=True)
+    if "python" in parts:
+        python_repeats = 3 if args.quick else bench_python.REPEATS
+        python_rows = bench_python.measure_python(python_repeats)
+        figures["python"] = [dataclasses.asdict(f) for f in python_rows]
+        print("## Cost of Python frames and stall detection\n\n"
+              + python_table(python_rows, python_repeats) + "\n", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if (after := machine_line()) != figures["machine"]:
