@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -129,3 +130,25 @@ class ProcessSnapshot:
 def machine_percent(cpu_ns: float, wall_ns: float, cpus: int | None = None) -> float:
     """``cpu_ns`` as a share of every CPU of the machine over ``wall_ns``."""
     return 100.0 * cpu_ns / (wall_ns * (cpus or os.cpu_count() or 1))
+
+
+def ready_go(argv: list[str]) -> tuple[subprocess.Popen[str], Callable[[], float]]:
+    """Start a workload that prints ``ready``, waits for ``go`` on stdin, then does
+    its fixed work and prints the nanoseconds it took.
+
+    Returns the process (so a profiler can attach first) and the function
+    that starts the timed part and returns its milliseconds.
+    """
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+
+    def go() -> float:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        elapsed_ns = int(proc.stdout.readline())
+        proc.wait()
+        return elapsed_ns / 1e6
+
+    return proc, go

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from benchmarks._support import ProcessSnapshot, median
+from benchmarks._support import ProcessSnapshot, median, ready_go
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from _support import build
@@ -54,19 +53,7 @@ class FeatureFigures:
 
 def _run_workload(binary: Path, config: EbpfConfig | None) -> tuple[float, float]:
     """(workload ms, tracer CPU ms) of one run, traced with ``config`` if given."""
-    proc = subprocess.Popen([str(binary), str(ROUNDS)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-
-    def go() -> float:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        elapsed_ns = int(proc.stdout.readline())
-        proc.wait()
-        return elapsed_ns / 1e6
-
+    proc, go = ready_go([str(binary), str(ROUNDS)])
     if config is None:
         return go(), 0.0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from benchmarks._support import ProcessSnapshot, bpf_unavailable, median
+from benchmarks._support import ProcessSnapshot, bpf_unavailable, median, ready_go
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from _support import program_ids
@@ -100,19 +100,7 @@ class Run:
 
 
 def _run(argv: list[str], config: EbpfConfig | None) -> Run:
-    proc = subprocess.Popen(["taskset", "-c", str(WORKLOAD_CPU), sys.executable, *argv],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-
-    def go() -> float:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        elapsed_ns = int(proc.stdout.readline())
-        proc.wait()
-        return elapsed_ns / 1e6
-
+    proc, go = ready_go(["taskset", "-c", str(WORKLOAD_CPU), sys.executable, *argv])
     if config is None:
         return Run(go())
 
