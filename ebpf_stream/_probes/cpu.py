@@ -49,7 +49,7 @@ from .python import (
     read_python_stack,
     self_test,
 )
-from .tracing import CommNames, load_targets, wall_clock_offset_ns
+from .tracing import CommNames, load_targets, process_name, wall_clock_offset_ns
 
 log = logging.getLogger("ebpf_stream")
 
@@ -200,7 +200,8 @@ class CpuProbe(RingProbe):
     def read_totals(self) -> list[Event]:
         if not self._loop_stalls or self._program is None:
             return []
-        return list(read_loop_totals(self.map("loop_busy"), self._comm_of))
+        return list(read_loop_totals(self.map("loop_busy"),
+                                     lambda pid: process_name(pid) or ""))
 
     def forget(self, pids: set[int]) -> None:
         if self._loop_stalls and self._program is not None:
@@ -208,13 +209,6 @@ class CpuProbe(RingProbe):
         if self._python is not None:
             for pid in pids:
                 self._python.forget(pid)
-
-    def _comm_of(self, pid: int) -> str:
-        try:
-            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                return f.read().rstrip("\n")
-        except OSError:
-            return ""
 
     async def drain(self, emit: Emit) -> None:
         await self.drain_ring(emit)
@@ -288,19 +282,19 @@ class CpuProbe(RingProbe):
 
     def _loop_events(self, records: np.ndarray) -> list[Event]:
         events: list[Event] = []
-        for r in records.tolist():
-            kind, pid, tid = r[-2], r[1], r[2]
+        fields = ("kind", "timestamp_ns", "pid", "tid", "python_stack", "busy_since", "duration_ns")
+        for kind, ts, pid, tid, stack, busy_since, duration in records[list(fields)].tolist():
             if kind == _PROCESS_EXEC:
                 if self._python is not None:
                     self._python.exec_seen(pid)
                 events.append(ProcessExec(pid))
             elif kind == _LOOP_THREAD:
-                events.append(LoopThread(pid, tid, r[8]))
+                events.append(LoopThread(pid, tid, stack))
             elif kind == _LOOP_BLOCKED:
-                events.append(LoopBlocked(pid, tid, r[9], r[10], r[8]))
+                events.append(LoopBlocked(pid, tid, busy_since, duration, stack))
             elif kind == _LOOP_STALL:
-                events.append(LoopStall(r[0] + self._wall_offset_ns, pid, tid,
-                                        self._comm_of(pid), r[9], r[10]))
+                events.append(LoopStall(ts + self._wall_offset_ns, pid, tid,
+                                        process_name(pid) or "", busy_since, duration))
         return events
 
     def _stack_keys(self, ids: np.ndarray, generation: np.ndarray, ts: np.ndarray) -> np.ndarray:

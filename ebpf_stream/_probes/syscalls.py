@@ -21,7 +21,7 @@ from .._events import Event, SlowSyscall, SyscallTotals
 from .._stats import Stats
 from .._syscall_names import SyscallNames
 from .base import Emit
-from .tracing import TracingProbe
+from .tracing import TracingProbe, process_name
 
 BUCKETS = 32
 STACK_DEPTH = 64
@@ -42,14 +42,6 @@ _SLOW_CALL = np.dtype([
 def _frames(stack: np.ndarray) -> list[int]:
     """A zero-padded stack's addresses, leaf first."""
     return [int(a) for a in stack[stack != 0]]
-
-
-def process_name(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
-    except OSError:
-        return None
 
 
 class SyscallProbe(TracingProbe):

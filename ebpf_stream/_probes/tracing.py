@@ -54,6 +54,15 @@ class CommNames:
         return s
 
 
+def process_name(pid: int) -> str | None:
+    """``pid``'s name as the kernel keeps it; None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
 def wall_clock_offset_ns() -> int:
     """Add to a ``bpf_ktime_get_ns`` (CLOCK_MONOTONIC) time to get wall-clock ns."""
     return time.time_ns() - time.monotonic_ns()
