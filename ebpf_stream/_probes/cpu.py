@@ -168,11 +168,8 @@ class CpuProbe(RingProbe):
         except UnsupportedPython:
             host = None  # nothing to test with; each target is still checked
         if host is not None:
-            problem = self_test(self._program, self._ring, host, SAMPLE,
+            problem = self_test(self._program, self._ring, host,
                                 filtered=self._targets is not None)
-            # The test's stacks would crowd the maps the real samples start in.
-            for name in ("stacks_0", "stacks_1", "python_stacks_0", "python_stacks_1", "known"):
-                self.map(name).clear()
             if problem:
                 failed[host.version[:2]] = (
                     f"the self-test of the CPython {'.'.join(map(str, host.version))} "

@@ -221,12 +221,12 @@ class _KnownChain:
 
 
 def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
-              record: np.dtype[np.void], filtered: bool) -> str | None:
+              filtered: bool) -> str | None:
     """Sample a known call chain of this process from BPF; None if it walked right,
     else what went wrong.
 
     Runs before the probe's real events are attached, so the ring holds only
-    the test's samples, which are dropped.
+    the test's samples, which are dropped; the program is left as found.
     """
     me = _U32.pack(os.getpid())
     register(program, runtime)
@@ -254,6 +254,9 @@ def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
             program.map("targets").delete(me)
         while len(ring.read_batch()):
             pass
+        # The test's stacks would crowd the maps the real samples start in.
+        for name in ("stacks_0", "stacks_1", "python_stacks_0", "python_stacks_1", "known"):
+            program.map(name).clear()
 
 
 def _first_walk(program: LoadedProgram, ring: RingBuffer, tid: int) -> PythonStack | None:
