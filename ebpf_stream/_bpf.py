@@ -136,6 +136,13 @@ class BpfMap:
             key = following.raw
             yield key
 
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value); an entry deleted while walking is skipped."""
+        for key in list(self.walk_keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
     def clear(self) -> None:
         # Collect first: deleting while walking restarts the walk on some map types.
         for key in list(self.walk_keys()):

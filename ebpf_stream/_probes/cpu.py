@@ -43,13 +43,18 @@ from .._stats import Stats
 from .base import Emit, RingProbe
 from .python import (
     PythonProcesses,
-    forget_loops,
     load_offsets,
     read_loop_totals,
     read_python_stack,
     self_test,
 )
-from .tracing import CommNames, load_targets, process_name, wall_clock_offset_ns
+from .tracing import (
+    CommNames,
+    forget_pid_keys,
+    load_targets,
+    process_name,
+    wall_clock_offset_ns,
+)
 
 log = logging.getLogger("ebpf_stream")
 
@@ -202,7 +207,7 @@ class CpuProbe(RingProbe):
 
     def forget(self, pids: set[int]) -> None:
         if self._loop_stalls and self._program is not None:
-            forget_loops(self.map("loop_busy"), pids)
+            forget_pid_keys(self.map("loop_busy"), pids)
         if self._python is not None:
             for pid in pids:
                 self._python.forget(pid)

@@ -88,10 +88,7 @@ class MemoryProbe(TracingProbe):
     def read_totals(self) -> list[Event]:
         table = self.map("totals")
         events: list[Event] = []
-        for key in list(table.walk_keys()):
-            raw = table.lookup(key)
-            if raw is None:  # deleted since the walk saw it
-                continue
+        for key, raw in table.items():
             (minor, major, *rss_values, mmaps, mmap_bytes, munmaps, munmap_bytes,
              brk_growth, _brk, comm) = _TOTALS.unpack_from(raw)
             rss = dict(zip(self._rss_names, rss_values, strict=True))

@@ -107,10 +107,7 @@ class NetworkProbe(TracingProbe):
     def read_totals(self) -> list[Event]:
         totals = self.map("totals")
         events: list[Event] = []
-        for key in totals.walk_keys():
-            raw = totals.lookup(key)
-            if raw is None:  # deleted since the walk listed it
-                continue
+        for key, raw in totals.items():
             value = np.frombuffer(raw, TOTALS, count=1)[0]
             events.append(NetworkTotals(int.from_bytes(key, "little"), self.comm(value["comm"]),
                                         *(int(value[name]) for name in TOTALS_FIELDS)))

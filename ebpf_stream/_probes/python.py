@@ -156,20 +156,11 @@ def read_python_stack(stacks: BpfMap, key: int, epoch: int) -> PythonStack | Non
 def read_loop_totals(busy: BpfMap, comm: Callable[[int], str]) -> list[LoopTotals]:
     """Each loop thread's cumulative busy-period histogram, summed over CPUs."""
     totals = []
-    for key in busy.walk_keys():
-        raw = busy.lookup(key)
-        if raw is None:
-            continue
+    for key, raw in busy.items():
         pid, tid = _LOOP_KEY.unpack(key)
         per_cpu = np.frombuffer(raw, "<u8").reshape(-1, _LOOP_VALUE).sum(axis=0).tolist()
         totals.append(LoopTotals(pid, tid, comm(pid), per_cpu[0], per_cpu[1], per_cpu[2:]))
     return totals
-
-
-def forget_loops(busy: BpfMap, pids: set[int]) -> None:
-    for key in list(busy.walk_keys()):
-        if _LOOP_KEY.unpack(key)[0] in pids:
-            busy.delete(key)
 
 
 # -- the self-test ------------------------------------------------------------

@@ -21,7 +21,7 @@ from .._events import Event, SlowSyscall, SyscallTotals
 from .._stats import Stats
 from .._syscall_names import SyscallNames
 from .base import Emit
-from .tracing import TracingProbe, process_name
+from .tracing import TracingProbe, forget_pid_keys, process_name
 
 BUCKETS = 32
 STACK_DEPTH = 64
@@ -91,14 +91,10 @@ class SyscallProbe(TracingProbe):
     def read_raw_totals(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (pid, nr) key and its totals summed over CPUs."""
         table = self.map("totals")
-        keys, values = [], []
-        for key in table.walk_keys():
-            value = table.lookup(key)
-            if value is not None:
-                keys.append(key)
-                values.append(value)
-        if not keys:
+        entries = list(table.items())
+        if not entries:
             return np.zeros(0, _KEY), np.zeros(0, _TOTALS)
+        keys, values = zip(*entries, strict=True)
         per_cpu = np.frombuffer(b"".join(values), _TOTALS).reshape(len(values), -1)
         summed = np.zeros(len(values), _TOTALS)
         for field in _TOTALS.names or ():
@@ -133,10 +129,7 @@ class SyscallProbe(TracingProbe):
         return self.map("counters").lookup_u64_sum(COUNTER_TOTALS_FULL)
 
     def forget(self, pids: set[int]) -> None:
-        table = self.map("totals")
-        for key in list(table.walk_keys()):
-            if int.from_bytes(key[:4], "little") in pids:
-                table.delete(key)
+        forget_pid_keys(self.map("totals"), pids)
         for pid in pids:
             self._process_names.pop(pid, None)
 

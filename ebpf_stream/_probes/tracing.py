@@ -25,6 +25,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 
+from .._bpf import BpfMap
 from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram, load_program
@@ -61,6 +62,13 @@ def process_name(pid: int) -> str | None:
             return f.read().rstrip(b"\n").decode("utf-8", "replace")
     except OSError:
         return None
+
+
+def forget_pid_keys(table: BpfMap, pids: set[int]) -> None:
+    """Delete the entries of ``table`` whose key starts with one of ``pids`` (a u32)."""
+    for key in list(table.walk_keys()):
+        if int.from_bytes(key[:4], "little") in pids:
+            table.delete(key)
 
 
 def wall_clock_offset_ns() -> int:
