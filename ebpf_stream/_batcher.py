@@ -66,12 +66,8 @@ def _raw(address: int) -> Frame:
     return Frame(f"[unknown]+0x{address:x}", "[unknown]", FrameKind.NATIVE, address)
 
 
-def _epoch(key: int) -> int:
-    return key >> 32
-
-
 class StackResolver:
-    """Turns a sample's stack keys into root-first frames, caching per generation.
+    """Turns a sample's stack keys into root-first frames, caching per stack.
 
     A sample with a Python stack gets its Python frames spliced into its
     native ones (``PythonFrames.MERGED``) or in their place
@@ -81,34 +77,23 @@ class StackResolver:
     def __init__(self, symbolizer: Symbolizer,
                  python_frames: PythonFrames = PythonFrames.MERGED) -> None:
         self._symbolizer = symbolizer
-        self._addresses: dict[int, list[int]] = {}
-        self._frames: dict[tuple[int, int, int, int], tuple[tuple[Frame, ...], bool]] = {}
+        self._stacks: dict[int, StackTrace | PythonStack] = {}
         self._epoch = 0
+        self._frames: dict[tuple[int, int, int, int], tuple[tuple[Frame, ...], bool]] = {}
         self._python_only = python_frames is PythonFrames.PYTHON
         self._python_symbols = PythonSymbols()
-        self._python_stacks: dict[int, PythonStack] = {}
-        self._python_epoch = 0
         self._interpreters: dict[int, bool] = {}  # pid -> whether its Python frames can be named
 
-    def add_stack(self, stack: StackTrace) -> None:
-        epoch = _epoch(stack.key)
-        if epoch > self._epoch:
-            # Keys of the two live generations stay; older ones can never recur.
-            self._epoch = epoch
-            self._addresses = {k: v for k, v in self._addresses.items() if _epoch(k) >= epoch - 1}
-            self._frames = {
-                k: v for k, v in self._frames.items() if _epoch(max(k[1], k[2])) >= epoch - 1}
-        self._addresses[stack.key] = stack.addresses
-
-    def add_python_stack(self, stack: PythonStack) -> None:
-        if stack.epoch > self._python_epoch:
+    def add_stack(self, stack: StackTrace | PythonStack) -> None:
+        if stack.epoch > self._epoch:
             # The probe sends again any key it last sent two epochs ago.
-            self._python_epoch = stack.epoch
-            self._python_stacks = {k: v for k, v in self._python_stacks.items()
-                                   if v.epoch >= stack.epoch - 1}
+            self._epoch = stack.epoch
+            self._stacks = {k: v for k, v in self._stacks.items() if v.epoch >= stack.epoch - 1}
+            self._frames = {k: v for k, v in self._frames.items()
+                            if all(key <= 0 or key in self._stacks for key in k[1:])}
             for pid in [p for p in self._interpreters if not os.path.exists(f"/proc/{p}")]:
                 self.forget(pid)  # closes its /proc/PID/mem
-        self._python_stacks[stack.key] = stack
+        self._stacks[stack.key] = stack
 
     def process_exec(self, pid: int) -> None:
         """``pid`` runs a new program: nothing named for it before still holds."""
@@ -128,8 +113,8 @@ class StackResolver:
         return tuple(frame for run in found for frame in run)[::-1]
 
     def _python_runs(self, pid: int, key: int) -> list[list[Frame]] | None:
-        stack = self._python_stacks.get(key)
-        if stack is None:
+        stack = self._stacks.get(key)
+        if not isinstance(stack, PythonStack):
             return None
         if not self._interpreter(pid):
             return [[_PYTHON_LOST]]
@@ -183,10 +168,10 @@ class StackResolver:
     ) -> tuple[tuple[Frame, ...], bool]:
         """Leaf-first frames for one stack key, and whether the stack was lost."""
         if key >= 0:
-            addresses = self._addresses.get(key)
-            if addresses is None:
+            stack = self._stacks.get(key)
+            if not isinstance(stack, StackTrace):
                 return (_LOST,), True
-            return self._symbolized(addresses, symbolize)
+            return self._symbolized(stack.addresses, symbolize)
         if key == -errno.EFAULT:
             return (), False  # no such stack, e.g. no kernel stack while in user mode
         return (_LOST,), True
@@ -226,11 +211,8 @@ class Batcher:
         """Symbolize and aggregate one message's events into the current batch."""
         cap = self._config.max_samples
         for event in decode_events(message):
-            if isinstance(event, StackTrace):
+            if isinstance(event, StackTrace | PythonStack):
                 self._resolver.add_stack(event)
-                continue
-            if isinstance(event, PythonStack):
-                self._resolver.add_python_stack(event)
                 continue
             if isinstance(event, LoopThread | LoopBlocked | ProcessExec):
                 self._loop_event(event)

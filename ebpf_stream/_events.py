@@ -12,14 +12,18 @@ import msgspec
 
 
 class StackTrace(msgspec.Struct, tag="stack", array_like=True, gc=False, frozen=True):
-    """The addresses behind a stack key, sent once per key.
+    """The addresses behind a native stack key.
 
-    ``key`` is unique within a run: (stack-map generation epoch << 32) | id.
-    ``addresses`` are leaf first, as the kernel records them.
+    ``key`` hashes the addresses, so it means the same stack for the whole
+    run.  ``addresses`` are leaf first, as the kernel records them.
+    ``epoch`` is the probe's stack-map epoch when it was sent: the probe
+    sends a key again once two epochs have passed, so the batcher keeps keys
+    of the last two epochs it has seen.
     """
 
     key: int
     addresses: list[int]
+    epoch: int
 
 
 class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=True):
@@ -27,8 +31,8 @@ class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=Tru
 
     ``user_stack`` and ``kernel_stack`` are stack keys (see ``StackTrace``),
     or a negative errno when the kernel stored no stack: ``-EFAULT`` for "no
-    such stack" (a kernel thread has no user stack), ``-EEXIST``/``-ENOMEM``
-    for a stack that could not be stored.
+    such stack" (a kernel thread has no user stack), ``-ENOMEM`` for a stack
+    that could not be stored.
     """
 
     timestamp_ns: int
@@ -49,9 +53,7 @@ class PythonStack(msgspec.Struct, tag="python_stack", array_like=True, gc=False,
     run.  ``frames`` are leaf first, each ``(code object address, lasti,
     first line, flags)`` (flags: ``PYTHON_FRAME_ENTRY``,
     ``PYTHON_FRAME_GENERATOR``).  ``truncated`` means the outermost frames
-    were beyond the walker's depth.  ``epoch`` is the probe's stack-map
-    epoch when it was sent: the probe sends a key again once two epochs have
-    passed, so the batcher keeps keys of the last two epochs it has seen.
+    were beyond the walker's depth.  ``epoch``: as for ``StackTrace``.
     """
 
     key: int

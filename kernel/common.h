@@ -40,6 +40,10 @@ static __always_inline u64 count(int which) {
     return ++(*c);
 }
 
+// FNV-1a over 64-bit words, for keying stacks by their contents.
+#define FNV_OFFSET 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+
 // Log2 histogram buckets: bucket i counts [2^i, 2^(i+1)) ns, bucket 0 also
 // takes 0 ns and the last one everything longer.
 #define LOG2_BUCKETS 32

@@ -3,8 +3,9 @@
 // Contract with user space (ebpf_stream/_probes/cpu.py mirrors it):
 //  * one fixed-size `struct sample` per sample in the `samples` ring buffer,
 //    so user space decodes whole batches as one array;
-//  * stacks are stored once in a stack map and referenced by id; user space
-//    reads each id once per generation, not once per sample;
+//  * stacks are stored once each in a hash map, under a hash of their
+//    contents, and a sample carries the key; user space reads a key once per
+//    generation, not once per sample;
 //  * two stack maps alternate: user space flips `generation` and clears the
 //    map that becomes active, so long runs never fill a map and the stacks of
 //    samples still in flight stay readable for a whole generation;
@@ -21,42 +22,33 @@
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 
-enum kind {
-    SAMPLE,
-    LOOP_THREAD,
-    LOOP_BLOCKED,
-    LOOP_STALL,
-    PROCESS_EXEC,
-};
-
-struct sample {
-    u64 timestamp_ns;      // CLOCK_MONOTONIC
-    u32 pid;               // thread group id
-    u32 tid;
-    u32 cpu;
-    s32 user_stack_id;     // >= 0, or -errno when no stack was stored
-    s32 kernel_stack_id;
-    u32 generation;        // which stack maps the ids and python_stack refer to
-    char comm[TASK_COMM_LEN];
-    u64 python_stack;      // key in python_stacks_<generation>; 0: none
-    u64 busy_since;        // the loop's busy period this belongs to; 0: none
-    u64 duration_ns;       // LOOP_BLOCKED: time asleep; LOOP_STALL: time busy
-    u32 kind;
-    u32 pad;
-};
+#include "cpu_sample.h"
 
 enum counter {
     SAMPLES_SEEN,          // samples of a target, stored or not
     RING_FULL,             // dropped: no room in the ring buffer
-    USER_STACK_LOST,       // stack map bucket taken or out of memory
+    USER_STACK_LOST,       // stack map full or out of memory
     KERNEL_STACK_LOST,
     PYTHON_STACK_LOST,     // Python stack map full
     N_COUNTERS,
 };
 
+#define MAX_STACK_DEPTH 127        // the kernel's PERF_MAX_STACK_DEPTH
+
+struct native_stack {
+    u32 depth;
+    u32 pad;
+    u64 ips[MAX_STACK_DEPTH];      // leaf first
+};
+
 BPF_RINGBUF_OUTPUT(samples, RINGBUF_PAGES);
-BPF_STACK_TRACE(stacks_0, STACK_ENTRIES);
-BPF_STACK_TRACE(stacks_1, STACK_ENTRIES);
+// Hash maps, not BPF_STACK_TRACE: a stack-trace map has one slot per bucket
+// and refuses a stack whose bucket another took first, which with a few
+// hundred stacks per generation loses a few percent of them.  Not
+// preallocated: a value is 1 KB and the maps are rotated long before they fill.
+BPF_F_TABLE("hash", u64, struct native_stack, stacks_0, STACK_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u64, struct native_stack, stacks_1, STACK_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(stack_scratch, struct native_stack, 1);
 BPF_ARRAY(generation, u32, 1);
 #include "common.h"
 // Processes that have been sampled before.  A process's first sample wakes
@@ -93,8 +85,6 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     r->timestamp_ns = bpf_ktime_get_ns();
     r->pid = pid;
     r->tid = (u32)bpf_get_current_pid_tgid();
-    r->user_stack_id = -EFAULT;
-    r->kernel_stack_id = -EFAULT;
     r->kind = PROCESS_EXEC;
     bpf_get_current_comm(&r->comm, sizeof(r->comm));
     samples.ringbuf_submit(r, BPF_RB_FORCE_WAKEUP);
@@ -110,13 +100,38 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 }
 #endif
 
-// A stack that could not be stored is a loss worth reporting; a stack that
-// does not exist (no user stack in a kernel thread, no kernel stack while in
-// user mode) is not.
-static __always_inline s32 lost_stack(s32 id, int which) {
-    if (id == -EEXIST || id == -ENOMEM)
-        count(which);
-    return id;
+// Stores the current user or kernel stack in generation g's map and returns
+// its key.  A stack already there is only hashed, neither copied nor stored.
+static __always_inline u64 store_stack(struct bpf_perf_event_data *ctx, u64 flags, u32 g,
+                                       int lost) {
+    u32 zero = 0;
+    struct native_stack *s = stack_scratch.lookup(&zero);
+    if (!s)
+        return NO_STACK;
+    long bytes = bpf_get_stack(ctx, s->ips, sizeof(s->ips), flags);
+    if (bytes <= 0)
+        return NO_STACK;
+    u32 depth = bytes / sizeof(u64);
+    s->depth = depth;
+    s->pad = 0;
+    u64 hash = FNV_OFFSET;
+    #pragma clang loop unroll(disable)
+    for (u32 i = 0; i < MAX_STACK_DEPTH; i++) {
+        if (i >= depth)
+            break;
+        hash = (hash ^ s->ips[i]) * FNV_PRIME;
+    }
+    // Odd and below 2^63: never NO_STACK or STACK_LOST, and non-negative
+    // where user space hands keys on as signed integers.
+    u64 key = ((hash ^ depth) >> 1) | 1;
+    if (g ? stacks_1.lookup(&key) != 0 : stacks_0.lookup(&key) != 0)
+        return key;
+    int stored = g ? stacks_1.insert(&key, s) : stacks_0.insert(&key, s);
+    if (stored && stored != -EEXIST) {  // EEXIST: another CPU stored it meanwhile
+        count(lost);
+        return STACK_LOST;
+    }
+    return key;
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx) {
@@ -129,14 +144,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u64 seen = count(SAMPLES_SEEN);
 
     u32 g = current_generation();
-    s32 ustack, kstack;
-    if (g) {
-        ustack = stacks_1.get_stackid(ctx, BPF_F_USER_STACK);
-        kstack = stacks_1.get_stackid(ctx, 0);
-    } else {
-        ustack = stacks_0.get_stackid(ctx, BPF_F_USER_STACK);
-        kstack = stacks_0.get_stackid(ctx, 0);
-    }
+    u64 ustack = store_stack(ctx, BPF_F_USER_STACK, g, USER_STACK_LOST);
+    u64 kstack = store_stack(ctx, 0, g, KERNEL_STACK_LOST);
 
     u64 now = bpf_ktime_get_ns();
     u32 tid = id;
@@ -160,9 +169,9 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     s->pid = pid;
     s->tid = tid;
     s->cpu = bpf_get_smp_processor_id();
-    s->user_stack_id = lost_stack(ustack, USER_STACK_LOST);
-    s->kernel_stack_id = lost_stack(kstack, KERNEL_STACK_LOST);
     s->generation = g;
+    s->user_stack = ustack;
+    s->kernel_stack = kstack;
     bpf_get_current_comm(&s->comm, sizeof(s->comm));
     s->python_stack = python;
     s->busy_since = busy_since;

@@ -51,8 +51,6 @@ static __always_inline void loop_record(u32 kind, u32 pid, u32 tid, u64 now, u64
     r->pid = pid;
     r->tid = tid;
     r->cpu = bpf_get_smp_processor_id();
-    r->user_stack_id = -EFAULT;
-    r->kernel_stack_id = -EFAULT;
     r->generation = g;
     r->python_stack = stack;
     r->busy_since = busy_since;

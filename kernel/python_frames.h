@@ -25,8 +25,6 @@
 #define PYTHON_NONE 0xFFFFFFFF
 #define HEADER_BYTES 80                // covers every field read from a frame or a code object
 #define PYTHON_RECHECK_NS 1000000000ULL // how long a thread without a thread state stays unsearched
-#define FNV_OFFSET 0xcbf29ce484222325ULL
-#define FNV_PRIME 0x100000001b3ULL
 
 struct python_offsets {
     u32 runtime_interpreters_head;

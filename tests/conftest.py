@@ -32,6 +32,11 @@ def hot_native(workload_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def many_stacks(workload_dir: Path) -> Path:
+    return build("many_stacks", workload_dir)
+
+
+@pytest.fixture(scope="session")
 def syscall_heavy(workload_dir: Path) -> Path:
     return build("syscall_heavy", workload_dir)
 

@@ -50,7 +50,7 @@ USER, KERNEL = (1 << 32) | 7, (1 << 32) | 8
 def message(n: int, *, user: int = USER, kernel: int = KERNEL, stacks: bool = True) -> EventMessage:
     events: list[Event] = []
     if stacks:
-        events += [StackTrace(USER, [0xC, 0xB, 0xA]), StackTrace(KERNEL, [0x2, 0x1])]
+        events += [StackTrace(USER, [0xC, 0xB, 0xA], 0), StackTrace(KERNEL, [0x2, 0x1], 0)]
     events += [CpuSample(1000 + i, 42, 43, 0, "app", user, kernel) for i in range(n)]
     return encode_events(events, n)
 
@@ -82,7 +82,7 @@ def test_each_stack_is_symbolized_once() -> None:
 def test_missing_and_lost_stacks_keep_the_sample() -> None:
     batcher, stats, _ = make_batcher()
     batcher.add(message(1, kernel=-errno.EFAULT))  # no kernel stack: in user mode
-    batcher.add(message(1, user=-errno.EEXIST, stacks=False))  # bucket taken
+    batcher.add(message(1, user=-errno.ENOMEM, stacks=False))  # not stored
     batcher.add(message(1, user=(5 << 32) | 1, stacks=False))  # never received
     assert names(batcher.take()) == {
         "ua;ub;uc": 1, "[stack lost];k1;k2": 2}

@@ -608,7 +608,7 @@ def test_engine_metrics_without_samples_are_still_sent() -> None:
 
 
 @pytest.mark.parametrize(("kernel_stack", "mode"), [
-    (-errno.EFAULT, "user"), (0x1_0000_0005, "system"), (-errno.EEXIST, "system")])
+    (-errno.EFAULT, "user"), (0x1_0000_0005, "system"), (-errno.ENOMEM, "system")])
 def test_convert_event_to_metric(kernel_stack: int, mode: str) -> None:
     converter = EventConverter(EbpfConfig().with_sample_rate(49), resource_attributes={})
     period = round(1e9 / 49)

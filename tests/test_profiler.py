@@ -19,6 +19,7 @@ from ebpf_stream import (
     ConfigError,
     EbpfConfig,
     EbpfCpuProfiler,
+    Exporter,
     ExportError,
     FrameKind,
     OverflowPolicy,
@@ -28,7 +29,6 @@ from ebpf_stream import (
     Stats,
     TargetError,
 )
-from ebpf_stream._cli.demo import build_demo
 from ebpf_stream.exporters import FoldedFileExporter, MemoryExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
@@ -41,11 +41,11 @@ def config_for(pid: int, **changes: object) -> EbpfConfig:
 
 
 async def profile_until_killed(proc: subprocess.Popen[str], seconds: float,
-                               **changes: object) -> tuple[Profile, Stats]:
-    """Profile ``proc`` for ``seconds``, then kill it."""
+                               *also: Exporter, **changes: object) -> tuple[Profile, Stats]:
+    """Profile ``proc`` for ``seconds``, then kill it; ``also`` export alongside."""
     memory = MemoryExporter()
     try:
-        async with Profiler(config_for(proc.pid, **changes), [memory]) as profiler:
+        async with Profiler(config_for(proc.pid, **changes), [memory, *also]) as profiler:
             await anyio.sleep(seconds)
     finally:
         proc.kill()
@@ -168,15 +168,26 @@ async def test_cancellation_while_starting_leaves_nothing_loaded(
 
 
 @pytest.mark.anyio
-async def test_stack_maps_rotate_without_losing_stacks(running: subprocess.Popen[str]) -> None:
-    memory = MemoryExporter()
-    config = config_for(running.pid, export_interval_s=0.2, stack_map_entries=64)
-    async with Profiler(config, [memory]) as profiler:
-        await anyio.sleep(3)
+async def test_stack_maps_rotate_without_losing_stacks(many_stacks: Path) -> None:
+    # 48 stacks in every 0.2 s generation, in maps of 128 entries: two of
+    # them share a bucket of a table that size (about 9 pairs on average),
+    # and none may be lost for it.
+    proc = start_ready([str(many_stacks)])
+    try:
+        memory = MemoryExporter()
+        config = config_for(proc.pid, export_interval_s=0.2, stack_map_entries=128,
+                            sample_rate_hz=499)
+        async with Profiler(config, [memory]) as profiler:
+            await anyio.sleep(3)
+    finally:
+        proc.kill()
+        proc.wait()
     profile = memory.profile
     assert profile is not None
     assert profiler.stats.lost_stacks == 0
-    assert shares(profile, "hot_leaf") > 0.8
+    depths = {sum(f.name == "descend" for f in s.frames) for s in profile
+              if s.frames[-1].name == "spin"}
+    assert depths == set(range(2, 50))  # descend(n) is n + 1 frames
 
 
 class SlowExporter:
@@ -284,12 +295,14 @@ async def test_a_full_ring_is_counted_as_kernel_drops(running: subprocess.Popen[
 
 
 @pytest.mark.anyio
-async def test_stacks_a_crowded_stack_map_could_not_store_are_counted(
-        workload_dir: Path) -> None:
-    binary = build_demo(workload_dir)  # deep, varied stacks: many distinct keys
-    proc = subprocess.Popen([str(binary), "30"], stdout=subprocess.DEVNULL, text=True)
+async def test_stacks_a_full_stack_map_could_not_store_are_counted(many_stacks: Path) -> None:
+    # 200 stacks against maps of 64 entries, while a slow exporter holds the
+    # reader up: the map fills before the reader can rotate it.
+    proc = start_ready([str(many_stacks), "30", "200"])
     profile, stats = await profile_until_killed(
-        proc, 2, sample_rate_hz=999, stack_map_entries=64, export_interval_s=60.0)
+        proc, 2, SlowExporter(0.5), sample_rate_hz=999, stack_map_entries=64,
+        export_interval_s=0.1, channel_capacity=1, max_samples=5000,
+        overflow_policy=OverflowPolicy.BLOCK, ring_buffer_bytes=1 << 20)
     lost = sum(s.count for s in profile if any(f.name == "[stack lost]" for f in s.frames))
     assert stats.lost_stacks == lost > 0
     assert profile.sample_count == stats.received, "lost stacks keep their samples"

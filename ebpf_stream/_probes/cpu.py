@@ -1,8 +1,9 @@
 """CPU profiling probe: perf_event CPU_CLOCK sampling on every CPU.
 
 User space does as little as possible per sample: records are fixed-size
-and decoded a batch at a time, and each stack is read from the kernel once
-per stack-map generation, however many samples share it.
+and decoded a batch at a time, and each stack, stored in the kernel under a
+hash of its contents, is read at most once every two stack-map
+generations, however many samples share it.
 
 Samples of Python processes also carry the Python stack the kernel walked
 (see ``python.py`` for which processes those are), and the same ring
@@ -16,7 +17,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio.lowlevel
 import anyio.to_thread
@@ -32,6 +33,7 @@ from .._events import (
     LoopStall,
     LoopThread,
     ProcessExec,
+    PythonStack,
     StackTrace,
     encode_events,
 )
@@ -58,19 +60,20 @@ from .tracing import (
 
 log = logging.getLogger("ebpf_stream")
 
-# Mirrors `struct sample` in kernel/cpu_profile.bpf.c.
+# Mirrors `struct sample` in kernel/cpu_sample.h.
 SAMPLE = np.dtype([
     ("timestamp_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
-    ("user_stack_id", "<i4"), ("kernel_stack_id", "<i4"), ("generation", "<u4"),
-    ("comm", "S16"), ("python_stack", "<u8"), ("busy_since", "<u8"), ("duration_ns", "<u8"),
+    ("generation", "<u4"), ("user_stack", "<u8"), ("kernel_stack", "<u8"), ("comm", "S16"),
+    ("python_stack", "<u8"), ("busy_since", "<u8"), ("duration_ns", "<u8"),
     ("kind", "<u4"), ("pad", "<u4"),
 ])
-# `enum kind` in kernel/cpu_profile.bpf.c
+# `enum kind` in kernel/cpu_sample.h
 _SAMPLE, _LOOP_THREAD, _LOOP_BLOCKED, _LOOP_STALL, _PROCESS_EXEC = range(5)
 _WAKEUP_EVERY = 64
 _PAGE = 4096
-_MAX_STACK_DEPTH = 127
+_NO_STACK, _STACK_LOST = 0, 2  # kernel/cpu_sample.h; stack keys are odd
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 
 class CpuProbe(RingProbe):
@@ -96,20 +99,20 @@ class CpuProbe(RingProbe):
         super().__init__(config)
         self._wall_offset_ns = wall_clock_offset_ns()
         self._epoch = 0
-        self._epoch_start = [0, 0]  # CLOCK_MONOTONIC start of the epochs of each generation
-        self._sent: set[int] = set()  # stack keys already emitted
-        self._keys_this_epoch = 0
+        self._epoch_start_ns = 0  # CLOCK_MONOTONIC
+        # Stack keys (native and Python) -> the epoch each was last sent in.
+        self._sent: dict[int, int] = {}
+        # Keys seen in the current generation's maps: how full they are.
+        self._stored: set[int] = set()
         self._comm = CommNames()
-        # Rotate well before the map gets crowded: a stack map is a hash table
-        # whose bucket collisions lose stacks (at 1/16 full, at most 6% of new
-        # stacks can collide).
-        self._rotate_after_keys = max(16, config.stack_map_entries // 16)
+        # Half full leaves the kernel room for the stacks it stores before
+        # the reader next looks.
+        self._rotate_after_keys = config.stack_map_entries // 2
         self._rotate_after_ns = int(config.export_interval_s * 1e9)
         self._python_frames = config.python_frames is not PythonFrames.OFF
         self._loop_stalls = self._python_frames and config.loop_stall_ms > 0
         self._python: PythonProcesses | None = None
         self._loop_hooks: list[str] = []  # programs attached once a Python process is found
-        self._python_sent: dict[int, int] = {}  # Python stack key -> epoch it was last sent in
 
     ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
 
@@ -148,7 +151,7 @@ class CpuProbe(RingProbe):
         try:
             await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
             load_targets(self._program, self._targets or ())
-            self._epoch_start[0] = time.monotonic_ns()
+            self._epoch_start_ns = time.monotonic_ns()
             self._ring = RingBuffer(self.map("samples").fd, self._config.ring_buffer_bytes,
                                     SAMPLE)
             programs = self._program.program_names()
@@ -220,9 +223,11 @@ class CpuProbe(RingProbe):
     def encode(self, records: np.ndarray) -> EventMessage:
         kinds = records["kind"]
         samples = records[kinds == _SAMPLE]
-        events: list[Event] = []
+        native = np.concatenate((samples["user_stack"], samples["kernel_stack"]))
+        events = self._new_stacks(native, np.tile(samples["generation"], 2), self._read_stack)
         if self._python is not None:
-            self._python_stacks(records, events)
+            events += self._new_stacks(records["python_stack"], records["generation"],
+                                       self._read_python_stack)
             for pid in np.unique(samples["pid"]).tolist():
                 self._python.look(pid)
         # In ring order: a stall's record follows its busy period's samples
@@ -239,48 +244,37 @@ class CpuProbe(RingProbe):
 
     def _samples(self, records: np.ndarray) -> list[Event]:
         ts = records["timestamp_ns"].astype(np.int64)
-        user = self._stack_keys(records["user_stack_id"], records["generation"], ts)
-        kernel = self._stack_keys(records["kernel_stack_id"], records["generation"], ts)
-
-        events: list[Event] = []
-        for key in np.unique(np.concatenate((user[user >= 0], kernel[kernel >= 0]))).tolist():
-            if key not in self._sent:
-                addresses = self._read_stack(key)
-                if addresses is not None:
-                    events.append(StackTrace(key, addresses))
-                    self._sent.add(key)
-                    self._keys_this_epoch += 1
         comms = [self._comm(c) for c in records["comm"].tolist()]
-        events.extend(
+        return [
             CpuSample(t, pid, tid, cpu, comm, u, k, py, busy)
             for t, pid, tid, cpu, comm, u, k, py, busy in zip(
                 (ts + self._wall_offset_ns).tolist(), records["pid"].tolist(),
                 records["tid"].tolist(), records["cpu"].tolist(), comms,
-                user.tolist(), kernel.tolist(), records["python_stack"].tolist(),
-                records["busy_since"].tolist(), strict=True)
-        )
-        return events
+                _sample_keys(records["user_stack"]).tolist(),
+                _sample_keys(records["kernel_stack"]).tolist(),
+                records["python_stack"].tolist(), records["busy_since"].tolist(), strict=True)
+        ]
 
-    def _python_stacks(self, records: np.ndarray, events: list[Event]) -> None:
-        """A ``PythonStack`` for each key in ``records`` not sent this epoch or the last.
+    def _new_stacks(self, keys: np.ndarray, generations: np.ndarray,
+                    read: Callable[[int, int], Event | None]) -> list[Event]:
+        """The stack of each key in ``keys`` not sent this epoch or the last.
 
-        Keys hash the stack's contents, so a key sent once needs no reading
-        again while the batcher keeps it (see ``PythonStack``).
+        Keys hash a stack's contents, so the batcher, which keeps the keys of
+        the last two epochs it has seen (see ``StackTrace``), needs a key
+        only once in that time, however many samples carry it.
         """
-        walked = records[records["python_stack"] != 0]
-        if not len(walked):
-            return
-        keys, first = np.unique(walked["python_stack"], return_index=True)
-        for key, generation in zip(keys.tolist(), walked["generation"][first].tolist(),
-                                   strict=True):
-            if self._python_sent.get(key, -2) >= self._epoch - 1:
-                continue
-            stack = read_python_stack(self.map(f"python_stacks_{generation & 1}"), key,
-                                      self._epoch)
-            if stack is not None:
-                events.append(stack)
-                self._python_sent[key] = self._epoch
-                self._keys_this_epoch += 1
+        stored = (keys & 1) == 1  # not NO_STACK, STACK_LOST or "no Python stack"
+        keys, first = np.unique(keys[stored], return_index=True)
+        generations = generations[stored][first] & 1
+        self._stored.update(keys[generations == (self._epoch & 1)].tolist())
+        events: list[Event] = []
+        for key, generation in zip(keys.tolist(), generations.tolist(), strict=True):
+            if self._sent.get(key, -2) < self._epoch - 1:
+                stack = read(key, generation)
+                if stack is not None:
+                    events.append(stack)
+                    self._sent[key] = self._epoch
+        return events
 
     def _loop_events(self, records: np.ndarray) -> list[Event]:
         events: list[Event] = []
@@ -299,28 +293,17 @@ class CpuProbe(RingProbe):
                                         process_name(pid) or "", busy_since, duration))
         return events
 
-    def _stack_keys(self, ids: np.ndarray, generation: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """Run-unique keys (epoch << 32 | id) for stack ids; errors stay negative.
-
-        A record whose generation bit points at an epoch that began after the
-        record was taken is from two generations back: its map has been
-        cleared since, so its stack is reported lost (-ESTALE) rather than
-        resolved to a stranger's stack.
-        """
-        current = self._epoch
-        epoch = np.where(generation == (current & 1), current, current - 1).astype(np.int64)
-        start = np.asarray(self._epoch_start, dtype=np.int64)[epoch & 1]
-        stale = ts < start
-        keys = np.where(ids >= 0, (epoch << 32) | ids.astype(np.int64), ids.astype(np.int64))
-        return np.where(stale & (ids >= 0), -errno.ESTALE, keys)
-
-    def _read_stack(self, key: int) -> list[int] | None:
-        raw = self.map(f"stacks_{(key >> 32) & 1}").lookup(_U32.pack(key & 0xFFFFFFFF))
+    def _read_stack(self, key: int, generation: int) -> StackTrace | None:
+        """The ``struct native_stack`` under ``key``; None if the map no longer has it."""
+        raw = self.map(f"stacks_{generation}").lookup(_U64.pack(key))
         if raw is None:
             return None
-        ips = np.frombuffer(raw, dtype="<u8", count=_MAX_STACK_DEPTH)
-        end = int(np.argmin(ips)) if not ips.all() else _MAX_STACK_DEPTH
-        return ips[:end].tolist()  # type: ignore[no-any-return]
+        (depth,) = _U32.unpack_from(raw)
+        addresses = np.frombuffer(raw, dtype="<u8", count=depth, offset=8).tolist()
+        return StackTrace(key, addresses, self._epoch)
+
+    def _read_python_stack(self, key: int, generation: int) -> PythonStack | None:
+        return read_python_stack(self.map(f"python_stacks_{generation}"), key, self._epoch)
 
     def _maybe_rotate(self) -> None:
         """Switch the kernel to the other stack map once this one has aged or filled.
@@ -328,18 +311,24 @@ class CpuProbe(RingProbe):
         The map being switched to is cleared first; it held the generation
         before last, whose samples have all been read by now.
         """
-        age = time.monotonic_ns() - self._epoch_start[self._epoch & 1]
-        if age < self._rotate_after_ns and self._keys_this_epoch < self._rotate_after_keys:
+        now = time.monotonic_ns()
+        if (now - self._epoch_start_ns < self._rotate_after_ns
+                and len(self._stored) < self._rotate_after_keys):
             return
         new = self._epoch + 1
         self.map(f"stacks_{new & 1}").clear()
-        self._epoch_start[new & 1] = time.monotonic_ns()
-        self.map("generation").update(_U32.pack(0), _U32.pack(new & 1))
-        self._epoch = new
-        self._keys_this_epoch = 0
-        self._sent = {k for k in self._sent if k >> 32 >= new - 1}
         if self._python_frames:
             self.map(f"python_stacks_{new & 1}").clear()
-            self._python_sent = {k: e for k, e in self._python_sent.items() if e >= new - 1}
+        self.map("generation").update(_U32.pack(0), _U32.pack(new & 1))
+        self._epoch, self._epoch_start_ns = new, now
+        self._stored.clear()
+        self._sent = {k: e for k, e in self._sent.items() if e >= new - 1}
         if self._python is not None:
             self._python.forget_exited()
+
+
+def _sample_keys(stacks: np.ndarray) -> np.ndarray:
+    """The kernel's stack fields as ``CpuSample`` keys: keys, or -errno for none."""
+    keys = stacks.astype(np.int64)  # keys are below 2**63
+    return np.where(stacks == _NO_STACK, -errno.EFAULT,
+                    np.where(stacks == _STACK_LOST, -errno.ENOMEM, keys))

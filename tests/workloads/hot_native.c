@@ -1,8 +1,6 @@
 // A busy, single-threaded native process: outer -> middle -> hot_leaf burns
 // CPU for argv[1] seconds (forever without an argument).
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
+#include "workload.h"
 
 __attribute__((noinline)) unsigned long hot_leaf(unsigned long x) {
     for (int i = 0; i < 10000; i++)
@@ -14,17 +12,9 @@ __attribute__((noinline)) unsigned long middle(unsigned long x) { return hot_lea
 
 __attribute__((noinline)) unsigned long outer(unsigned long x) { return middle(x) + 1; }
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 int main(int argc, char **argv) {
-    double end = argc > 1 ? now() + atof(argv[1]) : 1e300;
     unsigned long x = 1;
-    printf("ready\n");
-    fflush(stdout);
+    double end = ready(argc, argv);
     while (now() < end)
         for (int i = 0; i < 100; i++)
             x = outer(x);

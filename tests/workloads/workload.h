@@ -1,0 +1,19 @@
+// What the timed C workloads share: a clock, and the "ready" line the tests
+// wait for before they start measuring.
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+// The end of a run of argv[1] seconds (forever without it), once "ready" is out.
+static double ready(int argc, char **argv) {
+    double end = argc > 1 ? now() + atof(argv[1]) : 1e300;
+    printf("ready\n");
+    fflush(stdout);
+    return end;
+}
