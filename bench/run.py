@@ -77,7 +77,8 @@ def config_table(ns: dict[str, float]) -> str:
 
 def reader_table(r: bench_reader.ReaderFigures) -> str:
     rows = [
-        f"Drain of a full ring, {r.records:,} records of 48 bytes, median of {r.rounds} rounds:",
+        f"Drain of a full ring, {r.records:,} records of {bench_reader.SAMPLE.itemsize} bytes, "
+        f"median of {r.rounds} rounds:",
         "",
         "| consumer | events/s | CPU ns/event | ours is faster by |",
         "| --- | ---: | ---: | ---: |",

@@ -1,7 +1,7 @@
 """Ring buffer drain throughput: our batch reader against bcc's callback consumer.
 
-One BPF program fills one 16 MiB ring with 48-byte records shaped like the
-CPU probe's ``struct sample``; each consumer then drains a full ring.  Both
+One BPF program fills one 16 MiB ring with the CPU probe's own records
+(``kernel/cpu_sample.h``, 88 bytes); each consumer then drains a full ring.  Both
 consumers advance the same ``consumer_pos``, so they take turns on separate
 fills, alternating within every round, and the figures are medians over the
 rounds.  Filling stops below capacity and the kernel's drop counter must stay
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ebpf_stream._loader import KERNEL_SOURCES
 from ebpf_stream._probes.cpu import SAMPLE
 from ebpf_stream._ringbuf import RingBuffer
 
@@ -28,19 +29,9 @@ RING_BYTES = RING_PAGES * 4096
 STRIDE = (8 + SAMPLE.itemsize + 7) & ~7  # header + payload, rounded to 8
 TRIGGERS = RING_BYTES // STRIDE // RECORDS_PER_TRIGGER  # fill to just below capacity
 RECORDS_PER_FILL = TRIGGERS * RECORDS_PER_TRIGGER
+RECORD = KERNEL_SOURCES / "cpu_sample.h"
 
 PROGRAM = r"""
-struct sample {             /* the layout of kernel/cpu_profile.bpf.c's sample */
-    u64 timestamp_ns;
-    u32 pid;
-    u32 tid;
-    u32 cpu;
-    s32 user_stack_id;
-    s32 kernel_stack_id;
-    u32 generation;
-    char comm[16];
-};
-
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 BPF_ARRAY(target, u64, 1);          /* the tgid whose getppid() emits, 0: none */
 BPF_ARRAY(counters, u64, 2);        /* 0: records submitted, 1: reservations failed */
@@ -60,13 +51,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
             __sync_fetch_and_add(failed, 1);
             continue;
         }
+        __builtin_memset(s, 0, sizeof(*s));
         s->timestamp_ns = bpf_ktime_get_ns();
         s->pid = id >> 32;
         s->tid = (u32)id;
         s->cpu = bpf_get_smp_processor_id();
-        s->user_stack_id = i;
-        s->kernel_stack_id = -14;
-        s->generation = 0;
+        s->user_stack = 2 * i + 1;
+        s->kernel_stack = NO_STACK;
         bpf_get_current_comm(&s->comm, sizeof(s->comm));
         events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
         __sync_fetch_and_add(submitted, 1);
@@ -100,8 +91,7 @@ class SameRingProducer:
         prepare_bcc()
         from bcc import BPF
 
-        assert SAMPLE.itemsize == 48
-        self.bpf: Any = BPF(text=PROGRAM.encode(), cflags=[
+        self.bpf: Any = BPF(text=(RECORD.read_text() + PROGRAM).encode(), cflags=[
             f"-DRING_PAGES={RING_PAGES}", f"-DPER_TRIGGER={RECORDS_PER_TRIGGER}"])
         self.ring = RingBuffer(self.bpf[b"events"].map_fd, RING_BYTES, SAMPLE)
 
