@@ -13,7 +13,7 @@ class Stats:
     buffer (it was full); ``dropped_user`` counts samples dropped in user
     space (a channel overflowed under a drop policy, or an interval exceeded
     ``max_samples``).  ``lost_stacks`` counts samples kept without one of
-    their stacks because the stack map could not store it.
+    their stacks because a stack map was full.
 
     ``exported`` counts samples handed to at least one exporter.  Exporters
     that deliver later (OTLP) count what they then fail to deliver in
