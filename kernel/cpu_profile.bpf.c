@@ -62,6 +62,23 @@ static __always_inline u32 current_generation(void) {
     return gen ? (*gen & 1) : 0;
 }
 
+// A zeroed record of `kind` with the fields every kind has, or NULL (counted)
+// when the ring is full.  The caller fills in the rest and submits it.
+static __always_inline struct sample *reserve_record(u32 kind, u32 pid, u32 tid, u64 now) {
+    struct sample *r = samples.ringbuf_reserve(sizeof(struct sample));
+    if (!r) {
+        count(RING_FULL);
+        return 0;
+    }
+    __builtin_memset(r, 0, sizeof(*r));
+    r->timestamp_ns = now;
+    r->pid = pid;
+    r->tid = tid;
+    r->cpu = bpf_get_smp_processor_id();
+    r->kind = kind;
+    return r;
+}
+
 #if PYTHON
 #include "python_frames.h"
 #if LOOP_STALLS
@@ -76,16 +93,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         return 0;
     python_processes.delete(&pid);
     known.delete(&pid);
-    struct sample *r = samples.ringbuf_reserve(sizeof(struct sample));
-    if (!r) {
-        count(RING_FULL);
+    struct sample *r = reserve_record(PROCESS_EXEC, pid, (u32)bpf_get_current_pid_tgid(),
+                                      bpf_ktime_get_ns());
+    if (!r)
         return 0;
-    }
-    __builtin_memset(r, 0, sizeof(*r));
-    r->timestamp_ns = bpf_ktime_get_ns();
-    r->pid = pid;
-    r->tid = (u32)bpf_get_current_pid_tgid();
-    r->kind = PROCESS_EXEC;
     bpf_get_current_comm(&r->comm, sizeof(r->comm));
     samples.ringbuf_submit(r, BPF_RB_FORCE_WAKEUP);
     return 0;
@@ -160,24 +171,15 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
 #endif
 #endif
 
-    struct sample *s = samples.ringbuf_reserve(sizeof(struct sample));
-    if (!s) {
-        count(RING_FULL);
+    struct sample *s = reserve_record(SAMPLE, pid, tid, now);
+    if (!s)
         return 0;
-    }
-    s->timestamp_ns = now;
-    s->pid = pid;
-    s->tid = tid;
-    s->cpu = bpf_get_smp_processor_id();
     s->generation = g;
     s->user_stack = ustack;
     s->kernel_stack = kstack;
     bpf_get_current_comm(&s->comm, sizeof(s->comm));
     s->python_stack = python;
     s->busy_since = busy_since;
-    s->duration_ns = 0;
-    s->kind = SAMPLE;
-    s->pad = 0;
 
     // Waking the reader for every record costs far more than the record;
     // each CPU wakes it every WAKEUP_EVERY records, and it drains on a timer too.

@@ -41,21 +41,13 @@ BPF_PERCPU_HASH(loop_busy, struct loop_key, struct loop_histogram, 4096);
 
 static __always_inline void loop_record(u32 kind, u32 pid, u32 tid, u64 now, u64 stack,
                                         u32 g, u64 busy_since, u64 duration) {
-    struct sample *r = samples.ringbuf_reserve(sizeof(struct sample));
-    if (!r) {
-        count(RING_FULL);
+    struct sample *r = reserve_record(kind, pid, tid, now);
+    if (!r)
         return;
-    }
-    __builtin_memset(r, 0, sizeof(*r));
-    r->timestamp_ns = now;
-    r->pid = pid;
-    r->tid = tid;
-    r->cpu = bpf_get_smp_processor_id();
     r->generation = g;
     r->python_stack = stack;
     r->busy_since = busy_since;
     r->duration_ns = duration;
-    r->kind = kind;
     // Nothing here may wake the reader: this can run inside the scheduler.
     samples.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
