@@ -30,7 +30,7 @@ from test_python_runtime import INTERPRETERS, PYENV, available
 
 from ebpf_stream import EbpfConfig, Frame, FrameKind, Profile, Profiler, StackSamples
 from ebpf_stream._probes import cpu
-from ebpf_stream._probes.python import self_test
+from ebpf_stream._probes.python import PythonProcesses, self_test
 from ebpf_stream.exporters import MemoryExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
@@ -191,6 +191,29 @@ def test_command_launched_through_a_shim(tmp_path: Path) -> None:
     found = [PYTHON_FRAME.match(label) for label in labels if label.startswith("alpha (")]
     assert found and all(m and m["file"] == SHARES.name and int(m["line"]) in alpha_lines
                          for m in found), found
+
+
+def test_processes_without_an_interpreter_are_looked_at_again_on_schedule() -> None:
+    """Each look falls due by the clock, whether or not samples arrive, so that
+    the CPU probe can take it in time (its reader may sleep for a second)."""
+    sleeper = subprocess.Popen(["sleep", "30"])  # never has an interpreter
+    try:
+        processes = PythonProcesses(None, {}, lambda: None)  # type: ignore[arg-type]
+        started = time.monotonic()
+        assert processes.look(sleeper.pid) is None
+        dues = []
+        while (due := processes.next_look()) is not None:
+            dues.append(round(due - started, 2))
+            time.sleep(max(0.0, due - time.monotonic()))
+            processes.look_waiting()
+        assert dues == [0.05, 0.2, 0.5, 1.0, 2.0]
+
+        processes.exec_seen(sleeper.pid)  # a new program: looked at afresh, on schedule
+        due = processes.next_look()
+        assert due is not None and due - time.monotonic() > 0.04
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 class HostWork:

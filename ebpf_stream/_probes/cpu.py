@@ -113,6 +113,7 @@ class CpuProbe(RingProbe):
         self._loop_stalls = self._python_frames and config.loop_stall_ms > 0
         self._python: PythonProcesses | None = None
         self._loop_hooks: list[str] = []  # programs attached once a Python process is found
+        self._looks_waiting: anyio.Event | None = None  # set when a process awaits a look
 
     ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
 
@@ -197,10 +198,30 @@ class CpuProbe(RingProbe):
             self._program.attach_tracepoints(only=hooks)
 
     async def run(self, emit: Emit) -> None:
-        if self._loop_stalls:
-            await self.read_ring_and_totals(emit)
-        else:
-            await self.read_ring(emit)
+        async with anyio.create_task_group() as tg:
+            if self._python is not None:
+                tg.start_soon(self._look_on_schedule, self._python)
+            if self._loop_stalls:
+                await self.read_ring_and_totals(emit)
+            else:
+                await self.read_ring(emit)
+            tg.cancel_scope.cancel()
+
+    async def _look_on_schedule(self, python: PythonProcesses) -> None:
+        """Look again at processes without an interpreter yet, as each look falls due.
+
+        Their next samples may come too late: a service that has just exec'ed
+        often sleeps or blocks at once, the reader may then not wake for up
+        to a second, and stalls in that time would pass unwatched.
+        """
+        while True:
+            due = python.next_look()
+            if due is None:
+                self._looks_waiting = anyio.Event()
+                await self._looks_waiting.wait()
+            else:
+                await anyio.sleep(max(0.0, due - time.monotonic()))
+                python.look_waiting()
 
     def read_totals(self) -> list[Event]:
         if not self._loop_stalls or self._program is None:
@@ -236,6 +257,13 @@ class CpuProbe(RingProbe):
             if len(part):
                 events += (self._samples(part) if part["kind"][0] == _SAMPLE
                            else self._loop_events(part))
+        waiting = self._looks_waiting
+        if waiting is not None and not waiting.is_set():
+            # The scheduler is idle: wake it if a process found without an
+            # interpreter, or one that has exec'ed, awaits a look.
+            assert self._python is not None
+            if self._python.next_look() is not None:
+                waiting.set()
         # Stalls are counted by the batcher, which alone knows whether they
         # are an asyncio loop's.
         self._stats.received += len(samples)

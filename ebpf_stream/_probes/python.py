@@ -105,23 +105,42 @@ class PythonProcesses:
         if runtime is not None:
             register(self._program, runtime)
             self._on_found()
+        else:
+            self._first_seen.setdefault(pid, time.monotonic())
         self._found[pid] = runtime
         return runtime
+
+    def next_look(self) -> float | None:
+        """When (``time.monotonic()``) the next look at a process is due, if one is."""
+        return min((self._first_seen[pid] + _LOOK_AGAIN_AT[self._looks.get(pid, 0)]
+                    for pid in self._waiting()), default=None)
+
+    def look_waiting(self) -> None:
+        """Look again at each process without an interpreter whose look is due."""
+        for pid in self._waiting():
+            self.look(pid)
+
+    def _waiting(self) -> list[int]:
+        """Processes looked at without finding an interpreter, with looks left."""
+        return [pid for pid, runtime in self._found.items()
+                if runtime is None and self._looks.get(pid, 0) < len(_LOOK_AGAIN_AT)]
 
     def _due(self, pid: int) -> bool:
         """Whether a process without an interpreter should be looked at again now."""
         looks = self._looks.get(pid, 0)
         if looks >= len(_LOOK_AGAIN_AT):
             return False
-        first = self._first_seen.setdefault(pid, time.monotonic())
-        if time.monotonic() - first < _LOOK_AGAIN_AT[looks]:
+        if time.monotonic() - self._first_seen[pid] < _LOOK_AGAIN_AT[looks]:
             return False
         self._looks[pid] = looks + 1
         return True
 
     def exec_seen(self, pid: int) -> None:
-        """``pid`` runs a new program: look for an interpreter afresh."""
-        self._found.pop(pid, None)
+        """``pid`` runs a new program: look for an interpreter afresh, on schedule.
+
+        Not at once: the new program has only just started loading.
+        """
+        self._found[pid] = None
         self._looks.pop(pid, None)
         self._first_seen[pid] = time.monotonic()
 
