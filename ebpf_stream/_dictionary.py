@@ -12,6 +12,12 @@ A Python frame is a function of a source file at a line: its location has
 no mapping (index 0, which both formats read as "not applicable": there is
 no binary to symbolize against) and one location per line, so the lines of
 one function stay apart.
+
+A function's system name is the symbol its binary or the kernel knows it by,
+which is its name as we read it.  A Python function has no such symbol, so
+its system name is left empty: pprof reads a function whose name equals its
+system name as one still to demangle, and its heuristics for C++ would strip
+the ``<...>`` off ``<module>`` or ``<listcomp>``.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class MappingEntry:
 @dataclasses.dataclass(frozen=True, slots=True)
 class FunctionEntry:
     name: int
+    system_name: int = 0  # the symbol of a native or kernel function; Python ones have none
     filename: int = 0  # the source file of a Python function; native ones have none
 
 
@@ -113,11 +120,13 @@ class ProfileDictionary:
         # A native function is only its name in both formats (its binary is the
         # location's mapping), so one name is one entry even when several binaries
         # define it.  A Python function is its name in its source file.
-        filename = frame.module if frame.kind is FrameKind.PYTHON else ""
+        python = frame.kind is FrameKind.PYTHON
+        filename = frame.module if python else ""
         key = (frame.name, filename)
         index = self._function_index.get(key)
         if index is None:
             index = self._function_index[key] = len(self.functions)
-            self.functions.append(FunctionEntry(self.string(valid_utf8(frame.name)),
+            name = self.string(valid_utf8(frame.name))
+            self.functions.append(FunctionEntry(name, 0 if python else name,
                                                 self.string(valid_utf8(filename))))
         return index

@@ -45,7 +45,7 @@ def render_pprof(profile: Profile) -> bytes:
         pb.Mapping(id=i, filename=m.filename, memory_limit=m.memory_limit, has_functions=True)
         for i, m in enumerate(d.mappings) if i)
     out.function.extend(
-        pb.Function(id=i, name=f.name, system_name=f.name, filename=f.filename)
+        pb.Function(id=i, name=f.name, system_name=f.system_name, filename=f.filename)
         for i, f in enumerate(d.functions) if i)
     out.location.extend(
         pb.Location(id=i, mapping_id=loc.mapping, address=loc.address,

@@ -80,7 +80,7 @@ def _fill_dictionary(out: pb.ProfilesDictionary, d: ProfileDictionary) -> None:
     out.mapping_table.extend(
         pb.Mapping(filename_strindex=m.filename, memory_limit=m.memory_limit) for m in d.mappings)
     out.function_table.extend(
-        pb.Function(name_strindex=f.name, system_name_strindex=f.name,
+        pb.Function(name_strindex=f.name, system_name_strindex=f.system_name,
                     filename_strindex=f.filename) for f in d.functions)
     out.location_table.add()
     out.location_table.extend(
