@@ -1,6 +1,7 @@
 """Exporters that keep one file up to date with everything collected so far.
 
-Each export merges the batch into a cumulative profile and rewrites the whole
+Each export merges the batch into what the file shows (a cumulative profile,
+or for speedscope every process's samples in time order) and rewrites the whole
 file atomically (a temporary file in the same directory, then a rename), so
 a reader never sees a half-written file and, if the process dies, the file
 holds every interval completed before.  Merging, rendering and writing run in
@@ -25,7 +26,7 @@ from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
 from .folded import render_folded
 from .memory import accumulate
 from .pprof import render_pprof
-from .speedscope import render_speedscope
+from .speedscope import SpeedscopeTimeline
 
 
 def cannot_write(path: Path, exc: OSError) -> ExportError:
@@ -54,17 +55,21 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class FileExporter(abc.ABC):
-    """Base of the file exporters: subclasses only say how to render the profile."""
+    """Base of the file exporters: subclasses say what they keep of each batch and
+    how that renders."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._profile: Profile | None = None
-        # Serializes exports: a render must not read the profile mid-merge.
+        # Serializes exports: a render must not read the state mid-merge.
         self._lock = anyio.Lock()
 
     @abc.abstractmethod
-    def render(self, profile: Profile) -> bytes:
-        """The file's whole content for ``profile``."""
+    def _add(self, profile: Profile) -> None:
+        """Merge one batch's profile into what the file shows."""
+
+    @abc.abstractmethod
+    def _content(self) -> bytes:
+        """The file's whole content for every profile added so far."""
 
     async def export(self, batch: Batch) -> None:
         async with self._lock:
@@ -76,22 +81,41 @@ class FileExporter(abc.ABC):
 
     def _merge_and_write(self, profile: Profile | None) -> None:
         if profile is not None:
-            self._profile = accumulate(self._profile, profile, keep_timestamps=False)
-        elif self._profile is None:
+            self._add(profile)
+        write_atomically(self.path, self._content())
+
+
+class CumulativeFileExporter(FileExporter):
+    """A file rendered from the merge of every batch, without timestamps, so its
+    memory is bounded by the number of distinct stacks."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self._profile: Profile | None = None
+
+    @abc.abstractmethod
+    def render(self, profile: Profile) -> bytes:
+        """The file's whole content for ``profile``."""
+
+    def _add(self, profile: Profile) -> None:
+        self._profile = accumulate(self._profile, profile, keep_timestamps=False)
+
+    def _content(self) -> bytes:
+        if self._profile is None:
             # Closed before any batch: still leave a valid, empty file behind.
             now = time.time_ns()
             self._profile = Profile(period_ns=0, start_ns=now, end_ns=now)
-        write_atomically(self.path, self.render(self._profile))
+        return self.render(self._profile)
 
 
-class FoldedFileExporter(FileExporter):
+class FoldedFileExporter(CumulativeFileExporter):
     """Writes folded stacks, one ``process;root;...;leaf count`` line per stack."""
 
     def render(self, profile: Profile) -> bytes:
         return render_folded(profile).encode("utf-8")
 
 
-class PprofFileExporter(FileExporter):
+class PprofFileExporter(CumulativeFileExporter):
     """Writes a gzip-compressed pprof profile."""
 
     def render(self, profile: Profile) -> bytes:
@@ -99,13 +123,24 @@ class PprofFileExporter(FileExporter):
 
 
 class SpeedscopeFileExporter(FileExporter):
-    """Writes a speedscope JSON file, one profile per process."""
+    """Writes a speedscope JSON file, one profile per process, samples in time order.
 
-    def render(self, profile: Profile) -> bytes:
-        return render_speedscope(profile).encode("utf-8")
+    It keeps one entry per change of stack in each process, so its memory and
+    the file grow with the length of the recording.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self._timeline = SpeedscopeTimeline()
+
+    def _add(self, profile: Profile) -> None:
+        self._timeline.add(profile)
+
+    def _content(self) -> bytes:
+        return self._timeline.render().encode("utf-8")
 
 
-class FlamegraphSvgExporter(FileExporter):
+class FlamegraphSvgExporter(CumulativeFileExporter):
     """Writes a self-contained flame graph SVG."""
 
     def __init__(self, path: str | os.PathLike[str], title: str | None = None) -> None:
