@@ -12,6 +12,29 @@ import pytest
 
 WORKLOADS = Path(__file__).parent / "workloads"
 UVLOOP = ("asyncio", {"use_uvloop": True})
+NODE_MODULES = Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node_modules"
+"""Where ``./run test`` installs the npm packages that read our files in the tests."""
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def go_command() -> str:
+    """The ``go`` command, whose ``go tool pprof`` reads pprof files; skips without it."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("go is not installed (./run test installs Debian's golang-go)")
+    return go
+
+
+def node_package(name: str) -> Path:
+    """The directory of npm package ``name``, as ``./run test`` installs it, with node
+    to run it; skips without them."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (./run test installs it)")
+    package = NODE_MODULES / name
+    if not (package / "package.json").is_file():
+        pytest.skip(f"npm package {name} is not installed in {NODE_MODULES} "
+                    "(./run test installs it)")
+    return package
 
 
 def build(name: str, directory: Path) -> Path:

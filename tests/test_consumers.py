@@ -1,0 +1,334 @@
+"""Our files, read by the tools people open them with.
+
+Each format is read by its real consumer: ``go tool pprof`` (Debian's
+golang-go) for pprof, speedscope's own importer (npm ``speedscope``, run in
+node) for speedscope JSON, protobuf's strict ``json_format.Parse`` for every
+OTLP/JSON line, and Chromium for the flame graph's script.  ``./run test``
+installs the tools; a test whose tool is absent skips, saying which.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _support import WORKLOADS, go_command, node_package
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
+from sample_frames import EVAL, MAIN, PERIOD, READ, START, kernel, native, python
+from test_otlp_trace import make_batch
+
+from ebpf_stream._exporters.folded import KERNEL_SUFFIX
+from ebpf_stream._exporters.pprof import render_pprof
+from ebpf_stream._exporters.speedscope import render_speedscope
+from ebpf_stream._otlp.json import decode_otlp_json
+from ebpf_stream._pprof_pb2 import Profile as PprofProfile
+from ebpf_stream._profile import Frame, Profile
+from ebpf_stream.exporters import Batch, OtlpJsonFileExporter, SpeedscopeFileExporter
+
+CLI = [sys.executable, "-m", "ebpf_stream._cli"]
+CONSUMERS = Path(__file__).parent / "consumers"
+
+# Python names that pprof's heuristics for demangled C++ would cut short, and the
+# names our symbolizers give frames they cannot name.
+MODULE = python("<module>", "/srv/work.py", 30)
+LISTCOMP = python("main.<locals>.<listcomp>", "/srv/work.py", 12)
+LAMBDA = python("<lambda>", "/srv/work.py", 5)
+GENEXPR = python("<genexpr>", "/srv/work.py", 7)
+LOST = python("[python stack lost]", "[unknown]", 0)
+UNKNOWN = native("[unknown]+0x7f00123456", module="[unknown]", address=0x7F00123456)
+SYSCALL = kernel("entry_SYSCALL_64_after_hwframe", address=0xFFFF_FFFF_8100_0000)
+# A C++ symbol: pprof demangles it, as it does every native function's system name.
+MANGLED = native("_ZN3foo3barEv", address=0x1300)
+DEMANGLED = {MANGLED.name: "foo::bar"}
+
+
+def odd_names_profile() -> Profile:
+    p = Profile(period_ns=PERIOD, start_ns=START + 123_456_789,
+                end_ns=START + 123_456_789 + 2_500_000_001)
+    p.add(10, "python", (EVAL, MODULE, LISTCOMP, MANGLED, SYSCALL, READ), count=3)
+    p.add(10, "python", (EVAL, MODULE, LAMBDA, UNKNOWN), count=2)
+    p.add(11, "python", (EVAL, MODULE, GENEXPR), count=4)
+    p.add(11, "python", (LOST,), count=1)
+    p.add(12, "app", (MAIN,), count=5)
+    return p
+
+
+# -- go tool pprof -----------------------------------------------------------
+
+
+def pprof(path: Path, *options: str) -> str:
+    result = subprocess.run([go_command(), "tool", "pprof", *options, str(path)],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "TZ": "UTC"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+_TOP_ROW = re.compile(r"^\s*(\d+)\s+\S+%\s+\S+%\s+\d+\s+\S+%\s+(.+)$")
+
+
+def pprof_top(path: Path) -> dict[str, int]:
+    """Samples by leaf function name, from ``go tool pprof -top``."""
+    out = pprof(path, "-top", "-sample_index=samples", "-nodefraction=0", "-nodecount=100000")
+    rows = out.partition("      flat  flat%   sum%        cum   cum%\n")[2]
+    assert rows, out
+    flat = {}
+    for row in rows.splitlines():
+        match = _TOP_ROW.match(row)
+        assert match, row
+        flat[match[2]] = int(match[1])
+    return flat
+
+
+def pprof_traces(path: Path) -> Counter[tuple[str, ...]]:
+    """Samples by root-first stack of function names, from ``go tool pprof -traces``.
+
+    Each trace prints its labels (``%10s:  value``) and then its frames, leaf
+    first, as ``%10s   name`` with the sample's value on the first.
+    """
+    out = pprof(path, "-traces", "-sample_index=samples")
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for trace in out.split("-----------+" + "-" * 55 + "\n")[1:]:
+        lines = [line for line in trace.splitlines() if line[10:11] != ":"]
+        if lines:
+            stacks[tuple(line[13:] for line in reversed(lines))] += int(lines[0][:10])
+    return stacks
+
+
+# The units pprof scales a duration to, in seconds.
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "mins": 60.0, "hrs": 3600.0,
+                   "days": 86400.0}
+
+
+def pprof_time_and_duration(path: Path) -> tuple[str, float]:
+    """The profile's start as ``-raw`` prints it (Go's time.Time in UTC, to the ns)
+    and its duration in seconds as the reports' header prints it (to 3 digits)."""
+    time = re.search(r"^Time: (.+)$", pprof(path, "-raw"), re.MULTILINE)
+    duration = re.search(r"^Duration: ([\d.]+)([a-z]+),", pprof(path, "-top"), re.MULTILINE)
+    assert time and duration
+    return time[1], float(duration[1]) * _DURATION_UNITS[duration[2]]
+
+
+def go_time(ns: int) -> str:
+    """How Go's time.Time.String prints ``ns`` since the epoch, in UTC."""
+    seconds, fraction = divmod(ns, 10**9)
+    text = datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}{f'.{fraction:09d}'.rstrip('0') if fraction else ''} +0000 UTC"
+
+
+def function_names(frames: tuple[Frame, ...]) -> tuple[str, ...]:
+    return tuple(DEMANGLED.get(f.name, f.name) for f in frames)
+
+
+def test_pprof_names_every_function_as_the_profile_does(tmp_path: Path) -> None:
+    profile = odd_names_profile()
+    path = tmp_path / "odd.pb.gz"
+    path.write_bytes(render_pprof(profile))
+
+    expected: Counter[tuple[str, ...]] = Counter()
+    for s in profile:
+        expected[function_names(s.frames)] += s.count
+    assert pprof_traces(path) == expected
+    leaves: Counter[str] = Counter()
+    for stack, count in expected.items():
+        leaves[stack[-1]] += count
+    flat = pprof_top(path)
+    assert {name: n for name, n in flat.items() if n} == leaves
+    assert set(flat) == {name for stack in expected for name in stack}
+
+
+def test_pprof_reads_the_profiles_time_and_duration(tmp_path: Path) -> None:
+    profile = odd_names_profile()
+    path = tmp_path / "odd.pb.gz"
+    path.write_bytes(render_pprof(profile))
+    assert pprof_time_and_duration(path) == (
+        go_time(profile.start_ns), pytest.approx((profile.end_ns - profile.start_ns) / 1e9,
+                                                 rel=0.01))
+
+
+# -- speedscope --------------------------------------------------------------
+
+
+def speedscope_import(path: Path) -> dict[str, Any]:
+    """What speedscope's importer reads from ``path`` (see consumers/speedscope_import.mjs)."""
+    package = node_package("speedscope")
+    result = subprocess.run(["node", str(CONSUMERS / "speedscope_import.mjs"), str(package),
+                             str(path)], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    loaded: dict[str, Any] = json.loads(result.stdout)
+    return loaded
+
+
+def time_order(profile: dict[str, Any], names: set[str]) -> list[str]:
+    """The boxes of frames in ``names`` that the Time Order view draws, left to right,
+    boxes of one name that touch counted as one."""
+    blocks: list[tuple[str, int]] = []  # (name, end)
+    for _, label, start, end in profile["calls"]:
+        name = label.partition(" (")[0]
+        if name not in names:
+            continue
+        if blocks and blocks[-1][0] == name and blocks[-1][1] == start:
+            blocks[-1] = (name, end)
+        else:
+            blocks.append((name, end))
+    return [name for name, _ in blocks]
+
+
+ALPHA = python("alpha", "/srv/alternate.py", 20)
+BETA = python("beta", "/srv/alternate.py", 24)
+
+
+def alternating(phases: int, per_phase: int, start: int = START) -> Profile:
+    """A process that runs alpha, then beta, and so on, ``per_phase`` samples each."""
+    p = Profile(period_ns=PERIOD, start_ns=start, end_ns=start + phases * per_phase * PERIOD)
+    for phase in range(phases):
+        leaf = BETA if phase % 2 else ALPHA
+        first = start + phase * per_phase * PERIOD
+        p.add(10, "python", (EVAL, MODULE, leaf), count=per_phase,
+              timestamps_ns=[first + i * PERIOD for i in range(per_phase)])
+    return p
+
+
+def test_speedscope_time_order_shows_what_ran_when(tmp_path: Path) -> None:
+    path = tmp_path / "alternating.speedscope.json"
+    path.write_text(render_speedscope(alternating(90, 3)))
+    loaded = speedscope_import(path)
+    assert loaded["warnings"] == []
+    (profile,) = loaded["profiles"]
+    assert (profile["name"], profile["unit"]) == ("python (10)", "nanoseconds")
+    assert profile["totalWeight"] == 90 * 3 * PERIOD
+    assert time_order(profile, {"alpha", "beta"}) == ["alpha", "beta"] * 45
+
+
+@pytest.mark.anyio
+async def test_speedscope_file_keeps_time_order_across_exports(tmp_path: Path) -> None:
+    path = tmp_path / "out.speedscope.json"
+    exporter = SpeedscopeFileExporter(path)
+    # Two intervals; the samples of each come grouped by stack, not in time order.
+    await exporter.export(Batch(alternating(5, 2)))
+    await exporter.export(Batch(alternating(5, 2, start=START + 10 * PERIOD)))
+    await exporter.aclose()
+    loaded = speedscope_import(path)
+    assert loaded["warnings"] == []
+    (profile,) = loaded["profiles"]
+    # The last alpha of the first interval runs on into the first of the second.
+    assert time_order(profile, {"alpha", "beta"}) == ["alpha", "beta"] * 4 + ["alpha"]
+    assert profile["totalWeight"] == 20 * PERIOD
+
+
+def test_speedscope_loads_every_kind_of_frame_without_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "odd.json"  # no .speedscope.json: found by its $schema
+    profile = odd_names_profile()
+    path.write_text(render_speedscope(profile))
+    loaded = speedscope_import(path)
+    assert loaded["warnings"] == []
+    assert [p["name"] for p in loaded["profiles"]] == ["app (12)", "python (10)", "python (11)"]
+    assert sum(p["totalWeight"] for p in loaded["profiles"]) == profile.sample_count * PERIOD
+
+
+# -- OTLP/JSON ---------------------------------------------------------------
+
+REQUEST_TYPES: dict[str, type[Message]] = {
+    "resourceProfiles": ExportProfilesServiceRequest,
+    "resourceMetrics": ExportMetricsServiceRequest,
+    "resourceLogs": ExportLogsServiceRequest,
+}
+
+
+def parse_strictly(line: bytes) -> Message:
+    """``line`` read by protobuf's own proto3 JSON parser, which refuses unknown fields,
+    wrong types and malformed values."""
+    (message_type,) = {REQUEST_TYPES[key] for key in json.loads(line) if key in REQUEST_TYPES}
+    message = message_type()
+    json_format.Parse(line, message)
+    return message
+
+
+@pytest.mark.anyio
+async def test_every_otlp_json_line_is_proto3_json_to_protobufs_strict_parser(
+        tmp_path: Path) -> None:
+    path = tmp_path / "out.otlp.jsonl"
+    exporter = OtlpJsonFileExporter(path)
+    await exporter.export(make_batch())  # every kind of record and of totals
+    await exporter.export(Batch(odd_names_profile()))
+    await exporter.aclose()
+    parsed = [parse_strictly(line) for line in path.read_bytes().splitlines()]
+    assert [type(m) for m in parsed] == [
+        ExportProfilesServiceRequest, ExportMetricsServiceRequest, ExportLogsServiceRequest,
+        ExportProfilesServiceRequest, ExportMetricsServiceRequest]
+
+
+# -- a real workload ---------------------------------------------------------
+
+
+def names_in_folded(path: Path) -> set[str]:
+    """Every function name the folded file shows: Python frames without their
+    ``(file:line)``, kernel ones without their suffix, processes left out."""
+    names = set()
+    for line in path.read_text().splitlines():
+        for label in line.rpartition(" ")[0].split(";")[1:]:
+            if label.endswith(")") and " (" in label:
+                label = label.rpartition(" (")[0]
+            names.add(label.removesuffix(KERNEL_SUFFIX))
+    return names
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_a_recorded_python_program_reads_right_in_every_consumer(tmp_path: Path) -> None:
+    phases = 20
+    outputs = {fmt: tmp_path / f"out.{fmt}" for fmt in
+               ("folded", "pb.gz", "speedscope.json", "otlp.jsonl")}
+    result = subprocess.run(
+        [*CLI, "record", "--rate", "99", *(a for p in outputs.values() for a in ("-o", str(p))),
+         "--", sys.executable, str(WORKLOADS / "python" / "alternate.py"), str(phases), "150"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+    # pprof names every function as the folded file does, <module> included.
+    folded_names = names_in_folded(outputs["folded"])
+    assert {"<module>", "alpha", "beta", "spin"} <= folded_names
+    assert set(pprof_top(outputs["pb.gz"])) == folded_names
+    assert {name for stack in pprof_traces(outputs["pb.gz"]) for name in stack} == folded_names
+    written = PprofProfile()
+    written.ParseFromString(gzip.decompress(outputs["pb.gz"].read_bytes()))
+    assert pprof_time_and_duration(outputs["pb.gz"]) == (
+        go_time(written.time_nanos), pytest.approx(written.duration_nanos / 1e9, rel=0.01))
+
+    # Its time window holds every sample, as the OTLP/JSON lines time them.
+    lines = outputs["otlp.jsonl"].read_bytes().splitlines()
+    times = [t for line in lines if b'"resourceProfiles"' in line
+             for rp in decode_otlp_json(line, ExportProfilesServiceRequest).resource_profiles
+             for sp in rp.scope_profiles for p in sp.profiles for s in p.samples
+             for t in s.timestamps_unix_nano]
+    assert times
+    assert written.time_nanos <= min(times)
+    assert max(times) < written.time_nanos + written.duration_nanos
+
+    # speedscope's Time Order view shows the program's alternation.
+    loaded = speedscope_import(outputs["speedscope.json"])
+    assert loaded["warnings"] == []
+    (profile,) = [p for p in loaded["profiles"] if p["name"].startswith("python")]
+    assert time_order(profile, {"alpha", "beta"}) == ["alpha", "beta"] * (phases // 2)
+
+    # Every OTLP/JSON line is proto3 JSON to protobuf's strict parser.
+    parsed = [parse_strictly(line) for line in lines]
+    assert {type(m) for m in parsed} >= {ExportProfilesServiceRequest,
+                                         ExportMetricsServiceRequest}
