@@ -15,6 +15,7 @@ UVLOOP = ("asyncio", {"use_uvloop": True})
 NODE_MODULES = Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node_modules"
 """Where ``./run test`` installs the npm packages that read our files in the tests."""
 CHROMIUM = Path("/usr/bin/chromium")
+"""Debian's Chromium, which ``./run test`` installs to run the flame graph's script."""
 
 
 def go_command() -> str:
@@ -35,6 +36,13 @@ def node_package(name: str) -> Path:
         pytest.skip(f"npm package {name} is not installed in {NODE_MODULES} "
                     "(./run test installs it)")
     return package
+
+
+def chromium() -> Path:
+    """Debian's Chromium; skips without it."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is not installed (./run test installs Debian's chromium)")
+    return CHROMIUM
 
 
 def build(name: str, directory: Path) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import WORKLOADS, go_command, node_package
+from _support import WORKLOADS, chromium, go_command, node_package
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -34,7 +34,8 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from sample_frames import EVAL, MAIN, PERIOD, READ, START, kernel, native, python
 from test_otlp_trace import make_batch
 
-from ebpf_stream._exporters.folded import KERNEL_SUFFIX
+from ebpf_stream._exporters.flamegraph import WIDTH, render_flamegraph_svg
+from ebpf_stream._exporters.folded import KERNEL_SUFFIX, frame_label
 from ebpf_stream._exporters.pprof import render_pprof
 from ebpf_stream._exporters.speedscope import render_speedscope
 from ebpf_stream._otlp.json import decode_otlp_json
@@ -273,6 +274,85 @@ async def test_every_otlp_json_line_is_proto3_json_to_protobufs_strict_parser(
     assert [type(m) for m in parsed] == [
         ExportProfilesServiceRequest, ExportMetricsServiceRequest, ExportLogsServiceRequest,
         ExportProfilesServiceRequest, ExportMetricsServiceRequest]
+
+
+# -- the flame graph in a browser --------------------------------------------
+
+SEARCHED = "rgb(230,0,230)"
+
+
+def in_browser(svg: Path, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What Chromium shows of ``svg`` as loaded and after each action (see
+    consumers/flamegraph_browser.mjs)."""
+    playwright = node_package("playwright-core")
+    result = subprocess.run(["node", str(CONSUMERS / "flamegraph_browser.mjs"), str(playwright),
+                             str(chromium()), str(svg), json.dumps(actions)],
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    states: list[dict[str, Any]] = json.loads(result.stdout)
+    return states
+
+
+def test_flame_graph_zooms_searches_and_resets_as_flamegraph_pl_does(tmp_path: Path) -> None:
+    p = Profile(period_ns=PERIOD, start_ns=START, end_ns=START + 12 * PERIOD)
+    p.add(10, "python", (EVAL, MODULE, ALPHA), count=6)
+    p.add(10, "python", (EVAL, MODULE, BETA), count=3)
+    p.add(12, "app", (MAIN,), count=3)
+    svg = tmp_path / "flame.svg"
+    svg.write_text(render_flamegraph_svg(p))
+    alpha = frame_label(ALPHA)
+    loaded_names = [f[0] for f in in_browser(svg, [])[0]["frames"]]
+
+    states = in_browser(svg, [
+        {"clickFrame": loaded_names.index(alpha)},
+        {"click": "#unzoom"},
+        {"press": "Control+f", "answer": "ALPHA"},
+        {"press": "Control+i"},
+        {"click": "#search"},
+        {"press": "F3", "answer": "^beta"},
+        {"press": "Escape"},
+        {"click": "#ignorecase"},
+        {"click": "#search", "answer": "("},
+    ])
+    loaded, zoomed, reset, sensitive, insensitive, cleared, beta, escaped, case_off, bad = (
+        states)
+
+    def frame(state: dict[str, Any], name: str) -> list[Any]:
+        (found,) = [f for f in state["frames"] if f[0] == name]
+        return found
+
+    def searched(state: dict[str, Any]) -> set[str]:
+        return {f[0] for f in state["frames"] if f[3] == SEARCHED}
+
+    assert (loaded["unzoom"], loaded["search"], loaded["ignorecase"], loaded["matched"]) == (
+        False, "Search", "", "")
+    # A click zooms into the frame: it spans the graph, and "Reset Zoom" appears.
+    assert frame(zoomed, alpha)[2] == pytest.approx(frame(loaded, "all")[2])
+    assert not frame(zoomed, "app")[4]
+    assert zoomed["unzoom"]
+    # "Reset Zoom" puts every frame back and hides itself.
+    assert reset["frames"] == loaded["frames"]
+    assert not reset["unzoom"]
+    # Ctrl-F asks for a regular expression; the search is case-sensitive...
+    assert sensitive["dialogs"] == ["Search frames (regular expression):"]
+    assert (searched(sensitive), sensitive["matched"]) == (set(), "Matched: 0.00%")
+    # ... until "ic" (Ctrl-I) turns case off, which searches again.
+    assert insensitive["ignorecase"] == "on"
+    assert (searched(insensitive), insensitive["matched"]) == ({alpha}, "Matched: 50.00%")
+    assert insensitive["search"] == "Reset Search"
+    # "Reset Search" clears the search and restores every frame's color.
+    assert cleared["frames"] == loaded["frames"]
+    assert (cleared["search"], cleared["matched"]) == ("Search", "")
+    # F3 searches too, and the prompt says case is ignored; Escape clears the search.
+    assert beta["dialogs"] == ["Search frames (regular expression, ignoring case):"]
+    assert (searched(beta), beta["matched"]) == ({frame_label(BETA)}, "Matched: 25.00%")
+    assert escaped["frames"] == loaded["frames"]
+    assert (escaped["search"], escaped["matched"]) == ("Search", "")
+    assert case_off["ignorecase"] == ""
+    # A bad regular expression says so and changes nothing.
+    assert bad["matched"] == "Invalid regular expression: ("
+    assert bad["frames"] == loaded["frames"]
+    assert frame(loaded, "all")[2] == pytest.approx(WIDTH - 20)
 
 
 # -- a real workload ---------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The root ("all") is at the bottom, then one frame per process name, then the
 stacks, callers below callees; widths are proportional to samples.  The file
-needs nothing but a browser: a short script adds click-to-zoom and search, and
+needs nothing but a browser: a short script adds what flamegraph.pl users
+know (click to zoom and "Reset Zoom", regular expression search with Ctrl-F,
+"ic" or Ctrl-I to ignore case, "Reset Search" or Escape to clear it), and
 without it the graph and its per-frame tooltips still work.
 """
 
@@ -30,14 +32,21 @@ _BOTTOM = 24  # the details line
 
 # Zooms by clamping every frame to the clicked frame's sample range; frames
 # keep their sample range in data-x/data-w and their full name in the tooltip.
+# The controls and keys are flamegraph.pl's: "Reset Zoom", "Search" (Ctrl-F
+# or F3; "Reset Search" or Escape clears it) and "ic" (Ctrl-I) for a search
+# that ignores case.
 _SCRIPT = """(function () {
 var frames = Array.prototype.slice.call(document.querySelectorAll('g.f'));
 var base = frames[0].querySelector('rect'), X0 = +base.getAttribute('x');
 var W = +base.getAttribute('width'), C = CHAR_WIDTH;
 var details = document.getElementById('details'), matched = document.getElementById('matched');
+var unzoom = document.getElementById('unzoom'), searchButton = document.getElementById('search');
+var caseButton = document.getElementById('ignorecase');
+var query = '', ignorecase = false;
 function span(g) { var x = +g.getAttribute('data-x'); return [x, x + +g.getAttribute('data-w')]; }
 function tip(g) { return g.querySelector('title').textContent; }
 function label(g) { var t = tip(g); return t.slice(0, t.lastIndexOf(' (')); }
+var all = span(frames[0]);
 function zoom(a, b) {
   frames.forEach(function (g) {
     var s = span(g), l = Math.max(s[0], a), r = Math.min(s[1], b);
@@ -49,11 +58,15 @@ function zoom(a, b) {
     t.setAttribute('x', x + 3);
     t.textContent = m < 3 ? '' : n.length <= m ? n : n.slice(0, m - 2) + '..';
   });
+  unzoom.style.display = a === all[0] && b === all[1] ? 'none' : '';
 }
-function search() {
-  var q = prompt('Search frames (regular expression):', ''), spans = [], total = 0, end = -1;
-  if (q === null) return;
-  var re = q ? new RegExp(q) : null;
+function search(q) {
+  var re = null, spans = [], total = 0, end = -1;
+  if (q) {
+    try { re = new RegExp(q, ignorecase ? 'i' : ''); }
+    catch (e) { matched.textContent = 'Invalid regular expression: ' + q; return; }
+  }
+  query = q;
   frames.forEach(function (g) {
     var r = g.querySelector('rect'), hit = re !== null && re.test(label(g));
     if (!r.hasAttribute('data-fill')) r.setAttribute('data-fill', r.getAttribute('fill'));
@@ -63,13 +76,31 @@ function search() {
   spans.sort(function (a, b) { return a[0] - b[0]; }).forEach(function (s) {
     if (s[1] > end) { total += s[1] - Math.max(s[0], end); end = s[1]; }
   });
-  var all = span(frames[0])[1];
-  matched.textContent = re ? 'Matched: ' + (100 * total / all).toFixed(2) + '%' : '';
+  matched.textContent = re ? 'Matched: ' + (100 * total / (all[1] - all[0])).toFixed(2) + '%' : '';
+  searchButton.firstChild.nodeValue = re ? 'Reset Search' : 'Search';
+}
+function ask() {
+  var q = prompt('Search frames (regular expression' + (ignorecase ? ', ignoring case' : '') +
+                 '):', query);
+  if (q !== null) search(q);
+}
+function toggleCase() {
+  ignorecase = !ignorecase;
+  caseButton.setAttribute('class', ignorecase ? 'on' : '');
+  if (query) search(query);
 }
 document.addEventListener('click', function (e) {
-  var g = e.target.closest('g.f');
+  var g = e.target.closest('g.f'), id = e.target.id;
   if (g) { var s = span(g); zoom(s[0], s[1]); }
-  else if (e.target.id === 'search') search();
+  else if (id === 'unzoom') zoom(all[0], all[1]);
+  else if (id === 'search') { if (query) search(''); else ask(); }
+  else if (id === 'ignorecase') toggleCase();
+});
+document.addEventListener('keydown', function (e) {
+  var key = e.key.toLowerCase(), ctrl = e.ctrlKey || e.metaKey;
+  if (key === 'f3' || (ctrl && key === 'f')) { e.preventDefault(); ask(); }
+  else if (ctrl && key === 'i') { e.preventDefault(); toggleCase(); }
+  else if (key === 'escape' && query) search('');
 });
 document.addEventListener('mouseover', function (e) {
   var g = e.target.closest('g.f');
@@ -156,12 +187,18 @@ def render_flamegraph_svg(profile: Profile, title: str = DEFAULT_TITLE) -> str:
         f'height="{height}" viewBox="0 0 {WIDTH} {height}" '
         f'font-family="monospace" font-size="{FONT_SIZE}">\n',
         "<style>g.f:hover rect { stroke: black; stroke-width: 0.5; } "
-        "g.f, #search { cursor: pointer; }</style>\n",
+        "g.f, #search, #ignorecase, #unzoom { cursor: pointer; } "
+        "#ignorecase { fill: rgb(160,160,160); } #ignorecase.on { fill: black; "
+        "font-weight: bold; }</style>\n",
         f'<rect width="{WIDTH}" height="{height}" fill="rgb(248,248,248)"/>\n',
         f'<text x="{mid}" y="20" text-anchor="middle" font-size="16">'
         f"{escape(_printable(title))}</text>\n",
         f'<text x="{mid}" y="38" text-anchor="middle">{subtitle}</text>\n',
-        f'<text id="search" x="{WIDTH - _PAD}" y="20" text-anchor="end">Search</text>\n',
+        f'<text id="unzoom" x="{_PAD}" y="20" style="display: none">Reset Zoom</text>\n',
+        f'<text id="search" x="{WIDTH - _PAD - 24}" y="20" text-anchor="end">Search'
+        "<title>Search frames by regular expression (Ctrl-F)</title></text>\n",
+        f'<text id="ignorecase" x="{WIDTH - _PAD}" y="20" text-anchor="end">ic'
+        "<title>Ignore case in searches (Ctrl-I)</title></text>\n",
         f'<text id="matched" x="{WIDTH - _PAD}" y="{height - 8}" text-anchor="end"></text>\n',
         f'<text id="details" x="{_PAD}" y="{height - 8}"></text>\n',
     ]
