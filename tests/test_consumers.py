@@ -178,18 +178,14 @@ def speedscope_import(path: Path) -> dict[str, Any]:
 
 
 def time_order(profile: dict[str, Any], names: set[str]) -> list[str]:
-    """The boxes of frames in ``names`` that the Time Order view draws, left to right,
-    boxes of one name that touch counted as one."""
-    blocks: list[tuple[str, int]] = []  # (name, end)
-    for _, label, start, end in profile["calls"]:
+    """The names, among ``names``, of the boxes the Time Order view draws, left to
+    right, a name that recurs at once counted once."""
+    order: list[str] = []
+    for _, label, _, _ in profile["calls"]:
         name = label.partition(" (")[0]
-        if name not in names:
-            continue
-        if blocks and blocks[-1][0] == name and blocks[-1][1] == start:
-            blocks[-1] = (name, end)
-        else:
-            blocks.append((name, end))
-    return [name for name, _ in blocks]
+        if name in names and order[-1:] != [name]:
+            order.append(name)
+    return order
 
 
 ALPHA = python("alpha", "/srv/alternate.py", 20)
