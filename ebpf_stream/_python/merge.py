@@ -5,11 +5,17 @@ Each call of ``_PyEval_EvalFrameDefault`` runs a run of Python frames (from
 marks the first frame of each run.  In a merged stack each native
 evaluation-loop frame is replaced by its run, as ``py-spy --native`` does.
 
+Native frames are kept only where the frame-pointer walk can be trusted.
 Interpreters built without frame pointers (the common case) unwind
-natively only as far as the first interpreter frame, and what follows is
-noise.  When the native stack holds fewer evaluation-loop frames than there
-are runs, the runs are paired from the leaf, the native frames beyond the
-last pair are dropped and the remaining runs go at the root.
+natively only as far as the first interpreter frame: what the walk reads
+past it are words of whatever the frame pointer register last held, mostly
+data addresses.  So the runs are paired with loop frames from the leaf and
+no native frame past the last pair is kept; runs left unpaired go at the
+root.  Past the outermost run the native frames would only be the ones that
+started the interpreter or the thread (``main``, ``Py_RunMain``,
+``start_thread``...) when they are right, and noise when they are not, so a
+thread's stack always begins at its outermost Python frame: every sample of
+a thread has the same root, whichever way the interpreter was built.
 """
 
 from __future__ import annotations
@@ -49,9 +55,6 @@ def merge(native: Sequence[Frame], python: list[list[Frame]]) -> tuple[Frame, ..
         merged += native[start:loop]
         merged += run
         start = loop + 1
-    if paired == len(python):
-        merged += native[start:]  # the native callers of the outermost run
-        return tuple(merged)
     if not paired:
         # No loop frame to anchor on: keep the native frames the unwinder
         # was sure of, those above the first it could not name.
