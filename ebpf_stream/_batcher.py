@@ -83,6 +83,7 @@ class StackResolver:
         self._python_only = python_frames is PythonFrames.PYTHON
         self._python_symbols = PythonSymbols()
         self._interpreters: dict[int, bool] = {}  # pid -> whether its Python frames can be named
+        self._exited: set[int] = set()  # interpreters found gone when the epoch last turned
 
     def add_stack(self, stack: StackTrace | PythonStack) -> None:
         if stack.epoch > self._epoch:
@@ -91,8 +92,13 @@ class StackResolver:
             self._stacks = {k: v for k, v in self._stacks.items() if v.epoch >= stack.epoch - 1}
             self._frames = {k: v for k, v in self._frames.items()
                             if all(key <= 0 or key in self._stacks for key in k[1:])}
-            for pid in [p for p in self._interpreters if not os.path.exists(f"/proc/{p}")]:
-                self.forget(pid)  # closes its /proc/PID/mem
+            # An exited interpreter is forgotten (its /proc/PID/mem closed) one
+            # epoch after it was found gone: the samples it took last may be
+            # read after its exit, and still need the code objects named.
+            exited = {p for p in self._interpreters if not os.path.exists(f"/proc/{p}")}
+            for pid in exited & self._exited:
+                self.forget(pid)
+            self._exited = exited - self._exited
         self._stacks[stack.key] = stack
 
     def process_exec(self, pid: int) -> None:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
 from collections.abc import Sequence
 
 import anyio
 import pytest
 
-from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy
+from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy, _batcher
 from ebpf_stream._batch import SlowCall
-from ebpf_stream._batcher import Batcher
+from ebpf_stream._batcher import Batcher, StackResolver
 from ebpf_stream._channels import Channel
 from ebpf_stream._events import (
+    PYTHON_FRAME_ENTRY,
     CpuSample,
     Event,
     EventMessage,
+    PythonStack,
     SlowSyscall,
     StackTrace,
     SyscallTotals,
@@ -185,3 +189,52 @@ def test_records_count_as_samples_and_slow_syscalls_get_their_stack() -> None:
     assert isinstance(first, SlowCall) and first.call == slow
     assert [f.name for f in first.frames] == ["ua", "ub", "k1"], "root first, kernel last"
     assert second == closed
+
+
+class FakePythonSymbols:
+    """Names a code object after its address while its process is known, as
+    ``PythonSymbols`` does from the process's memory."""
+
+    def __init__(self) -> None:
+        self.known: set[int] = set()
+
+    def add_process(self, runtime: int) -> None:
+        self.known.add(runtime)
+
+    def forget(self, pid: int) -> None:
+        self.known.discard(pid)
+
+    def frame(self, pid: int, code: int, lasti: int, first_line: int) -> Frame:
+        return Frame(f"py{code:x}" if pid in self.known else "[unknown python]", "app.py",
+                     FrameKind.PYTHON)
+
+
+def test_python_frames_of_an_exited_process_are_named_while_its_samples_arrive(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples taken just before a process exits are read after it, and the
+    stack maps may turn over meanwhile: its interpreter is not forgotten
+    before the next turn."""
+    def find_python(pid: int) -> int:
+        os.kill(pid, 0)  # the runtime, here its pid; gone once the process is
+        return pid
+
+    monkeypatch.setattr(_batcher, "find_python", find_python)
+    monkeypatch.setattr(_batcher, "PythonSymbols", FakePythonSymbols)
+    resolver = StackResolver(FakeSymbolizer())  # type: ignore[arg-type]
+    proc = subprocess.Popen(["sleep", "30"])
+
+    def python_names(python_stack: int, epoch: int) -> list[str]:
+        resolver.add_stack(StackTrace(USER, [0xA], epoch))
+        resolver.add_stack(PythonStack(python_stack, [(python_stack, 0, 1, PYTHON_FRAME_ENTRY)],
+                                       False, epoch))
+        frames, _ = resolver.frames(CpuSample(0, proc.pid, proc.pid, 0, "python", USER, 0,
+                                              python_stack))
+        return [f.name for f in frames if f.kind is FrameKind.PYTHON]
+
+    try:
+        assert python_names(0x11, 0) == ["py11"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert python_names(0x13, 1) == ["py13"], "the maps turned over after the exit"
+    assert python_names(0x15, 2) == ["[python stack lost]"], "forgotten at the next turn"
