@@ -126,12 +126,17 @@ def test_record_writes_every_format(running: subprocess.Popen[str], tmp_path: Pa
 
     profile = _pprof_pb2.Profile.FromString(gzip.decompress(paths[0].read_bytes()))
     strings = list(profile.string_table)
-    assert "hot_leaf" in strings and sum(s.value[0] for s in profile.sample) > 100
+    total = sum(folded(paths[3]).values())
+    # How many samples a loaded machine lets the workload earn varies; that
+    # every format holds the same ones does not.
+    assert total > 0 and "hot_leaf" in paths[3].read_text()
+    assert "hot_leaf" in strings and sum(s.value[0] for s in profile.sample) == total
     speedscope = json.loads(paths[1].read_text())
     assert any(f["name"] == "hot_leaf" for f in speedscope["shared"]["frames"])
+    cpu_ns = sum(s.value[1] for s in profile.sample)  # speedscope weighs in nanoseconds
+    assert sum(sum(p["weights"]) for p in speedscope["profiles"]) == cpu_ns
     svg = ET.parse(paths[2]).getroot()
     assert "hot_leaf" in ET.tostring(svg, encoding="unicode")
-    assert "hot_leaf" in paths[3].read_text()
 
 
 @pytest.mark.bpf
