@@ -5,12 +5,14 @@ process's memory map disappears when it exits and short-lived processes
 must still get names.  Each (pid, user stack, kernel stack) is symbolized
 once per stack-map generation and then only looked up.
 
-A batch flushes when the export interval elapses or when it holds
-``max_samples``; further samples in that interval are dropped and counted,
-which caps both memory and export size per interval.  Records (slow
-syscalls, connections, OOM kills) count as samples.  Cumulative totals are
-kept as the latest snapshot per key, so their size is bounded by the
-kernel maps they are read from, not by the interval.
+Each sample goes to the export window its timestamp falls in, and a batch
+flushes when its window is complete (see ``_windows``), or early when the
+samples held reach ``max_samples``; samples beyond that are dropped and
+counted, which caps both memory and export size per interval.  Records
+(slow syscalls, connections, OOM kills, stalls) count as samples and go
+with the next batch to flush.  Cumulative totals are kept as the latest
+snapshot per key, so their size is bounded by the kernel maps they are read
+from, not by the interval.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import errno
 import functools
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -44,6 +45,7 @@ from ._events import (
     SyscallTotals,
     TcpConnection,
     Totals,
+    Watermark,
     decode_events,
     totals_key,
 )
@@ -54,6 +56,7 @@ from ._python.merge import merge, runs
 from ._python.runtime import UnsupportedPython, find_python
 from ._stats import Stats
 from ._symbolize import Symbolizer
+from ._windows import Clock, Windows
 
 log = logging.getLogger("ebpf_stream")
 
@@ -202,21 +205,25 @@ class Batcher:
         self._resolver = StackResolver(symbolizer, config.python_frames)
         self._loops = LoopWatch(self._resolver.python_frames)
         self._stats = stats
-        self._period_ns = config.sample_period_ns
-        self._profile = self._new_profile()
+        self._clock = Clock()
+        self._windows = Windows(config, self._clock.now(), watermarked=config.cpu_profiling)
+        self._processes: dict[int, ProcessInfo] = {}  # described since the last batch
         self._records: list[TraceRecord] = []
         self._totals: dict[tuple[str, int, str], Totals] = {}
-        self._held = 0
+        self._held = 0  # samples in open windows, and records
         self._dropped = 0
-
-    def _new_profile(self) -> Profile:
-        now = time.time_ns()
-        return Profile(self._period_ns, now, now)
+        self._early: list[Batch] = []  # closed early by max_samples, not yet handed out
 
     def add(self, message: EventMessage) -> None:
-        """Symbolize and aggregate one message's events into the current batch."""
-        cap = self._config.max_samples
-        for event in decode_events(message):
+        """Symbolize one message's events and put them in their windows."""
+        events = decode_events(message)
+        mark = events[-1] if events else None
+        if isinstance(mark, Watermark):  # before the samples: it says where windows start
+            events.pop()
+            self._windows.begin(mark.started_ns)
+        for event in events:
+            if isinstance(event, Watermark):
+                continue  # only ever last, taken above
             if isinstance(event, StackTrace | PythonStack):
                 self._resolver.add_stack(event)
                 continue
@@ -236,7 +243,10 @@ class Batcher:
                 if stall is None:
                     continue
                 self._stats.received += 1
-            if self._held >= cap:
+            if self.full:
+                # What is complete can go now; only what is not yet must wait.
+                self._early += [self._batch(p) for p in self._windows.split()]
+            if self.full:
                 self._dropped += 1
                 self._stats.dropped_user += 1
                 continue
@@ -246,7 +256,9 @@ class Batcher:
                 frames, lost = self._resolver.frames(event)
                 if lost:
                     self._stats.lost_stacks += 1
-                self._profile.add(event.pid, info.name, frames, 1, (event.timestamp_ns,))
+                window, at = self._windows.window(event.timestamp_ns)
+                window.processes.setdefault(event.pid, info)
+                window.add(event.pid, info.name, frames, 1, (at,))
                 self._loops.sample(event, frames)
             elif isinstance(event, SlowSyscall):
                 self._records.append(SlowCall(event, self._resolver.slow_call_frames(event)))
@@ -254,6 +266,8 @@ class Batcher:
                 self._records.append(event)
             elif stall is not None:
                 self._records.append(stall)
+        if isinstance(mark, Watermark):  # after the samples it vouches for
+            self._windows.advance(mark.complete_ns, stopped=mark.stopped)
 
     def _loop_event(self, event: LoopThread | LoopBlocked | ProcessExec) -> None:
         if isinstance(event, LoopThread):
@@ -265,48 +279,60 @@ class Batcher:
             self._loops.forget(event.pid)
 
     def _process(self, pid: int, comm: str) -> ProcessInfo:
-        """The batch's description of ``pid``, read from /proc the first time it is seen."""
-        info = self._profile.processes.get(pid)
+        """The description of ``pid``, read from /proc the first time it is seen in a batch."""
+        info = self._processes.get(pid)
         if info is None:
-            info = self._profile.processes[pid] = (
+            info = self._processes[pid] = (
                 self._symbolizer.process_info(pid) or ProcessInfo(pid, comm))
         return info
 
-    def take(self) -> Batch:
-        """Close the current batch and start the next one."""
-        profile, self._profile = self._profile, self._new_profile()
-        profile.end_ns = self._profile.start_ns
+    def _batch(self, profile: Profile) -> Batch:
+        """The batch of a closed window, with every record and total not yet sent."""
+        profile.processes = {**self._processes, **profile.processes}
         batch = Batch(profile, self._dropped, self._records, list(self._totals.values()))
-        self._records, self._totals = [], {}
-        self._held = self._dropped = 0
+        self._processes, self._records, self._totals = {}, [], {}
+        self._dropped = 0
+        self._held -= batch.sample_count
         return batch
 
     @property
     def full(self) -> bool:
         return self._held >= self._config.max_samples
 
+    def ready(self, *, idle: bool = True) -> list[Batch]:
+        """The batches of the windows complete now, and of a full window's complete part.
+
+        ``idle``: no message is waiting (see ``Windows.close``).
+        """
+        batches, self._early = self._early, []
+        batches += [self._batch(p) for p in self._windows.close(self._clock.now(), idle=idle)]
+        if self.full:
+            batches += [self._batch(p) for p in self._windows.split()]
+        return batches
+
+    def finish(self) -> list[Batch]:
+        """The batches of every window left, the last ending when sampling stopped."""
+        batches, self._early = self._early, []
+        return batches + [self._batch(p) for p in self._windows.finish(self._clock.now())]
+
     async def run(self, source: Channel[EventMessage], sink: Channel[Batch]) -> None:
-        """Batch until ``source`` closes, then flush the last batch and close ``sink``."""
-        interval = self._config.export_interval_s
-        deadline = anyio.current_time() + interval
+        """Batch until ``source`` closes, then flush the last batches and close ``sink``."""
         try:
             while True:
                 message = None
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                wait_ns = self._windows.due_ns() - self._clock.now()
+                with anyio.move_on_after(max(0.0, wait_ns / 1e9)):
                     try:
                         message = await source.receive()
                     except anyio.EndOfStream:
                         break
                 if message is not None:
                     self.add(message)
-                due = anyio.current_time() >= deadline
-                batch = self.take() if due or self.full else None
-                if due:
-                    deadline = anyio.current_time() + interval
-                if batch is not None and (batch.sample_count or batch.totals):
+                for batch in self.ready(idle=not source.queued):
+                    if batch.sample_count or batch.totals:
+                        await sink.send(batch)
+            for batch in self.finish():
+                if not batch.empty:
                     await sink.send(batch)
-            batch = self.take()
-            if not batch.empty:
-                await sink.send(batch)
         finally:
             sink.close()

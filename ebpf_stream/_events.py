@@ -239,6 +239,22 @@ class OomKill(msgspec.Struct, tag="oom_kill", array_like=True, gc=False, frozen=
     oom_score_adj: int
 
 
+class Watermark(msgspec.Struct, tag="watermark", array_like=True, gc=False, frozen=True):
+    """How far the CPU samples sent so far are complete, in their clock (wall-clock ns).
+
+    No sample is older than ``started_ns``, when sampling began.  Every sample
+    taken before ``complete_ns`` has been sent, in this message or an earlier
+    one (0 claims nothing new).  ``stopped``: sampling has ended at
+    ``complete_ns`` and no sample follows.  The CPU probe ends each message
+    with one, so the batcher can close a window once nothing can still fall
+    in it, and learns the start even if the first message was dropped.
+    """
+
+    started_ns: int
+    complete_ns: int
+    stopped: bool = False
+
+
 Totals = SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals
 
 
@@ -256,7 +272,7 @@ def totals_key(totals: Totals) -> tuple[str, int, str]:
 
 Record = SlowSyscall | TcpConnection | OomKill | LoopStall
 Event = (StackTrace | PythonStack | CpuSample | ProcessExec | LoopThread | LoopBlocked
-         | SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals | Record)
+         | SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals | Record | Watermark)
 
 
 class EventMessage(msgspec.Struct, gc=False, frozen=True):

@@ -19,6 +19,7 @@ then the payload; a record occupies ``roundup8(8 + len)`` bytes.
 from __future__ import annotations
 
 import mmap
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -69,11 +70,14 @@ class RingBuffer:
     Every record must carry one payload of ``record.itemsize`` bytes (the BPF
     side's ``sizeof``, trailing padding included). Records of any other length
     are skipped and counted in ``malformed``; discarded records are skipped and
-    counted in ``discarded``. Not thread-safe: one consumer per ring.
+    counted in ``discarded``. ``caught_up`` says whether the last ``read_batch``
+    read every record reserved before it looked. Not thread-safe: one consumer
+    per ring.
     """
 
     discarded: int
     malformed: int
+    caught_up: bool
     _fd: int | None
     _mmaps: tuple[mmap.mmap, ...]
     _cons_pos: memoryview
@@ -167,6 +171,7 @@ class RingBuffer:
         )
         self.discarded = 0
         self.malformed = 0
+        self.caught_up = False
 
     @property
     def fd(self) -> int:
@@ -194,6 +199,7 @@ class RingBuffer:
         # and payloads read below are at least as new as this producer_pos.
         prod = self._prod_pos[0]
         avail = min(prod - cons, self._size)
+        self.caught_up = avail <= 0
         if avail <= 0:
             return np.empty(0, self._record)
         end = cons + avail
@@ -235,6 +241,7 @@ class RingBuffer:
             # Release: x86-64 never reorders a store with earlier loads, so the
             # kernel cannot reuse this space before the copies above are done.
             self._cons_pos[0] = cons
+        self.caught_up = cons == prod
         return out if taken == len(out) else out[:taken].copy()
 
     def close(self) -> None:
@@ -252,11 +259,16 @@ class RingBuffer:
 
 async def drain_forever(
     ring: RingBuffer,
-    on_batch: Callable[[npt.NDArray[np.void]], Awaitable[None]],
+    on_batch: Callable[[npt.NDArray[np.void], int | None], Awaitable[None]],
     *,
     max_latency: float,
 ) -> None:
-    """Hand every non-empty batch of ``ring`` to ``on_batch``, until cancelled.
+    """Hand every batch of ``ring`` to ``on_batch``, until cancelled.
+
+    ``on_batch(records, complete_ns)`` gets each non-empty batch, and an empty
+    one whenever a wait ends with the ring empty.  ``complete_ns`` is the
+    CLOCK_MONOTONIC time just before the read when that read caught up (so
+    every record reserved before it has now been handed over), else None.
 
     Waits on the map fd with the event loop rather than polling: the kernel
     reports a ring buffer map readable while producer_pos != consumer_pos, a
@@ -272,7 +284,12 @@ async def drain_forever(
     while True:
         with anyio.move_on_after(max_latency):
             await anyio.wait_readable(ring.fd)
-        while (batch := ring.read_batch()).size:
-            await on_batch(batch)
+        while True:
+            began = time.monotonic_ns()
+            batch = ring.read_batch()
+            if batch.size or ring.caught_up:
+                await on_batch(batch, began if ring.caught_up else None)
+            if not batch.size:
+                break
             # A producer outrunning us must not starve the event loop.
             await anyio.lowlevel.checkpoint()

@@ -123,8 +123,10 @@ def test_max_records_limits_a_batch_and_the_rest_follows() -> None:
     reader = ring.reader()
     assert_events(reader.read_batch(10), range(10))
     assert ring.consumer_pos == 10 * 40
+    assert not reader.caught_up, "records reserved before the read are left"
     assert_events(reader.read_batch(10), range(10, 20))
     assert_events(reader.read_batch(10), range(20, 25))
+    assert reader.caught_up
 
 
 def test_busy_record_stops_the_batch_until_committed() -> None:
@@ -139,12 +141,16 @@ def test_busy_record_stops_the_batch_until_committed() -> None:
     assert_events(reader.read_batch(), range(3))
     assert ring.consumer_pos == busy
     assert reader.bytes_pending == 3 * 40
+    assert not reader.caught_up, "a reserved record is still to come"
     assert reader.read_batch().size == 0
     assert ring.consumer_pos == busy
+    assert not reader.caught_up
 
     ring.commit(busy, event(3))
     assert_events(reader.read_batch(), range(3, 6))
     assert ring.consumer_pos == ring.prod
+    assert reader.caught_up
+    assert reader.read_batch().size == 0 and reader.caught_up
 
 
 def test_busy_record_at_the_head_reads_nothing() -> None:
@@ -514,9 +520,10 @@ def test_drain_forever_delivers_within_max_latency(
     async def main() -> float:
         arrived = anyio.Event()
 
-        async def on_batch(batch: np.ndarray[Any, Any]) -> None:
-            batches.append(batch)
-            arrived.set()
+        async def on_batch(batch: np.ndarray[Any, Any], complete_ns: int | None) -> None:
+            if batch.size:
+                batches.append(batch)
+                arrived.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(functools.partial(drain_forever, max_latency=max_latency), ring, on_batch)

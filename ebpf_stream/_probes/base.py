@@ -20,6 +20,7 @@ from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram
 from .._ringbuf import RingBuffer, drain_forever
+from .._windows import ring_latency_s
 
 Emit = Callable[[EventMessage], Awaitable[None]]
 
@@ -73,7 +74,7 @@ class RingProbe(Probe):
     ring_full_counter: ClassVar[int]
 
     def __init__(self, config: EbpfConfig) -> None:
-        self._ring_latency_s = min(1.0, config.export_interval_s / 4)  # well inside an interval
+        self._ring_latency_s = ring_latency_s(config)
         self._totals_interval_s = config.export_interval_s
         self._program: LoadedProgram | None = None
         self._ring: RingBuffer | None = None
@@ -82,6 +83,15 @@ class RingProbe(Probe):
     @abc.abstractmethod
     def encode(self, records: np.ndarray) -> EventMessage:
         """The message of one batch of ring records."""
+
+    def read_message(self, records: np.ndarray, complete_ns: int | None) -> EventMessage | None:
+        """The message of one read of the ring, None for none.
+
+        ``complete_ns`` (CLOCK_MONOTONIC) is set when the read caught up:
+        every record reserved before it has now been read.  A read that
+        found nothing sends nothing, unless a probe says otherwise.
+        """
+        return self.encode(records) if len(records) else None
 
     def read_totals(self) -> list[Event]:
         """A snapshot of the cumulative totals in the maps."""
@@ -120,8 +130,10 @@ class RingProbe(Probe):
         """Emit the ring's records as they arrive, until cancelled."""
         assert self._ring is not None
 
-        async def on_batch(records: np.ndarray) -> None:
-            await emit(self.encode(records))
+        async def on_batch(records: np.ndarray, complete_ns: int | None) -> None:
+            message = self.read_message(records, complete_ns)
+            if message is not None:
+                await emit(message)
 
         await drain_forever(self._ring, on_batch, max_latency=self._ring_latency_s)
 

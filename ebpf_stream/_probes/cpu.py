@@ -35,6 +35,7 @@ from .._events import (
     ProcessExec,
     PythonStack,
     StackTrace,
+    Watermark,
     encode_events,
 )
 from .._loader import load_program
@@ -42,6 +43,7 @@ from .._python.offsets import VERSIONS
 from .._python.runtime import UnsupportedPython, find_python
 from .._ringbuf import RingBuffer
 from .._stats import Stats
+from .._windows import wall_clock_offset_ns
 from .base import Emit, RingProbe
 from .python import (
     PythonProcesses,
@@ -50,13 +52,7 @@ from .python import (
     read_python_stack,
     self_test,
 )
-from .tracing import (
-    CommNames,
-    forget_pid_keys,
-    load_targets,
-    process_name,
-    wall_clock_offset_ns,
-)
+from .tracing import CommNames, forget_pid_keys, load_targets, process_name
 
 log = logging.getLogger("ebpf_stream")
 
@@ -74,6 +70,10 @@ _PAGE = 4096
 _NO_STACK, _STACK_LOST = 0, 2  # kernel/cpu_sample.h; stack keys are odd
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+# A sample is stamped before its stacks are walked and its record reserved, so
+# a read that found the ring empty at t vouches only for samples stamped before
+# t less this: a bound, with room to spare, on the time a program takes to run.
+_STAMP_TO_RESERVE_NS = 10_000_000
 
 
 class CpuProbe(RingProbe):
@@ -98,6 +98,7 @@ class CpuProbe(RingProbe):
         self._follow = follow_children and targets is not None
         super().__init__(config)
         self._wall_offset_ns = wall_clock_offset_ns()
+        self._started_ns = 0  # CLOCK_MONOTONIC, just before sampling began
         self._epoch = 0
         self._epoch_start_ns = 0  # CLOCK_MONOTONIC
         # Stack keys (native and Python) -> the epoch each was last sent in.
@@ -161,6 +162,7 @@ class CpuProbe(RingProbe):
                 only=[p for p in programs if p not in self._loop_hooks])
             if self._python_frames:
                 await anyio.to_thread.run_sync(self._start_python)
+            self._started_ns = time.monotonic_ns()
             self._program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
                                             PERF_COUNT_SW_CPU_CLOCK, self._config.sample_period_ns)
         except BaseException:
@@ -238,10 +240,26 @@ class CpuProbe(RingProbe):
 
     async def drain(self, emit: Emit) -> None:
         await self.drain_ring(emit)
-        if self._loop_stalls:
-            await emit(encode_events(self.read_totals(), 0))
+        # Detached and drained: no sample is left to come.
+        stopped = Watermark(self._started_ns + self._wall_offset_ns,
+                            time.monotonic_ns() + self._wall_offset_ns, stopped=True)
+        totals = self.read_totals() if self._loop_stalls else []
+        await emit(encode_events([*totals, stopped], 0))
 
     def encode(self, records: np.ndarray) -> EventMessage:
+        return self.read_message(records, None)
+
+    def read_message(self, records: np.ndarray, complete_ns: int | None) -> EventMessage:
+        """The records' events and a ``Watermark``, even for a read that found none:
+        that is how the batcher learns that a window is complete."""
+        events, samples = self._events(records) if len(records) else ([], 0)
+        offset = self._wall_offset_ns
+        complete = 0 if complete_ns is None else complete_ns - _STAMP_TO_RESERVE_NS + offset
+        events.append(Watermark(self._started_ns + offset, complete))
+        return encode_events(events, samples)
+
+    def _events(self, records: np.ndarray) -> tuple[list[Event], int]:
+        """The events of a batch of ring records, and how many samples it holds."""
         kinds = records["kind"]
         samples = records[kinds == _SAMPLE]
         native = np.concatenate((samples["user_stack"], samples["kernel_stack"]))
@@ -268,7 +286,7 @@ class CpuProbe(RingProbe):
         # are an asyncio loop's.
         self._stats.received += len(samples)
         self._maybe_rotate()
-        return encode_events(events, len(samples))
+        return events, len(samples)
 
     def _samples(self, records: np.ndarray) -> list[Event]:
         ts = records["timestamp_ns"].astype(np.int64)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import abc
 import logging
 import struct
-import time
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
@@ -31,6 +30,7 @@ from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram, load_program
 from .._ringbuf import RingBuffer
 from .._stats import Stats
+from .._windows import wall_clock_offset_ns
 from .base import Emit, RingProbe
 
 log = logging.getLogger("ebpf_stream")
@@ -69,11 +69,6 @@ def forget_pid_keys(table: BpfMap, pids: set[int]) -> None:
     for key in list(table.walk_keys()):
         if int.from_bytes(key[:4], "little") in pids:
             table.delete(key)
-
-
-def wall_clock_offset_ns() -> int:
-    """Add to a ``bpf_ktime_get_ns`` (CLOCK_MONOTONIC) time to get wall-clock ns."""
-    return time.time_ns() - time.monotonic_ns()
 
 
 def load_targets(program: LoadedProgram, targets: Iterable[int]) -> None:
