@@ -245,7 +245,7 @@ class Batcher:
                 self._stats.received += 1
             if self.full:
                 # What is complete can go now; only what is not yet must wait.
-                self._early += [self._batch(p) for p in self._windows.split()]
+                self._early += self._split()
             if self.full:
                 self._dropped += 1
                 self._stats.dropped_user += 1
@@ -295,6 +295,10 @@ class Batcher:
         self._held -= batch.sample_count
         return batch
 
+    def _split(self) -> list[Batch]:
+        """The complete part of the earliest window, closed early to make room."""
+        return [self._batch(p) for p in self._windows.split(empty=bool(self._records))]
+
     @property
     def full(self) -> bool:
         return self._held >= self._config.max_samples
@@ -305,9 +309,11 @@ class Batcher:
         ``idle``: no message is waiting (see ``Windows.close``).
         """
         batches, self._early = self._early, []
-        batches += [self._batch(p) for p in self._windows.close(self._clock.now(), idle=idle)]
+        waiting = bool(self._records or self._totals or self._dropped)
+        closing = self._windows.close(self._clock.now(), idle=idle, empty=waiting)
+        batches += [self._batch(p) for p in closing]
         if self.full:
-            batches += [self._batch(p) for p in self._windows.split()]
+            batches += self._split()
         return batches
 
     def finish(self) -> list[Batch]:

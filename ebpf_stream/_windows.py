@@ -10,13 +10,15 @@ falls in, and a window closes once the CPU probe's watermark (see
 every sample lies in its profile's window, and the windows of a run tile it
 from the start of sampling to its stop.
 
+A window no sample fell in is not sent alone: the next batch starts where
+the last one ended, so the batches sent meet with no gap, unless records or
+totals are waiting, which go with the next batch whatever it holds.
 ``max_samples`` may close a window early, split at the watermark: the part
 before it is complete, the rest stays open.  Without a CPU probe there is
 nothing to wait for, and windows close by the clock.  Should the watermark
 not come (a reader that cannot keep up), a window closes by the clock after
 a grace period; a sample that arrives after its window closed then goes to
-the earliest open window, stamped with that window's start, the nearest time
-it may still carry.
+the next batch, stamped with its start, the nearest time it may still carry.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Windows:
     ``watermarked``: samples come from a CPU probe, whose watermarks say
     when a window may close; otherwise windows close by the clock.  Until
     the first watermark says when sampling began, ``start_ns`` (the clock
-    when the batcher began) stands in for it.
+    when the batcher began) stands in for it.  ``closed_to_ns`` is where the
+    next batch begins: the end of the last one.
     """
 
     def __init__(self, config: EbpfConfig, start_ns: int, *, watermarked: bool) -> None:
@@ -73,10 +76,12 @@ class Windows:
         self._watermarked = watermarked
         self._start_ns = start_ns
         self._begun = not watermarked  # whether _start_ns is when sampling began
-        self.closed_to_ns = start_ns  # where the earliest open window begins
+        self.closed_to_ns = start_ns
         self._complete_ns = start_ns  # every sample before this has arrived
         self.stopped = False
-        self._open: dict[int, Profile] = {}  # grid index -> its window's samples so far
+        # Grid index -> the samples of that window so far; each window's
+        # start is set when it closes, to where the last batch ended.
+        self._open: dict[int, Profile] = {}
         self._latest_ns = start_ns  # the latest sample time routed
         self.late = 0  # samples that came after their window had closed
 
@@ -99,7 +104,7 @@ class Windows:
         if timestamp_ns < self.closed_to_ns:
             if not self.late:
                 log.warning("CPU samples arrived after their export window had closed; "
-                            "they are moved to the start of the next window")
+                            "they go to the next one, stamped with its start")
             self.late += 1
             timestamp_ns = self.closed_to_ns
         self._latest_ns = max(self._latest_ns, timestamp_ns)
@@ -107,35 +112,52 @@ class Windows:
         window = self._open.get(index)
         if window is None:
             window = self._open[index] = Profile(
-                self._period_ns, max(self.closed_to_ns, self._edge(index)), self._edge(index + 1))
+                self._period_ns, self._edge(index), self._edge(index + 1))
         return window, timestamp_ns
 
     def due_ns(self) -> int:
-        """When, on the clock, the earliest open window closes if no watermark closes it first."""
-        end = self._edge(self._index(self.closed_to_ns) + 1)
+        """When, on the clock, the current window closes if no watermark closes it first."""
+        first = min(self._open, default=None)
+        if first is None:
+            first = self._index(max(self.closed_to_ns, self._complete_ns))
+        end = self._edge(first + 1)
         return end + self._grace_ns if self._watermarked else end
 
-    def close(self, now_ns: int, *, idle: bool) -> list[Profile]:
+    def close(self, now_ns: int, *, idle: bool, empty: bool = False) -> list[Profile]:
         """The windows complete by ``now_ns``, oldest first.
 
         ``idle``: no message is waiting to be read, so a watermark overdue by
-        the grace period is not merely queued, and the clock may close its window.
+        the grace period is not merely queued, and the clock may close its
+        window.  ``empty``: close the span up to the last complete window
+        even if no sample fell in it (records or totals wait for it).
         """
         if not self._watermarked:
             self._complete_ns = max(self._complete_ns, now_ns)
         elif idle and not self.stopped and now_ns >= self.due_ns():
             self._complete_ns = max(self._complete_ns, self.due_ns() - self._grace_ns)
-        return self._close_before(self._complete_ns)
+        closed = self._close_before(self._complete_ns)
+        edge = self._edge(self._index(self._complete_ns))
+        if empty and not closed and edge > self.closed_to_ns:
+            closed.append(Profile(self._period_ns, self.closed_to_ns, edge))
+            self.closed_to_ns = edge
+        return closed
 
-    def split(self) -> list[Profile]:
-        """Close the earliest open window early, at the watermark (nothing if it has not moved)."""
+    def split(self, *, empty: bool = False) -> list[Profile]:
+        """Close the earliest open window early, at the watermark.
+
+        Nothing closes if the watermark has not moved, nor if no sample is
+        before it, unless ``empty`` (the early part carries records).
+        """
         at = self._complete_ns
         if at <= self.closed_to_ns:
             return []
-        index = self._index(self.closed_to_ns)
-        if at >= self._edge(index + 1):
-            return self._close_before(at)
-        window = self._open.get(index)
+        closed = self._close_before(at)
+        if closed:
+            return closed
+        first = min(self._open, default=None)
+        window = self._open.get(first) if first is not None else None
+        if not empty and not any(t < at for s in window or () for t in s.timestamps_ns):
+            return []
         before = Profile(self._period_ns, self.closed_to_ns, at)
         if window is not None:
             before.processes.update(window.processes)
@@ -147,7 +169,6 @@ class Windows:
                     s.count = len(s.timestamps_ns)
                     if not s.count:
                         del window.stacks[s.pid, s.process, s.frames]
-            window.start_ns = at
         self.closed_to_ns = at
         return [before]
 
@@ -157,31 +178,25 @@ class Windows:
         end = max(end, self.closed_to_ns, self._latest_ns + 1)
         closed = self._close_before(end)
         if end > self.closed_to_ns or not closed:  # one at least, for what has no window
-            window: Profile | None = self._open.pop(self._index(self.closed_to_ns), None)
+            window: Profile | None = self._open.pop(self._index(end), None)
             last = window or Profile(self._period_ns, self.closed_to_ns, end)
-            last.end_ns = end
+            last.start_ns, last.end_ns = self.closed_to_ns, end
             closed.append(last)
             self.closed_to_ns = end
         return closed
 
     def _close_before(self, complete_ns: int) -> list[Profile]:
-        """Close the windows that end at or before ``complete_ns``.
-
-        Windows no sample fell in are passed over: there is nothing to send for them.
-        """
+        """Close the windows with samples that end at or before ``complete_ns``, oldest first."""
         closed: list[Profile] = []
-        while True:
-            index = self._index(self.closed_to_ns)
-            end = self._edge(index + 1)
-            if end > complete_ns:
-                return closed
-            window: Profile | None = self._open.pop(index, None)
-            closed.append(window or Profile(self._period_ns, self.closed_to_ns, end))
-            following = min(self._open, default=None)
-            last = self._index(complete_ns)
-            self.closed_to_ns = self._edge(last if following is None else min(following, last))
-            if self.closed_to_ns < end:
-                self.closed_to_ns = end
+        while self._open:
+            first = min(self._open)
+            if self._edge(first + 1) > complete_ns:
+                break
+            window = self._open.pop(first)
+            window.start_ns = self.closed_to_ns
+            self.closed_to_ns = window.end_ns
+            closed.append(window)
+        return closed
 
     def _index(self, t: int) -> int:
         return (t - self._start_ns) // self._interval_ns

@@ -320,9 +320,9 @@ def test_samples_go_to_the_window_they_were_taken_in_not_the_one_they_arrive_in(
 
 def test_a_sample_after_its_window_closed_goes_to_the_next_window_start() -> None:
     batcher, t0 = begun(export_interval_s=1)
-    batcher.add(watermark(t0 + S))
+    batcher.add(message(1, at=t0 + S // 4, complete=t0 + S))
     assert windows(batcher.ready()) == [(t0, t0 + S)]
-    batcher.add(message(1, at=t0 + S // 2))  # late: its window is gone
+    batcher.add(message(1, at=t0 + S // 2, stacks=False))  # late: its window is gone
     (batch,) = batcher.finish()
     (stack,) = batch.profile
     assert stack.timestamps_ns == [t0 + S] and batch.profile.start_ns == t0 + S
@@ -350,24 +350,32 @@ def test_without_a_watermark_a_full_window_drops_what_cannot_wait() -> None:
     assert batch.profile.sample_count == 4 and batch.dropped == 2
 
 
+def connection(t: int) -> TcpConnection:
+    return TcpConnection(t, t + 5, 42, "app", "client", "closed", 4, "127.0.0.1", 5000,
+                         "127.0.0.1", 80, 10, 20, 0)
+
+
 def test_records_and_totals_go_with_the_next_batch_that_closes() -> None:
     batcher, t0 = begun(export_interval_s=1)
-    closed = TcpConnection(t0, t0 + 5, 42, "app", "client", "closed", 4, "127.0.0.1", 5000,
-                           "127.0.0.1", 80, 10, 20, 0)
-    batcher.add(encode_events([closed, syscall_totals(42, "read", 1)], 1))
+    batcher.add(encode_events([connection(t0), syscall_totals(42, "read", 1)], 1))
     batcher.add(message(1, at=t0 + 3 * S // 2, complete=t0 + 2 * S))
-    first, second = batcher.ready()
-    assert first.records == [closed] and len(first.totals) == 1
-    assert first.profile.sample_count == 0 and first.profile.processes[42].name == "app"
-    assert second.records == [] and second.profile.sample_count == 1
+    (batch,) = batcher.ready()
+    assert batch.records == [connection(t0)] and len(batch.totals) == 1
+    assert batch.profile.sample_count == 1 and batch.profile.processes[42].name == "app"
+    batcher.add(encode_events([connection(t0 + 2 * S)], 1))
+    batcher.add(watermark(t0 + 3 * S))
+    (batch,) = batcher.ready()
+    assert windows([batch]) == [(t0 + 2 * S, t0 + 3 * S)], "records do not wait for samples"
 
 
-def test_empty_windows_are_passed_over_and_a_watermark_far_ahead_closes_at_once() -> None:
+def test_windows_without_samples_join_the_next_batch() -> None:
     batcher, t0 = begun(export_interval_s=1)
+    batcher.add(watermark(t0 + 3 * S))
+    assert batcher.ready() == [], "nothing to send"
     batcher.add(message(1, at=t0 + 5 * S + 1, complete=t0 + 1000 * S))
     batches = batcher.ready()
-    assert windows(batches) == [(t0, t0 + S), (t0 + 5 * S, t0 + 6 * S)]
-    assert [b.profile.sample_count for b in batches] == [0, 1]
+    assert windows(batches) == [(t0, t0 + 6 * S)], "no gap before the next batch"
+    assert_inside(batches)
 
 
 def test_the_first_window_starts_when_sampling_began() -> None:
@@ -382,9 +390,11 @@ def test_the_first_window_starts_when_sampling_began() -> None:
 
 def test_without_cpu_profiling_windows_close_by_the_clock() -> None:
     batcher, _, _ = make_batcher(export_interval_s=0.1, cpu_profiling=False)
+    batcher.add(encode_events([connection(time.time_ns())], 1))
     time.sleep(0.25)
     batches = batcher.ready()
     assert len(batches) == 1 and batches[0].profile.end_ns <= time.time_ns()
+    assert len(batches[0].records) == 1
     (last,) = batcher.finish()
     assert last.profile.start_ns >= batches[0].profile.end_ns
 

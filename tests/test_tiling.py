@@ -95,7 +95,7 @@ async def test_samples_lie_in_their_windows_and_windows_tile_the_run(
         after_stop = time.time_ns()
         received = cast(list[ExportProfilesServiceRequest], receiver.requests("profiles"))
     exported = profiler.stats.exported
-    assert exported > 100, profiler.stats
+    assert exported > 40, profiler.stats
 
     batches = [(b.profile.start_ns, b.profile.end_ns) for b in memory.batches]
     assert gaps_and_overlaps(batches) == []
