@@ -186,7 +186,13 @@ class Windows:
         return closed
 
     def _close_before(self, complete_ns: int) -> list[Profile]:
-        """Close the windows with samples that end at or before ``complete_ns``, oldest first."""
+        """Close the windows with samples that end at or before ``complete_ns``, oldest first.
+
+        Windows that complete together (the batcher was held up, by a slow
+        exporter say) go as one: one export per window would let the backlog
+        grow.  Together they hold no more than ``max_samples``, as all the
+        open windows do.
+        """
         closed: list[Profile] = []
         while self._open:
             first = min(self._open)
@@ -195,7 +201,10 @@ class Windows:
             window = self._open.pop(first)
             window.start_ns = self.closed_to_ns
             self.closed_to_ns = window.end_ns
-            closed.append(window)
+            if closed:
+                closed[-1].merge(window)
+            else:
+                closed.append(window)
         return closed
 
     def _index(self, t: int) -> int:

@@ -408,3 +408,14 @@ def test_an_overdue_watermark_lets_the_clock_close_the_window_when_nothing_is_qu
     assert windows_.close(5 * S, idle=False) == [], "a message waits: it may be the watermark"
     (closed,) = windows_.close(5 * S, idle=True)
     assert (closed.start_ns, closed.end_ns, closed.sample_count) == (0, S, 1)
+
+
+def test_windows_complete_together_go_as_one_batch() -> None:
+    batcher, t0 = begun(export_interval_s=1)
+    for k in range(4):  # one sample in each of four windows, all complete at once
+        batcher.add(message(1, at=t0 + k * S, stacks=k == 0))
+    batcher.add(watermark(t0 + 4 * S))
+    batches = batcher.ready()
+    assert windows(batches) == [(t0, t0 + 4 * S)]
+    assert [b.profile.sample_count for b in batches] == [4]
+    assert_inside(batches)

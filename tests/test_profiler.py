@@ -225,7 +225,7 @@ async def test_max_samples_caps_each_interval(running: subprocess.Popen[str]) ->
         await anyio.sleep(2)
     assert all(b.profile.sample_count <= 10 for b in memory.batches)
     stats = profiler.stats
-    assert stats.dropped_user > 0
+    assert len(memory.batches) > 2 / 0.5 + 1, "full windows go early"
     assert stats.received == stats.exported + stats.dropped_user
 
 
