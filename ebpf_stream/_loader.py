@@ -12,7 +12,6 @@ handed back to the system when the worker exits.
 from __future__ import annotations
 
 import array
-import contextlib
 import ctypes
 import dataclasses
 import importlib.util
@@ -25,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -176,6 +176,10 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+def _is_merged(tree: Path) -> bool:
+    return (tree / "include/linux/kconfig.h").exists()
+
+
 def find_headers(release: str | None = None, src: Path = Path("/usr/src")) -> Headers:
     """Find kernel headers for ``release`` (default: the running kernel)."""
     release = release or platform.release()
@@ -196,12 +200,17 @@ def find_headers(release: str | None = None, src: Path = Path("/usr/src")) -> He
     arch, common = max(older, key=lambda p: _release_version(p[0].name)) if older else min(
         pairs, key=lambda p: _release_version(p[0].name))
     merged = _cache_dir() / "kernel-headers" / arch.name
-    if not (merged / "include/linux/kconfig.h").exists():
-        shutil.rmtree(merged, ignore_errors=True)  # left from headers since removed
-        tmp = merged.with_name(f".{merged.name}.{os.getpid()}")
+    if not _is_merged(merged):
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        # Probes open concurrently: each thread builds its own tree, the first rename wins.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{merged.name}.", dir=merged.parent))
         _merge_tree(tmp, [common, arch])
-        with contextlib.suppress(OSError):  # another process built it first
+        if merged.exists() and not _is_merged(merged):
+            shutil.rmtree(merged, ignore_errors=True)  # left from headers since removed
+        try:
             tmp.rename(merged)
+        except OSError:  # another thread or process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return Headers(merged, False,
                    f"no headers for Linux {release}; using {arch.name} with {common.name}")
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,17 @@ def loaded_programs() -> set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          check=True).stdout
     return {p["id"] for p in json.loads(out or "[]")}
+
+
+def unloaded(ids: set[int], timeout: float = 10) -> bool:
+    """Whether the kernel frees programs ``ids`` within ``timeout`` seconds: it frees
+    programs detached from syscall tracepoints after an RCU grace period, not at once."""
+    deadline = time.monotonic() + timeout
+    while ids & loaded_programs():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def program_ids(pid: int | str = "self") -> set[int]:

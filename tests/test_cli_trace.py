@@ -214,9 +214,11 @@ def test_bad_input_is_one_line_and_non_zero(args: list[str], message: str) -> No
 @pytest.mark.usefixtures("bpf_environment")
 def test_record_reports_the_workloads_exact_activity(trace_workload: Path,
                                                      tmp_path: Path) -> None:
+    """On a fresh machine: nothing cached from earlier runs."""
     out = tmp_path / "out.jsonl"
     result = run_cli("record", *TRACE_ALL, "--format", "otlp-json", "-o", str(out),
-                     "--", str(trace_workload))
+                     "--", str(trace_workload),
+                     env={**os.environ, "EBPF_STREAM_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     truth = ground_truth(result.stdout)

@@ -13,12 +13,11 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from _support import bpf_fds, build, loaded_programs, program_ids
+from _support import bpf_fds, build, program_ids, unloaded
 
 from ebpf_stream import EbpfConfig, Profiler, Stats
 from ebpf_stream._batch import SlowCall
@@ -40,15 +39,9 @@ def getppid_loop(workload_dir: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def names_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A cache of learned syscall names shared by this module's tests only."""
-    before = os.environ.get("EBPF_STREAM_CACHE")
-    os.environ["EBPF_STREAM_CACHE"] = str(tmp_path_factory.getbasetemp() / "syscall-cache")
-    yield
-    if before is None:
-        del os.environ["EBPF_STREAM_CACHE"]
-    else:
-        os.environ["EBPF_STREAM_CACHE"] = before
+def fresh_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing cached from earlier runs: every name must be right the first time."""
+    monkeypatch.setenv("EBPF_STREAM_CACHE", str(tmp_path / "cache"))
 
 
 class Workload:
@@ -133,7 +126,7 @@ async def trace(workload: Workload, targets: list[int] | None,
             await anyio.sleep(1.2)  # two totals snapshots, stacks symbolized while it lives
     finally:
         workload.end()
-    assert len(ours) >= (3 if latency else 2) and not ours & loaded_programs()
+    assert len(ours) >= (3 if latency else 2) and unloaded(ours)
     assert bpf_fds() == []
     return memory
 

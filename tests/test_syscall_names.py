@@ -1,31 +1,29 @@
-"""Syscall names learned from the running kernel, checked against the kernel's own word.
+"""Syscall names from the shipped x86-64 table, checked against the kernel's own word.
 
 ``/proc/PID/syscall`` gives the number of the call a blocked task is in, an
-independent source for the number behind a name.
+independent source for the number behind a name; the kernel's enter events
+list the calls it has; installed uapi headers give numbers and names too.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import re
 import subprocess
 import time
 from pathlib import Path
 
-import anyio
 import pytest
 
 from ebpf_stream._loader import ensure_tracefs
-from ebpf_stream._syscall_names import SyscallNames, enter_events, write_cache
+from ebpf_stream._syscall_names import syscall_name, unnamed_syscalls, warn_of_unnamed_syscalls
+from ebpf_stream._syscall_table import X86_64
+
+HEADERS = [Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
+           *Path("/usr/src").glob("linux-headers-*/arch/x86/include/generated/uapi/asm/unistd_64.h")]
 
 
-def instances() -> list[str]:
-    """This process's ftrace instances."""
-    return [p.name for p in (ensure_tracefs() / "instances").glob(f"*-{os.getpid()}-*")]
-
-pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
-
-
-def blocked_call(proc: subprocess.Popen[str]) -> int:
+def blocked_call(proc: subprocess.Popen[bytes]) -> int:
     """The number of the syscall ``proc`` is blocked in."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -38,69 +36,45 @@ def blocked_call(proc: subprocess.Popen[str]) -> int:
     raise AssertionError("the process never blocked")
 
 
-@pytest.mark.anyio
-async def test_learned_numbers_match_the_kernel_and_are_cached(tmp_path: Path) -> None:
-    cache = tmp_path / "names.json"
-    names = SyscallNames(cache)
-    await names.open()
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="no /proc/PID/syscall")
+def test_numbers_of_blocked_calls_have_their_names() -> None:
+    # cat blocks in read on an empty pipe; sleep in clock_nanosleep.
+    cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        events = set(enter_events(ensure_tracefs()).values())
-        assert names.learning == len(events)  # nothing cached: every enter event
-        # cat blocks in read on an empty pipe; sleep in clock_nanosleep.
-        cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True)
-        sleeper = subprocess.Popen(["sleep", "30"])
-        try:
-            read_nr, sleep_nr = blocked_call(cat), blocked_call(sleeper)  # type: ignore[arg-type]
-        finally:
-            cat.kill()
-            sleeper.kill()
-            cat.wait()
-            sleeper.wait()
-        names.learn()
-        assert names.name(read_nr) == "read"
-        assert names.name(sleep_nr) in ("clock_nanosleep", "nanosleep")
-        assert set(names.names.values()) <= events
-        assert names.learning == len(events) - len(set(names.names.values()))
-        assert names.name(100_000) == "syscall_100000"
+        assert syscall_name(blocked_call(cat)) == "read"
+        assert syscall_name(blocked_call(sleeper)) in ("clock_nanosleep", "nanosleep")
     finally:
-        names.close()
-    assert not instances()
-
-    again = SyscallNames(cache)
-    await again.open()
-    try:
-        assert again.names == names.names  # from the cache, before any call
-        assert again.learning == len(events) - len(set(names.names.values()))
-    finally:
-        again.close()
+        for proc in (cat, sleeper):
+            proc.kill()
+            proc.wait()
 
 
-@pytest.mark.anyio
-async def test_a_cache_naming_every_event_loads_no_learner(tmp_path: Path) -> None:
-    cache = tmp_path / "names.json"
-    events = enter_events(ensure_tracefs())
-    write_cache(cache, {1000 + i: name for i, name in enumerate(events.values())})
-    names = SyscallNames(cache)
-    await names.open()
-    try:
-        assert names.learning == 0 and not instances()
-        assert len(names.names) == len(events)
-    finally:
-        names.close()
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_every_syscall_of_the_running_kernel_is_named() -> None:
+    """Fails on a kernel newer than the table: regenerate ``_syscall_table.py``."""
+    assert unnamed_syscalls(ensure_tracefs()) == []
 
 
-@pytest.mark.anyio
-async def test_learning_detaches_learned_events_within_a_poll(tmp_path: Path) -> None:
-    names = SyscallNames(tmp_path / "names.json")
-    await names.open()
-    try:
-        before = names.learning
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(names.learn_forever)
-            await anyio.sleep(0.5)
-            tg.cancel_scope.cancel()
-        # This process's own calls (the event loop's epoll_wait, at least) were learned.
-        assert len(names.names) > 0 and names.learning < before
-    finally:
-        names.close()
+@pytest.mark.parametrize("header", [h for h in HEADERS if h.exists()], ids=str)
+def test_installed_headers_agree_with_the_table(header: Path) -> None:
+    numbers = {int(m[2]): m[1] for m in
+               re.finditer(r"^#define __NR_(\w+) (\d+)$", header.read_text(), flags=re.M)
+               if m[1] != "syscalls"}  # the kernel's own headers also give the count
+    assert numbers and {nr: X86_64.get(nr) for nr in numbers} == numbers
+
+
+def test_kernel_function_names_are_abi_names_and_new_calls_are_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    events = tmp_path / "events" / "syscalls"
+    for name in ("read", "newfstat", "newuname", "umount", "sendfile64", "brand_new",
+                 "another_new"):
+        (events / f"sys_enter_{name}").mkdir(parents=True)
+    (events / "sys_exit_exit_only").mkdir()
+    assert unnamed_syscalls(tmp_path) == ["another_new", "brand_new"]
+    with caplog.at_level(logging.WARNING, "ebpf_stream"):
+        warn_of_unnamed_syscalls(tmp_path)
+    assert "2 syscalls newer than" in caplog.text and "another_new, brand_new" in caplog.text
+    assert [syscall_name(n) for n in (0, 5, 63, 110)] == ["read", "fstat", "uname", "getppid"]
+    assert syscall_name(100_000) == "syscall_100000"

@@ -10,12 +10,6 @@ reads) and counts only (the exit hook alone).  Any syscall tracepoint forces the
 syscall path on every task, so the floor is far above "off"; ours is judged
 against the floor.  Modes are interleaved round by round and reported as
 medians, and every traced run checks that the count is exact.
-
-The syscall names are learned once before the rounds, as any later run on the
-same kernel starts knowing them (they are cached per kernel build).  Syscalls
-never called yet stay enabled in the names learner's ftrace instance, which
-costs every syscall a little; "every name known" is the state once they have
-all been learned (here: a cache naming them all, so no instance is made).
 """
 
 from __future__ import annotations
@@ -33,22 +27,14 @@ import anyio.to_thread
 
 from ebpf_stream import EbpfConfig, Stats
 from ebpf_stream._events import EventMessage
-from ebpf_stream._loader import ensure_tracefs
 from ebpf_stream._probes.syscalls import SyscallProbe
-from ebpf_stream._syscall_names import (
-    SyscallNames,
-    cache_file,
-    enter_events,
-    read_cache,
-    write_cache,
-)
 
 from ._support import bpf_unavailable, median, prepare_bcc
 
 CALLS = 20_000_000
 ROUNDS = 5
-MODES = ("off", "floor", "ours (pid)", "ours (system-wide)", "ours (pid), every name known",
-         "ours (pid), counts only", "ours (system-wide), counts only")
+MODES = ("off", "floor", "ours (pid)", "ours (system-wide)", "ours (pid), counts only",
+         "ours (system-wide), counts only")
 _LOOP_SOURCE = Path(__file__).resolve().parents[2] / "tests" / "workloads" / "getppid_loop.c"
 _SYSTEM_PYTHON = "/usr/bin/python3"  # bcc's own interpreter
 
@@ -130,22 +116,10 @@ def run_floor(loop: Loop) -> float:
     return ns
 
 
-def every_name_known(path: Path) -> SyscallNames:
-    """Names whose cache covers every enter event: the ones learned, and the
-    rest under numbers no syscall has, so nothing is left to learn."""
-    events = set(enter_events(ensure_tracefs()).values())
-    learned = read_cache(cache_file(), events)
-    rest = sorted(events - set(learned.values()))
-    write_cache(path, learned | {1_000_000 + i: name for i, name in enumerate(rest)})
-    return SyscallNames(path)
-
-
-async def _run_ours(loop: Loop, system_wide: bool, names: SyscallNames | None = None,
-                    latency: bool = True) -> float:
+async def _run_ours(loop: Loop, system_wide: bool, latency: bool = True) -> float:
     config = (EbpfConfig.for_environment("production").with_syscall_tracing(True)
               .with_syscall_latency(latency))
-    probe = SyscallProbe(config, Stats(), targets=None if system_wide else [loop.pid],
-                         names=names)
+    probe = SyscallProbe(config, Stats(), targets=None if system_wide else [loop.pid])
 
     async def discard(message: EventMessage) -> None:
         pass
@@ -172,22 +146,17 @@ def run_ours_system_wide(loop: Loop) -> float:
     return anyio.run(_run_ours, loop, True)
 
 
-def run_ours_every_name_known(loop: Loop) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        return anyio.run(_run_ours, loop, False, every_name_known(Path(tmp) / "names.json"))
-
-
 def run_ours_counts_only(loop: Loop) -> float:
-    return anyio.run(_run_ours, loop, False, None, False)
+    return anyio.run(_run_ours, loop, False, False)
 
 
 def run_ours_system_wide_counts_only(loop: Loop) -> float:
-    return anyio.run(_run_ours, loop, True, None, False)
+    return anyio.run(_run_ours, loop, True, False)
 
 
 RUNNERS: dict[str, Callable[[Loop], float]] = dict(zip(MODES, (
-    run_off, run_floor, run_ours, run_ours_system_wide, run_ours_every_name_known,
-    run_ours_counts_only, run_ours_system_wide_counts_only), strict=True))
+    run_off, run_floor, run_ours, run_ours_system_wide, run_ours_counts_only,
+    run_ours_system_wide_counts_only), strict=True))
 
 
 @dataclasses.dataclass
@@ -211,11 +180,6 @@ def measure_syscall_load(calls: int = CALLS, rounds: int = ROUNDS) -> SyscallLoa
     prepare_bcc()
     with tempfile.TemporaryDirectory() as tmp:
         binary = build_loop(Path(tmp))
-        warm = Loop(binary, 1000)  # learns (and caches) the loop's syscall names
-        try:
-            run_ours(warm)
-        finally:
-            warm.end()
         figures = SyscallLoadFigures(calls, rounds, {mode: [] for mode in MODES})
         for _ in range(rounds):
             for mode, runner in RUNNERS.items():

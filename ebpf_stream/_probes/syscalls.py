@@ -4,8 +4,8 @@ Counting happens in the kernel (``kernel/syscalls.bpf.c``) on the raw
 ``sys_enter``/``sys_exit`` tracepoints, the cheapest hooks there are on that
 path, or on ``sys_exit`` alone when ``EbpfConfig.syscall_latency`` is off
 (counts and errors only, durations left 0); user space reads the per-CPU
-totals once per interval and names the numbers with what ``SyscallNames``
-learned from the running kernel.
+totals once per interval and names the numbers from the x86-64 table shipped
+in the package (``_syscall_names``).
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-import anyio
 import numpy as np
 
 from .._config import EbpfConfig
 from .._events import Event, SlowSyscall, SyscallTotals
+from .._loader import ensure_tracefs
 from .._stats import Stats
-from .._syscall_names import SyscallNames
-from .base import Emit
+from .._syscall_names import syscall_name, warn_of_unnamed_syscalls
 from .tracing import TracingProbe, forget_pid_keys, process_name
 
 BUCKETS = 32
@@ -55,10 +54,8 @@ class SyscallProbe(TracingProbe):
                              "calls of new pairs were not counted (trace fewer processes)"}
 
     def __init__(self, config: EbpfConfig, stats: Stats, *,
-                 targets: Sequence[int] | None, follow_children: bool = False,
-                 names: SyscallNames | None = None) -> None:
+                 targets: Sequence[int] | None, follow_children: bool = False) -> None:
         super().__init__(config, stats, targets=targets, follow_children=follow_children)
-        self.names = names or SyscallNames()
         self._process_names: dict[int, str] = {}
 
     def cflags(self) -> list[str]:
@@ -67,23 +64,13 @@ class SyscallProbe(TracingProbe):
                 f"-DSTACK_DEPTH={STACK_DEPTH}", f"-DTOTALS_ENTRIES={TOTALS_ENTRIES}"]
 
     async def open(self) -> None:
-        await self.names.open()  # first: every call counted is then a call it saw
-        try:
-            await super().open()
-        except BaseException:
-            self.names.close()
-            raise
-
-    async def run(self, emit: Emit) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.names.learn_forever)
-            await super().run(emit)
+        warn_of_unnamed_syscalls(ensure_tracefs())
+        await super().open()
 
     def decode(self, records: np.ndarray) -> list[Event]:
-        self.names.learn()
         offset = self.wall_offset_ns
         return [SlowSyscall(int(r["timestamp_ns"]) + offset, int(r["pid"]), int(r["tid"]),
-                            self.comm(r["comm"]), self.names.name(int(r["nr"])),
+                            self.comm(r["comm"]), syscall_name(int(r["nr"])),
                             int(r["duration_ns"]), int(r["ret"]),
                             _frames(r["user_stack"]), _frames(r["kernel_stack"]))
                 for r in records]
@@ -103,14 +90,13 @@ class SyscallProbe(TracingProbe):
 
     def read_totals(self) -> list[Event]:
         keys, totals = self.read_raw_totals()
-        self.names.learn()  # after the totals: it has seen every number in them
         pairs = keys.tolist()
         names = {pid: self._process_name(pid) for pid, _ in pairs}  # one read per process
         events: list[Event] = []
         for (pid, nr), count, errors, duration_ns, buckets in zip(
                 pairs, totals["count"].tolist(), totals["errors"].tolist(),
                 totals["duration_ns"].tolist(), totals["buckets"].tolist(), strict=True):
-            events.append(SyscallTotals(pid, names[pid], self.names.name(nr),
+            events.append(SyscallTotals(pid, names[pid], syscall_name(nr),
                                         count, errors, duration_ns, buckets))
         return events
 
@@ -133,10 +119,3 @@ class SyscallProbe(TracingProbe):
         for pid in pids:
             self._process_names.pop(pid, None)
 
-    def stop(self) -> None:
-        super().stop()
-        self.names.stop()
-
-    def close(self) -> None:
-        super().close()
-        self.names.close()
