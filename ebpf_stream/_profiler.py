@@ -62,6 +62,11 @@ class Profiler:
 
     With no ``exporters`` and ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its
     profiles form) set, the profiler exports OTLP as that environment says.
+
+    A profiler may run again once it has stopped: each run starts with
+    fresh counters, overhead and exporters' state (see ``Exporter``), and
+    knows nothing of an earlier run's failure.  Entering one that is
+    running raises ``RuntimeError``.
     """
 
     def __init__(
@@ -78,8 +83,15 @@ class Profiler:
         self._system_wide = system_wide
         self._follow = follow_children
         self._shutdown_timeout = shutdown_timeout
+        self._standalone = False  # the CLI owns the whole process, so all its memory counts
+        self._running = False
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """The state of one run, as it is before the run starts."""
         self._stats = Stats()
         self._meter = CpuMeter()
+        self._run_exporters: list[Exporter] = []
         self._probes: list[Probe] = []
         self._readers = 0
         self._monitor: OverheadMonitor | None = None
@@ -91,7 +103,6 @@ class Profiler:
         self._sending: set[anyio.CancelScope] = set()  # readers' sends in progress
         self._deadline = math.inf
         self._failure: Exception | None = None
-        self._standalone = False  # the CLI owns the whole process, so all its memory counts
 
     @property
     def stats(self) -> Stats:
@@ -117,13 +128,26 @@ class Profiler:
         return None if self._system_wide else [os.getpid()]
 
     async def __aenter__(self) -> Self:
+        if self._running:
+            raise RuntimeError("this Profiler is already running; "
+                               "make another one to profile alongside it")
         config = self.config
         validate_config(config)
         check_pids(config.pids)
-        if not self._exporters and endpoint_in_environment():
-            self._exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
-        self._reading = []
-        self._stopping = False
+        self._new_run()
+        self._run_exporters = list(self._exporters)
+        if not self._run_exporters and endpoint_in_environment():
+            # Made for each run: an exporter is closed when its run ends.
+            self._run_exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
+        self._running = True
+        try:
+            await self._start_run(config)
+        except BaseException:
+            self._running = False
+            raise
+        return self
+
+    async def _start_run(self, config: EbpfConfig) -> None:
         baseline = anon_rss_bytes()
         await self._open_probes(probes_for(config, self._stats, targets=self._targets(),
                                            follow_children=self._follow))
@@ -151,7 +175,6 @@ class Profiler:
         except BaseException:
             self._close_kernel_side()
             raise
-        return self
 
     async def _open_probes(self, probes: list[Probe]) -> None:
         """Open the probes side by side (each compiles in its own worker process).
@@ -229,7 +252,7 @@ class Profiler:
 
     async def _export(self, batches: Channel[Batch]) -> None:
         context = ExportContext(self.config, self._stats, self.get_overhead)
-        async with FanOut(self._exporters, self._stats, context) as fanout:
+        async with FanOut(self._run_exporters, self._stats, context) as fanout:
             async for batch in batches:
                 await fanout.export(batch)
 
@@ -253,6 +276,7 @@ class Profiler:
                           self._shutdown_timeout, unexported)
         finally:
             self._close_kernel_side()
+            self._running = False
         if exc_type is None and self._failure is not None:
             raise self._failure
 

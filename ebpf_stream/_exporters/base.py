@@ -8,6 +8,10 @@ Two optional extras, both used by the OTLP exporters: ``bind(context)``
 gives an exporter the run's counters (to report on the engine itself and
 count its own losses), and an exporter that is an async context manager is
 entered for the run, so it can keep background tasks (a sender) alive.
+
+An exporter may serve several runs, one after another: each run binds it,
+enters it, exports to it and closes it.  A run after ``aclose()`` starts it
+afresh, so what it then writes or holds is that run's alone.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class Exporter(Protocol):
         """Deliver or store one batch.  Called once per export interval."""
 
     async def aclose(self) -> None:
-        """Flush what is pending and release resources.  Called exactly once."""
+        """Flush what is pending and release resources.  Called once, when the run ends."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,4 +51,4 @@ class ExportContext:
 @runtime_checkable
 class BindableExporter(Protocol):
     def bind(self, context: ExportContext) -> None:
-        """Called once before the first export."""
+        """Called once per run, before its first export."""

@@ -78,6 +78,7 @@ class FileExporter(abc.ABC):
     async def aclose(self) -> None:
         async with self._lock:
             await run_sync(self._merge_and_write, None)
+            self._profile = None  # the file holds it; a next run writes its own
 
     def _merge_and_write(self, profile: Profile | None) -> None:
         if profile is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 from .._batch import Batch, TraceRecord
 from .._events import Totals, totals_key
 from .._profile import Profile
@@ -24,10 +26,14 @@ class MemoryExporter:
 
     ``records`` holds every record (slow syscalls, connections, OOM kills) in
     arrival order; ``totals`` the latest cumulative totals per process (and
-    per syscall), which are the run's totals once it has ended.
+    per syscall), which are the run's totals once it has ended.  It keeps
+    them after the run, until a next run enters it.
     """
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.batches: list[Batch] = []
         self.records: list[TraceRecord] = []
         self.closed = False
@@ -48,6 +54,13 @@ class MemoryExporter:
         self._profile = accumulate(self._profile, batch.profile, keep_timestamps=True)
         self.records.extend(batch.records)
         self._totals.update((totals_key(t), t) for t in batch.totals)
+
+    async def __aenter__(self) -> Self:
+        self._reset()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass  # the run closes it with aclose()
 
     async def aclose(self) -> None:
         self.closed = True

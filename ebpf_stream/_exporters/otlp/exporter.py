@@ -156,7 +156,6 @@ class OtlpExporter:
             otlp_resource_attributes(environ) if resource_attributes is None
             else resource_attributes)
         self._converter = EventConverter(resource_attributes=self._resource_attributes)
-        self._queue: collections.deque[_Outgoing] = collections.deque()
         self._queue_size = queue_size
         self._policy = overflow_policy
         self._retry_for = retry_for_s
@@ -165,6 +164,12 @@ class OtlpExporter:
         self._stats = Stats()
         self._context: ExportContext | None = None
         self._logs = _LogBuffer()
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """The sender's state as it is before a run: nothing queued, nothing failed."""
+        self._queue: collections.deque[_Outgoing] = collections.deque()
+        self._logs.take()
         self._task_group: TaskGroup | None = None
         self._sender: anyio.CancelScope | None = None
         self._wake = anyio.Event()
@@ -191,6 +196,11 @@ class OtlpExporter:
         self._converter = EventConverter(context.config, self._resource_attributes)
 
     async def __aenter__(self) -> Self:
+        if self._task_group is not None:
+            raise RuntimeError("this OtlpExporter is already running")
+        self._new_run()  # in this event loop: a later run may have its own
+        if self._context is None:  # not bound to a run: counters of its own, for this run
+            self._stats = Stats()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         # Shielded: cancelling the host must not stop the flush in aclose(), which bounds it
@@ -207,9 +217,11 @@ class OtlpExporter:
                 await self.aclose()
         finally:
             assert self._task_group is not None and self._sender is not None
+            task_group, self._task_group = self._task_group, None
+            self._context = None  # a next run binds its own
             self._sender.cancel()
-            self._task_group.cancel_scope.cancel()
-            await self._task_group.__aexit__(None, None, None)
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(None, None, None)
 
     async def export(self, batch: Batch) -> None:
         """Convert ``batch`` and queue it for delivery."""

@@ -99,4 +99,5 @@ class GrpcTransport:
 
     async def aclose(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            channel, self._channel = self._channel, None  # a later send opens a new one
+            await channel.close()

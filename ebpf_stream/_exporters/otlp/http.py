@@ -69,7 +69,11 @@ def _encode(request: Message, compress: bool) -> bytes:
 
 
 class HttpTransport:
-    """Sends one signal's requests to ``endpoint.url``."""
+    """Sends one signal's requests to ``endpoint.url``.
+
+    The client is created on first use, so that each run (each event loop,
+    under ``EbpfCpuProfiler``) has its own connections.
+    """
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -77,12 +81,17 @@ class HttpTransport:
         headers = {**dict(endpoint.headers), "content-type": _PROTOBUF}
         if self._gzip:
             headers["content-encoding"] = "gzip"
-        self._client = httpx.AsyncClient(headers=headers, timeout=endpoint.timeout_s,
-                                         verify=_ssl_context(endpoint))
+        self._headers = headers
+        self._verify = _ssl_context(endpoint)  # here: a bad certificate fails at once
+        self._client: httpx.AsyncClient | None = None
         self._response_type = RESPONSES[endpoint.signal]
 
     async def send(self, request: Message) -> Message:
         body = await run_sync(_encode, request, self._gzip)
+        if self._client is None:
+            self._client = httpx.AsyncClient(headers=self._headers,
+                                             timeout=self.endpoint.timeout_s,
+                                             verify=self._verify)
         try:
             response = await self._client.post(self.endpoint.url, content=body)
         except httpx.TimeoutException:
@@ -102,4 +111,6 @@ class HttpTransport:
             retry_after=retry_after(response.headers.get("retry-after")))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            client, self._client = self._client, None  # a later send opens a new one
+            await client.aclose()

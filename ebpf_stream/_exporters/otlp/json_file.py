@@ -36,7 +36,8 @@ def _append(path: Path, requests: list[Message]) -> None:
 class OtlpJsonFileExporter:
     """Writes each batch's profiles, metrics and logs as OTLP/JSON lines to ``path``.
 
-    The file is truncated when the exporter is created: one file, one run.
+    The file is truncated when the exporter is created (so a path that cannot
+    be written fails at once) and when a run binds it: one file, one run.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -44,6 +45,9 @@ class OtlpJsonFileExporter:
         self._converter = EventConverter()
         self._context: ExportContext | None = None
         self._lock = anyio.Lock()
+        self._truncate()
+
+    def _truncate(self) -> None:
         try:
             self.path.write_bytes(b"")
         except OSError as exc:
@@ -52,6 +56,7 @@ class OtlpJsonFileExporter:
     def bind(self, context: ExportContext) -> None:
         self._context = context
         self._converter = EventConverter(context.config)
+        self._truncate()
 
     async def export(self, batch: Batch) -> None:
         async with self._lock:

@@ -54,7 +54,7 @@ class Transport(Protocol):
         """
 
     async def aclose(self) -> None:
-        """Release connections.  Called once, after the last send."""
+        """Release connections.  Called after a run's last send; a later send reconnects."""
 
 
 class MockTransport:
