@@ -107,12 +107,13 @@ class Profiler:
     @property
     def stats(self) -> Stats:
         """A snapshot of the received, dropped and exported counters."""
-        if self._probes:
-            self._stats.dropped_kernel = self._kernel_drops()
+        self._read_kernel_drops()
         return self._stats.snapshot()
 
-    def _kernel_drops(self) -> int:
-        return sum(probe.kernel_drops() for probe in self._probes)
+    def _read_kernel_drops(self) -> None:
+        """Bring ``dropped_kernel`` up to date: the kernel counts it, not a stage."""
+        if self._probes:
+            self._stats.dropped_kernel = sum(probe.kernel_drops() for probe in self._probes)
 
     def get_overhead(self) -> Overhead:
         """Measured CPU and memory cost since start (see ``Overhead``)."""
@@ -254,6 +255,7 @@ class Profiler:
         context = ExportContext(self.config, self._stats, self.get_overhead)
         async with FanOut(self._run_exporters, self._stats, context) as fanout:
             async for batch in batches:
+                self._read_kernel_drops()  # for the counters sent with the batch
                 await fanout.export(batch)
 
     async def __aexit__(
@@ -281,8 +283,7 @@ class Profiler:
             raise self._failure
 
     def _close_kernel_side(self) -> None:
-        if self._probes:
-            self._stats.dropped_kernel = self._kernel_drops()
+        self._read_kernel_drops()
         if self._monitor is not None:
             self._final_overhead = self._monitor.measure()
             self._monitor.close()

@@ -15,7 +15,9 @@ class Stats:
     ``max_samples``).  ``lost_stacks`` counts samples kept without one of
     their stacks because a stack map was full.
 
-    ``exported`` counts samples handed to at least one exporter.  Exporters
+    ``exported`` counts samples of the batches at least one exporter took;
+    a batch is counted as it is handed over, so the counters an exporter
+    sends with a batch (``ebpf_stream.*`` metrics) include it.  Exporters
     that deliver later (OTLP) count what they then fail to deliver in
     ``undelivered`` (their queue overflowed, or delivery failed for good) and
     what a receiver refused in a partial success in ``rejected`` (in the

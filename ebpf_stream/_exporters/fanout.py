@@ -63,7 +63,12 @@ class FanOut:
 
         A batch counts as exported when at least one exporter took it, and
         as dropped when none did, so every sample received is accounted for.
+        It is counted before the exporters see it, so that the engine's
+        counters an exporter sends with the batch include the batch; when no
+        exporter takes it, no counters went out with it, and it is moved
+        from exported to dropped.
         """
+        self._stats.exported += batch.sample_count
         delivered = False
         for i, exporter in enumerate(self._exporters):
             if i in self._errors:
@@ -74,9 +79,8 @@ class FanOut:
                 self._fail(i, exc)
             else:
                 delivered = True
-        if delivered or not self._exporters:
-            self._stats.exported += batch.sample_count
-        else:
+        if self._exporters and not delivered:
+            self._stats.exported -= batch.sample_count
             self._stats.dropped_user += batch.sample_count
 
     async def aclose(self) -> None:

@@ -13,7 +13,8 @@ and ``process.syscall.*``, ``process.tcp.*``, ``process.memory.*`` and
 go down as well as up are non-monotonic sums (the conventions' UpDownCounter).
 
 The engine's counters have no convention, so they live under
-``ebpf_stream.*``; they are cumulative since the profiler started.
+``ebpf_stream.*``; they are cumulative since the run started, and count the
+batch they are sent with, so a run's last request carries its final counts.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def engine_metrics(stats: Stats, overhead: Overhead, start_ns: int, now_ns: int)
     ]
     return [
         samples("ebpf_stream.samples.received", "Samples read from the kernel", stats.received),
-        samples("ebpf_stream.samples.exported", "Samples handed to the exporters", stats.exported),
+        samples("ebpf_stream.samples.exported",
+                "Samples at least one exporter took, this request's among them", stats.exported),
         counter("ebpf_stream.samples.dropped", "{sample}",
                 "Samples lost: kernel ring full, pipeline queue full or over max_samples, "
                 "or not delivered by an exporter", dropped),

@@ -228,9 +228,10 @@ class OtlpExporter:
         if self._task_group is None or self._closing:
             raise RuntimeError("OtlpExporter.export() needs `async with OtlpExporter(...)`")
         context = self._context
+        # Read here, not in the worker thread: the pipeline updates them meanwhile.
+        stats = context.stats.snapshot() if context else None
         overhead = context.overhead() if context else None
-        converted = await run_sync(
-            self._converter.convert_batch, batch, context.stats if context else None, overhead)
+        converted = await run_sync(self._converter.convert_batch, batch, stats, overhead)
         logs = converted.logs
         records = self._logs.take()
         if records:  # one logs request: the engine's records go with the batch's events

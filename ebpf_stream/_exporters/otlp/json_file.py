@@ -17,7 +17,8 @@ from google.protobuf.message import Message
 from ..._batch import Batch
 from ..._otlp.converter import EventConverter
 from ..._otlp.json import encode_otlp_json
-from ..._overhead import run_sync
+from ..._overhead import Overhead, run_sync
+from ..._stats import Stats
 from ..base import ExportContext
 from ..files import cannot_write
 
@@ -59,14 +60,15 @@ class OtlpJsonFileExporter:
         self._truncate()
 
     async def export(self, batch: Batch) -> None:
-        async with self._lock:
-            await run_sync(self._write, batch)
-
-    def _write(self, batch: Batch) -> None:
         context = self._context
-        converted = self._converter.convert_batch(
-            batch, context.stats if context else None,
-            context.overhead() if context else None)
+        # Read here, not in the worker thread: the pipeline updates them meanwhile.
+        stats = context.stats.snapshot() if context else None
+        overhead = context.overhead() if context else None
+        async with self._lock:
+            await run_sync(self._write, batch, stats, overhead)
+
+    def _write(self, batch: Batch, stats: Stats | None, overhead: Overhead | None) -> None:
+        converted = self._converter.convert_batch(batch, stats, overhead)
         _append(self.path, [converted.profiles, converted.metrics, converted.logs])
 
     async def aclose(self) -> None:
