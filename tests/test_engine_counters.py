@@ -16,6 +16,7 @@ import anyio
 import msgspec
 import otlp_stacks
 import pytest
+from google.protobuf.message import Message
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
@@ -24,15 +25,16 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from otlp_receivers import grpc_receiver
 
-from ebpf_stream import Batch, EbpfConfig, OverflowPolicy, Profiler, Stats
+from ebpf_stream import Batch, EbpfConfig, Exporter, OverflowPolicy, Profiler, Stats
 from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream.exporters import FoldedFileExporter, OtlpExporter, OtlpJsonFileExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
 
 
-def engine_counters(request: ExportMetricsServiceRequest) -> dict[str, int] | None:
+def engine_counters(request: Message) -> dict[str, int] | None:
     """The request's ``ebpf_stream.*`` sums, the drops by reason; None if it has none."""
+    assert isinstance(request, ExportMetricsServiceRequest)
     found: dict[str, int] = {}
     for rm in request.resource_metrics:
         for sm in rm.scope_metrics:
@@ -60,7 +62,8 @@ def expected(stats: Stats) -> dict[str, int]:
     }
 
 
-def samples_of(request: ExportProfilesServiceRequest) -> int:
+def samples_of(request: Message) -> int:
+    assert isinstance(request, ExportProfilesServiceRequest)
     return sum(otlp_stacks.stacks([request]).values())
 
 
@@ -94,7 +97,8 @@ async def test_last_counters_sent_are_the_runs_summary(
     json_file = OtlpJsonFileExporter(tmp_path / "out.otlp.jsonl")
     async with grpc_receiver() as receiver:
         otlp = OtlpExporter(receiver.endpoint, protocol="grpc", environ={})
-        exporters = [otlp, json_file, folded, *([SlowExporter()] if slow else [])]
+        exporters: list[Exporter] = [otlp, json_file, folded,
+                                     *([SlowExporter()] if slow else [])]
         async with Profiler(config, exporters, shutdown_timeout=30) as profiler:
             await anyio.sleep(2)
         stats = profiler.stats

@@ -64,7 +64,9 @@ def json_file_samples(path: Path) -> int:
 
 def received_samples(receiver: Receiver, after: int) -> int:
     """The samples of the profiles requests that arrived after the first ``after``."""
-    return sum(otlp_stacks.stacks(receiver.requests("profiles")[after:]).values())
+    requests = [r for r in receiver.requests("profiles")[after:]
+                if isinstance(r, ExportProfilesServiceRequest)]
+    return sum(otlp_stacks.stacks(requests).values())
 
 
 def own_cpu_samples(stats: Stats, memory: MemoryExporter) -> int:
