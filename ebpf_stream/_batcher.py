@@ -335,7 +335,7 @@ class Batcher:
                 if message is not None:
                     self.add(message)
                 for batch in self.ready(idle=not source.queued):
-                    if batch.sample_count or batch.totals:
+                    if not batch.empty:  # one that only counts drops still fills its window
                         await sink.send(batch)
             for batch in self.finish():
                 if not batch.empty:

@@ -199,6 +199,8 @@ class Windows:
             if self._edge(first + 1) > complete_ns:
                 break
             window = self._open.pop(first)
+            if not window.stacks:  # a split took all its samples: its span joins the next
+                continue
             window.start_ns = self.closed_to_ns
             self.closed_to_ns = window.end_ns
             if closed:

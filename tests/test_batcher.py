@@ -342,6 +342,18 @@ def test_max_samples_splits_a_window_at_the_watermark() -> None:
     assert_inside(batches)
 
 
+def test_a_window_a_split_emptied_joins_the_next_batch() -> None:
+    batcher, t0 = begun(export_interval_s=1, max_samples=4)
+    batcher.add(message(4, at=t0 + S // 2, complete=t0 + 3 * S // 4))
+    batches = batcher.ready()  # full: all four go early, and their window is left empty
+    batcher.add(message(1, at=t0 + 3 * S // 2, stacks=False, complete=t0 + 5 * S // 4))
+    batches += batcher.ready()  # the emptied window is complete, the next is not
+    batcher.add(watermark(t0 + 2 * S))
+    batches += batcher.ready()
+    assert windows(batches) == [(t0, t0 + 3 * S // 4), (t0 + 3 * S // 4, t0 + 2 * S)]
+    assert [b.profile.sample_count for b in batches] == [4, 1]
+
+
 def test_without_a_watermark_a_full_window_drops_what_cannot_wait() -> None:
     batcher, t0 = begun(export_interval_s=1, max_samples=4)
     batcher.add(message(6, at=t0))
