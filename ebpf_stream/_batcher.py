@@ -56,7 +56,7 @@ from ._python.merge import merge, runs
 from ._python.runtime import UnsupportedPython, find_python
 from ._stats import Stats
 from ._symbolize import Symbolizer
-from ._windows import Clock, Windows
+from ._windows import Clock, ProcessWindows, Windows
 
 log = logging.getLogger("ebpf_stream")
 
@@ -207,6 +207,7 @@ class Batcher:
         self._stats = stats
         self._clock = Clock()
         self._windows = Windows(config, self._clock.now(), watermarked=config.cpu_profiling)
+        self._process_windows = ProcessWindows()
         self._processes: dict[int, ProcessInfo] = {}  # described since the last batch
         self._records: list[TraceRecord] = []
         self._totals: dict[tuple[str, int, str], Totals] = {}
@@ -289,6 +290,7 @@ class Batcher:
     def _batch(self, profile: Profile) -> Batch:
         """The batch of a closed window, with every record and total not yet sent."""
         profile.processes = {**self._processes, **profile.processes}
+        self._process_windows.stamp(profile)
         batch = Batch(profile, self._dropped, self._records, list(self._totals.values()))
         self._processes, self._records, self._totals = {}, [], {}
         self._dropped = 0

@@ -87,6 +87,9 @@ class Profile(msgspec.Struct, gc=False):
     end_ns: int
     stacks: dict[StackKey, StackSamples] = msgspec.field(default_factory=dict)
     processes: dict[int, ProcessInfo] = msgspec.field(default_factory=dict)
+    # pid -> where its own window begins, for a process whose window reaches
+    # back before ``start_ns`` over the batches in which it was not sampled.
+    process_start_ns: dict[int, int] = msgspec.field(default_factory=dict)
 
     @property
     def sample_count(self) -> int:
@@ -113,12 +116,20 @@ class Profile(msgspec.Struct, gc=False):
         Long-running file exporters merge without timestamps, so their memory
         is bounded by the number of distinct stacks, not by the run's length.
         """
+        starts = {pid: min(self.start_of(pid), other.start_of(pid))
+                  for pid in self.process_start_ns.keys() | other.process_start_ns.keys()}
         self.start_ns = min(self.start_ns, other.start_ns)
         self.end_ns = max(self.end_ns, other.end_ns)
+        self.process_start_ns = {pid: t for pid, t in starts.items() if t < self.start_ns}
         for s in other.stacks.values():
             self.add(s.pid, s.process, s.frames, s.count,
                      s.timestamps_ns if keep_timestamps else ())
         self.processes.update(other.processes)
+
+    def start_of(self, pid: int) -> int:
+        """Where the window of ``pid``'s samples begins: ``start_ns``, or earlier
+        for a process not sampled in the batches before this one."""
+        return self.process_start_ns.get(pid, self.start_ns)
 
     def process_of(self, stack: StackSamples) -> ProcessInfo:
         """The process ``stack`` was sampled in: as read while alive, else its pid and name."""

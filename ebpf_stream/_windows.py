@@ -19,11 +19,16 @@ nothing to wait for, and windows close by the clock.  Should the watermark
 not come (a reader that cannot keep up), a window closes by the clock after
 a grace period; a sample that arrives after its window closed then goes to
 the next batch, stamped with its start, the nearest time it may still carry.
+
+A process not sampled in a batch has no profile in it; its next profile
+reaches back to where its last one ended (see ``ProcessWindows``), so the
+profiles of each process tile the run too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from ._config import EbpfConfig
@@ -214,3 +219,30 @@ class Windows:
 
     def _edge(self, index: int) -> int:
         return self._start_ns + index * self._interval_ns
+
+
+class ProcessWindows:
+    """Where each process's next profile begins: where its last one ended.
+
+    So a process's profiles meet end to end even across batches it had no
+    samples in, and its samples over its window's duration stay its CPU
+    rate.  A process's first profile begins with the run's first batch.
+    """
+
+    def __init__(self) -> None:
+        self._run_start_ns: int | None = None
+        self._ends: dict[int, int] = {}  # pid -> where its last profile ended
+
+    def stamp(self, profile: Profile) -> None:
+        """Set where each sampled process's window in ``profile`` begins."""
+        if self._run_start_ns is None:
+            self._run_start_ns = profile.start_ns
+        sampled = {s.pid for s in profile}
+        for pid in sampled:
+            start = self._ends.get(pid, self._run_start_ns)
+            if start < profile.start_ns:
+                profile.process_start_ns[pid] = start
+            self._ends[pid] = profile.end_ns
+        for pid in [p for p in self._ends if p not in sampled]:
+            if not os.path.exists(f"/proc/{pid}"):  # its last profile has gone
+                del self._ends[pid]

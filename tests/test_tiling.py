@@ -12,6 +12,7 @@ import gzip
 import itertools
 import json
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -75,11 +76,25 @@ def read_json_lines(path: Path) -> list[ExportProfilesServiceRequest]:
     return requests
 
 
+# Busy for 50 ms a second: most export windows hold none of its samples.
+BURSTS = ("import time\nwhile True:\n    end = time.process_time() + 0.05\n"
+          "    while time.process_time() < end: pass\n    time.sleep(0.95)\n")
+
+
 @pytest.mark.parametrize("max_samples", [20_000, 16], ids=["by-interval", "max-samples"])
 @pytest.mark.anyio
 async def test_samples_lie_in_their_windows_and_windows_tile_the_run(
         running: subprocess.Popen[str], tmp_path: Path, max_samples: int) -> None:
-    config = (EbpfConfig.for_environment("development").with_pids([running.pid])
+    bursts = subprocess.Popen([sys.executable, "-c", BURSTS])
+    try:
+        await profile_and_check(running.pid, bursts.pid, tmp_path, max_samples)
+    finally:
+        bursts.kill()
+        bursts.wait()
+
+
+async def profile_and_check(busy: int, bursty: int, tmp_path: Path, max_samples: int) -> None:
+    config = (EbpfConfig.for_environment("development").with_pids([busy, bursty])
               .with_sample_rate(99).with_export_interval(0.4).with_max_samples(max_samples))
     json_path, pprof_path = tmp_path / "run.otlp.jsonl", tmp_path / "run.pb.gz"
     memory = MemoryExporter()
@@ -108,12 +123,17 @@ async def test_samples_lie_in_their_windows_and_windows_tile_the_run(
 
     for name, requests in [("json", read_json_lines(json_path)), ("grpc", received)]:
         by_pid = windows_of(requests)
-        assert set(by_pid) == {running.pid}, name
-        windows = by_pid[running.pid]
-        total = sum(len(stamps) for _, stamps in windows)
-        assert (name, misplaced(windows), total) == (name, 0, exported)
-        assert gaps_and_overlaps([w for w, _ in windows]) == [], name
-        assert windows[0][0][0] == batches[0][0] and windows[-1][0][1] == batches[-1][1], name
+        assert set(by_pid) == {busy, bursty}, name
+        total = 0
+        for pid, windows in by_pid.items():
+            total += sum(len(stamps) for _, stamps in windows)
+            assert (name, pid, misplaced(windows)) == (name, pid, 0)
+            # Each process's profiles meet too, over batches it was not sampled in.
+            assert gaps_and_overlaps([w for w, _ in windows]) == [], (name, pid)
+            assert windows[0][0][0] == batches[0][0], (name, pid)
+        assert len(by_pid[bursty]) < len(batches), "some batches hold no bursts"
+        assert by_pid[busy][-1][0][1] == batches[-1][1], name
+        assert total == exported, name
 
     out = pprof.Profile()
     out.ParseFromString(gzip.decompress(pprof_path.read_bytes()))

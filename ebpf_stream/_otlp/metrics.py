@@ -106,7 +106,7 @@ def cpu_time_by_process(profile: Profile) -> dict[ProcessInfo, pb.Metric]:
     points: dict[ProcessInfo, list[pb.NumberDataPoint]] = {}
     for (process, mode), count in counts.items():
         points.setdefault(process, []).append(point(
-            count * profile.period_ns / 1e9, profile.end_ns, profile.start_ns,
+            count * profile.period_ns / 1e9, profile.end_ns, profile.start_of(process.pid),
             {"cpu.mode": mode}))
     return {process: _cpu_time(p) for process, p in points.items()}
 

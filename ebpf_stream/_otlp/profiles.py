@@ -45,14 +45,15 @@ def profiles_request(profile: Profile, resources: ResourceFactory) -> ExportProf
     d = ProfileDictionary()
     samples_type = pb.ValueType(type_strindex=d.string("samples"), unit_strindex=d.string("count"))
     cpu_type = pb.ValueType(type_strindex=d.string("cpu"), unit_strindex=d.string("nanoseconds"))
-    duration = max(0, profile.end_ns - profile.start_ns)
     period = profile.period_ns
     for process, stacks in _group_by_process(profile).items():
+        start = profile.start_of(process.pid)
+        duration = max(0, profile.end_ns - start)
         counted = pb.Profile(sample_type=samples_type, period_type=cpu_type, period=period,
-                             time_unix_nano=profile.start_ns, duration_nano=duration,
+                             time_unix_nano=start, duration_nano=duration,
                              profile_id=os.urandom(16))
         timed = pb.Profile(sample_type=cpu_type, period_type=cpu_type, period=period,
-                           time_unix_nano=profile.start_ns, duration_nano=duration,
+                           time_unix_nano=start, duration_nano=duration,
                            profile_id=os.urandom(16))
         for s in stacks:
             stack = d.stack(s.frames)
