@@ -7,6 +7,7 @@ to a real receiver) must serve the second run with its samples alone.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from ebpf_stream.exporters import (
     MemoryExporter,
     OtlpExporter,
     OtlpJsonFileExporter,
+    SpeedscopeFileExporter,
 )
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
@@ -54,6 +56,11 @@ class FailsInFirstRun:
 
 def folded_samples(path: Path) -> int:
     return sum(int(line.rpartition(" ")[2]) for line in path.read_text().splitlines())
+
+
+def speedscope_samples(path: Path, period_ns: int) -> int:
+    profiles = json.loads(path.read_text())["profiles"]
+    return sum(sum(p["weights"]) for p in profiles) // period_ns
 
 
 def json_file_samples(path: Path) -> int:
@@ -85,10 +92,11 @@ async def test_a_run_after_a_failed_run_starts_afresh(running: subprocess.Popen[
     memory = MemoryExporter()
     folded = FoldedFileExporter(tmp_path / "out.folded")
     json_file = OtlpJsonFileExporter(tmp_path / "out.otlp.jsonl")
+    speedscope = SpeedscopeFileExporter(tmp_path / "out.speedscope.json")
     async with grpc_receiver() as receiver:
         otlp = OtlpExporter(receiver.endpoint, protocol="grpc", environ={})
         profiler = Profiler(config_for(running.pid),
-                            [FailsInFirstRun(), memory, folded, json_file, otlp])
+                            [FailsInFirstRun(), memory, folded, json_file, speedscope, otlp])
         with pytest.raises(ExportError, match="disk full"):
             async with profiler:
                 await anyio.sleep(1.2)
@@ -101,6 +109,7 @@ async def test_a_run_after_a_failed_run_starts_afresh(running: subprocess.Popen[
         stats = profiler.stats
         samples = own_cpu_samples(stats, memory)
         assert folded_samples(folded.path) == samples
+        assert speedscope_samples(speedscope.path, profiler.config.sample_period_ns) == samples
         assert json_file_samples(json_file.path) == samples
         assert received_samples(receiver, sent_in_first) == samples
         assert stats.undelivered == 0

@@ -71,6 +71,10 @@ class FileExporter(abc.ABC):
     def _content(self) -> bytes:
         """The file's whole content for every profile added so far."""
 
+    @abc.abstractmethod
+    def _forget(self) -> None:
+        """Drop every profile added: the file holds them, and a next run writes its own."""
+
     async def export(self, batch: Batch) -> None:
         async with self._lock:
             await run_sync(self._merge_and_write, batch.profile)
@@ -78,7 +82,7 @@ class FileExporter(abc.ABC):
     async def aclose(self) -> None:
         async with self._lock:
             await run_sync(self._merge_and_write, None)
-            self._profile = None  # the file holds it; a next run writes its own
+            self._forget()
 
     def _merge_and_write(self, profile: Profile | None) -> None:
         if profile is not None:
@@ -100,6 +104,9 @@ class CumulativeFileExporter(FileExporter):
 
     def _add(self, profile: Profile) -> None:
         self._profile = accumulate(self._profile, profile, keep_timestamps=False)
+
+    def _forget(self) -> None:
+        self._profile = None
 
     def _content(self) -> bytes:
         if self._profile is None:
@@ -139,6 +146,9 @@ class SpeedscopeFileExporter(FileExporter):
 
     def _content(self) -> bytes:
         return self._timeline.render().encode("utf-8")
+
+    def _forget(self) -> None:
+        self._timeline = SpeedscopeTimeline()
 
 
 class FlamegraphSvgExporter(CumulativeFileExporter):
