@@ -73,7 +73,7 @@ class ProcessExec(msgspec.Struct, tag="exec", array_like=True, gc=False, frozen=
 
 
 class LoopThread(msgspec.Struct, tag="loop_thread", array_like=True, gc=False, frozen=True):
-    """A thread of a Python process waited in epoll for the first time.
+    """A thread of a Python process waited in epoll, first since its Python stack could be walked.
 
     ``python_stack`` is where it waited, which tells an asyncio loop from
     other pollers.
@@ -99,7 +99,11 @@ class LoopBlocked(msgspec.Struct, tag="loop_blocked", array_like=True, gc=False,
 
 
 class LoopStall(msgspec.Struct, tag="loop_stall", array_like=True, gc=False, frozen=True):
-    """An event loop ran callbacks for at least the stall threshold without waiting."""
+    """An event loop ran callbacks for at least the stall threshold without waiting.
+
+    ``python_stack`` is where the loop waited again (0: not walked), which
+    tells by itself whether the stall is an asyncio loop's.
+    """
 
     timestamp_ns: int  # wall clock, when the loop waited again
     pid: int
@@ -107,6 +111,7 @@ class LoopStall(msgspec.Struct, tag="loop_stall", array_like=True, gc=False, fro
     comm: str
     busy_since: int
     duration_ns: int
+    python_stack: int = 0
 
 
 class LoopTotals(msgspec.Struct, tag="loop", array_like=True, gc=False, frozen=True):

@@ -8,10 +8,14 @@ stack the thread slept in.  ``LoopWatch`` collects those per busy period
 and, when the stall record arrives (always after them, from the same ring),
 hands back one ``Stall`` with its stacks.
 
-Only asyncio loops are reported: a thread counts as one when the Python
-stack of its first wait runs through asyncio (or uvloop, which asyncio
-runs).  Other pollers (a selector in a worker thread, a server library's
-own loop) are left alone.
+Only asyncio loops are reported: a stall is one when the Python stack of
+the wait that ended it runs through asyncio (or uvloop, which asyncio
+runs); a stall without that stack (its process was not walked yet) is one
+when its thread was seen waiting in asyncio before.  Other pollers (a selector in a
+worker thread, a server library's own loop) are left alone.  Each stall
+decides by its own record, so losing a thread's first record loses none of
+its stalls; that is also why every busy period is gathered, not only
+those of threads already known to be asyncio loops.
 """
 
 from __future__ import annotations
@@ -54,20 +58,18 @@ class LoopWatch:
 
     def __init__(self, python_frames: PythonFrames) -> None:
         self._python_frames = python_frames
-        self._loops: dict[tuple[int, int], bool] = {}  # (pid, tid) -> runs an asyncio loop
+        # (pid, tid) -> whether the thread was seen waiting in an asyncio loop
+        self._loops: dict[tuple[int, int], bool] = {}
         self._busy: dict[tuple[int, int], _BusyPeriod] = {}
 
     def thread(self, event: LoopThread) -> None:
-        frames = self._python_frames(event.pid, event.python_stack) or ()
-        self._loops[(event.pid, event.tid)] = _runs_asyncio(frames)
+        self._waited(event.pid, event.tid, event.python_stack)
 
     def sample(self, sample: CpuSample, frames: tuple[Frame, ...]) -> None:
-        if sample.busy_since and self._loops.get((sample.pid, sample.tid)):
+        if sample.busy_since:
             self._period(sample.pid, sample.tid, sample.busy_since).add(frames, 1, 0)
 
     def blocked(self, event: LoopBlocked) -> None:
-        if not self._loops.get((event.pid, event.tid)):
-            return
         frames = self._python_frames(event.pid, event.python_stack) or ()
         self._period(event.pid, event.tid, event.busy_since).add(frames, 0, event.duration_ns)
 
@@ -75,7 +77,8 @@ class LoopWatch:
         """The stall of an asyncio loop with its stacks; None for other pollers."""
         thread = (event.pid, event.tid)
         period = self._busy.pop(thread, None)
-        if not self._loops.get(thread):
+        waited = self._waited(event.pid, event.tid, event.python_stack)
+        if not (waited if waited is not None else self._loops.get(thread)):
             return None
         stacks = period.stacks if period is not None and period.since == event.busy_since else {}
         ranked = sorted(stacks.items(), key=lambda item: (-item[1][1], -item[1][0]))
@@ -90,6 +93,16 @@ class LoopWatch:
         for table in (self._loops, self._busy):
             for thread in [t for t in table if t[0] == pid]:
                 del table[thread]
+
+    def _waited(self, pid: int, tid: int, python_stack: int) -> bool | None:
+        """Whether the thread waited in an asyncio loop at ``python_stack``;
+        None if that stack is unknown."""
+        frames = self._python_frames(pid, python_stack) if python_stack else None
+        if not frames:
+            return None
+        asyncio = _runs_asyncio(frames)
+        self._loops[(pid, tid)] = self._loops.get((pid, tid), False) or asyncio
+        return asyncio
 
     def _period(self, pid: int, tid: int, since: int) -> _BusyPeriod:
         period = self._busy.get((pid, tid))

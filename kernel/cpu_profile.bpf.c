@@ -86,7 +86,8 @@ static __always_inline struct sample *reserve_record(u32 kind, u32 pid, u32 tid,
 #endif
 
 // A target that execs becomes a new program: forget what was known of the
-// old one and tell user space, which looks for an interpreter in the new one.
+// old one (its loop thread too) and tell user space, which looks for an
+// interpreter in the new one.
 // That includes its thread's cached thread state, or lack of one: a sample
 // taken while exec was loading the new image, still walked as the old
 // program, caches "no thread state" and would hide the new interpreter's
@@ -97,6 +98,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         return 0;
     python_processes.delete(&pid);
     python_threads.delete(&pid);  // exec leaves one thread, whose id is pid
+#if LOOP_STALLS
+    loop_threads.delete(&pid);    // its loop, and what user space was told of it, are gone
+#endif
     known.delete(&pid);
     struct sample *r = reserve_record(PROCESS_EXEC, pid, (u32)bpf_get_current_pid_tgid(),
                                       bpf_ktime_get_ns());
@@ -111,6 +115,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32, tid = id;
     python_threads.delete(&tid);  // a later thread may be given the same id
+#if LOOP_STALLS
+    loop_threads.delete(&tid);
+#endif
     if (pid == tid)
         python_processes.delete(&pid);
     return 0;

@@ -1,15 +1,21 @@
 // Event-loop stall detection for the threads of Python processes.
 //
 // A loop is busy from a return from epoll_wait (or epoll_pwait, pwait2) to
-// its next entry: that is the time its callbacks ran.  Contract with user
-// space (ebpf_stream/_probes/cpu.py mirrors it), in `samples` records:
-//  * LOOP_THREAD: a thread's first wait, with its Python stack then, from
-//    which user space tells an asyncio loop from other pollers;
+// its next entry: that is the time its callbacks ran.  The threads watched
+// are those of registered Python processes and, when recording chosen
+// targets, of every target: a launched command is watched from its exec
+// on, not only once user space has found its interpreter, which may be
+// after its loop's first busy period began.  Contract with user space
+// (ebpf_stream/_probes/cpu.py mirrors it), in `samples` records:
+//  * LOOP_THREAD: a thread's first wait whose Python stack could be walked,
+//    with that stack, from which user space tells an asyncio loop from
+//    other pollers; sent again at later waits until one is in the ring;
 //  * LOOP_BLOCKED: the thread slept at least BLOCKED_MIN_NS while its loop
 //    was busy; `python_stack` is where it went to sleep, which CPU samples
 //    can never show;
 //  * LOOP_STALL: the loop was busy for at least STALL_NS, from `busy_since`
-//    to `timestamp_ns`;
+//    to `timestamp_ns`; `python_stack` is the wait that ended it, so each
+//    stall says by itself whether it is an asyncio loop's;
 //  * CPU samples of a busy loop's thread carry its `busy_since`, so user
 //    space gathers a stall's stacks by it.  The stall record comes last:
 //    every record of its busy period was reserved before it in this ring.
@@ -23,6 +29,8 @@ struct loop_thread {
     u64 blocked_stack;
     u32 blocked_generation;
     u32 pid;
+    u32 named;             // a LOOP_THREAD with a Python stack is in the ring
+    u32 pad;
 };
 
 struct loop_key {
@@ -39,32 +47,51 @@ struct loop_histogram {
 BPF_TABLE("lru_hash", u32, struct loop_thread, loop_threads, 4096);
 BPF_PERCPU_HASH(loop_busy, struct loop_key, struct loop_histogram, 4096);
 
-static __always_inline void loop_record(u32 kind, u32 pid, u32 tid, u64 now, u64 stack,
-                                        u32 g, u64 busy_since, u64 duration) {
+// Whether the record made it into the ring (a full ring counts it lost).
+static __always_inline int loop_record(u32 kind, u32 pid, u32 tid, u64 now, u64 stack,
+                                       u32 g, u64 busy_since, u64 duration) {
     struct sample *r = reserve_record(kind, pid, tid, now);
     if (!r)
-        return;
+        return 0;
     r->generation = g;
     r->python_stack = stack;
     r->busy_since = busy_since;
     r->duration_ns = duration;
     // Nothing here may wake the reader: this can run inside the scheduler.
     samples.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+    return 1;
+}
+
+static __always_inline int loop_watched(u32 pid) {
+    if (python_processes.lookup(&pid))
+        return 1;
+#if FILTER_PIDS
+    return is_target(pid);
+#else
+    return 0;
+#endif
 }
 
 static __always_inline int loop_waits(void) {
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32, tid = id;
-    if (!python_processes.lookup(&pid))
+    if (!loop_watched(pid))
         return 0;
     u64 now = bpf_ktime_get_ns();
     struct loop_thread *t = loop_threads.lookup(&tid);
     if (!t || t->pid != pid) {
         struct loop_thread fresh = {.pid = pid};
         loop_threads.update(&tid, &fresh);
-        u32 g = current_generation();
-        loop_record(LOOP_THREAD, pid, tid, now, python_stack(pid, tid, g, now), g, 0, 0);
-        return 0;
+        t = loop_threads.lookup(&tid);
+        if (!t)
+            return 0;
+    }
+    u32 g = current_generation();
+    u64 stack = 0;
+    if (!t->named) {  // walks nothing until the process is registered
+        stack = python_stack(pid, tid, g, now);
+        if (stack)
+            t->named = loop_record(LOOP_THREAD, pid, tid, now, stack, g, 0, 0);
     }
     u64 since = t->busy_since;
     if (!since)
@@ -84,8 +111,11 @@ static __always_inline int loop_waits(void) {
     h->count++;
     h->total_ns += busy;
     h->buckets[log2_bucket(busy) & (LOG2_BUCKETS - 1)]++;
-    if (busy >= STALL_NS)
-        loop_record(LOOP_STALL, pid, tid, now, 0, current_generation(), since, busy);
+    if (busy >= STALL_NS) {
+        if (!stack)
+            stack = python_stack(pid, tid, g, now);
+        loop_record(LOOP_STALL, pid, tid, now, stack, g, since, busy);
+    }
     return 0;
 }
 

@@ -336,7 +336,7 @@ class CpuProbe(RingProbe):
                 events.append(LoopBlocked(pid, tid, busy_since, duration, stack))
             elif kind == _LOOP_STALL:
                 events.append(LoopStall(ts + self._wall_offset_ns, pid, tid,
-                                        process_name(pid) or "", busy_since, duration))
+                                        process_name(pid) or "", busy_since, duration, stack))
         return events
 
     def _read_stack(self, key: int, generation: int) -> StackTrace | None:

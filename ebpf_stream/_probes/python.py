@@ -46,8 +46,10 @@ _LOOP_KEY = struct.Struct("<II")
 _LOOP_VALUE = 2 + 32  # count, total_ns, LOG2_BUCKETS buckets (u64 each)
 # A process with no interpreter yet may be a launcher about to exec one, or a
 # program whose loader has not mapped libpython yet: look again at these
-# ages (seconds since it was first seen or last exec'ed), then stop.
-_LOOK_AGAIN_AT = (0.05, 0.2, 0.5, 1.0, 2.0)
+# ages (seconds since it was first seen or last exec'ed), then stop.  Early
+# and often at first: until then its samples and loop records carry no
+# Python stack.
+_LOOK_AGAIN_AT = (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 def load_offsets(program: LoadedProgram) -> None:
