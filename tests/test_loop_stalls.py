@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import build
 from test_probe_python import STALLS, python_names, run_stalls
 from test_python_accuracy import ECLI
 from test_python_runtime import available
@@ -122,3 +124,68 @@ def test_cli_writes_a_stall_log_per_block(tmp_path: Path, threshold_ms: str) -> 
         assert attributes["code.file.path"] == {"stringValue": str(STALLS)}
         duration_s = attributes["asyncio.loop.stall.duration"]["doubleValue"]
         assert abs(duration_s * 1e9 - BLOCK_NS) <= TOLERANCE * BLOCK_NS
+
+
+STARTUP_BLOCKS = 3
+# Imports only asyncio, so it waits in epoll for the first time within tens
+# of milliseconds of its exec, and blocks from its loop's first callback on.
+# The load it starts there (argv: one JSON list of commands) runs while it is
+# recorded, not while the probes compile, and ends with it.
+STARTUP_STALLS = f"""\
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+
+async def block():
+    time.sleep(0.3)  # blocks the loop
+
+
+async def main():
+    load = [subprocess.Popen(argv) for argv in json.loads(sys.argv[1])]
+    for _ in range({STARTUP_BLOCKS}):
+        await block()
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # alive while the last stall's frames are named
+    for process in load:
+        process.kill()
+        process.wait()
+
+
+asyncio.run(main())
+"""
+_BUSY = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass"
+
+
+@pytest.mark.parametrize("tracers", [
+    [], ["--syscalls", "--slow-syscall-ms", "50"],
+    ["--syscalls", "--slow-syscall-ms", "50", "--network", "--memory"]], ids=" ".join)
+def test_record_reports_every_stall_from_the_first_callback_on(
+        tmp_path: Path, workload_dir: Path, tracers: list[str]) -> None:
+    """A launched app that blocks at once, on a loaded machine: each block is
+    one stall, with any tracers.
+
+    The loop is watched from the app's exec, however late the profiler finds
+    its interpreter; the load (two CPU-bound processes and a syscall-heavy
+    one) slows the profiler's finding it.
+    """
+    app = tmp_path / "startup_stalls.py"
+    app.write_text(STARTUP_STALLS)
+    load = [[sys.executable, "-S", "-c", _BUSY]] * 2 + [
+        [str(build("syscall_heavy", workload_dir)), "30"]]
+    out = tmp_path / "out.otlp.jsonl"
+    result = subprocess.run(
+        [str(ECLI), "record", *tracers, "--stall-threshold", "200", "-o", str(out), "--",
+         sys.executable, "-I", "-S", str(app), json.dumps(load)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    stalls = [record for line in out.read_text().splitlines()
+              for resource in json.loads(line).get("resourceLogs", [])
+              for scope in resource["scopeLogs"] for record in scope["logRecords"]
+              if record.get("eventName") == "asyncio.loop.stall"]
+    durations = [{a["key"]: a["value"] for a in r["attributes"]}
+                 ["asyncio.loop.stall.duration"]["doubleValue"] for r in stalls]
+    assert len(stalls) == STARTUP_BLOCKS, [r["body"] for r in stalls]
+    assert all(d >= 0.29 for d in durations), durations
