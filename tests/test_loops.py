@@ -62,3 +62,16 @@ def test_forgetting_a_process_forgets_its_loops() -> None:
     w = watch()
     w.forget(10)
     assert w.stall(LoopStall(0, 10, 10, "app", 600, 300_000_000)) is None
+
+
+def test_a_stall_tells_by_its_own_wait_without_its_threads_first_record() -> None:
+    """A thread whose first record was lost, or whose first wait came before
+    its process was walked, still has its stalls, with their stacks."""
+    w = LoopWatch(lambda pid, key: STACKS.get(key))
+    w.blocked(LoopBlocked(10, 10, 500, 300_000_000, 3))
+    stall = w.stall(LoopStall(0, 10, 10, "app", 500, 310_000_000, python_stack=1))
+    assert stall is not None and stall.stacks[0].frames == CULPRIT
+    assert w.keeps(LoopTotals(10, 10, "app", 1, 1, [0] * 32))
+    assert w.stall(LoopStall(0, 10, 11, "app", 700, 300_000_000, python_stack=2)) is None
+    # Not walked: the thread's earlier asyncio wait decides.
+    assert w.stall(LoopStall(0, 10, 10, "app", 900, 300_000_000)) is not None
