@@ -86,9 +86,10 @@ static __always_inline int loop_waits(void) {
         if (!t)
             return 0;
     }
-    u32 g = current_generation();
     u64 stack = 0;
+    u32 g = 0;
     if (!t->named) {  // walks nothing until the process is registered
+        g = current_generation();
         stack = python_stack(pid, tid, g, now);
         if (stack)
             t->named = loop_record(LOOP_THREAD, pid, tid, now, stack, g, 0, 0);
@@ -112,8 +113,10 @@ static __always_inline int loop_waits(void) {
     h->total_ns += busy;
     h->buckets[log2_bucket(busy) & (LOG2_BUCKETS - 1)]++;
     if (busy >= STALL_NS) {
-        if (!stack)
+        if (!stack) {
+            g = current_generation();
             stack = python_stack(pid, tid, g, now);
+        }
         loop_record(LOOP_STALL, pid, tid, now, stack, g, since, busy);
     }
     return 0;

@@ -113,7 +113,7 @@ class CpuProbe(RingProbe):
         self._python_frames = config.python_frames is not PythonFrames.OFF
         self._loop_stalls = self._python_frames and config.loop_stall_ms > 0
         self._python: PythonProcesses | None = None
-        self._loop_hooks: list[str] = []  # programs attached once a Python process is found
+        self._loop_hooks: list[str] = []  # attached once there is a loop to watch
         self._looks_waiting: anyio.Event | None = None  # set when a process awaits a look
 
     ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
@@ -162,6 +162,11 @@ class CpuProbe(RingProbe):
                 only=[p for p in programs if p not in self._loop_hooks])
             if self._python_frames:
                 await anyio.to_thread.run_sync(self._start_python)
+            if self._targets is not None:
+                # The kernel watches chosen targets' loops before their
+                # interpreter is found (event_loop.h); after the self-test,
+                # whose records are dropped.
+                self._watch_loops()
             self._started_ns = time.monotonic_ns()
             self._program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
                                             PERF_COUNT_SW_CPU_CLOCK, self._config.sample_period_ns)
@@ -190,7 +195,7 @@ class CpuProbe(RingProbe):
             self._python.look(pid)
 
     def _watch_loops(self) -> None:
-        """Attach the event-loop hooks, once there is a Python process to watch.
+        """Attach the event-loop hooks, once there is a Python process or a chosen target to watch.
 
         Until then they would cost every process on the machine: enabling any
         syscall tracepoint sends every syscall down the kernel's slow path.
