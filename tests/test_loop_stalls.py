@@ -127,16 +127,20 @@ def test_cli_writes_a_stall_log_per_block(tmp_path: Path, threshold_ms: str) -> 
 
 
 STARTUP_BLOCKS = 3
-# Imports only asyncio, so it waits in epoll for the first time within tens
-# of milliseconds of its exec, and blocks from its loop's first callback on.
-# The load it starts there (argv: one JSON list of commands) runs while it is
-# recorded, not while the probes compile, and ends with it.
+# Imports little besides asyncio, so it waits in epoll soon after its exec,
+# first outside asyncio (a startup check polling a socket), then blocks its
+# loop from its first callback on.  The load it starts there (two CPU-bound
+# processes and argv[1], a syscall-heavy one) runs while it is recorded,
+# not while the probes compile, and ends with it.
 STARTUP_STALLS = f"""\
 import asyncio
-import json
+import selectors
+import socket
 import subprocess
 import sys
 import time
+
+BUSY = "import time\\nend = time.monotonic() + 30\\nwhile time.monotonic() < end: pass"
 
 
 async def block():
@@ -144,7 +148,8 @@ async def block():
 
 
 async def main():
-    load = [subprocess.Popen(argv) for argv in json.loads(sys.argv[1])]
+    load = [subprocess.Popen(argv) for argv in
+            [[sys.executable, "-S", "-c", BUSY]] * 2 + [[sys.argv[1], "30"]]]
     for _ in range({STARTUP_BLOCKS}):
         await block()
         await asyncio.sleep(0.05)
@@ -154,9 +159,11 @@ async def main():
         process.wait()
 
 
+with socket.socketpair() as (a, b), selectors.DefaultSelector() as selector:
+    selector.register(a, selectors.EVENT_READ)
+    selector.select(timeout=0.01)
 asyncio.run(main())
 """
-_BUSY = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass"
 
 
 @pytest.mark.parametrize("tracers", [
@@ -168,17 +175,15 @@ def test_record_reports_every_stall_from_the_first_callback_on(
     one stall, with any tracers.
 
     The loop is watched from the app's exec, however late the profiler finds
-    its interpreter; the load (two CPU-bound processes and a syscall-heavy
-    one) slows the profiler's finding it.
+    its interpreter, which the load slows; and each stall is told asyncio's
+    by its own wait, whatever the thread's first wait was.
     """
     app = tmp_path / "startup_stalls.py"
     app.write_text(STARTUP_STALLS)
-    load = [[sys.executable, "-S", "-c", _BUSY]] * 2 + [
-        [str(build("syscall_heavy", workload_dir)), "30"]]
     out = tmp_path / "out.otlp.jsonl"
     result = subprocess.run(
         [str(ECLI), "record", *tracers, "--stall-threshold", "200", "-o", str(out), "--",
-         sys.executable, "-I", "-S", str(app), json.dumps(load)],
+         sys.executable, "-I", "-S", str(app), str(build("syscall_heavy", workload_dir))],
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     stalls = [record for line in out.read_text().splitlines()
