@@ -109,7 +109,10 @@ class ProfileDictionary:
         return index
 
     def _mapping(self, frame: Frame) -> int:
-        name = KERNEL_MAPPING if frame.kind is FrameKind.KERNEL else frame.module
+        return self.mapping(KERNEL_MAPPING if frame.kind is FrameKind.KERNEL else frame.module)
+
+    def mapping(self, name: str) -> int:
+        """The index of the mapping of the binary ``name``."""
         index = self._mapping_index.get(name)
         if index is None:
             index = self._mapping_index[name] = len(self.mappings)

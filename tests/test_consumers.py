@@ -383,6 +383,10 @@ def test_a_recorded_python_program_reads_right_in_every_consumer(tmp_path: Path)
     assert {"<module>", "alpha", "beta", "spin"} <= folded_names
     assert set(pprof_top(outputs["pb.gz"])) == folded_names
     assert {name for stack in pprof_traces(outputs["pb.gz"]) for name in stack} == folded_names
+    # Its header names the program, which pprof takes from the first mapping.
+    header = re.search(r"^File: (.+)$", pprof(outputs["pb.gz"], "-top"), re.MULTILINE)
+    assert header and os.path.basename(header[1]) == os.path.basename(
+        os.path.realpath(sys.executable))
     written = PprofProfile()
     written.ParseFromString(gzip.decompress(outputs["pb.gz"].read_bytes()))
     assert pprof_time_and_duration(outputs["pb.gz"]) == (

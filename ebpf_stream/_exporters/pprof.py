@@ -11,10 +11,12 @@ their lines the line being run.
 from __future__ import annotations
 
 import gzip
+import os
+from collections import Counter
 
 from .. import _pprof_pb2 as pb
 from .._dictionary import ProfileDictionary, valid_utf8
-from .._profile import Profile
+from .._profile import FrameKind, Profile
 
 
 def render_pprof(profile: Profile) -> bytes:
@@ -32,6 +34,9 @@ def render_pprof(profile: Profile) -> bytes:
     out.period = profile.period_ns
     out.time_nanos = profile.start_ns
     out.duration_nanos = max(0, profile.end_ns - profile.start_ns)
+    main = _main_binary(profile)
+    if main:
+        d.mapping(main)  # first: pprof names the profile after its first mapping
     pid_key, process_key = d.string("pid"), d.string("process")
     for s in profile:
         out.sample.add(
@@ -54,3 +59,24 @@ def render_pprof(profile: Profile) -> bytes:
     out.string_table.extend(d.strings)
     # mtime=0 keeps the bytes a pure function of the profile.
     return gzip.compress(out.SerializeToString(), compresslevel=6, mtime=0)
+
+
+def _main_binary(profile: Profile) -> str:
+    """The executable of the most sampled process, as its frames name it (else
+    its file name); empty if it is not known."""
+    by_pid: Counter[int] = Counter()
+    for s in profile:
+        by_pid[s.pid] += s.count
+    if not by_pid:
+        return ""
+    pid = by_pid.most_common(1)[0][0]
+    info = profile.processes.get(pid)
+    if info is None or not info.executable:
+        return ""
+    for s in profile:
+        if s.pid == pid:
+            for frame in s.frames:
+                if frame.kind is FrameKind.NATIVE and os.path.basename(
+                        frame.module) == info.executable:
+                    return frame.module
+    return info.executable
