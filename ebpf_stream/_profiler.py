@@ -16,27 +16,26 @@ import os
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._batch import Batch
-from ._batcher import Batcher
 from ._channels import Channel
 from ._config import EbpfConfig, validate_config
 from ._errors import ExportError, TargetError
 from ._events import EventMessage
 from ._exporters.base import ExportContext, Exporter
 from ._exporters.fanout import FanOut
-from ._exporters.otlp.exporter import OtlpExporter
 from ._otlp.settings import endpoint_in_environment
 from ._overhead import CpuMeter, Overhead, OverheadMonitor, anon_rss_bytes, bind_meter
 from ._probes import probes_for
-from ._probes.base import Probe
 from ._stats import Stats
-from ._symbolize import Symbolizer
+
+if TYPE_CHECKING:
+    from ._probes.base import Probe
 
 log = logging.getLogger("ebpf_stream")
 
@@ -139,6 +138,7 @@ class Profiler:
         self._run_exporters = list(self._exporters)
         if not self._run_exporters and endpoint_in_environment():
             # Made for each run: an exporter is closed when its run ends.
+            from ._exporters.otlp.exporter import OtlpExporter
             self._run_exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
         self._running = True
         try:
@@ -149,6 +149,10 @@ class Profiler:
         return self
 
     async def _start_run(self, config: EbpfConfig) -> None:
+        # Loaded at start, not at import: they pull in numpy and the symbolizer.
+        from ._batcher import Batcher
+        from ._symbolize import Symbolizer
+
         baseline = anon_rss_bytes()
         await self._open_probes(probes_for(config, self._stats, targets=self._targets(),
                                            follow_children=self._follow))

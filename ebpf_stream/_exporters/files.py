@@ -25,7 +25,6 @@ from .._profile import Profile
 from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
 from .folded import render_folded
 from .memory import accumulate
-from .pprof import render_pprof
 from .speedscope import SpeedscopeTimeline
 
 
@@ -127,6 +126,9 @@ class PprofFileExporter(CumulativeFileExporter):
     """Writes a gzip-compressed pprof profile."""
 
     def render(self, profile: Profile) -> bytes:
+        # Imported here: the generated protobuf module loads only for a pprof output.
+        from .pprof import render_pprof
+
         return render_pprof(profile)
 
 

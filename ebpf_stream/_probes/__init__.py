@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .._config import EbpfConfig
 from .._stats import Stats
-from .base import Probe
+
+if TYPE_CHECKING:  # the families, and numpy with them, load when probes are made
+    from .base import Probe
 
 
 def probes_for(config: EbpfConfig, stats: Stats, *, targets: Sequence[int] | None,

@@ -1,0 +1,63 @@
+"""What importing the package does to a host: nothing heavy loads, no event loop is chosen.
+
+Each check runs a fresh interpreter, since this test process has long loaded
+everything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("numpy", "google.protobuf", "grpc", "httpx", "rich", "click", "uvloop")
+
+
+def run_python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    return done.stdout
+
+
+def loaded_after(statement: str) -> set[str]:
+    """The names in ``sys.modules`` after ``statement`` runs in a fresh interpreter."""
+    code = f"import json, sys\n{statement}\nprint(json.dumps(list(sys.modules)))"
+    return set(json.loads(run_python(code)))
+
+
+@pytest.mark.parametrize("statement", [
+    "import ebpf_stream",
+    "import ebpf_stream.exporters",
+    "from ebpf_stream import Profiler, EbpfConfig",
+])
+def test_import_loads_no_heavy_module(statement: str) -> None:
+    assert sorted(loaded_after(statement) & set(HEAVY)) == []
+
+
+def test_an_exporter_loads_only_what_it_needs() -> None:
+    loaded = loaded_after("from ebpf_stream.exporters import FoldedFileExporter, "
+                          "OtlpJsonFileExporter")
+    assert "google.protobuf" in loaded  # OTLP/JSON is made from the protobuf messages
+    assert sorted(loaded & {"grpc", "httpx", "ebpf_stream._pprof_pb2"}) == []
+
+
+def test_every_public_name_resolves() -> None:
+    for package in ("ebpf_stream", "ebpf_stream.exporters"):
+        out = run_python(f"import {package} as p\n"
+                         "print(all(getattr(p, n).__name__ == n for n in p.__all__))")
+        assert out.split() == ["True"], package
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_python("import ebpf_stream; ebpf_stream.NoSuchName")
+    assert "module 'ebpf_stream' has no attribute 'NoSuchName'" in failed.value.stderr
+
+
+def test_import_keeps_the_hosts_event_loop_policy() -> None:
+    out = run_python(
+        "import asyncio\n"
+        "before = type(asyncio.get_event_loop_policy())\n"
+        "import ebpf_stream, ebpf_stream.exporters, ebpf_stream._cli\n"
+        "for name in ebpf_stream.__all__: getattr(ebpf_stream, name)\n"
+        "print(before.__module__, type(asyncio.get_event_loop_policy()) is before)")
+    assert out.split() == ["asyncio.unix_events", "True"]
