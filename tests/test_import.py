@@ -6,9 +6,11 @@ everything.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +63,31 @@ def test_import_keeps_the_hosts_event_loop_policy() -> None:
         "for name in ebpf_stream.__all__: getattr(ebpf_stream, name)\n"
         "print(before.__module__, type(asyncio.get_event_loop_policy()) is before)")
     assert out.split() == ["asyncio.unix_events", "True"]
+
+
+def record_loop(tmp_path: Path, prelude: str) -> str:
+    """The event loop ``ebpf-stream record`` logs it runs on, after ``prelude``."""
+    out = tmp_path / "out.folded"
+    argv = ["ebpf-stream", "-v", "record", "-d", "0.5", "-o", str(out), "--", "sleep", "1"]
+    code = (f"{prelude}\nimport runpy, sys\nsys.argv = {argv!r}\n"
+            "runpy.run_module('ebpf_stream._cli', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
+    loops = [line.rpartition(" ")[2] for line in done.stderr.splitlines()
+             if line.startswith("INFO: event loop: ")]
+    assert len(loops) == 1, done.stderr
+    return loops[0]
+
+
+@pytest.mark.bpf
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
+def test_cli_runs_on_uvloop_when_installed(tmp_path: Path, bpf_environment: None) -> None:
+    assert record_loop(tmp_path, "") == "uvloop"
+
+
+@pytest.mark.bpf
+def test_cli_falls_back_to_asyncio_without_uvloop(tmp_path: Path, bpf_environment: None) -> None:
+    # A None entry in sys.modules makes every import of uvloop fail, as if not installed.
+    assert record_loop(tmp_path, "import sys; sys.modules['uvloop'] = None") == "asyncio"

@@ -11,6 +11,7 @@ import anyio
 import click
 
 from .._errors import TargetError
+from .backend import backend_options
 from .record import config_from_options, run_record
 
 _SOURCE = Path(__file__).resolve().parent.parent / "_demo" / "demo_workload.c"
@@ -50,7 +51,7 @@ def demo(duration: float, out_dir: Path, rate: int) -> None:
     outputs = [("svg", out_dir / "demo.svg"), ("folded", out_dir / "demo.folded")]
     config = config_from_options("development", rate, None, ())
     profiler = anyio.run(run_record, config, outputs, None, [str(binary), f"{duration:g}"], None,
-                         sys.stderr.isatty(), backend_options={"use_uvloop": True})
+                         sys.stderr.isatty(), backend_options=backend_options())
     s = profiler.stats
     click.echo(f"profiled the demo workload: {s.received:,} samples, {s.dropped:,} dropped")
     for _, path in outputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -28,8 +29,10 @@ from .._exporters.formats import FORMATS, format_for_path
 from .._exporters.otlp.exporter import OtlpExporter
 from .._otlp.settings import Signal, endpoint_in_environment
 from .._profiler import Profiler
+from .backend import backend_options, running_loop_name
 from .launch import GatedCommand, start_gated
 
+_log = logging.getLogger(__name__)
 _DEFAULT_NAME = {"folded": "profile.folded", "pprof": "profile.pb.gz",
                  "speedscope": "profile.speedscope.json", "svg": "profile.svg",
                  "otlp-json": "profile.otlp.jsonl"}
@@ -302,6 +305,7 @@ async def run_traced(config: EbpfConfig, exporters: list[Exporter], command: Seq
     forks later.  Ends on SIGINT/SIGTERM, after ``duration``, or when the
     command (or every pid given) has exited.
     """
+    _log.info("event loop: %s", running_loop_name())
     gated: GatedCommand | None = await start_gated(command) if command else None
     named = [gated.pid] if gated else list(config.pids)
     targets = with_descendants(named)
@@ -437,7 +441,7 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
     progress = sys.stderr.isatty()
     tally = Tally()
     profiler = anyio.run(run_record, config, outputs, otlp, command, duration, progress, tally,
-                         backend_options={"use_uvloop": True})
+                         backend_options=backend_options())
     if progress:
         s = profiler.stats
         where = [str(p) for _, p in outputs]

@@ -36,6 +36,7 @@ from .._events import (
 )
 from .._exporters.base import ExportContext, Exporter
 from .._profiler import Profiler
+from .backend import backend_options
 from .record import (
     Show,
     check_target,
@@ -351,5 +352,5 @@ def top(pids: tuple[int, ...], duration: float | None, env: str | None,
     view = TopView(config)
     exporters: list[Exporter] = [view]
     anyio.run(run_traced, config, exporters, command, duration, view.watch(),
-              backend_options={"use_uvloop": True})
+              backend_options=backend_options())
 
