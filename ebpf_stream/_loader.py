@@ -64,14 +64,77 @@ def _effective_caps() -> int:
     return 0
 
 
-def check_privileges() -> Check:
+def _in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the machine's.
+
+    The kernel checks BPF's capabilities against the machine's namespace, so
+    a rootless container's root holds them in name only.
+    """
+    try:
+        first = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return False
+    return first[:3] != ["0", "0", "4294967295"]
+
+
+# The capabilities loading BPF needs, and why; CAP_SYS_ADMIN stands in for either.
+_NEEDED_CAPS = (("CAP_BPF", _CAP_BPF, "create BPF maps and load programs"),
+                ("CAP_PERFMON", _CAP_PERFMON, "load tracing programs and open perf events"))
+_CAPS_FIX = ("run as root with CAP_BPF and CAP_PERFMON (docker run --cap-add BPF "
+             "--cap-add PERFMON, or the pod's securityContext.capabilities.add)")
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    return "uid 0 (root)" if uid == 0 else f"uid {uid}"
+
+
+def held_capabilities() -> list[str]:
+    """The names of the capabilities BPF needs that this process holds (effective)."""
     caps = _effective_caps()
-    bpf_and_perfmon = (1 << _CAP_BPF) | (1 << _CAP_PERFMON)
-    if os.geteuid() == 0 or caps >> _CAP_SYS_ADMIN & 1 or caps & bpf_and_perfmon == bpf_and_perfmon:
-        return Check("privileges", True, "root" if os.geteuid() == 0 else "CAP_BPF+CAP_PERFMON")
-    return Check("privileges", False, "not root and lacking CAP_BPF+CAP_PERFMON",
-                 "run as root, or grant CAP_BPF and CAP_PERFMON "
-                 "(setcap, or the container's securityContext)")
+    return [name for name, bit in (("CAP_BPF", _CAP_BPF), ("CAP_PERFMON", _CAP_PERFMON),
+                                   ("CAP_SYS_ADMIN", _CAP_SYS_ADMIN)) if caps >> bit & 1]
+
+
+_USERNS_FIX = ("run in the machine's user namespace (not a rootless container), "
+               "as root with CAP_BPF and CAP_PERFMON")
+
+
+def check_capabilities() -> list[Check]:
+    """One check per capability BPF needs, as this process holds them.
+
+    The effective set decides, not the uid: a container's root, or one
+    started by ``setpriv`` or ``capsh``, often lacks them.
+    """
+    caps = _effective_caps()
+    admin = caps >> _CAP_SYS_ADMIN & 1
+    namespaced = _in_user_namespace()
+    checks = []
+    for name, bit, purpose in _NEEDED_CAPS:
+        if namespaced:
+            checks.append(Check(name, False, f"{_user()} in a user namespace, where "
+                                f"capabilities do not count for BPF: needed to {purpose}",
+                                _USERNS_FIX))
+        elif caps >> bit & 1:
+            checks.append(Check(name, True, f"held by {_user()}"))
+        elif admin:
+            checks.append(Check(name, True, f"covered by CAP_SYS_ADMIN, held by {_user()}"))
+        else:
+            checks.append(Check(name, False, f"{_user()} lacks it: needed to {purpose}",
+                                _CAPS_FIX))
+    return checks
+
+
+def check_privileges() -> Check:
+    """The capability checks in one line: what a start reports first."""
+    failed = [c.name for c in check_capabilities() if not c.ok]
+    if not failed:
+        return Check("privileges", True, f"{_user()} with CAP_BPF and CAP_PERFMON")
+    if _in_user_namespace():
+        return Check("privileges", False, f"{_user()} runs in a user namespace, where "
+                     "capabilities do not count for loading BPF", _USERNS_FIX)
+    return Check("privileges", False, "loading BPF needs CAP_BPF and CAP_PERFMON (or "
+                 f"CAP_SYS_ADMIN), and {_user()} lacks {' and '.join(failed)}", _CAPS_FIX)
 
 
 def check_kernel() -> Check:
@@ -91,8 +154,16 @@ def tracefs_path() -> Path | None:
     return next((p for p in _TRACEFS if (p / "events").is_dir()), None)
 
 
+def _unreadable_tracefs(exc: PermissionError) -> Check:
+    # Mounted, and readable by root alone (mode 700).
+    return Check("tracefs", False, f"{exc.filename} is not readable by {_user()}", "run as root")
+
+
 def check_tracefs() -> Check:
-    p = tracefs_path()
+    try:
+        p = tracefs_path()
+    except PermissionError as exc:
+        return _unreadable_tracefs(exc)
     if p:
         return Check("tracefs", True, f"mounted at {p}")
     return Check("tracefs", False, "not mounted", "mount -t tracefs nodev /sys/kernel/tracing")
@@ -215,33 +286,64 @@ def find_headers(release: str | None = None, src: Path = Path("/usr/src")) -> He
                    f"no headers for Linux {release}; using {arch.name} with {common.name}")
 
 
+def _unpreparable_headers(exc: OSError) -> Check:
+    return Check("kernel headers", False, f"cannot prepare headers: {exc}",
+                 "set EBPF_STREAM_CACHE to a writable directory")
+
+
 def check_headers() -> Check:
     try:
         h = find_headers()
     except EnvironmentCheckError as exc:
         return Check("kernel headers", False, str(exc), "apt-get install linux-headers-amd64")
     except OSError as exc:
-        return Check("kernel headers", False, f"cannot prepare headers: {exc}",
-                     "set EBPF_STREAM_CACHE to a writable directory")
+        return _unpreparable_headers(exc)
     return Check("kernel headers", True, h.description)
 
 
 def environment_checks() -> list[Check]:
-    """Every check ``ebpf-stream doctor`` prints, in order."""
-    return [check_privileges(), check_kernel(), check_btf(), check_tracefs(),
-            check_bcc(), check_headers()]
+    """Every check ``ebpf-stream doctor`` prints, in order, as this process sees them.
+
+    A check that breaks on something unforeseen fails with what broke it, so
+    the report is always whole.
+    """
+    checks: list[Check] = []
+    for name, run in (("capabilities", check_capabilities), ("kernel", check_kernel),
+                      ("btf", check_btf), ("tracefs", check_tracefs), ("bcc", check_bcc),
+                      ("kernel headers", check_headers)):
+        try:
+            outcome = run()
+        except Exception as exc:
+            outcome = Check(name, False, f"the check itself failed: {exc!r}",
+                            "report this as a bug")
+        checks.extend(outcome if isinstance(outcome, list) else [outcome])
+    return checks
 
 
 _warned_about: set[Path] = set()
 
 
+def _failure(check: Check) -> EnvironmentCheckError:
+    return EnvironmentCheckError(f"{check.name}: {check.detail}; fix: {check.fix}")
+
+
 def require_environment() -> Headers:
-    """Fail with the first actionable problem, or return the headers to compile with."""
+    """Fail with the first actionable problem, or return the headers to compile with.
+
+    Capabilities come first: without them nothing else can work, and
+    saying so takes no compile.
+    """
     for check in (check_privileges(), check_kernel(), check_btf(), check_bcc()):
         if not check.ok:
-            raise EnvironmentCheckError(f"{check.name}: {check.detail}; fix: {check.fix}")
-    ensure_tracefs()
-    headers = find_headers()
+            raise _failure(check)
+    try:
+        ensure_tracefs()
+    except PermissionError as exc:
+        raise _failure(_unreadable_tracefs(exc)) from None
+    try:
+        headers = find_headers()
+    except OSError as exc:  # the cache of merged headers cannot be written
+        raise _failure(_unpreparable_headers(exc)) from None
     if not headers.exact and headers.path not in _warned_about:
         _warned_about.add(headers.path)  # once per run, not once per probe
         log.warning("kernel headers: %s", headers.description)

@@ -84,9 +84,19 @@ def test_headers_without_their_common_half_are_ignored(tmp_path: Path, cache: Pa
 def test_environment_checks_each_carry_a_fix_when_failing() -> None:
     checks = environment_checks()
     assert [c.name for c in checks] == [
-        "privileges", "kernel", "btf", "tracefs", "bcc", "kernel headers"]
+        "CAP_BPF", "CAP_PERFMON", "kernel", "btf", "tracefs", "bcc", "kernel headers"]
     for c in checks:
         assert c.ok or c.fix, c
+
+
+def test_a_check_that_breaks_fails_instead_of_crashing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> None:
+        raise PermissionError(13, "Permission denied", "/sys/kernel/btf/vmlinux")
+
+    monkeypatch.setattr("ebpf_stream._loader.check_btf", broken)
+    (btf,) = [c for c in environment_checks() if c.name == "btf"]
+    assert not btf.ok and "Permission denied" in btf.detail and btf.fix
 
 
 @pytest.mark.bpf
