@@ -68,6 +68,16 @@ def test_bad_input_is_one_line_and_non_zero(args: list[str], message: str) -> No
     assert lines[0].startswith(message), lines[0]
 
 
+def test_an_output_directory_that_does_not_exist_is_refused_before_recording() -> None:
+    # Refused at start: a check at the first export would come after the 30 s.
+    result = run_cli("record", "--duration", "30", "-o", "/nonexistent-dir/cpu.pb.gz",
+                     timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: cannot write /nonexistent-dir/cpu.pb.gz: directory /nonexistent-dir "
+        "does not exist"]
+
+
 def test_env_variable_selects_the_preset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENV", "staging-ish")
     result = run_cli("record", "--duration", "1")

@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from sample_frames import (
 )
 
 from ebpf_stream._dictionary import KERNEL_MAPPING
-from ebpf_stream._errors import ExportError
+from ebpf_stream._errors import ConfigError, ExportError
 from ebpf_stream._exporters.flamegraph import WIDTH, render_flamegraph_svg
 from ebpf_stream._exporters.folded import render_folded
 from ebpf_stream._exporters.formats import FORMATS, format_for_path
@@ -432,22 +433,45 @@ async def test_svg_exporter_uses_its_title(tmp_path: Path) -> None:
     assert "my &amp; title" in path.read_text()
 
 
+@pytest.mark.parametrize("exporter", [*FORMATS.values()])
+@pytest.mark.parametrize(("path", "problem"), [
+    ("/nonexistent-dir/sub/out.folded", "directory /nonexistent-dir/sub does not exist"),
+    ("/etc/hostname/out.folded", "/etc/hostname is not a directory"),
+    ("/", "it is a directory"),
+])
+def test_a_path_that_cannot_be_written_is_refused_when_the_exporter_is_made(
+        exporter: Callable[[str], object], path: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        exporter(path)
+    assert str(info.value) == f"cannot write {path}: {problem}"
+
+
+def test_a_directory_this_user_cannot_write_to_is_refused(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):
+        pytest.skip("this user may write anywhere (root)")
+    with pytest.raises(ConfigError, match=f"directory {locked} is not writable by uid"):
+        FoldedFileExporter(locked / "out.folded")
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("path", ["/nonexistent-dir/sub/out.folded", "/proc/out.folded"])
-async def test_unwritable_path_raises_export_error(path: str) -> None:
+async def test_a_write_the_os_refuses_later_raises_export_error() -> None:
+    exporter = FoldedFileExporter("/proc/out.folded")  # a directory the check cannot judge
     with pytest.raises(ExportError) as info:
-        await FoldedFileExporter(path).export(batch(1))
+        await exporter.export(batch(1))
     message = str(info.value)
-    assert path in message and "\n" not in message
-    assert message != f"cannot write {path}: "
+    assert message.startswith("cannot write /proc/out.folded: ") and "\n" not in message
+    assert message != "cannot write /proc/out.folded: "
 
 
 @pytest.mark.anyio
 async def test_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     target = tmp_path / "a-directory"
-    target.mkdir()
+    exporter = PprofFileExporter(target)
+    target.mkdir()  # after the exporter was made: its write now fails
     with pytest.raises(ExportError, match="a-directory"):
-        await PprofFileExporter(target).export(batch(1))
+        await exporter.export(batch(1))
     assert os.listdir(tmp_path) == ["a-directory"]
     assert os.listdir(target) == []
 

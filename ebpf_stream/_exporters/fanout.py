@@ -23,6 +23,12 @@ from .base import BindableExporter, ExportContext, Exporter
 log = logging.getLogger("ebpf_stream")
 
 
+def _one_line(exc: Exception) -> str:
+    """``exc``'s message on one line, as every error of ours: a collector's reply
+    may span several."""
+    return " ".join(str(exc).split())
+
+
 class FanOut:
     """An exporter that forwards to ``exporters`` and counts what got through.
 
@@ -91,13 +97,16 @@ class FanOut:
                 self._fail(i, exc, quiet=True)  # raised below: logging it too would say it twice
         if self._errors:
             first = next(iter(self._errors.values()))
-            if isinstance(first, ExportError):
+            message = _one_line(first)
+            if isinstance(first, ExportError) and message == str(first):
                 raise first
-            raise ExportError(f"export failed: {first}") from first
+            if not isinstance(first, ExportError):
+                message = f"export failed: {message}"
+            raise ExportError(message) from first
 
     def _fail(self, index: int, exc: Exception, *, quiet: bool = False) -> None:
         self._stats.export_errors += 1
         self._errors.setdefault(index, exc)
         if not quiet:
             log.error("exporter %s failed: %s",
-                      type(self._exporters[index]).__name__, exc)
+                      type(self._exporters[index]).__name__, _one_line(exc))

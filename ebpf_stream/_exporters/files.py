@@ -6,6 +6,10 @@ file atomically (a temporary file in the same directory, then a rename), so
 a reader never sees a half-written file and, if the process dies, the file
 holds every interval completed before.  Merging, rendering and writing run in
 a worker thread so the caller's event loop keeps collecting meanwhile.
+
+A path that cannot be written is refused when the exporter is made: the
+first export may come minutes after a service started, too late to learn
+that its output directory is missing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import anyio
 
 from .._batch import Batch
-from .._errors import ExportError
+from .._errors import ConfigError, ExportError
 from .._overhead import run_sync
 from .._profile import Profile
 from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
@@ -31,6 +35,29 @@ from .speedscope import SpeedscopeTimeline
 def cannot_write(path: Path, exc: OSError) -> ExportError:
     """The one-line error every file exporter gives when the OS refuses a write."""
     return ExportError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def writable_path(path: str | os.PathLike[str]) -> Path:
+    """``path``, once its directory exists and this process may create files in it.
+
+    Raises ``ConfigError`` otherwise, naming the path and what is wrong with it.
+    """
+    path = Path(path)
+    directory = path.parent
+    try:
+        if path.is_dir():
+            raise ConfigError(f"cannot write {path}: it is a directory")
+        if not directory.is_dir():
+            problem = (f"{directory} is not a directory" if directory.exists()
+                       else f"directory {directory} does not exist")
+            raise ConfigError(f"cannot write {path}: {problem}")
+    except OSError as exc:  # a directory on the way is not searchable
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    # Replacing the file takes a new file in the directory, whoever owns the old one.
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        raise ConfigError(f"cannot write {path}: directory {directory} is not writable "
+                          f"by uid {os.geteuid()}")
+    return path
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -58,7 +85,7 @@ class FileExporter(abc.ABC):
     how that renders."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = writable_path(path)
         # Serializes exports: a render must not read the state mid-merge.
         self._lock = anyio.Lock()
 

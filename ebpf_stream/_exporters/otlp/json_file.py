@@ -15,12 +15,13 @@ import anyio
 from google.protobuf.message import Message
 
 from ..._batch import Batch
+from ..._errors import ConfigError, ExportError
 from ..._otlp.converter import EventConverter
 from ..._otlp.json import encode_otlp_json
 from ..._overhead import Overhead, run_sync
 from ..._stats import Stats
 from ..base import ExportContext
-from ..files import cannot_write
+from ..files import cannot_write, writable_path
 
 
 def _append(path: Path, requests: list[Message]) -> None:
@@ -38,15 +39,19 @@ class OtlpJsonFileExporter:
     """Writes each batch's profiles, metrics and logs as OTLP/JSON lines to ``path``.
 
     The file is truncated when the exporter is created (so a path that cannot
-    be written fails at once) and when a run binds it: one file, one run.
+    be written is refused at once, with ``ConfigError``) and when a run binds
+    it: one file, one run.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = writable_path(path)
         self._converter = EventConverter()
         self._context: ExportContext | None = None
         self._lock = anyio.Lock()
-        self._truncate()
+        try:
+            self._truncate()
+        except ExportError as exc:  # the file itself is read-only, say
+            raise ConfigError(str(exc)) from None
 
     def _truncate(self) -> None:
         try:
