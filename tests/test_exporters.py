@@ -515,3 +515,28 @@ async def test_memory_exporter_keeps_batches_and_their_merge() -> None:
     assert not exporter.closed
     await exporter.aclose()
     assert exporter.closed
+
+
+@pytest.mark.anyio
+async def test_an_exporter_failure_is_logged_counted_and_raised_at_the_end_on_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from ebpf_stream._exporters.fanout import FanOut
+    from ebpf_stream._stats import Stats
+
+    class Refusing:
+        async def export(self, batch: Batch) -> None:
+            raise RuntimeError("UNAVAILABLE: the collector said\n  try again later")
+
+        async def aclose(self) -> None:
+            pass
+
+    stats = Stats()
+    memory = MemoryExporter()
+    with pytest.raises(ExportError) as info:
+        async with FanOut([Refusing(), memory], stats) as fanout:
+            await fanout.export(batch(1))
+    assert str(info.value) == ("export failed: UNAVAILABLE: the collector said try again "
+                               "later")
+    assert stats.export_errors == 1 and len(memory.batches) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "exporter Refusing failed: UNAVAILABLE: the collector said try again later"]
