@@ -6,6 +6,12 @@ never cancels the host's code: the failure is logged, the pipeline winds
 down, and the error is raised when the ``async with`` block exits.
 Shutdown always runs shielded and within a deadline, and the kernel side is
 detached whatever happened.
+
+A machine that cannot run BPF (no privileges, no headers, a kernel that
+refuses a program) is the host's environment, not its bug: by default the
+profiler says so in one warning and the host runs on unprofiled, so that a
+profiler never takes a service down.  A configuration mistake is the
+caller's to fix, and is raised at once.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 
 import anyio
 from anyio.abc import TaskGroup
@@ -25,7 +31,14 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from ._batch import Batch
 from ._channels import Channel
 from ._config import EbpfConfig, validate_config
-from ._errors import ExportError, TargetError
+from ._errors import (
+    ConfigError,
+    EbpfStreamError,
+    EnvironmentCheckError,
+    ExportError,
+    ProbeError,
+    TargetError,
+)
 from ._events import EventMessage
 from ._exporters.base import ExportContext, Exporter
 from ._exporters.fanout import FanOut
@@ -40,6 +53,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("ebpf_stream")
 
 _BATCH_QUEUE = 2  # batches waiting for slow exporters; each holds up to max_samples
+
+# A way of profiling that needs no BPF would add a mode here, and the
+# matching choice to OnUnavailable.
+Mode = Literal["bpf", "off"]
+"""How a run profiles: with BPF probes, or not at all (the environment refused BPF)."""
+OnUnavailable = Literal["off", "raise"]
+"""What a start does when the environment refuses BPF: run unprofiled, or raise."""
 
 
 def check_pids(pids: Sequence[int]) -> None:
@@ -62,6 +82,15 @@ class Profiler:
     With no ``exporters`` and ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its
     profiles form) set, the profiler exports OTLP as that environment says.
 
+    When the environment does not allow BPF (privileges, capabilities,
+    kernel, headers, tracefs, a program the kernel refuses), entering logs
+    one warning naming the problem and its fix, and the block runs with
+    profiling off: ``mode`` is ``"off"``, ``unavailable`` holds the reason,
+    nothing is exported and ``stats`` stay zero.  With
+    ``on_unavailable="raise"`` the reason is raised instead (an
+    ``EnvironmentCheckError`` or ``ProbeError``).  Configuration mistakes
+    (``ConfigError``) and missing targets (``TargetError``) are always raised.
+
     A profiler may run again once it has stopped: each run starts with
     fresh counters, overhead and exporters' state (see ``Exporter``), and
     knows nothing of an earlier run's failure.  Entering one that is
@@ -76,8 +105,13 @@ class Profiler:
         system_wide: bool = False,
         follow_children: bool = False,
         shutdown_timeout: float = 15.0,
+        on_unavailable: OnUnavailable = "off",
     ) -> None:
+        if on_unavailable not in get_args(OnUnavailable):
+            raise ConfigError(f"on_unavailable: {on_unavailable!r} is not one of "
+                              f"{', '.join(get_args(OnUnavailable))}")
         self.config = config or EbpfConfig()
+        self.on_unavailable = on_unavailable
         self._exporters = list(exporters)
         self._system_wide = system_wide
         self._follow = follow_children
@@ -102,6 +136,19 @@ class Profiler:
         self._sending: set[anyio.CancelScope] = set()  # readers' sends in progress
         self._deadline = math.inf
         self._failure: Exception | None = None
+        self._mode: Mode = "off"
+        self._unavailable: EbpfStreamError | None = None
+
+    @property
+    def mode(self) -> Mode:
+        """How the current (or last) run profiles: ``"bpf"``, or ``"off"`` when the
+        environment refused BPF (and before the first run)."""
+        return self._mode
+
+    @property
+    def unavailable(self) -> EbpfStreamError | None:
+        """Why the current (or last) run does not profile, None when it does."""
+        return self._unavailable
 
     @property
     def stats(self) -> Stats:
@@ -154,8 +201,18 @@ class Profiler:
         from ._symbolize import Symbolizer
 
         baseline = anon_rss_bytes()
-        await self._open_probes(probes_for(config, self._stats, targets=self._targets(),
-                                           follow_children=self._follow))
+        probes = probes_for(config, self._stats, targets=self._targets(),
+                            follow_children=self._follow)
+        try:
+            await self._open_probes(probes)
+        except (EnvironmentCheckError, ProbeError) as exc:
+            if self.on_unavailable == "raise":
+                raise
+            # One line, with the fix: the host keeps running, so this is all it shows.
+            log.warning("ebpf-stream: profiling is off: %s", exc)
+            self._unavailable = exc
+            return
+        self._mode = "bpf"
         self._monitor = OverheadMonitor(
             self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
             lambda: [fd for p in self._probes for fd in p.map_fds()],
@@ -301,7 +358,9 @@ class EbpfCpuProfiler:
     """The synchronous API: ``start()``, ``stop()``, ``get_overhead()``.
 
     The pipeline runs on its own event loop in a background thread, so plain
-    synchronous programs can profile themselves (or ``config.pids``).
+    synchronous programs can profile themselves (or ``config.pids``).  The
+    options are ``Profiler``'s; like it, ``start()`` runs on with profiling
+    off when the environment refuses BPF, unless ``on_unavailable="raise"``.
     """
 
     def __init__(self, config: EbpfConfig | None = None, exporters: Sequence[Exporter] = (),
@@ -313,6 +372,14 @@ class EbpfCpuProfiler:
     @property
     def stats(self) -> Stats:
         return self._profiler.stats
+
+    @property
+    def mode(self) -> Mode:
+        return self._profiler.mode
+
+    @property
+    def unavailable(self) -> EbpfStreamError | None:
+        return self._profiler.unavailable
 
     def start(self) -> None:
         if self._portal_cm is not None:

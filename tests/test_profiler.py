@@ -68,6 +68,7 @@ async def test_native_hot_function_dominates_in_root_first_order(
         cpu = cpu_seconds(running.pid)
         await anyio.sleep(2)
         cpu = cpu_seconds(running.pid) - cpu
+    assert profiler.mode == "bpf" and profiler.unavailable is None
     profile = memory.profile
     assert profile is not None and memory.closed
     assert profile.sample_count >= 0.85 * cpu * 99
@@ -335,21 +336,52 @@ async def test_a_malformed_otel_endpoint_is_refused_before_loading(
     assert loaded_programs() == before
 
 
-@pytest.mark.anyio
-async def test_a_probe_failing_to_open_closes_the_others_and_is_raised_alone(
-        running: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def one_probe_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start a real CPU probe beside one the kernel refuses, as a verifier would."""
     from ebpf_stream._probes import cpu
 
-    class Failing(cpu.CpuProbe):
+    class Refused(cpu.CpuProbe):
         async def open(self) -> None:
             await anyio.sleep(0.1)
-            raise ProbeError("failing.bpf.c failed to compile or load: on purpose")
+            raise ProbeError("refused.bpf.c failed to compile or load: on purpose")
 
     def two_probes(config: EbpfConfig, stats: object, **kwargs: object) -> list[object]:
-        return [cpu.CpuProbe(config, stats, **kwargs), Failing(config, stats, **kwargs)]  # type: ignore[arg-type]
+        return [cpu.CpuProbe(config, stats, **kwargs), Refused(config, stats, **kwargs)]  # type: ignore[arg-type]
 
     monkeypatch.setattr("ebpf_stream._profiler.probes_for", two_probes)
+
+
+@pytest.mark.anyio
+async def test_a_refused_probe_turns_profiling_off_with_one_warning_and_the_body_runs(
+        running: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    one_probe_refused(monkeypatch)
+    memory = MemoryExporter()
+    ran = False
+    async with Profiler(config_for(running.pid), [memory]) as profiler:
+        assert bpf_fds() == [], "the probe that opened must be closed"
+        await anyio.sleep(0.6)  # past an export interval
+        ran = True
+    assert ran and profiler.mode == "off"
+    assert isinstance(profiler.unavailable, ProbeError)
+    assert profiler.stats == Stats() and profiler.get_overhead().memory_bytes == 0
+    assert memory.batches == [] and not memory.closed, "exporters are not fed"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["ebpf-stream: profiling is off: refused.bpf.c failed to compile or "
+                        "load: on purpose"]
+
+
+@pytest.mark.anyio
+async def test_a_refused_probe_closes_the_others_and_is_raised_alone_when_asked(
+        running: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    one_probe_refused(monkeypatch)
     with pytest.raises(ProbeError, match="on purpose"):
-        async with Profiler(config_for(running.pid), [MemoryExporter()]):
+        async with Profiler(config_for(running.pid), [MemoryExporter()],
+                            on_unavailable="raise"):
             pytest.fail("cannot start with a probe that failed")
     assert bpf_fds() == [], "the probe that opened must be closed"
+
+
+def test_an_unknown_on_unavailable_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="on_unavailable: 'ignore' is not one of off, raise"):
+        Profiler(on_unavailable="ignore")  # type: ignore[arg-type]

@@ -309,9 +309,10 @@ async def run_traced(config: EbpfConfig, exporters: list[Exporter], command: Seq
     gated: GatedCommand | None = await start_gated(command) if command else None
     named = [gated.pid] if gated else list(config.pids)
     targets = with_descendants(named)
+    # Recording is the command's whole job: a machine that cannot is an error here.
     profiler = Profiler(config.with_pids(targets), exporters,
                         system_wide=not named, follow_children=True,
-                        shutdown_timeout=shutdown_timeout)
+                        shutdown_timeout=shutdown_timeout, on_unavailable="raise")
     profiler._standalone = True
     what = (f"{command[0]} (pid {gated.pid})" if gated else
             f"pid {', '.join(map(str, named))}{_and_descendants(len(targets) - len(named))}"

@@ -1,0 +1,226 @@
+"""Where BPF cannot run, the host runs on: real processes without the privileges.
+
+Each script runs in its own process, as uid 65534 with no capabilities, or as
+root with the BPF capabilities dropped, the way containers start services.
+Debian's python3 runs the unprivileged ones: the test interpreter may live
+where uid 65534 cannot read (pyenv under /root), so the package and its
+dependencies come from this checkout and this environment's site-packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+NO_BPF_CAPS = ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
+               "--bounding-set=-bpf,-perfmon,-sys_admin"]
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+WARNING = "ebpf-stream: profiling is off: "
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="dropping privileges needs root and setpriv")
+
+
+@pytest.fixture(scope="module")
+def as_nobody() -> list[str]:
+    """The command prefix that runs a Python script as uid 65534 with no capabilities."""
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"{SYSTEM_PYTHON} is missing")
+    command = [*NOBODY, "env", f"PYTHONPATH={ROOT}:{sysconfig.get_paths()['purelib']}",
+               str(SYSTEM_PYTHON)]
+    probe = subprocess.run([*command, "-c", "import sys, ebpf_stream; print(sys.version_info[:2])"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0 or probe.stdout.strip() != str(sys.version_info[:2]):
+        pytest.skip(f"uid 65534 cannot import ebpf_stream with {SYSTEM_PYTHON}: "
+                    f"{probe.stderr.strip().splitlines()[-1:] or probe.stdout.strip()}")
+    return command
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory the unprivileged scripts may write to (pytest's are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-unprivileged-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def run(prefix: list[str], code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def readme_example(heading: str) -> str:
+    """The first Python example after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n"):]
+    match = re.search(r"```python\n(.*?)```", section, flags=re.S)
+    assert match is not None, heading
+    return match.group(1)
+
+
+def assert_ran_with_one_warning(result: subprocess.CompletedProcess[str], *named: str) -> str:
+    """The script ran to its end and said why profiling is off on one stderr line."""
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(WARNING), result.stderr
+    for words in named:
+        assert words in lines[0], lines[0]
+    return lines[0]
+
+
+SCRIPT = """
+    import dataclasses, json, time
+    import anyio
+    from ebpf_stream import EbpfConfig, Profiler
+    from ebpf_stream.exporters import FoldedFileExporter
+
+    async def main() -> None:
+        started = time.monotonic()
+        async with Profiler(EbpfConfig(), [FoldedFileExporter("out.folded")]) as profiler:
+            entered = time.monotonic() - started
+            await anyio.sleep(0.2)
+        print(json.dumps({"entered_s": entered, "mode": profiler.mode,
+                          "stats": dataclasses.asdict(profiler.stats),
+                          "memory": profiler.get_overhead().memory_bytes}))
+
+    anyio.run(main)
+"""
+
+
+def outcome(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    """What SCRIPT printed about its run."""
+    return dict(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_an_unprivileged_host_runs_on_with_one_warning(as_nobody: list[str],
+                                                       workdir: Path) -> None:
+    result = run(as_nobody, SCRIPT, workdir)
+    assert_ran_with_one_warning(result, "CAP_BPF and CAP_PERFMON", "uid 65534", "fix: ")
+    ran = outcome(result)
+    assert ran["mode"] == "off" and ran["memory"] == 0
+    assert isinstance(ran["stats"], dict) and not any(ran["stats"].values())
+    assert not (workdir / "out.folded").exists(), "exporters are not fed"
+
+
+def test_the_sync_api_runs_on_unprivileged_too(as_nobody: list[str], workdir: Path) -> None:
+    result = run(as_nobody, """
+        from ebpf_stream import EbpfConfig, EbpfCpuProfiler
+        profiler = EbpfCpuProfiler(EbpfConfig())
+        profiler.start()
+        total = sum(i * i for i in range(100_000))
+        profiler.stop()
+        print(profiler.mode, profiler.stats.received)
+    """, workdir)
+    assert_ran_with_one_warning(result, "uid 65534 lacks CAP_BPF")
+    assert result.stdout.split() == ["off", "0"]
+
+
+def test_the_readme_async_example_runs_unprivileged(as_nobody: list[str],
+                                                    workdir: Path) -> None:
+    result = run(as_nobody, readme_example("### Profile an async app"), workdir)
+    assert_ran_with_one_warning(result, "CAP_BPF")
+    assert "received=0" in result.stdout
+
+
+def test_the_readme_unavailable_example_runs_unprivileged(as_nobody: list[str],
+                                                          workdir: Path) -> None:
+    result = run(as_nobody, readme_example("### When the machine cannot run BPF"), workdir)
+    assert_ran_with_one_warning(result, "CAP_BPF")
+    assert "profiling: off privileges: " in result.stdout
+    assert "cannot profile here: privileges: " in result.stdout
+
+
+def test_root_without_the_bpf_capabilities_is_told_so_before_compiling(workdir: Path) -> None:
+    result = run([*NO_BPF_CAPS, sys.executable], SCRIPT, workdir)
+    assert_ran_with_one_warning(result, "uid 0 (root) lacks CAP_BPF and CAP_PERFMON",
+                                "--cap-add BPF")
+    ran = outcome(result)
+    assert ran["mode"] == "off"
+    # A compile takes seconds; the capability check, a few milliseconds.
+    assert isinstance(ran["entered_s"], float) and ran["entered_s"] < 1.0
+
+
+STRICT = """
+    import anyio
+    from ebpf_stream import EbpfConfig, EbpfCpuProfiler, EnvironmentCheckError, Profiler
+
+    async def main() -> None:
+        try:
+            async with Profiler(EbpfConfig(), on_unavailable="raise"):
+                raise AssertionError("started without BPF")
+        except EnvironmentCheckError as exc:
+            print(repr(str(exc)))
+        try:
+            EbpfCpuProfiler(EbpfConfig(), on_unavailable="raise").start()
+        except EnvironmentCheckError as exc:
+            print(repr(str(exc)))
+
+    anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("who", ["nobody", "root without CAP_BPF"])
+def test_strict_mode_raises_the_reason_in_one_line(who: str, request: pytest.FixtureRequest,
+                                                   workdir: Path) -> None:
+    prefix = (request.getfixturevalue("as_nobody") if who == "nobody"
+              else [*NO_BPF_CAPS, sys.executable])
+    result = run(prefix, STRICT, workdir)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    messages = [eval(line) for line in result.stdout.splitlines()]
+    assert len(messages) == 2
+    for message in messages:
+        assert "\n" not in message
+        assert message.startswith("privileges: loading BPF needs CAP_BPF and CAP_PERFMON")
+
+
+def test_doctor_as_nobody_lists_what_fails_and_exits_non_zero(as_nobody: list[str],
+                                                             workdir: Path) -> None:
+    result = subprocess.run([*as_nobody, "-m", "ebpf_stream._cli", "doctor"], cwd=workdir,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert "checked as uid 65534" in result.stdout
+    failed = {line.split("│")[1].strip() for line in result.stdout.splitlines()
+              if "FAIL" in line}
+    assert {"CAP_BPF", "CAP_PERFMON", "tracefs"} <= failed, result.stdout
+
+
+def test_the_command_line_refuses_to_record_unprivileged(as_nobody: list[str],
+                                                         workdir: Path) -> None:
+    result = subprocess.run([*as_nobody, "-m", "ebpf_stream._cli", "record", "--duration", "1"],
+                            cwd=workdir, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: privileges: loading BPF needs CAP_BPF")
+
+
+def test_an_output_directory_this_user_cannot_write_is_refused_when_made(
+        as_nobody: list[str], workdir: Path) -> None:
+    locked = workdir / "locked"
+    locked.mkdir(mode=0o755)  # root's: uid 65534 may not write in it
+    result = run(as_nobody, f"""
+        from ebpf_stream import ConfigError
+        from ebpf_stream.exporters import PprofFileExporter
+        try:
+            PprofFileExporter("{locked}/cpu.pb.gz")
+        except ConfigError as exc:
+            print(exc)
+    """, workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (f"cannot write {locked}/cpu.pb.gz: directory {locked} "
+                                     "is not writable by uid 65534")
