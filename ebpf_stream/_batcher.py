@@ -27,6 +27,7 @@ import anyio
 
 from ._batch import Batch, SlowCall, TraceRecord
 from ._channels import Channel
+from ._clock import Clock
 from ._config import EbpfConfig, PythonFrames
 from ._events import (
     CpuSample,
@@ -56,7 +57,7 @@ from ._python.merge import merge, runs
 from ._python.runtime import UnsupportedPython, find_python
 from ._stats import Stats
 from ._symbolize import Symbolizer
-from ._windows import Clock, ProcessWindows, Windows
+from ._windows import ProcessWindows, Windows
 
 log = logging.getLogger("ebpf_stream")
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
+from ._clock import ring_latency_s
 from ._config import EbpfConfig
 from ._profile import Profile
 
@@ -38,30 +38,6 @@ log = logging.getLogger("ebpf_stream")
 
 # How much longer than a reader's drain period a window may wait for its watermark.
 _GRACE_NS = 1_000_000_000
-
-
-def wall_clock_offset_ns() -> int:
-    """Add to a ``bpf_ktime_get_ns`` (CLOCK_MONOTONIC) time to get wall-clock ns."""
-    return time.time_ns() - time.monotonic_ns()
-
-
-def ring_latency_s(config: EbpfConfig) -> float:
-    """The longest a ring reader leaves records unread: well inside an interval."""
-    return min(1.0, config.export_interval_s / 4)
-
-
-class Clock:
-    """CLOCK_MONOTONIC as wall-clock ns, with one offset taken at creation.
-
-    The probes stamp samples the same way, so a step of the wall clock
-    during a run moves neither samples nor windows.
-    """
-
-    def __init__(self) -> None:
-        self.offset_ns = wall_clock_offset_ns()
-
-    def now(self) -> int:
-        return time.monotonic_ns() + self.offset_ns
 
 
 class Windows:

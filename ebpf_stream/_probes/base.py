@@ -16,11 +16,11 @@ import anyio
 import numpy as np
 
 from .._bpf import BpfMap
+from .._clock import ring_latency_s
 from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram
 from .._ringbuf import RingBuffer, drain_forever
-from .._windows import ring_latency_s
 
 Emit = Callable[[EventMessage], Awaitable[None]]
 

@@ -24,6 +24,7 @@ import anyio.to_thread
 import numpy as np
 
 from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
+from .._clock import wall_clock_offset_ns
 from .._config import EbpfConfig, PythonFrames
 from .._events import (
     CpuSample,
@@ -43,7 +44,6 @@ from .._python.offsets import VERSIONS
 from .._python.runtime import UnsupportedPython, find_python
 from .._ringbuf import RingBuffer
 from .._stats import Stats
-from .._windows import wall_clock_offset_ns
 from .base import Emit, RingProbe
 from .python import (
     PythonProcesses,

@@ -25,12 +25,12 @@ import anyio.lowlevel
 import numpy as np
 
 from .._bpf import BpfMap
+from .._clock import wall_clock_offset_ns
 from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram, load_program
 from .._ringbuf import RingBuffer
 from .._stats import Stats
-from .._windows import wall_clock_offset_ns
 from .base import Emit, RingProbe
 
 log = logging.getLogger("ebpf_stream")
