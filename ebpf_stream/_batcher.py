@@ -300,7 +300,10 @@ class Batcher:
 
     def _split(self) -> list[Batch]:
         """The complete part of the earliest window, closed early to make room."""
-        return [self._batch(p) for p in self._windows.split(empty=bool(self._records))]
+        # At least half a batch, so that batches stay large when the reader lags.
+        least = max(1, self._config.max_samples // 2)
+        return [self._batch(p) for p in
+                self._windows.split(empty=bool(self._records), least=least)]
 
     @property
     def full(self) -> bool:

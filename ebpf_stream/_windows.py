@@ -123,11 +123,14 @@ class Windows:
             self.closed_to_ns = edge
         return closed
 
-    def split(self, *, empty: bool = False) -> list[Profile]:
+    def split(self, *, empty: bool = False, least: int = 1) -> list[Profile]:
         """Close the earliest open window early, at the watermark.
 
-        Nothing closes if the watermark has not moved, nor if no sample is
-        before it, unless ``empty`` (the early part carries records).
+        Nothing closes if the watermark has not moved, nor if fewer than
+        ``least`` samples are before it, unless ``empty`` (the early part
+        carries records): a reader held up by a slow exporter moves the
+        watermark a little at a time, and a batch per step would cost an
+        export per handful of samples.
         """
         at = self._complete_ns
         if at <= self.closed_to_ns:
@@ -137,7 +140,7 @@ class Windows:
             return closed
         first = min(self._open, default=None)
         window = self._open.get(first) if first is not None else None
-        if not empty and not any(t < at for s in window or () for t in s.timestamps_ns):
+        if not empty and sum(t < at for s in window or () for t in s.timestamps_ns) < least:
             return []
         before = Profile(self._period_ns, self.closed_to_ns, at)
         if window is not None:

@@ -342,6 +342,16 @@ def test_max_samples_splits_a_window_at_the_watermark() -> None:
     assert_inside(batches)
 
 
+def test_a_full_window_is_not_split_for_a_handful_of_complete_samples() -> None:
+    """A reader held up by a slow exporter moves the watermark a little at a time:
+    a batch per step would cost the exporter a call per sample or two."""
+    batcher, t0 = begun(export_interval_s=1, max_samples=4)
+    batcher.add(message(4, at=t0 + S // 2, complete=t0 + S // 2 + 500))  # one is complete
+    assert batcher.ready() == []
+    batcher.add(watermark(t0 + S))
+    assert [b.profile.sample_count for b in batcher.ready()] == [4]
+
+
 def test_a_window_a_split_emptied_joins_the_next_batch() -> None:
     batcher, t0 = begun(export_interval_s=1, max_samples=4)
     batcher.add(message(4, at=t0 + S // 2, complete=t0 + 3 * S // 4))
