@@ -10,6 +10,7 @@ are all it uses, and bcc is never imported into the profiled process.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
@@ -20,6 +21,7 @@ _SYS_BPF = 321  # x86-64
 _SYS_PERF_EVENT_OPEN = 298
 _BPF_ENABLE_STATS, _BPF_STATS_RUN_TIME = 32, 0
 _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
+_BPF_MAP_CREATE, _BPF_PROG_LOAD, _BPF_OBJ_GET_INFO_BY_FD, _BPF_BTF_LOAD = 0, 5, 15, 18
 _BPF_RAW_TRACEPOINT_OPEN, _BPF_LINK_CREATE = 17, 28
 _BPF_PERF_EVENT = 41  # link attach type
 _PERCPU_MAP_TYPES = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
@@ -225,3 +227,66 @@ def attach_raw_tracepoint(program_fd: int, name: str) -> int:
     attr = ctypes.create_string_buffer(16)
     struct.pack_into("<QI", attr, 0, ctypes.addressof(name_buf), program_fd)
     return _bpf_call(_BPF_RAW_TRACEPOINT_OPEN, attr, f"raw tracepoint {name}")
+
+
+# -- loading an object without bcc -------------------------------------------
+
+def _name(name: str) -> bytes:
+    return name.encode()[:15]  # BPF_OBJ_NAME_LEN, with its terminating zero
+
+
+def load_btf(data: bytes) -> int:
+    """Load type information (BTF) into the kernel; returns its fd."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    attr = ctypes.create_string_buffer(32)
+    struct.pack_into("<QQI", attr, 0, ctypes.addressof(buf), 0, len(data))
+    return _bpf_call(_BPF_BTF_LOAD, attr, "loading BTF")
+
+
+def create_map(name: str, map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, btf_fd: int = 0, btf_key_type: int = 0,
+               btf_value_type: int = 0, btf_vmlinux_value_type: int = 0,
+               extra: int = 0) -> int:
+    """Create a map as ``BPF_MAP_CREATE`` describes it; returns its fd."""
+    attr = ctypes.create_string_buffer(72)
+    struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, flags)
+    struct.pack_into("16s", attr, 28, _name(name))
+    struct.pack_into("<IIIIQ", attr, 48, btf_fd, btf_key_type, btf_value_type,
+                     btf_vmlinux_value_type, extra)
+    return _bpf_call(_BPF_MAP_CREATE, attr, f"creating BPF map {name}")
+
+
+def load_program(name: str, prog_type: int, insns: bytes, license: str,
+                 kern_version: int) -> int:
+    """Load and verify a program; returns its fd.  A refusal raises ``OSError``
+    with the verifier's last line."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    licence = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQQ", attr, 0, prog_type, len(insns) // 8, ctypes.addressof(code),
+                     ctypes.addressof(licence))
+    struct.pack_into("<II", attr, 40, kern_version, 0)
+    struct.pack_into("16s", attr, 48, _name(name))
+    fd = int(_libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, attr, len(attr)))
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    if err in (errno.EACCES, errno.EINVAL):  # ask the verifier why, loading once more
+        struct.pack_into("<IIQ", attr, 24, 1, len(log), ctypes.addressof(log))
+        fd = int(_libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, attr, len(attr)))
+        if fd >= 0:
+            return fd
+        lines = log.value.decode(errors="replace").strip().splitlines()
+        if lines:
+            raise OSError(err, f"loading {name}: {os.strerror(err)}: {lines[-1]}")
+    raise OSError(err, f"loading {name}: {os.strerror(err)}")
+
+
+def program_tag(fd: int) -> bytes:
+    """The kernel's tag of a loaded program: a hash of its instructions, map fds aside."""
+    info = ctypes.create_string_buffer(16)
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
+    _bpf_call(_BPF_OBJ_GET_INFO_BY_FD, attr, "reading program info")
+    return info.raw[8:16]

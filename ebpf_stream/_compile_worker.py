@@ -1,23 +1,110 @@
 """The compile worker: builds a BPF object with bcc and hands its fds back.
 
-Run as ``python -m ebpf_stream._compile_worker SOCKET_FD`` with a JSON
-request on stdin.  It loads the requested programs, sends one JSON reply
-with the program and map fds attached (SCM_RIGHTS) and exits; the fds stay
-valid in the receiving process.  Compiler diagnostics go to stderr.
+Run as ``PYTHON -I .../_compile_worker.py SOCKET_FD`` with a JSON request on
+stdin, under whichever interpreter has bcc (Debian's ``python3-bpfcc``
+belongs to the system's Python, not the host's).  It therefore imports
+nothing but the standard library and bcc, and runs on any Python 3.9+.
+
+It loads the requested programs and sends one JSON reply with the program
+and map fds attached (SCM_RIGHTS), then exits; the fds stay valid in the
+receiving process.  The reply also describes the object as the kernel got
+it (each program's instructions, each map's attributes, the BTF the maps
+were created with), so the host can load it again later without bcc.
+Compiler diagnostics go to stderr.
 """
 
 from __future__ import annotations
 
 import array
+import base64
+import ctypes
 import json
+import os
 import socket
+import struct
 import sys
+from typing import Any
+
+_SYS_BPF = 321  # x86-64
+_BPF_OBJ_GET_INFO_BY_FD, _BPF_BTF_GET_FD_BY_ID = 15, 19
+_MAP_INFO = struct.Struct("<IIIIII16sIIQQIIIIQ")  # struct bpf_map_info, 88 bytes
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _object_info(fd: int, info: ctypes.Array[ctypes.c_char]) -> None:
+    attr = struct.pack("<IIQ", fd, len(info), ctypes.addressof(info))
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    if _libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, buf, len(attr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+
+
+def _map_info(fd: int) -> dict[str, int]:
+    info = ctypes.create_string_buffer(_MAP_INFO.size)
+    _object_info(fd, info)
+    (map_type, _id, key_size, value_size, max_entries, flags, _name, _ifindex,
+     vmlinux_value_type, _dev, _ino, btf_id, btf_key_type, btf_value_type, _pad,
+     extra) = _MAP_INFO.unpack(info.raw)
+    return {"type": map_type, "key_size": key_size, "value_size": value_size,
+            "max_entries": max_entries, "flags": flags, "btf_id": btf_id,
+            "btf_key_type": btf_key_type, "btf_value_type": btf_value_type,
+            "btf_vmlinux_value_type": vmlinux_value_type, "extra": extra}
+
+
+def _btf_bytes(btf_id: int) -> bytes:
+    """The raw BTF the kernel holds under ``btf_id`` (what bcc loaded for the maps)."""
+    attr = ctypes.create_string_buffer(struct.pack("<I", btf_id), 16)
+    fd = _libc.syscall(_SYS_BPF, _BPF_BTF_GET_FD_BY_ID, attr, 16)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_BTF_GET_FD_BY_ID: {os.strerror(err)}")
+    try:
+        header = ctypes.create_string_buffer(32)  # struct bpf_btf_info: btf, btf_size, ...
+        _object_info(fd, header)
+        (size,) = struct.unpack_from("<I", header.raw, 8)
+        data = ctypes.create_string_buffer(size)
+        info = ctypes.create_string_buffer(struct.pack("<QI", ctypes.addressof(data), size), 32)
+        _object_info(fd, info)
+        return data.raw
+    finally:
+        os.close(fd)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _image(bpf: Any, lib: Any, programs: dict[str, int]) -> dict[str, Any]:
+    """What loading the object again takes: instructions, maps and BTF, by name."""
+    module = bpf.module
+    # bcc's Python binding leaves these two undeclared.
+    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    maps = {}
+    for i in range(lib.bpf_num_tables(module)):
+        name = lib.bpf_table_name(module, i)
+        maps[name.decode()] = dict(_map_info(lib.bpf_table_fd(module, name)),
+                                   fd=lib.bpf_table_fd(module, name))
+    btf_ids = {m["btf_id"] for m in maps.values() if m["btf_id"]}
+    if len(btf_ids) > 1:
+        raise ValueError(f"maps carry {len(btf_ids)} BTF objects; expected one")
+    return {
+        "license": lib.bpf_module_license(module).decode(),
+        "kern_version": lib.bpf_module_kern_version(module),
+        "btf": _b64(_btf_bytes(btf_ids.pop())) if btf_ids else "",
+        "maps": maps,
+        "programs": {name: {"type": prog_type, "insns": _b64(bpf.dump_func(name.encode()))}
+                     for name, prog_type in programs.items()},
+    }
 
 
 def main() -> int:
     request = json.load(sys.stdin)
     sock = socket.socket(fileno=int(sys.argv[1]))
     from bcc import BPF
+    from bcc.libbcc import lib
 
     try:
         bpf = BPF(text=request["source"].encode(), cflags=request["cflags"])
@@ -26,14 +113,30 @@ def main() -> int:
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    # TRACEPOINT_PROBE functions were loaded (and attached here) by bcc
-    # itself; the attachment ends with this process, the program does not.
+    # TRACEPOINT_PROBE and RAW_TRACEPOINT_PROBE functions were loaded (and
+    # attached here) by bcc itself; the attachment ends with this process,
+    # the program does not.
+    types = {fn: _autoload_type(fn) for fn in (f.decode() for f in bpf.funcs)}
+    types.update(request["programs"])
     programs = {fn.name.decode(): fn.fd for fn in bpf.funcs.values()}
     maps = {name: bpf[name.encode()].map_fd for name in request["maps"]}
+    try:
+        image = _image(bpf, lib, {name: getattr(BPF, types[name]) for name in programs})
+    except Exception as exc:  # the object is loaded; only the cache goes without it
+        print(f"warning: cannot describe the object for the cache: {exc}", file=sys.stderr)
+        image = None
     fds = [*programs.values(), *maps.values()]
-    reply = json.dumps({"programs": list(programs), "maps": list(maps)}).encode()
-    sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    names = json.dumps({"programs": list(programs), "maps": list(maps)}).encode()
+    sock.sendmsg([names], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    # The image can outgrow a datagram; stdout has no such limit.
+    json.dump(image, sys.stdout)
     return 0
+
+
+def _autoload_type(function: str) -> str:
+    """The program type bcc gave a function it loaded by its name's prefix."""
+    prefix = function.partition("__")[0]
+    return {"tracepoint": "TRACEPOINT", "raw_tracepoint": "RAW_TRACEPOINT"}.get(prefix, "")
 
 
 if __name__ == "__main__":

@@ -1,357 +1,41 @@
-"""Loading BPF programs: environment checks, kernel headers, compile, attach, detach.
+"""Loading BPF programs: from the compile cache, or compiled; then attach and detach.
 
-bcc compiles C at run time against kernel headers.  Hosts with a custom
-kernel (no headers package) are common, so when the running kernel has no
-headers we point bcc at the nearest installed Debian headers, merged from
-their ``-common`` and per-architecture halves, and say so.  Compiling takes
-about a second of CPU, so it runs in a worker thread: the caller's event loop
-keeps ticking; it runs in a worker process, so the compiler's memory is
-handed back to the system when the worker exits.
+A program's object comes from the cache when an earlier start compiled it
+(see ``_compile_cache``), loaded with plain ``bpf(2)`` calls.  Otherwise
+it is compiled in a worker process run by the interpreter that has bcc
+(see ``_compiler``): the worker hands back the program and map fds and a
+description of the object, which the cache keeps.  The worker's exit
+returns every byte of compiler memory to the system, and bcc never enters
+the host's process.  Both paths run in a worker thread: the verifier and
+the compiler take up to seconds, and the caller's event loop keeps ticking.
 """
 
 from __future__ import annotations
 
 import array
-import ctypes
-import dataclasses
-import importlib.util
 import json
 import logging
 import os
-import platform
 import re
-import shutil
 import socket
 import subprocess
-import sys
-import tempfile
-from collections.abc import Collection, Iterator
+import time
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio.to_thread
 
 from ._bpf import BpfMap, attach_perf_event, attach_raw_tracepoint, attach_tracepoint, online_cpus
-from ._errors import EnvironmentCheckError, ProbeError
+from ._compile_cache import ObjectCache, cache_key
+from ._environment import Toolchain, ensure_tracefs, require_environment
+from ._errors import ProbeError
+from ._object_image import ImageLoader, ObjectImage
 
 log = logging.getLogger("ebpf_stream")
 
 KERNEL_SOURCES = Path(__file__).parent / "_kernel"  # a link to kernel/ in the source tree
-MIN_KERNEL = (5, 8)  # BPF ring buffers
-_TRACEFS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
-_CAP_PERFMON, _CAP_BPF, _CAP_SYS_ADMIN = 38, 39, 21
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Check:
-    """The outcome of one environment check, with the fix when it failed."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-
-def _kernel_version() -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", platform.release())
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def _effective_caps() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
-def _in_user_namespace() -> bool:
-    """Whether this process runs in a user namespace other than the machine's.
-
-    The kernel checks BPF's capabilities against the machine's namespace, so
-    a rootless container's root holds them in name only.
-    """
-    try:
-        first = Path("/proc/self/uid_map").read_text().split()
-    except OSError:
-        return False
-    return first[:3] != ["0", "0", "4294967295"]
-
-
-# The capabilities loading BPF needs, and why; CAP_SYS_ADMIN stands in for either.
-_NEEDED_CAPS = (("CAP_BPF", _CAP_BPF, "create BPF maps and load programs"),
-                ("CAP_PERFMON", _CAP_PERFMON, "load tracing programs and open perf events"))
-_CAPS_FIX = ("run as root with CAP_BPF and CAP_PERFMON (docker run --cap-add BPF "
-             "--cap-add PERFMON, or the pod's securityContext.capabilities.add)")
-
-
-def _user() -> str:
-    uid = os.geteuid()
-    return "uid 0 (root)" if uid == 0 else f"uid {uid}"
-
-
-def held_capabilities() -> list[str]:
-    """The names of the capabilities BPF needs that this process holds (effective)."""
-    caps = _effective_caps()
-    return [name for name, bit in (("CAP_BPF", _CAP_BPF), ("CAP_PERFMON", _CAP_PERFMON),
-                                   ("CAP_SYS_ADMIN", _CAP_SYS_ADMIN)) if caps >> bit & 1]
-
-
-_USERNS_FIX = ("run in the machine's user namespace (not a rootless container), "
-               "as root with CAP_BPF and CAP_PERFMON")
-
-
-def check_capabilities() -> list[Check]:
-    """One check per capability BPF needs, as this process holds them.
-
-    The effective set decides, not the uid: a container's root, or one
-    started by ``setpriv`` or ``capsh``, often lacks them.
-    """
-    caps = _effective_caps()
-    admin = caps >> _CAP_SYS_ADMIN & 1
-    namespaced = _in_user_namespace()
-    checks = []
-    for name, bit, purpose in _NEEDED_CAPS:
-        if namespaced:
-            checks.append(Check(name, False, f"{_user()} in a user namespace, where "
-                                f"capabilities do not count for BPF: needed to {purpose}",
-                                _USERNS_FIX))
-        elif caps >> bit & 1:
-            checks.append(Check(name, True, f"held by {_user()}"))
-        elif admin:
-            checks.append(Check(name, True, f"covered by CAP_SYS_ADMIN, held by {_user()}"))
-        else:
-            checks.append(Check(name, False, f"{_user()} lacks it: needed to {purpose}",
-                                _CAPS_FIX))
-    return checks
-
-
-def check_privileges() -> Check:
-    """The capability checks in one line: what a start reports first."""
-    failed = [c.name for c in check_capabilities() if not c.ok]
-    if not failed:
-        return Check("privileges", True, f"{_user()} with CAP_BPF and CAP_PERFMON")
-    if _in_user_namespace():
-        return Check("privileges", False, f"{_user()} runs in a user namespace, where "
-                     "capabilities do not count for loading BPF", _USERNS_FIX)
-    return Check("privileges", False, "loading BPF needs CAP_BPF and CAP_PERFMON (or "
-                 f"CAP_SYS_ADMIN), and {_user()} lacks {' and '.join(failed)}", _CAPS_FIX)
-
-
-def check_kernel() -> Check:
-    ver = _kernel_version()
-    ok = ver >= MIN_KERNEL
-    return Check("kernel", ok, f"Linux {platform.release()}",
-                 "" if ok else f"upgrade to Linux {'.'.join(map(str, MIN_KERNEL))} or later")
-
-
-def check_btf() -> Check:
-    ok = Path("/sys/kernel/btf/vmlinux").exists()
-    return Check("btf", ok, "/sys/kernel/btf/vmlinux" + (" present" if ok else " missing"),
-                 "" if ok else "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
-
-
-def tracefs_path() -> Path | None:
-    return next((p for p in _TRACEFS if (p / "events").is_dir()), None)
-
-
-def _unreadable_tracefs(exc: PermissionError) -> Check:
-    # Mounted, and readable by root alone (mode 700).
-    return Check("tracefs", False, f"{exc.filename} is not readable by {_user()}", "run as root")
-
-
-def check_tracefs() -> Check:
-    try:
-        p = tracefs_path()
-    except PermissionError as exc:
-        return _unreadable_tracefs(exc)
-    if p:
-        return Check("tracefs", True, f"mounted at {p}")
-    return Check("tracefs", False, "not mounted", "mount -t tracefs nodev /sys/kernel/tracing")
-
-
-def ensure_tracefs() -> Path:
-    """Return tracefs' mount point, mounting it when missing and we are allowed to."""
-    p = tracefs_path()
-    if p:
-        return p
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"nodev", b"/sys/kernel/tracing", b"tracefs", 0, None) == 0:
-        log.info("mounted tracefs on /sys/kernel/tracing")
-        return Path("/sys/kernel/tracing")
-    err = os.strerror(ctypes.get_errno())
-    raise EnvironmentCheckError(
-        f"tracefs is not mounted and mounting it failed ({err}): "
-        "run 'mount -t tracefs nodev /sys/kernel/tracing' as root"
-    )
-
-
-def check_bcc() -> Check:
-    # Located, not imported: only the compile worker ever imports bcc.
-    spec = importlib.util.find_spec("bcc")
-    if spec is None or spec.origin is None:
-        return Check("bcc", False, "not importable",
-                     "apt-get install python3-bpfcc, then ./run setup to link it into .venv")
-    return Check("bcc", True, f"bcc at {Path(spec.origin).parent}")
-
-
-# -- kernel headers ----------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Headers:
-    """Where bcc should look for kernel headers, and whether that is an exact match."""
-
-    path: Path
-    exact: bool
-    description: str
-
-
-def _release_version(name: str) -> tuple[int, ...]:
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?(?:-(\d+))?", name)
-    return tuple(int(g or 0) for g in m.groups()) if m else ()
-
-
-def _installed_header_pairs(src: Path) -> Iterator[tuple[Path, Path]]:
-    """Yield (arch, common) pairs of Debian header directories under ``src``."""
-    if not src.is_dir():
-        return
-    for arch in sorted(src.glob("linux-headers-*")):
-        if arch.name.endswith("-common") or not (arch / "include").is_dir():
-            continue
-        stem = re.sub(r"-[a-z0-9_]+$", "", arch.name)  # drop the flavour (-amd64)
-        common = src / f"{stem}-common"
-        if common.is_dir():
-            yield arch, common
-
-
-def _merge_tree(dst: Path, sources: list[Path]) -> None:
-    """Overlay ``sources`` into ``dst`` as symlinks; later sources win on files.
-
-    Only directories present in several sources become real directories, so
-    the merged tree costs a few hundred inodes, not a copy of the headers.
-    """
-    dst.mkdir(parents=True, exist_ok=True)
-    entries: dict[str, list[Path]] = {}
-    for s in sources:
-        for child in s.iterdir():
-            entries.setdefault(child.name, []).append(child)
-    for name, paths in entries.items():
-        dirs = [p for p in paths if p.is_dir()]
-        if len(dirs) > 1:
-            _merge_tree(dst / name, dirs)
-        else:
-            (dst / name).symlink_to(paths[-1])
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("EBPF_STREAM_CACHE") or "/var/cache/ebpf-stream"
-    return Path(base)
-
-
-def _is_merged(tree: Path) -> bool:
-    return (tree / "include/linux/kconfig.h").exists()
-
-
-def find_headers(release: str | None = None, src: Path = Path("/usr/src")) -> Headers:
-    """Find kernel headers for ``release`` (default: the running kernel)."""
-    release = release or platform.release()
-    build = Path("/lib/modules") / release / "build"
-    if (build / "include/linux/kconfig.h").exists() or (
-        (build / "include").is_dir() and (build.parent / "source/include/linux/kconfig.h").exists()
-    ):
-        return Headers(build, True, f"{build} (matches the running kernel)")
-    pairs = list(_installed_header_pairs(src))
-    if not pairs:
-        raise EnvironmentCheckError(
-            f"no kernel headers found for Linux {release}: install linux-headers-amd64 "
-            "(or the headers of your kernel) with apt-get, or run ./run setup"
-        )
-    want = _release_version(release)
-    # Nearest: the newest headers not newer than the kernel, else the oldest newer ones.
-    older = [p for p in pairs if _release_version(p[0].name) <= want]
-    arch, common = max(older, key=lambda p: _release_version(p[0].name)) if older else min(
-        pairs, key=lambda p: _release_version(p[0].name))
-    merged = _cache_dir() / "kernel-headers" / arch.name
-    if not _is_merged(merged):
-        merged.parent.mkdir(parents=True, exist_ok=True)
-        # Probes open concurrently: each thread builds its own tree, the first rename wins.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{merged.name}.", dir=merged.parent))
-        _merge_tree(tmp, [common, arch])
-        if merged.exists() and not _is_merged(merged):
-            shutil.rmtree(merged, ignore_errors=True)  # left from headers since removed
-        try:
-            tmp.rename(merged)
-        except OSError:  # another thread or process built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return Headers(merged, False,
-                   f"no headers for Linux {release}; using {arch.name} with {common.name}")
-
-
-def _unpreparable_headers(exc: OSError) -> Check:
-    return Check("kernel headers", False, f"cannot prepare headers: {exc}",
-                 "set EBPF_STREAM_CACHE to a writable directory")
-
-
-def check_headers() -> Check:
-    try:
-        h = find_headers()
-    except EnvironmentCheckError as exc:
-        return Check("kernel headers", False, str(exc), "apt-get install linux-headers-amd64")
-    except OSError as exc:
-        return _unpreparable_headers(exc)
-    return Check("kernel headers", True, h.description)
-
-
-def environment_checks() -> list[Check]:
-    """Every check ``ebpf-stream doctor`` prints, in order, as this process sees them.
-
-    A check that breaks on something unforeseen fails with what broke it, so
-    the report is always whole.
-    """
-    checks: list[Check] = []
-    for name, run in (("capabilities", check_capabilities), ("kernel", check_kernel),
-                      ("btf", check_btf), ("tracefs", check_tracefs), ("bcc", check_bcc),
-                      ("kernel headers", check_headers)):
-        try:
-            outcome = run()
-        except Exception as exc:
-            outcome = Check(name, False, f"the check itself failed: {exc!r}",
-                            "report this as a bug")
-        checks.extend(outcome if isinstance(outcome, list) else [outcome])
-    return checks
-
-
-_warned_about: set[Path] = set()
-
-
-def _failure(check: Check) -> EnvironmentCheckError:
-    return EnvironmentCheckError(f"{check.name}: {check.detail}; fix: {check.fix}")
-
-
-def require_environment() -> Headers:
-    """Fail with the first actionable problem, or return the headers to compile with.
-
-    Capabilities come first: without them nothing else can work, and
-    saying so takes no compile.
-    """
-    for check in (check_privileges(), check_kernel(), check_btf(), check_bcc()):
-        if not check.ok:
-            raise _failure(check)
-    try:
-        ensure_tracefs()
-    except PermissionError as exc:
-        raise _failure(_unreadable_tracefs(exc)) from None
-    try:
-        headers = find_headers()
-    except OSError as exc:  # the cache of merged headers cannot be written
-        raise _failure(_unpreparable_headers(exc)) from None
-    if not headers.exact and headers.path not in _warned_about:
-        _warned_about.add(headers.path)  # once per run, not once per probe
-        log.warning("kernel headers: %s", headers.description)
-    return headers
-
-
-# -- compile, attach, detach -------------------------------------------------
-
+_WORKER = Path(__file__).with_name("_compile_worker.py")
 _MAX_FDS = 64
 
 
@@ -372,26 +56,9 @@ def _with_local_includes(source: Path) -> str:
                   source.read_text(), flags=re.MULTILINE)
 
 
-def _compile(source: Path, programs: dict[str, str], maps: list[str],
-             cflags: list[str], headers: Headers) -> LoadedProgram:
-    """Compile and load in a worker process; receive the program and map fds.
-
-    The worker's exit returns every byte of compiler memory to the system,
-    which is more than freeing bcc's caches and trimming the heap could.
-    """
-    request = json.dumps({"source": _with_local_includes(source), "cflags": cflags,
-                          "programs": programs, "maps": maps})
-    env = dict(os.environ, BCC_KERNEL_SOURCE=str(headers.path))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours, theirs:
-        result = subprocess.run(
-            [sys.executable, "-m", "ebpf_stream._compile_worker", str(theirs.fileno())],
-            input=request, capture_output=True, text=True, env=env,
-            pass_fds=(theirs.fileno(),), check=False)
-        if result.returncode != 0:
-            raise ProbeError(f"{source.name} failed to compile or load: "
-                             f"{_first_error(result.stderr, source)}")
-        message, ancillary, _, _ = ours.recvmsg(1 << 16, socket.CMSG_SPACE(_MAX_FDS * 4))
+def _receive_fds(sock: socket.socket, source: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """The worker's program and map fds, by name."""
+    message, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(_MAX_FDS * 4))
     fds = array.array("i")
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -404,10 +71,99 @@ def _compile(source: Path, programs: dict[str, str], maps: list[str],
         raise ProbeError(f"{source.name}: the compile worker returned {len(fds)} fds "
                          f"for {len(names)} objects")
     n_programs = len(reply["programs"])
-    program_fds = dict(zip(reply["programs"], fds[:n_programs], strict=True))
-    map_fds = dict(zip(reply["maps"], fds[n_programs:], strict=True))
-    return LoadedProgram(source.name, program_fds,
-                         {name: BpfMap(fd, name) for name, fd in map_fds.items()})
+    return (dict(zip(reply["programs"], fds[:n_programs], strict=True)),
+            dict(zip(reply["maps"], fds[n_programs:], strict=True)))
+
+
+def _compile(source: Path, text: str, programs: dict[str, str], maps: list[str],
+             cflags: list[str], toolchain: Toolchain) -> tuple[LoadedProgram, bytes]:
+    """Compile and load in a worker process; receive the fds and the object's image.
+
+    The image is empty when the worker could not describe the object: it
+    then loads as always, and only the cache goes without it.
+    """
+    request = json.dumps({"source": text, "cflags": cflags, "programs": programs,
+                          "maps": maps})
+    env = dict(os.environ, BCC_KERNEL_SOURCE=str(toolchain.headers.path))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        # -I: the host's PYTHONPATH and user site, perhaps another Python's, stay out.
+        result = subprocess.run(
+            [str(toolchain.compiler.python), "-I", str(_WORKER), str(theirs.fileno())],
+            input=request.encode(), capture_output=True, env=env,
+            pass_fds=(theirs.fileno(),), check=False)
+        if result.returncode != 0:
+            raise ProbeError(f"{source.name} failed to compile or load: "
+                             f"{_first_error(result.stderr.decode(errors='replace'), source)}")
+        program_fds, map_fds = _receive_fds(ours, source)
+    loaded = LoadedProgram(source.name, program_fds,
+                           {name: BpfMap(fd, name) for name, fd in map_fds.items()})
+    image = result.stdout if result.stdout.strip() not in (b"", b"null") else b""
+    return loaded, image
+
+
+def _from_image(source: Path, image: ObjectImage, programs: dict[str, str], maps: list[str],
+                later: Collection[str], refused: Callable[[], None]) -> LoadedProgram:
+    """Load an image: every program but those in ``later``, for now."""
+    missing = [n for n in programs if n not in image.programs] + [
+        n for n in maps if n not in image.maps]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
+    loader = ImageLoader(image)
+    fds: dict[str, int] = {}
+    try:
+        for name in loader.program_names():
+            if name not in later:
+                fds[name] = loader.load(name)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        loader.close()
+        raise
+    taken = {name: BpfMap(loader.map_fd(name), name) for name in maps}
+    if len(fds) == len(loader.program_names()):
+        loader.close()
+        return LoadedProgram(source.name, fds, taken)
+    return LoadedProgram(source.name, fds, taken, pending=loader, refused=refused)
+
+
+def _load(source: Path, programs: dict[str, str], maps: list[str], cflags: list[str],
+          later: Collection[str] = ()) -> LoadedProgram:
+    """Check the environment, then load from the cache or compile (and keep the result)."""
+    toolchain = require_environment()
+    text = _with_local_includes(source)
+    cache = ObjectCache.for_this_machine()
+    key = cache_key(text, cflags, programs, maps, toolchain.compiler, toolchain.headers)
+    if (loaded := _cached(cache, key, source, programs, maps, later)) is not None:
+        return loaded
+    with cache.compiling(key):
+        # Another process may have compiled it while this one waited.
+        if (loaded := _cached(cache, key, source, programs, maps, later)) is not None:
+            return loaded
+        started = time.monotonic()
+        loaded, image = _compile(source, text, programs, maps, cflags, toolchain)
+        log.info("compiled %s in %.1f s", source.name, time.monotonic() - started)
+        if image:
+            cache.put(key, image)
+    return loaded
+
+
+def _cached(cache: ObjectCache, key: str, source: Path, programs: dict[str, str],
+            maps: list[str], later: Collection[str]) -> LoadedProgram | None:
+    """The cached object, loaded; None on a miss or when it does not load (then it
+    is removed, to be compiled again)."""
+    image = cache.get(key)
+    if image is None:
+        return None
+    try:
+        loaded = _from_image(source, image, programs, maps, later, lambda: cache.discard(key))
+    except (OSError, ValueError) as exc:
+        log.info("the cached object of %s did not load (%s); compiling it again",
+                 source.name, exc)
+        cache.discard(key)
+        return None
+    log.info("loaded %s from the compile cache", source.name)
+    return loaded
 
 
 class LoadedProgram:
@@ -417,11 +173,36 @@ class LoadedProgram:
     fd; it is idempotent and safe to call from any cleanup path.
     """
 
-    def __init__(self, name: str, programs: dict[str, int], maps: dict[str, BpfMap]) -> None:
+    def __init__(self, name: str, programs: dict[str, int], maps: dict[str, BpfMap], *,
+                 pending: ImageLoader | None = None,
+                 refused: Callable[[], None] | None = None) -> None:
         self.name = name
         self._programs = programs
         self._maps = maps
         self._events: list[int] = []
+        self._pending = pending  # the image of programs not loaded yet
+        self._refused = refused  # called when one of them fails to load
+
+    def load_rest(self) -> None:
+        """Load the programs not loaded yet: an object from the cache loads the
+        programs its caller needs first, and the rest when the caller says.
+
+        Takes the verifier's time: call it from a worker thread.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            for name in pending.program_names():
+                if name not in self._programs:
+                    self._programs[name] = pending.load(name)
+        except OSError as exc:
+            if self._refused is not None:
+                self._refused()  # the next start compiles it afresh
+            raise ProbeError(f"{self.name}: the cached object did not load "
+                             f"({exc.strerror or exc})") from None
+        finally:
+            pending.close()
 
     def map(self, name: str) -> BpfMap:
         return self._maps[name]
@@ -444,9 +225,10 @@ class LoadedProgram:
         ``only``) to its tracepoint and every ``raw_tracepoint__NAME`` program to
         its raw tracepoint."""
         tracefs = ensure_tracefs()
-        for program, fd in self._programs.items():
+        for program in self.program_names():
             if only is not None and program not in only:
                 continue
+            fd = self._programs[program]  # loaded: see load_rest
             kind, _, target = program.partition("__")
             category, _, event = target.partition("__")
             try:
@@ -459,9 +241,13 @@ class LoadedProgram:
                                  f"{target.replace('__', ':')} failed ({exc.strerror})") from None
 
     def program_names(self) -> list[str]:
-        return list(self._programs)
+        """Every program of the object, loaded or not yet."""
+        if self._pending is None:
+            return list(self._programs)
+        return self._pending.program_names()
 
-    def attach_tracepoint(self, program: str, category: str, event: str, cookie: int) -> None:
+    def attach_tracepoint(self, program: str, category: str, event: str,
+                          cookie: int | None = None) -> None:
         """Attach ``program`` to one more tracepoint, with a cookie that says which."""
         try:
             self._events.extend(attach_tracepoint(
@@ -490,6 +276,9 @@ class LoadedProgram:
         return [m.fd for m in self._maps.values()]
 
     def close(self) -> None:
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
         self.detach()
         for fd in [*self.program_fds(), *self.map_fds()]:
             os.close(fd)
@@ -497,11 +286,14 @@ class LoadedProgram:
 
 
 async def load_program(source_name: str, programs: dict[str, str], maps: list[str],
-                       cflags: list[str]) -> LoadedProgram:
-    """Check the environment, then compile ``kernel/<source_name>`` in a worker process.
+                       cflags: list[str], later: Collection[str] = ()) -> LoadedProgram:
+    """Check the environment, then load ``kernel/<source_name>``: from the cache when
+    it holds the object, else compiled in a worker process.
 
     ``programs`` maps function names to bcc program types (``"PERF_EVENT"``...);
-    ``tracepoint__`` functions are loaded too.  Shielded: a compile cannot be
+    ``tracepoint__`` functions are loaded too.  An object from the cache
+    returns with the programs in ``later`` not loaded yet: the caller loads
+    them with ``LoadedProgram.load_rest``, meanwhile using the others.  Shielded: a load cannot be
     interrupted, and a cancelled caller must still receive the loaded program
     so that it can close it.  Callers check for cancellation once they own it.
     """
@@ -509,6 +301,5 @@ async def load_program(source_name: str, programs: dict[str, str], maps: list[st
     if not source.exists():
         raise ProbeError(f"BPF source {source} is missing; reinstall ebpf-stream")
     with anyio.CancelScope(shield=True):
-        headers = await anyio.to_thread.run_sync(require_environment)
-        loaded = await anyio.to_thread.run_sync(_compile, source, programs, maps, cflags, headers)
+        loaded = await anyio.to_thread.run_sync(_load, source, programs, maps, cflags, later)
     return loaded

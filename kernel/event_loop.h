@@ -72,7 +72,9 @@ static __always_inline int loop_watched(u32 pid) {
 #endif
 }
 
-static __always_inline int loop_waits(void) {
+// Runs on entry to epoll_wait, epoll_pwait and epoll_pwait2: one program
+// attached to the three, so the verifier checks its Python walk once.
+int on_loop_wait(void *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32, tid = id;
     if (!loop_watched(pid))
@@ -86,20 +88,24 @@ static __always_inline int loop_waits(void) {
         if (!t)
             return 0;
     }
+    // One walk serves both records; a thread not yet named walks nothing
+    // until its process is registered.  The stall test reads the map, not
+    // a register, so that every path reaches the walk in one state and
+    // the verifier checks it once.
     u64 stack = 0;
     u32 g = 0;
-    if (!t->named) {  // walks nothing until the process is registered
+    if (!t->named || (t->busy_since && now - t->busy_since >= STALL_NS)) {
         g = current_generation();
         stack = python_stack(pid, tid, g, now);
-        if (stack)
-            t->named = loop_record(LOOP_THREAD, pid, tid, now, stack, g, 0, 0);
     }
+    if (!t->named && stack)
+        t->named = loop_record(LOOP_THREAD, pid, tid, now, stack, g, 0, 0);
     u64 since = t->busy_since;
     if (!since)
         return 0;
+    u64 busy = now - since;
     t->busy_since = 0;
     t->blocked_since = 0;
-    u64 busy = now - since;
     struct loop_key key = {pid, tid};
     struct loop_histogram *h = loop_busy.lookup(&key);
     if (!h) {
@@ -112,30 +118,19 @@ static __always_inline int loop_waits(void) {
     h->count++;
     h->total_ns += busy;
     h->buckets[log2_bucket(busy) & (LOG2_BUCKETS - 1)]++;
-    if (busy >= STALL_NS) {
-        if (!stack) {
-            g = current_generation();
-            stack = python_stack(pid, tid, g, now);
-        }
+    if (busy >= STALL_NS)
         loop_record(LOOP_STALL, pid, tid, now, stack, g, since, busy);
-    }
     return 0;
 }
 
-static __always_inline int loop_returned(void) {
+// Runs on exit from the same three calls: the loop is busy from here on.
+int on_loop_return(void *ctx) {
     u32 tid = bpf_get_current_pid_tgid();
     struct loop_thread *t = loop_threads.lookup(&tid);
     if (t)
         t->busy_since = bpf_ktime_get_ns();
     return 0;
 }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait) { return loop_waits(); }
-TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait) { return loop_waits(); }
-TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait2) { return loop_waits(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return loop_returned(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait) { return loop_returned(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait2) { return loop_returned(); }
 
 // A busy loop's thread going to sleep: remember where, in Python terms.
 // This runs as the sleeping thread, so its memory is the one read.

@@ -109,6 +109,22 @@ def program_ids(pid: int | str = "self") -> set[int]:
     return ids
 
 
+def sampling(pid: int | str) -> bool:
+    """Whether a process's CPU sampling program has run: profilers count BPF run
+    time, so its count shows once sampling has begun."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            info = dict(line.split(":", 1) for line in
+                        Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if info.get("prog_type", "").strip() == "7" and int(info.get("run_cnt", 0)) > 0:
+            return True  # BPF_PROG_TYPE_PERF_EVENT
+    return False
+
+
 def bpf_fds(pid: int | str = "self") -> list[str]:
     """A process's fds that point at BPF programs, maps or perf events."""
     kinds = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from _support import bpf_fds, cpu_seconds, loaded_programs, program_ids, start_ready
+from _support import bpf_fds, cpu_seconds, loaded_programs, program_ids, sampling, start_ready
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -175,8 +176,9 @@ def test_interrupt_writes_what_was_collected_and_detaches(
                              "-o", str(out)], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not (ours := program_ids(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while not sampling(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ours = program_ids(proc.pid)
         time.sleep(1.5)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=30)
@@ -260,9 +262,13 @@ def test_doctor_passes_every_check_here() -> None:
     result = run_cli("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     for check in ("CAP_BPF", "CAP_PERFMON", "kernel", "btf", "tracefs", "bcc",
-                  "kernel headers"):
+                  "kernel headers", "compile cache"):
         assert check in result.stdout
     assert "FAIL" not in result.stdout
+    # Which Python compiles, and which bcc it imports, proven by importing it.
+    text = " ".join(result.stdout.replace("│", " ").split())  # the table wraps cells
+    assert re.search(r"bcc \d+\.\d+\.\d+ at \S+bcc.*compiled by \S+python3\S* "
+                     r"\(Python 3\.\d+\.\d+\)", text), result.stdout
 
 
 def test_no_fds_leak_into_the_test_process() -> None:

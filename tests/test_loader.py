@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ebpf_stream import EnvironmentCheckError
-from ebpf_stream._loader import environment_checks, find_headers
+from ebpf_stream._environment import environment_checks, require_environment
+from ebpf_stream._headers import find_headers
 
 
 def fake_headers(src: Path, version: str) -> None:
@@ -84,7 +85,8 @@ def test_headers_without_their_common_half_are_ignored(tmp_path: Path, cache: Pa
 def test_environment_checks_each_carry_a_fix_when_failing() -> None:
     checks = environment_checks()
     assert [c.name for c in checks] == [
-        "CAP_BPF", "CAP_PERFMON", "kernel", "btf", "tracefs", "bcc", "kernel headers"]
+        "CAP_BPF", "CAP_PERFMON", "kernel", "btf", "tracefs", "bcc", "kernel headers",
+        "compile cache"]
     for c in checks:
         assert c.ok or c.fix, c
 
@@ -94,7 +96,7 @@ def test_a_check_that_breaks_fails_instead_of_crashing(
     def broken() -> None:
         raise PermissionError(13, "Permission denied", "/sys/kernel/btf/vmlinux")
 
-    monkeypatch.setattr("ebpf_stream._loader.check_btf", broken)
+    monkeypatch.setattr("ebpf_stream._environment.check_btf", broken)
     (btf,) = [c for c in environment_checks() if c.name == "btf"]
     assert not btf.ok and "Permission denied" in btf.detail and btf.fix
 
@@ -103,12 +105,12 @@ def test_a_check_that_breaks_fails_instead_of_crashing(
 @pytest.mark.usefixtures("bpf_environment")
 def test_a_compile_error_is_one_line_pointing_at_the_source(tmp_path: Path) -> None:
     from ebpf_stream import ProbeError
-    from ebpf_stream._loader import _compile
+    from ebpf_stream._loader import _load
 
     source = tmp_path / "broken.bpf.c"
     source.write_text("int on_sample(void *ctx) { return undefined_thing; }\n")
     with pytest.raises(ProbeError) as error:
-        _compile(source, {"on_sample": "PERF_EVENT"}, [], [], find_headers())
+        _load(source, {"on_sample": "PERF_EVENT"}, [], [])
     message = str(error.value)
     assert "\n" not in message
     assert f"{source}:1:" in message and "undefined_thing" in message
@@ -117,12 +119,14 @@ def test_a_compile_error_is_one_line_pointing_at_the_source(tmp_path: Path) -> N
 @pytest.mark.bpf
 @pytest.mark.usefixtures("bpf_environment")
 def test_the_worker_hands_over_programs_and_maps(tmp_path: Path) -> None:
-    from ebpf_stream._loader import _compile
+    from ebpf_stream._loader import _compile, _with_local_includes
 
     source = tmp_path / "ok.bpf.c"
     source.write_text("BPF_ARRAY(numbers, u64, 4);\n"
                       "int on_sample(struct bpf_perf_event_data *ctx) { return 0; }\n")
-    program = _compile(source, {"on_sample": "PERF_EVENT"}, ["numbers"], [], find_headers())
+    program, image = _compile(source, _with_local_includes(source), {"on_sample": "PERF_EVENT"},
+                              ["numbers"], [], require_environment())
+    assert image
     try:
         assert len(program.program_fds()) == 1
         numbers = program.map("numbers")
@@ -140,7 +144,7 @@ def test_the_worker_hands_over_programs_and_maps(tmp_path: Path) -> None:
 def test_local_headers_raw_tracepoints_and_cookies(tmp_path: Path) -> None:
     """A shared header is part of the program (bcc rewrites its map calls), raw
     tracepoint programs attach by name, and a cookie tells attachments apart."""
-    from ebpf_stream._loader import _compile
+    from ebpf_stream._loader import _load
 
     (tmp_path / "shared.h").write_text("BPF_ARRAY(hits, u64, 2);\n"
                                        "static __always_inline void hit(int i) {\n"
@@ -157,8 +161,7 @@ def test_local_headers_raw_tracepoints_and_cookies(tmp_path: Path) -> None:
                       "    cookies.update(&zero, &cookie);\n"
                       "    return 0;\n"
                       "}\n")
-    program = _compile(source, {"on_getppid": "TRACEPOINT"}, ["hits", "cookies"], [],
-                       find_headers())
+    program = _load(source, {"on_getppid": "TRACEPOINT"}, ["hits", "cookies"], [])
     try:
         program.attach_tracepoints()
         program.attach_tracepoint("on_getppid", "syscalls", "sys_enter_getppid", 0xC0FFEE)

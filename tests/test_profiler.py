@@ -158,9 +158,16 @@ async def test_cancellation_flushes_and_detaches(running: subprocess.Popen[str])
     assert bpf_fds() == []
 
 
+@pytest.fixture
+def cold_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty compile cache: every probe compiles, as on a machine's first start."""
+    monkeypatch.setenv("EBPF_STREAM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.mark.anyio
 async def test_cancellation_while_starting_leaves_nothing_loaded(
-        running: subprocess.Popen[str]) -> None:
+        running: subprocess.Popen[str], cold_cache: Path) -> None:
     with anyio.move_on_after(0.2) as scope:
         async with Profiler(config_for(running.pid), [MemoryExporter()]):
             pytest.fail("the profiler cannot have started within 0.2 s")
@@ -385,3 +392,20 @@ async def test_a_refused_probe_closes_the_others_and_is_raised_alone_when_asked(
 def test_an_unknown_on_unavailable_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="on_unavailable: 'ignore' is not one of off, raise"):
         Profiler(on_unavailable="ignore")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_second_start_loads_from_the_compile_cache(
+        running: subprocess.Popen[str], cold_cache: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", "ebpf_stream")
+    entered = []
+    for _ in range(2):
+        caplog.clear()
+        started = time.monotonic()
+        async with Profiler(config_for(running.pid), [MemoryExporter()]):
+            entered.append(time.monotonic() - started)
+        messages = [r.getMessage() for r in caplog.records]
+    assert "loaded cpu_profile.bpf.c from the compile cache" in messages
+    assert not any(m.startswith("compiled") for m in messages), messages
+    assert entered[1] < entered[0], entered

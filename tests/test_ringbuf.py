@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import mmap
 import os
+import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
 
+from ebpf_stream._bpf import BpfMap
 from ebpf_stream._ringbuf import RingBuffer, drain_forever
+
+U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 PAGE = mmap.PAGESIZE
 BUSY = 1 << 31
@@ -373,12 +377,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
 
 
 class Probe:
-    """The test program, with one ring consumer per map."""
+    """The test program, loaded as the profiler loads its own, with one ring
+    consumer per map."""
 
-    def __init__(self) -> None:
-        from bcc import BPF
+    def __init__(self, directory: Path) -> None:
+        from ebpf_stream._loader import _load
 
-        self.bpf = BPF(text=PROGRAM.encode(), cflags=[f"-DMAX_PER_CALL={MAX_PER_CALL}"])
+        source = directory / "rings.bpf.c"
+        source.write_text(PROGRAM)
+        self.program = _load(source, {}, ["events", "small", "huge", "config", "counters"],
+                             [f"-DMAX_PER_CALL={MAX_PER_CALL}"])
+        self.program.attach_tracepoints()
         self.readers: list[RingBuffer] = []
 
     def configure(
@@ -386,7 +395,7 @@ class Probe:
     ) -> None:
         values = [os.getpid(), per_call, flags, ring, int(discard_odd)]
         for i, value in enumerate(values):
-            self.table("config")[ctypes.c_int(i)] = ctypes.c_uint64(value)
+            self.table("config").update(U32.pack(i), U64.pack(value))
 
     def reset(self) -> None:
         """Stop emitting, empty every ring and zero the counters."""
@@ -397,27 +406,28 @@ class Probe:
             reader.close()
         self.readers.clear()
         for i in range(2):
-            self.table("counters")[ctypes.c_int(i)] = ctypes.c_uint64(0)
+            self.table("counters").update(U32.pack(i), U64.pack(0))
 
-    def table(self, name: str) -> Any:
-        return self.bpf[name.encode()]  # bcc warns on str names
+    def table(self, name: str) -> BpfMap:
+        return self.program.map(name)
 
     def reader(self, name: str) -> RingBuffer:
         table = self.table(name)
-        reader = RingBuffer(table.map_fd, table.max_entries, EVENT)
+        reader = RingBuffer(table.fd, table.max_entries, EVENT)
         self.readers.append(reader)
         return reader
 
     def counter(self, i: int) -> int:
-        return int(self.table("counters")[ctypes.c_int(i)].value)
+        return self.table("counters").lookup_u64_sum(i)
 
 
 @pytest.fixture(scope="module")
-def bpf_probe(bpf_environment: None) -> Iterator[Probe]:
-    probe = Probe()
+def bpf_probe(bpf_environment: None, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[Probe]:
+    probe = Probe(tmp_path_factory.mktemp("rings"))
     yield probe
     probe.reset()
-    probe.bpf.cleanup()
+    probe.program.close()
 
 
 @pytest.fixture
@@ -488,8 +498,8 @@ def test_real_ring_discarded_records_are_skipped(probe: Probe) -> None:
 def test_close_releases_the_mmaps_and_their_fds(bpf_probe: Probe) -> None:
     table = bpf_probe.table("events")
     before = fd_count()
-    ring = RingBuffer(table.map_fd, table.max_entries, EVENT)
-    assert ring.fd == table.map_fd
+    ring = RingBuffer(table.fd, table.max_entries, EVENT)
+    assert ring.fd == table.fd
     assert fd_count() == before + 2  # each mmap keeps a dup
     ring.close()
     ring.close()
@@ -500,9 +510,9 @@ def test_close_releases_the_mmaps_and_their_fds(bpf_probe: Probe) -> None:
 def test_wrong_size_or_map_type_is_refused(bpf_probe: Probe) -> None:
     table = bpf_probe.table("events")
     with pytest.raises(ValueError, match="holds 262144 bytes"):
-        RingBuffer(table.map_fd, 4096, EVENT)
+        RingBuffer(table.fd, 4096, EVENT)
     with pytest.raises(ValueError, match="not a BPF ring buffer"):
-        RingBuffer(bpf_probe.table("config").map_fd, 4096, EVENT)
+        RingBuffer(bpf_probe.table("config").fd, 4096, EVENT)
 
 
 @pytest.mark.bpf

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_stream._loader import ensure_tracefs
+from ebpf_stream._environment import ensure_tracefs
 from ebpf_stream._syscall_names import syscall_name, unnamed_syscalls, warn_of_unnamed_syscalls
 from ebpf_stream._syscall_table import X86_64
 

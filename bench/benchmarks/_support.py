@@ -9,12 +9,15 @@ scheduler clock and from ``/proc/PID/stat``, BPF run time and map memory from
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CPUCLOCK_SCHED = 2
@@ -25,7 +28,7 @@ def bpf_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "loading BPF programs needs root"
     try:
-        import bcc  # noqa: F401
+        system_bcc()
     except ImportError:
         return "bcc is not importable"
     return None
@@ -36,12 +39,38 @@ def prepare_bcc() -> dict[str, str]:
 
     Returns the environment variables a bcc subprocess needs too.
     """
-    from ebpf_stream._loader import ensure_tracefs, find_headers
+    from ebpf_stream._environment import ensure_tracefs
+    from ebpf_stream._headers import find_headers
 
     ensure_tracefs()
+    system_bcc()  # so that ``from bcc import BPF`` works from here on
     env = {"BCC_KERNEL_SOURCE": str(find_headers().path)}
     os.environ.update(env)
     return env
+
+
+def system_bcc() -> ModuleType:
+    """bcc, for the benchmarks that compare against it in this process.
+
+    ebpf-stream's environment has no bcc (the compile worker runs under the
+    interpreter that has it), so bcc is taken from where its package
+    installed it: the system's Python, or this interpreter if it has one.
+    """
+    if "bcc" not in sys.modules:
+        from ebpf_stream._compiler import find_compiler
+
+        try:
+            location = find_compiler().bcc
+        except Exception as exc:
+            raise ImportError(str(exc)) from exc
+        spec = importlib.util.spec_from_file_location(
+            "bcc", location / "__init__.py", submodule_search_locations=[str(location)])
+        if spec is None or spec.loader is None:
+            raise ImportError(f"bcc at {location} cannot be imported")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bcc"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bcc"]
 
 
 def median(values: Iterable[float]) -> float:

@@ -65,6 +65,12 @@ SAMPLE = np.dtype([
 ])
 # `enum kind` in kernel/cpu_sample.h
 _SAMPLE, _LOOP_THREAD, _LOOP_BLOCKED, _LOOP_STALL, _PROCESS_EXEC = range(5)
+# The event-loop hooks (kernel/event_loop.h): one program for the entry to
+# every epoll wait call, one for the return, and one on context switches.
+_LOOP_WAIT, _LOOP_RETURN = "on_loop_wait", "on_loop_return"
+_SWITCH_HOOK = "tracepoint__sched__sched_switch"
+_LOOP_HOOKS = frozenset({_LOOP_WAIT, _LOOP_RETURN, _SWITCH_HOOK})
+_LOOP_CALLS = ("epoll_wait", "epoll_pwait", "epoll_pwait2")
 _WAKEUP_EVERY = 64
 _PAGE = 4096
 _NO_STACK, _STACK_LOST = 0, 2  # kernel/cpu_sample.h; stack keys are odd
@@ -113,7 +119,10 @@ class CpuProbe(RingProbe):
         self._python_frames = config.python_frames is not PythonFrames.OFF
         self._loop_stalls = self._python_frames and config.loop_stall_ms > 0
         self._python: PythonProcesses | None = None
-        self._loop_hooks: list[str] = []  # attached once there is a loop to watch
+        # The loop hooks are attached once there is a loop to watch, and loaded by then.
+        self._loop_hooks_loaded = False
+        self._loop_hooks_attached = False
+        self._loops_to_watch = False
         self._looks_waiting: anyio.Event | None = None  # set when a process awaits a look
 
     ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
@@ -146,33 +155,47 @@ class CpuProbe(RingProbe):
             names.append("loop_busy")
         return [*names, "targets"] if self._targets is not None else names
 
+    def _programs(self) -> dict[str, str]:
+        programs = {"on_cpu_sample": "PERF_EVENT"}
+        if self._loop_stalls:
+            programs |= {_LOOP_WAIT: "TRACEPOINT", _LOOP_RETURN: "TRACEPOINT"}
+        return programs
+
     async def open(self) -> None:
+        # The loop hooks take most of the verifier's time: from the compile
+        # cache, sampling starts while they are verified beside it.
         self._program = await load_program(
-            "cpu_profile.bpf.c", {"on_cpu_sample": "PERF_EVENT"}, self._map_names(),
-            self.cflags())
+            "cpu_profile.bpf.c", self._programs(), self._map_names(), self.cflags(),
+            later=_LOOP_HOOKS)
         try:
             await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
             load_targets(self._program, self._targets or ())
             self._epoch_start_ns = time.monotonic_ns()
             self._ring = RingBuffer(self.map("samples").fd, self._config.ring_buffer_bytes,
                                     SAMPLE)
-            programs = self._program.program_names()
-            self._loop_hooks = [p for p in programs if "epoll" in p or "sched_switch" in p]
             self._program.attach_tracepoints(
-                only=[p for p in programs if p not in self._loop_hooks])
-            if self._python_frames:
-                await anyio.to_thread.run_sync(self._start_python)
-            if self._targets is not None:
+                only=[p for p in self._program.program_names() if p not in _LOOP_HOOKS])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, self._program.load_rest)
+                await anyio.to_thread.run_sync(self._start_sampling)
+            self._loop_hooks_loaded = True
+            if self._loops_to_watch or self._targets is not None:
                 # The kernel watches chosen targets' loops before their
                 # interpreter is found (event_loop.h); after the self-test,
                 # whose records are dropped.
                 self._watch_loops()
-            self._started_ns = time.monotonic_ns()
-            self._program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
-                                            PERF_COUNT_SW_CPU_CLOCK, self._config.sample_period_ns)
         except BaseException:
             self.close()
             raise
+
+    def _start_sampling(self) -> None:
+        """Prepare Python frames, then attach the sampling program."""
+        assert self._program is not None
+        if self._python_frames:
+            self._start_python()
+        self._started_ns = time.monotonic_ns()
+        self._program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
+                                        PERF_COUNT_SW_CPU_CLOCK, self._config.sample_period_ns)
 
     def _start_python(self) -> None:
         """Check the offsets on this process, then register the targets' interpreters."""
@@ -199,10 +222,19 @@ class CpuProbe(RingProbe):
 
         Until then they would cost every process on the machine: enabling any
         syscall tracepoint sends every syscall down the kernel's slow path.
+        A loop found while the hooks are still being loaded is watched as
+        soon as they are.
         """
-        if self._loop_hooks and self._program is not None:
-            hooks, self._loop_hooks = self._loop_hooks, []
-            self._program.attach_tracepoints(only=hooks)
+        self._loops_to_watch = True
+        program = self._program
+        if (not self._loop_stalls or self._loop_hooks_attached or not self._loop_hooks_loaded
+                or program is None):
+            return
+        self._loop_hooks_attached = True
+        for call in _LOOP_CALLS:
+            program.attach_tracepoint(_LOOP_WAIT, "syscalls", f"sys_enter_{call}")
+            program.attach_tracepoint(_LOOP_RETURN, "syscalls", f"sys_exit_{call}")
+        program.attach_tracepoints(only=[_SWITCH_HOOK])
 
     async def run(self, emit: Emit) -> None:
         async with anyio.create_task_group() as tg:

@@ -16,8 +16,8 @@ from typing import ClassVar
 import numpy as np
 
 from .._config import EbpfConfig
+from .._environment import ensure_tracefs
 from .._events import Event, SlowSyscall, SyscallTotals
-from .._loader import ensure_tracefs
 from .._stats import Stats
 from .._syscall_names import syscall_name, warn_of_unnamed_syscalls
 from .tracing import TracingProbe, forget_pid_keys, process_name
