@@ -56,8 +56,9 @@ _BATCH_QUEUE = 2  # batches waiting for slow exporters; each holds up to max_sam
 
 # A way of profiling that needs no BPF would add a mode here, and the
 # matching choice to OnUnavailable.
-Mode = Literal["bpf", "off"]
-"""How a run profiles: with BPF probes, or not at all (the environment refused BPF)."""
+Mode = Literal["starting", "bpf", "off"]
+"""How a run profiles: still starting in the background, with BPF probes, or not at
+all (the environment refused BPF)."""
 OnUnavailable = Literal["off", "raise"]
 """What a start does when the environment refuses BPF: run unprofiled, or raise."""
 
@@ -106,6 +107,7 @@ class Profiler:
         follow_children: bool = False,
         shutdown_timeout: float = 15.0,
         on_unavailable: OnUnavailable = "off",
+        start_in_background: bool = False,
     ) -> None:
         if on_unavailable not in get_args(OnUnavailable):
             raise ConfigError(f"on_unavailable: {on_unavailable!r} is not one of "
@@ -116,6 +118,7 @@ class Profiler:
         self._system_wide = system_wide
         self._follow = follow_children
         self._shutdown_timeout = shutdown_timeout
+        self._background = start_in_background
         self._standalone = False  # the CLI owns the whole process, so all its memory counts
         self._running = False
         self._new_run()
@@ -138,11 +141,25 @@ class Profiler:
         self._failure: Exception | None = None
         self._mode: Mode = "off"
         self._unavailable: EbpfStreamError | None = None
+        self._opening: anyio.CancelScope | None = None  # a background start under way
+        self._started: anyio.Event | None = None  # set when the run's start has ended
+        self._baseline = 0  # anonymous RSS before the run loaded anything
 
     @property
     def mode(self) -> Mode:
-        """How the current (or last) run profiles: ``"bpf"``, or ``"off"`` when the
-        environment refused BPF (and before the first run)."""
+        """How the current (or last) run profiles: ``"bpf"``, ``"off"`` when the
+        environment refused BPF (and before the first run), or ``"starting"``
+        while a background start is under way."""
+        return self._mode
+
+    async def wait_started(self) -> Mode:
+        """Wait until the run's start has ended, however it ended; return ``mode``.
+
+        Returns at once after a foreground start, which ends before
+        ``async with`` enters its block.
+        """
+        if self._started is not None:
+            await self._started.wait()
         return self._mode
 
     @property
@@ -188,19 +205,56 @@ class Profiler:
             from ._exporters.otlp.exporter import OtlpExporter
             self._run_exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
         self._running = True
+        self._started = anyio.Event()
+        self._baseline = anon_rss_bytes()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        if self._background:
+            self._mode = "starting"
+            self._task_group.start_soon(self._start_in_background, config)
+            return self
         try:
             await self._start_run(config)
         except BaseException:
+            self._close_kernel_side()
+            await self._task_group.__aexit__(None, None, None)
+            self._task_group = None
             self._running = False
             raise
         return self
 
+    async def _start_in_background(self, config: EbpfConfig) -> None:
+        """``_start_run`` as a task of the run, so that entering returns at once.
+
+        Shielded from the host's cancellation, like the pipeline: only the
+        run's exit stops it.  A failure the caller asked to have raised is
+        logged now and raised when the block exits.
+        """
+        with anyio.CancelScope(shield=True) as self._opening:
+            if self._stopping:
+                self._opening.cancel()
+            try:
+                await self._start_run(config)
+            except Exception as exc:
+                log.error("ebpf-stream: profiling did not start: %s", exc)
+                self._failure = exc
+                self._close_kernel_side()
+            finally:
+                if self._mode == "starting":  # failed, or cancelled by the run's exit
+                    self._mode = "off"
+                self._start_ended()
+        self._opening = None
+
+    def _start_ended(self) -> None:
+        if self._started is not None:
+            self._started.set()
+
     async def _start_run(self, config: EbpfConfig) -> None:
+        """Open the probes, then start the pipeline's tasks in the run's task group."""
         # Loaded at start, not at import: they pull in numpy and the symbolizer.
         from ._batcher import Batcher
         from ._symbolize import Symbolizer
 
-        baseline = anon_rss_bytes()
         probes = probes_for(config, self._stats, targets=self._targets(),
                             follow_children=self._follow)
         try:
@@ -211,32 +265,29 @@ class Profiler:
             # One line, with the fix: the host keeps running, so this is all it shows.
             log.warning("ebpf-stream: profiling is off: %s", exc)
             self._unavailable = exc
+            self._mode = "off"
+            self._start_ended()
             return
-        self._mode = "bpf"
         self._monitor = OverheadMonitor(
             self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
             lambda: [fd for p in self._probes for fd in p.map_fds()],
-            whole_process=self._standalone, anon_baseline=baseline)
-        try:
-            events = Channel[EventMessage](
-                config.channel_capacity, config.overflow_policy,
-                weight=lambda m: m.samples, on_drop=self._count_drop)
-            batches = Channel[Batch](
-                _BATCH_QUEUE, config.overflow_policy,
-                weight=lambda b: b.sample_count, on_drop=self._count_drop)
-            symbolizer = Symbolizer()
-            await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
-            batcher = Batcher(config, symbolizer, self._stats)
-            self._task_group = anyio.create_task_group()
-            await self._task_group.__aenter__()
-            self._readers = len(self._probes)
-            for probe in self._probes:
-                self._start(self._read, probe, events)
-            self._start(batcher.run, events, batches)
-            self._start(self._export, batches)
-        except BaseException:
-            self._close_kernel_side()
-            raise
+            whole_process=self._standalone, anon_baseline=self._baseline)
+        events = Channel[EventMessage](
+            config.channel_capacity, config.overflow_policy,
+            weight=lambda m: m.samples, on_drop=self._count_drop)
+        batches = Channel[Batch](
+            _BATCH_QUEUE, config.overflow_policy,
+            weight=lambda b: b.sample_count, on_drop=self._count_drop)
+        symbolizer = Symbolizer()
+        await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
+        batcher = Batcher(config, symbolizer, self._stats)
+        self._readers = len(self._probes)
+        for probe in self._probes:
+            self._start(self._read, probe, events)
+        self._start(batcher.run, events, batches)
+        self._start(self._export, batches)
+        self._mode = "bpf"
+        self._start_ended()
 
     async def _open_probes(self, probes: list[Probe]) -> None:
         """Open the probes side by side (each compiles in its own worker process).
@@ -257,6 +308,8 @@ class Profiler:
 
     def _stop_reading(self) -> None:
         self._stopping = True
+        if self._opening is not None:
+            self._opening.cancel()
         for scope in self._reading:
             scope.cancel()
 

@@ -395,6 +395,36 @@ def test_an_unknown_on_unavailable_is_a_config_error() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_background_start_returns_at_once_and_profiles_once_loaded(
+        running: subprocess.Popen[str], cold_cache: Path) -> None:
+    memory = MemoryExporter()
+    started = time.monotonic()
+    async with Profiler(config_for(running.pid), [memory], start_in_background=True) as p:
+        entered = time.monotonic() - started
+        assert p.mode == "starting"
+        assert await p.wait_started() == "bpf"
+        loaded = time.monotonic() - started
+        await anyio.sleep(1)
+    running.kill()
+    running.wait()
+    assert entered < 0.1 < loaded, (entered, loaded)
+    assert memory.profile is not None and memory.profile.sample_count > 20
+    assert await p.wait_started() == "bpf", "a finished run keeps its mode"
+
+
+@pytest.mark.anyio
+async def test_leaving_during_a_background_start_leaves_nothing_loaded(
+        running: subprocess.Popen[str], cold_cache: Path) -> None:
+    memory = MemoryExporter()
+    async with Profiler(config_for(running.pid), [memory], start_in_background=True) as p:
+        await anyio.sleep(0.2)
+        assert p.mode == "starting"
+    assert p.mode == "off" and p.unavailable is None
+    assert bpf_fds() == [], "the program compiled meanwhile must be closed"
+    assert memory.profile is None
+
+
+@pytest.mark.anyio
 async def test_a_second_start_loads_from_the_compile_cache(
         running: subprocess.Popen[str], cold_cache: Path,
         caplog: pytest.LogCaptureFixture) -> None:
