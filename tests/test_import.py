@@ -38,6 +38,14 @@ def test_import_loads_no_heavy_module(statement: str) -> None:
     assert sorted(loaded_after(statement) & set(HEAVY)) == []
 
 
+def test_the_integrations_load_neither_their_framework_nor_anything_heavy() -> None:
+    loaded = loaded_after("import ebpf_stream.integrations.starlette\n"
+                          "import ebpf_stream.integrations.aiohttp\n"
+                          "from ebpf_stream.integrations import ServiceProfiling")
+    frameworks = {"starlette", "fastapi", "aiohttp", "uvicorn", "gunicorn"}
+    assert sorted(loaded & {*HEAVY, *frameworks}) == []
+
+
 def test_an_exporter_loads_only_what_it_needs() -> None:
     loaded = loaded_after("from ebpf_stream.exporters import FoldedFileExporter, "
                           "OtlpJsonFileExporter")
@@ -46,7 +54,7 @@ def test_an_exporter_loads_only_what_it_needs() -> None:
 
 
 def test_every_public_name_resolves() -> None:
-    for package in ("ebpf_stream", "ebpf_stream.exporters"):
+    for package in ("ebpf_stream", "ebpf_stream.exporters", "ebpf_stream.integrations"):
         out = run_python(f"import {package} as p\n"
                          "print(all(getattr(p, n).__name__ == n for n in p.__all__))")
         assert out.split() == ["True"], package

@@ -44,3 +44,10 @@ def format_for_path(path: str | os.PathLike[str]) -> str | None:
     """The format a file name implies (a key of FORMATS), or None if it implies none."""
     name = os.fspath(path).lower()
     return next((fmt for suffix, fmt in _SUFFIXES if name.endswith(suffix)), None)
+
+
+def format_suffix(path: str | os.PathLike[str]) -> str:
+    """The suffix that names ``path``'s format (``.pb.gz``), else its last suffix."""
+    name = os.fspath(path).lower()
+    return next((suffix for suffix, _ in _SUFFIXES if name.endswith(suffix)),
+                Path(name).suffix)

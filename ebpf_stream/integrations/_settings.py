@@ -1,0 +1,251 @@
+"""What a service's profiling is, from its arguments and its environment.
+
+Operators turn profiling on, point it somewhere and tune it with
+``EBPF_STREAM_*`` variables (and the standard ``OTEL_*`` ones for OTLP),
+without a code change; the code may settle any of it instead, and an
+argument given in code wins over the variables it stands for.  Everything
+is read and checked once, when the service starts, so a typo in a manifest
+stops the service there with one line naming the variable, rather than
+being ignored or surfacing minutes later.
+
+With nothing saying where profiles go, the service is not profiled: a
+library that is merely installed must cost nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypedDict, TypeVar
+
+from .._config import EbpfConfig, PythonFrames
+from .._errors import ConfigError
+from .._exporters.base import Exporter
+from .._otlp.settings import endpoint_in_environment
+from .._profiler import OnUnavailable
+
+PREFIX = "EBPF_STREAM_"
+VARIABLES = {
+    "EBPF_STREAM_ENABLED": "true or false; unset: profile when something names a destination",
+    "EBPF_STREAM_OUTPUT": "comma-separated files, each format from its suffix; {pid} is the pid",
+    "EBPF_STREAM_PRESET": "production (default), staging, development or debug",
+    "EBPF_STREAM_SAMPLE_RATE": "samples per second per CPU (Hz)",
+    "EBPF_STREAM_STALL_THRESHOLD_MS": "asyncio loop stall threshold in ms; 0 turns it off",
+    "EBPF_STREAM_PYTHON_FRAMES": "merged (default), python or off",
+    "EBPF_STREAM_EXPORT_INTERVAL": "seconds between exports",
+    "EBPF_STREAM_ON_UNAVAILABLE": "off (default) or raise",
+}
+"""The variables read here, and what each takes (the README has the full story)."""
+
+# The parts of the config each variable sets: an argument ``config`` replaces them all.
+_CONFIG_VARIABLES = ("EBPF_STREAM_PRESET", "EBPF_STREAM_SAMPLE_RATE",
+                     "EBPF_STREAM_STALL_THRESHOLD_MS", "EBPF_STREAM_PYTHON_FRAMES",
+                     "EBPF_STREAM_EXPORT_INTERVAL")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_WHOLE = re.compile(r"\d+")
+# Digits, optionally with a fraction; not float(), which takes "inf", "nan" and "1e3".
+_DECIMAL = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)")
+_T = TypeVar("_T")
+
+
+class ProfilingOptions(TypedDict, total=False):
+    """What code may settle instead of the environment; each wins over its variables.
+
+    ``config`` stands for ``EBPF_STREAM_PRESET``, ``_SAMPLE_RATE``,
+    ``_STALL_THRESHOLD_MS``, ``_PYTHON_FRAMES`` and ``_EXPORT_INTERVAL``;
+    ``outputs`` for ``EBPF_STREAM_OUTPUT``; ``exporters`` for every
+    destination the environment names (``EBPF_STREAM_OUTPUT`` and OTLP),
+    though ``outputs`` given too are still written; ``enabled`` for
+    ``EBPF_STREAM_ENABLED``; ``on_unavailable`` for
+    ``EBPF_STREAM_ON_UNAVAILABLE``.  ``environ`` replaces ``os.environ``
+    as the place variables are read from (``OTEL_*`` included).
+    """
+
+    config: EbpfConfig
+    exporters: Sequence[Exporter]
+    outputs: Sequence[str | os.PathLike[str]]
+    enabled: bool
+    on_unavailable: OnUnavailable
+    environ: Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Output:
+    """A file to write: its format, and its path as given (``{pid}`` not yet replaced)."""
+
+    format: str
+    path: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """The resolved answer: whether to profile, how, and where to.
+
+    ``off`` says why not to profile (None: profile).  ``source`` is how
+    errors about ``outputs`` name where they came from.
+    """
+
+    off: str | None
+    config: EbpfConfig = dataclasses.field(default_factory=EbpfConfig)
+    exporters: tuple[Exporter, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    source: str = "EBPF_STREAM_OUTPUT"
+    otlp: bool = False
+    on_unavailable: OnUnavailable = "off"
+    ignored: tuple[str, ...] = ()  # variables set, but settled by the code
+
+
+def read_settings(options: ProfilingOptions) -> Settings:
+    """Resolve ``options`` and the environment; ``ConfigError`` names a malformed value."""
+    env = options.get("environ", os.environ)
+    ignored = []
+    enabled = options.get("enabled")
+    if enabled is None:
+        enabled = _parsed(env, "EBPF_STREAM_ENABLED", _parse_bool)
+    elif _get(env, "EBPF_STREAM_ENABLED") is not None:
+        ignored.append("EBPF_STREAM_ENABLED")
+    if enabled is False:
+        by = ("enabled=False" if "enabled" in options
+              else f"EBPF_STREAM_ENABLED={_get(env, 'EBPF_STREAM_ENABLED')}")
+        return Settings(off=f"profiling is disabled ({by})")
+
+    exporters = tuple(options.get("exporters", ()))
+    given = options.get("outputs")
+    source = "outputs" if given is not None else "EBPF_STREAM_OUTPUT"
+    if isinstance(given, str | os.PathLike):  # one path: a str is a sequence too
+        given = [given]
+    if given is not None:
+        paths = [os.fspath(p) for p in given]
+    else:
+        raw = _get(env, "EBPF_STREAM_OUTPUT")
+        paths = [] if raw is None else [p.strip() for p in raw.split(",") if p.strip()]
+    sdk_disabled = (_get(env, "OTEL_SDK_DISABLED") or "").lower() == "true"
+    otlp = "exporters" not in options and endpoint_in_environment(env) and not sdk_disabled
+    if "exporters" in options and given is None and paths:
+        ignored.append("EBPF_STREAM_OUTPUT")
+        paths = []
+    if not (exporters or paths or otlp):
+        if enabled:
+            by = "enabled" if "enabled" in options else "EBPF_STREAM_ENABLED"
+            raise ConfigError(f"{by}: profiling is on, but nothing says where profiles go "
+                              "(set EBPF_STREAM_OUTPUT or OTEL_EXPORTER_OTLP_ENDPOINT)")
+        why = ("OTEL_SDK_DISABLED=true turns OTLP export off, and no EBPF_STREAM_OUTPUT is set"
+               if sdk_disabled and endpoint_in_environment(env)
+               else "nothing says where profiles go (set EBPF_STREAM_OUTPUT or "
+                    "OTEL_EXPORTER_OTLP_ENDPOINT)")
+        return Settings(off=f"profiling is off: {why}")
+
+    config = options.get("config")
+    if config is None:
+        config = config_from_environment(env)
+    else:
+        ignored.extend(name for name in _CONFIG_VARIABLES if _get(env, name) is not None)
+    outputs = tuple(_output(path, source, config) for path in paths)
+
+    on_unavailable = options.get("on_unavailable")
+    if on_unavailable is None:
+        on_unavailable = _parsed(env, "EBPF_STREAM_ON_UNAVAILABLE",
+                                 _parse_on_unavailable) or "off"
+    elif _get(env, "EBPF_STREAM_ON_UNAVAILABLE") is not None:
+        ignored.append("EBPF_STREAM_ON_UNAVAILABLE")
+    return Settings(off=None, config=config, exporters=exporters, outputs=outputs,
+                    source=source, otlp=otlp, on_unavailable=on_unavailable,
+                    ignored=tuple(ignored))
+
+
+def config_from_environment(env: Mapping[str, str]) -> EbpfConfig:
+    """The preset ``EBPF_STREAM_PRESET`` names, refined by the other config variables."""
+    preset = _get(env, "EBPF_STREAM_PRESET") or "production"
+    config = _named("EBPF_STREAM_PRESET", lambda: EbpfConfig.for_environment(preset))
+    rate = _parsed(env, "EBPF_STREAM_SAMPLE_RATE", _parse_whole)
+    if rate is not None:
+        config = _named("EBPF_STREAM_SAMPLE_RATE", lambda: config.with_sample_rate(rate))
+    interval = _parsed(env, "EBPF_STREAM_EXPORT_INTERVAL", _parse_decimal)
+    if interval is not None:
+        config = _named("EBPF_STREAM_EXPORT_INTERVAL",
+                        lambda: config.with_export_interval(interval))
+    frames = _get(env, "EBPF_STREAM_PYTHON_FRAMES")
+    if frames is not None:
+        config = _named("EBPF_STREAM_PYTHON_FRAMES",
+                        lambda: config.with_python_frames(frames.lower()))
+    stall = _parsed(env, "EBPF_STREAM_STALL_THRESHOLD_MS", _parse_decimal)
+    if stall is not None:
+        if stall and config.python_frames is PythonFrames.OFF:
+            raise ConfigError("EBPF_STREAM_STALL_THRESHOLD_MS: stall detection needs Python "
+                              "frames, which EBPF_STREAM_PYTHON_FRAMES=off turns off")
+        config = _named("EBPF_STREAM_STALL_THRESHOLD_MS",
+                        lambda: config.with_stall_threshold(stall))
+    return config
+
+
+def _output(path: str, source: str, config: EbpfConfig) -> Output:
+    # Loaded here: the formats' module brings the OTLP/JSON exporter, and protobuf.
+    from .._exporters.formats import format_for_path
+
+    fmt = format_for_path(path)
+    if fmt is None:
+        raise ConfigError(f"{source}: cannot tell the format of {path!r} from its name (end it "
+                          "in .folded, .pb.gz, .speedscope.json, .svg or .otlp.jsonl)")
+    if not config.cpu_profiling and fmt != "otlp-json":
+        raise ConfigError(f"{source}: {path} would hold CPU samples, and CPU profiling is off; "
+                          "write OTLP/JSON (.otlp.jsonl) instead")
+    return Output(fmt, path)
+
+
+# -- parsing: each raises ConfigError naming the variable ---------------------------------
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value; empty counts as unset, as for the ``OTEL_*`` variables."""
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _parsed(env: Mapping[str, str], name: str, parse: Callable[[str], _T]) -> _T | None:
+    value = _get(env, name)
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {value!r} {exc}") from None
+
+
+def _named(name: str, build: Callable[[], _T]) -> _T:
+    """``build()``, its ``ConfigError`` naming the variable instead of the config field."""
+    try:
+        return build()
+    except ConfigError as exc:
+        _field, _, reason = str(exc).partition(": ")
+        raise ConfigError(f"{name}: {reason}") from None
+
+
+def _parse_bool(value: str) -> bool:
+    text = value.lower()
+    if text not in _TRUE + _FALSE:
+        raise ValueError("is not a boolean (expected true or false)")
+    return text in _TRUE
+
+
+def _parse_whole(value: str) -> int:
+    if _WHOLE.fullmatch(value) is None:
+        raise ValueError("is not a whole number")
+    return int(value)
+
+
+def _parse_decimal(value: str) -> float:
+    if _DECIMAL.fullmatch(value) is None:
+        raise ValueError("is not a number (expected digits, like 2.5)")
+    return float(value)
+
+
+def _parse_on_unavailable(value: str) -> OnUnavailable:
+    text = value.lower()
+    if text == "off":
+        return "off"
+    if text == "raise":
+        return "raise"
+    raise ValueError("is not one of off, raise")

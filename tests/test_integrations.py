@@ -1,0 +1,526 @@
+"""The framework helpers in real servers: uvicorn, gunicorn and aiohttp on 127.0.0.1, under wrk.
+
+Each test starts a service as its users run it, configured by the
+environment alone, drives it over HTTP and stops it with the signal its
+server is stopped with; then reads what it wrote and what it logged.  The
+services log through ``logging.lastResort`` (none of them configures the
+root logger), so each warning of ours is one bare line on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import otlp_stacks
+import pytest
+from anyio.from_thread import start_blocking_portal
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
+from otlp_receivers import http_receiver
+
+from ebpf_stream import _pprof_pb2
+from ebpf_stream._otlp.json import decode_otlp_json
+
+ROOT = Path(__file__).resolve().parent.parent
+# As tests/test_unavailable.py: uid 65534, no capabilities, Debian's python3.
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+BUSY = "checkout_busy_handler"
+
+FASTAPI_APP = f"""
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+
+from ebpf_stream.integrations.starlette import ProfilingLifespan
+
+
+@asynccontextmanager
+async def app_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+    yield {{"greeting": "hello"}}
+    Path(f"app-shutdown.{{os.getpid()}}").write_text("done")
+
+
+# APP_OUTPUT: an output the code names, as a service would in its source.
+code = {{"outputs": [os.environ["APP_OUTPUT"]]}} if "APP_OUTPUT" in os.environ else {{}}
+profiling = ProfilingLifespan(app_lifespan, **code)
+app = FastAPI(lifespan=profiling)
+
+
+@app.get("/mode")
+async def mode(request: Request) -> dict[str, object]:
+    profiler = profiling.profiler
+    return {{"pid": os.getpid(), "mode": None if profiler is None else profiler.mode,
+            "state": request.state.greeting}}
+
+
+@app.get("/busy")
+async def {BUSY}() -> dict[str, int]:
+    deadline, n = time.perf_counter() + 0.002, 0
+    while time.perf_counter() < deadline:
+        n += 1
+    return {{"n": n}}
+"""
+
+AIOHTTP_APP = f"""
+import os
+import sys
+import time
+
+from aiohttp import web
+
+from ebpf_stream.integrations.aiohttp import ProfilingContext
+
+code = {{"outputs": [os.environ["APP_OUTPUT"]]}} if "APP_OUTPUT" in os.environ else {{}}
+profiling = ProfilingContext(**code)
+
+
+async def mode(request: web.Request) -> web.Response:
+    profiler = profiling.profiler
+    return web.json_response({{"pid": os.getpid(),
+                              "mode": None if profiler is None else profiler.mode}})
+
+
+async def {BUSY}(request: web.Request) -> web.Response:
+    deadline, n = time.perf_counter() + 0.002, 0
+    while time.perf_counter() < deadline:
+        n += 1
+    return web.json_response({{"n": n}})
+
+
+app = web.Application()
+app.cleanup_ctx.append(profiling)
+app.router.add_get("/mode", mode)
+app.router.add_get("/busy", {BUSY})
+
+if __name__ == "__main__":
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gunicorn_options(port: int) -> list[str]:
+    options = ["-b", f"127.0.0.1:{port}", "-w", "2", "--graceful-timeout", "30"]
+    # Newer gunicorns listen on a control socket in ~/.gunicorn, shared by every run.
+    config = importlib.util.find_spec("gunicorn.config")
+    if config is not None and config.origin is not None and (
+            "--no-control-socket" in Path(config.origin).read_text()):
+        options.append("--no-control-socket")
+    return options
+
+
+def server_command(kind: str, port: int, python: str = sys.executable) -> list[str]:
+    """How each server is started, serving its app on 127.0.0.1:``port``."""
+    bind = gunicorn_options(port) if kind.startswith("gunicorn") else []
+    return {
+        "uvicorn": [python, "-m", "uvicorn", "app_fastapi:app", "--host", "127.0.0.1",
+                    "--port", str(port), "--no-access-log"],
+        "uvicorn --workers 2": [python, "-m", "uvicorn", "app_fastapi:app", "--host",
+                                "127.0.0.1", "--port", str(port), "--no-access-log",
+                                "--workers", "2"],
+        "aiohttp": [python, "app_aiohttp.py", str(port)],
+        "gunicorn UvicornWorker": [python, "-m", "gunicorn", "app_fastapi:app", *bind,
+                                   "-k", "uvicorn.workers.UvicornWorker"],
+        # --preload: the app is made in the arbiter, before the fork; the lifespan still
+        # runs in each worker.
+        "gunicorn GunicornWebWorker": [python, "-m", "gunicorn", "app_aiohttp:app", *bind,
+                                       "-k", "aiohttp.GunicornWebWorker", "--preload"],
+    }[kind]
+
+
+# What stops each server cleanly: uvicorn re-raises a SIGTERM after shutting down (its
+# exit status is then -15), and turns a SIGINT into exit status 0.
+STOP = {"uvicorn": signal.SIGINT, "uvicorn --workers 2": signal.SIGINT,
+        "aiohttp": signal.SIGINT, "gunicorn UvicornWorker": signal.SIGTERM,
+        "gunicorn GunicornWebWorker": signal.SIGTERM}
+
+
+class Service:
+    """A server process, its log in a file (a pipe could fill up under load)."""
+
+    def __init__(self, kind: str, cwd: Path, env: dict[str, str],
+                 prefix: list[str] | None = None, python: str = sys.executable) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        fd, name = tempfile.mkstemp(prefix="ebpf-stream-service-", suffix=".log")
+        self._log = Path(name)
+        try:
+            self.proc = subprocess.Popen(
+                [*(prefix or []), *server_command(kind, self.port, python)], cwd=cwd, env=env,
+                stdout=subprocess.DEVNULL, stderr=fd)
+        finally:
+            os.close(fd)
+        self.returncode: int | None = None
+
+    def get(self, path: str) -> dict[str, object] | None:
+        """The JSON answer to GET ``path`` on a new connection, or None if none came."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return dict(json.load(response))
+        except OSError:
+            return None
+
+    def first_answer(self, timeout: float = 60) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.stderr
+            answer = self.get("/mode")
+            if answer is not None:
+                return answer
+            time.sleep(0.01)
+        raise AssertionError(f"{self.kind} never answered:\n{self.stderr}")
+
+    def modes(self, workers: int, mode: str = "bpf", timeout: float = 90) -> dict[int, str]:
+        """Each worker's profiler mode, once ``workers`` workers report ``mode``.
+
+        Each request is a new connection, which any worker may accept.
+        """
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.stderr
+            answer = self.get("/mode")
+            if answer is not None:
+                seen[int(answer["pid"])] = str(answer["mode"])  # type: ignore[call-overload]
+                if len(seen) == workers and set(seen.values()) == {mode}:
+                    return seen
+            time.sleep(0.02)
+        raise AssertionError(f"workers seen: {seen}\n{self.stderr}")
+
+    def load(self, seconds: int = 3, connections: int = 4) -> str:
+        """wrk on the busy endpoint; its report."""
+        wrk = shutil.which("wrk")
+        if wrk is None:
+            pytest.skip("wrk is not installed (./run test installs it)")
+        done = subprocess.run([wrk, "-t2", f"-c{connections}", f"-d{seconds}s",
+                               f"{self.url}/busy"], capture_output=True, text=True,
+                              timeout=seconds + 30)
+        assert done.returncode == 0, done.stderr
+        match = re.search(r"(\d+) requests in", done.stdout)
+        assert match is not None and int(match.group(1)) > 0, done.stdout
+        assert "Non-2xx" not in done.stdout and "Socket errors" not in done.stdout, done.stdout
+        return done.stdout
+
+    def stop(self, timeout: float = 60) -> int:
+        self.proc.send_signal(STOP[self.kind])
+        self.returncode = self.proc.wait(timeout)
+        return self.returncode
+
+    def close(self) -> None:
+        """Kill the server if it still runs, and drop its output."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.unlink(missing_ok=True)
+
+    @property
+    def stderr(self) -> str:
+        return self._log.read_text(errors="replace")
+
+    @property
+    def ours(self) -> list[str]:
+        """Our log lines."""
+        return [line for line in self.stderr.splitlines() if line.startswith("ebpf-stream: ")]
+
+
+def assert_clean_shutdown(service: Service, cwd: Path, workers: Iterable[int]) -> None:
+    """Exit status 0, nothing in the server's log says shutdown went wrong, and each
+    worker's FastAPI app ran its own lifespan's shutdown."""
+    err = service.stderr
+    assert service.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "shutdown failed" not in err.lower(), err
+    if "uvicorn" in service.kind.lower():
+        assert "Application shutdown complete." in err, err
+        for pid in workers:
+            assert (cwd / f"app-shutdown.{pid}").exists(), f"worker {pid}: no app shutdown"
+
+
+@pytest.fixture
+def service_dir() -> Iterator[Path]:
+    """The apps, in a directory any uid may write to."""
+    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-service-"))
+    path.chmod(0o777)
+    (path / "app_fastapi.py").write_text(FASTAPI_APP)
+    (path / "app_aiohttp.py").write_text(AIOHTTP_APP)
+    (path / "out").mkdir(mode=0o777)
+    (path / "out").chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Every service a test starts, killed at the end if the test did not stop it."""
+    started: list[Service] = []
+    yield started
+    for service in started:
+        service.close()
+
+
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as resources:
+        yield resources
+
+
+def environment(**variables: str) -> dict[str, str]:
+    """This environment without any OTEL_* or EBPF_STREAM_* setting, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "EBPF_STREAM_"))
+           or k == "EBPF_STREAM_CACHE"}
+    return {**env, "EBPF_STREAM_SAMPLE_RATE": "99", "EBPF_STREAM_EXPORT_INTERVAL": "1",
+            **variables}
+
+
+# -- what the files hold --------------------------------------------------------------------
+
+
+def folded(path: Path) -> dict[str, int]:
+    stacks = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        assert stack and count.isdigit(), line
+        stacks[stack] = int(count)
+    return stacks
+
+
+def pprof(path: Path) -> tuple[set[int], set[str]]:
+    """(the pids of the samples, the function names) of a pprof file."""
+    profile = _pprof_pb2.Profile.FromString(gzip.decompress(path.read_bytes()))
+    strings = profile.string_table
+    pids = {label.num for sample in profile.sample for label in sample.label
+            if strings[label.key] == "pid"}
+    return pids, {strings[f.name] for f in profile.function}
+
+
+def otlp_profiles(path: Path) -> list[ExportProfilesServiceRequest]:
+    lines = path.read_bytes().splitlines()
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines)
+    return [decode_otlp_json(line, ExportProfilesServiceRequest) for line in lines
+            if b'"resourceProfiles"' in line]
+
+
+def wait_for(condition: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def names_busy(path: Path) -> bool:
+    return path.exists() and any(f"{BUSY} (" in stack for stack in folded(path))
+
+
+# -- one process ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "aiohttp"])
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_a_service_serves_at_once_is_profiled_under_load_and_shuts_down_clean(
+        kind: str, service_dir: Path, services: list[Service],
+        stack: contextlib.ExitStack) -> None:
+    out = service_dir / "out"
+    outputs = [out / "cpu.folded", out / "cpu.pb.gz", out / "cpu.otlp.jsonl", out / "cpu.svg"]
+    # And OTLP, to a collector the environment names.
+    portal = stack.enter_context(start_blocking_portal("asyncio"))
+    collector = stack.enter_context(portal.wrap_async_context_manager(http_receiver()))
+    service = Service(kind, service_dir, environment(
+        EBPF_STREAM_OUTPUT=",".join(map(str, outputs)), OTEL_SERVICE_NAME="checkout",
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint))
+    services.append(service)
+    first = service.first_answer()
+    assert first["pid"] == service.proc.pid
+    assert first["mode"] == "starting", "the service answers while the probes come up"
+    if kind == "uvicorn":
+        assert first["state"] == "hello", "the app's own lifespan ran, and its state is served"
+    service.modes(1)
+    service.load()
+    wait_for(lambda: names_busy(out / "cpu.folded"))
+    service.stop()
+    assert_clean_shutdown(service, service_dir, [service.proc.pid])
+    assert service.ours == [], service.stderr
+
+    app = "app_fastapi.py" if kind == "uvicorn" else "app_aiohttp.py"
+    assert any(re.search(rf"{BUSY} \({app}:\d+\)", stack) for stack in folded(outputs[0]))
+    pids, functions = pprof(outputs[1])
+    assert pids == {service.proc.pid} and BUSY in functions
+    requests = otlp_profiles(outputs[2])
+    stacks = otlp_stacks.stacks(requests)
+    assert {pid for pid, _ in stacks} == {service.proc.pid}
+    assert any(frame.startswith(f"{BUSY} ({app}:") for _, frames in stacks for frame in frames)
+    resources = [otlp_stacks.resource_attributes(rp.resource)
+                 for request in requests for rp in request.resource_profiles]
+    assert {r["service.name"] for r in resources} == {"checkout"}
+    sent = otlp_stacks.stacks(collector.requests("profiles"))  # type: ignore[arg-type]
+    assert {pid for pid, _ in sent} == {service.proc.pid}
+    assert sum(sent.values()) == sum(stacks.values()), "the collector got what the file holds"
+    assert any(BUSY in text for text in ET.parse(outputs[3]).getroot().itertext())
+
+
+# -- several processes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["uvicorn --workers 2", "gunicorn UvicornWorker",
+                                  "gunicorn GunicornWebWorker"])
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_each_worker_profiles_itself_and_no_two_write_one_file(
+        kind: str, service_dir: Path, services: list[Service]) -> None:
+    out = service_dir / "out"
+    service = Service(kind, service_dir, environment(
+        EBPF_STREAM_OUTPUT=f"{out}/cpu.{{pid}}.pb.gz,{out}/cpu.folded"))
+    services.append(service)
+    workers = set(service.modes(2))
+    assert service.proc.pid not in workers, "the workers profile, not the supervisor"
+    service.load(connections=8)
+    wait_for(lambda: all((out / f"cpu.{pid}.pb.gz").exists() for pid in workers))
+    service.stop()
+    assert_clean_shutdown(service, service_dir, workers)
+
+    # {pid} names each worker's file; the name without it went to one worker, and the
+    # other wrote its own file, saying so once.
+    (taker,) = [pid for pid in workers if (out / f"cpu.{pid}.folded").exists()]
+    (owner,) = workers - {taker}
+    assert service.ours == [
+        f"ebpf-stream: {out}/cpu.folded is written by pid {owner}; this process (pid {taker}) "
+        f"writes {out}/cpu.{taker}.folded (put {{pid}} in EBPF_STREAM_OUTPUT to name each "
+        "process's file)"], service.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [*(f"cpu.{pid}.pb.gz" for pid in workers), "cpu.folded", f"cpu.{taker}.folded"])
+    assert (out / ".cpu.folded.lock").read_text() == f"{owner}\n"
+    functions: set[str] = set()
+    for pid in workers:
+        pids, names = pprof(out / f"cpu.{pid}.pb.gz")
+        assert pids <= {pid}, f"cpu.{pid}.pb.gz holds samples of {pids}"
+        functions |= names
+        folded(out / ("cpu.folded" if pid == owner else f"cpu.{pid}.folded"))
+    assert BUSY in functions
+
+
+# -- the environment refuses BPF ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "aiohttp"])
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
+                    or not SYSTEM_PYTHON.exists(),
+                    reason="dropping privileges needs root, setpriv and Debian's python3")
+def test_an_unprivileged_service_serves_with_one_warning(
+        kind: str, service_dir: Path, services: list[Service]) -> None:
+    out = service_dir / "out"
+    env = environment(EBPF_STREAM_OUTPUT=f"{out}/cpu.folded",
+                      PYTHONPATH=f"{ROOT}:{sysconfig.get_paths()['purelib']}")
+    service = Service(kind, service_dir, env, prefix=NOBODY, python=str(SYSTEM_PYTHON))
+    services.append(service)
+    assert service.first_answer()["pid"] == service.proc.pid
+    service.modes(1, mode="off")
+    assert service.get("/busy") is not None
+    service.stop()
+    assert_clean_shutdown(service, service_dir, [service.proc.pid])
+    (line,) = service.ours
+    assert line.startswith("ebpf-stream: profiling is off: privileges: loading BPF needs "
+                           "CAP_BPF and CAP_PERFMON"), line
+    assert "uid 65534" in line and "fix: " in line
+    assert not (out / "cpu.folded").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
+                    or not SYSTEM_PYTHON.exists(),
+                    reason="dropping privileges needs root, setpriv and Debian's python3")
+def test_where_profiling_is_mandatory_an_unprivileged_service_does_not_start(
+        service_dir: Path, services: list[Service]) -> None:
+    env = environment(EBPF_STREAM_OUTPUT=f"{service_dir}/out/cpu.folded",
+                      EBPF_STREAM_ON_UNAVAILABLE="raise",
+                      PYTHONPATH=f"{ROOT}:{sysconfig.get_paths()['purelib']}")
+    service = Service("uvicorn", service_dir, env, prefix=NOBODY, python=str(SYSTEM_PYTHON))
+    services.append(service)
+    assert service.proc.wait(60) != 0
+    assert service.get("/mode") is None
+    assert service.ours == [], "raised, not logged as a warning"
+    (line,) = [line for line in service.stderr.splitlines() if "CAP_BPF" in line]
+    assert line.startswith("ebpf_stream._errors.EnvironmentCheckError: privileges: "), line
+    assert "Application startup failed" in service.stderr
+
+
+# -- mistakes and failures ------------------------------------------------------------------
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_a_service_stopped_while_the_probes_come_up_shuts_down_clean(
+        service_dir: Path, services: list[Service]) -> None:
+    service = Service("uvicorn", service_dir, environment(
+        EBPF_STREAM_OUTPUT=f"{service_dir}/out/cpu.folded"))
+    services.append(service)
+    assert service.first_answer()["mode"] == "starting"
+    service.stop()
+    assert_clean_shutdown(service, service_dir, [service.proc.pid])
+    assert service.ours == [], service.stderr
+
+
+@pytest.mark.parametrize(("kind", "source"), [("uvicorn", "env"), ("aiohttp", "code")])
+def test_an_output_directory_that_does_not_exist_stops_the_service_at_startup(
+        kind: str, source: str, service_dir: Path, services: list[Service]) -> None:
+    bad = service_dir / "missing" / "cpu.folded"
+    name = "EBPF_STREAM_OUTPUT" if source == "env" else "outputs"
+    service = Service(kind, service_dir, environment(**{
+        "EBPF_STREAM_OUTPUT" if source == "env" else "APP_OUTPUT": str(bad)}))
+    services.append(service)
+    assert service.proc.wait(60) != 0
+    assert service.get("/mode") is None
+    message = f"{name}: cannot write {bad}: directory {bad.parent} does not exist"
+    lines = [line for line in service.stderr.splitlines() if "cannot write" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"ConfigError: {message}"), service.stderr
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_an_exporter_failing_during_the_run_never_fails_the_shutdown(
+        service_dir: Path, services: list[Service]) -> None:
+    out = service_dir / "out" / "gone"
+    out.mkdir()
+    path = out / "cpu.folded"
+    service = Service("uvicorn", service_dir, environment(
+        EBPF_STREAM_OUTPUT=str(path), EBPF_STREAM_EXPORT_INTERVAL="0.5"))
+    services.append(service)
+    service.modes(1)
+    service.load(seconds=1)
+    wait_for(path.exists)
+    shutil.rmtree(out)  # from now on, every write fails
+    service.load(seconds=2)
+    service.stop()
+    assert_clean_shutdown(service, service_dir, [service.proc.pid])
+    failure = f"cannot write {path}: No such file or directory"
+    assert f"ebpf-stream: profiling ended with an error: {failure}" in service.ours, (
+        service.stderr)
+    assert len(service.ours) == 1, service.stderr
+    # When it happened, the engine logged it too, also as one line.
+    assert f"exporter FoldedFileExporter failed: {failure}" in service.stderr.splitlines()
