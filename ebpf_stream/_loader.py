@@ -134,17 +134,18 @@ def _load(source: Path, programs: dict[str, str], maps: list[str], cflags: list[
     text = _with_local_includes(source)
     cache = ObjectCache.for_this_machine()
     key = cache_key(text, cflags, programs, maps, toolchain.compiler, toolchain.headers)
-    if (loaded := _cached(cache, key, source, programs, maps, later)) is not None:
-        return loaded
-    with cache.compiling(key):
-        # Another process may have compiled it while this one waited.
-        if (loaded := _cached(cache, key, source, programs, maps, later)) is not None:
-            return loaded
-        started = time.monotonic()
-        loaded, image = _compile(source, text, programs, maps, cflags, toolchain)
-        log.info("compiled %s in %.1f s", source.name, time.monotonic() - started)
-        if image:
-            cache.put(key, image)
+    loaded = _cached(cache, key, source, programs, maps, later)
+    if loaded is None:
+        with cache.compiling(key):
+            # Another process may have compiled it while this one waited.
+            loaded = _cached(cache, key, source, programs, maps, later)
+            if loaded is None:
+                started = time.monotonic()
+                loaded, image = _compile(source, text, programs, maps, cflags, toolchain)
+                log.info("compiled %s in %.1f s", source.name, time.monotonic() - started)
+                if image:
+                    cache.put(key, image)
+    loaded.key = key
     return loaded
 
 
@@ -182,6 +183,7 @@ class LoadedProgram:
         self._events: list[int] = []
         self._pending = pending  # the image of programs not loaded yet
         self._refused = refused  # called when one of them fails to load
+        self.key = ""  # the object's compile-cache key: what it was built from
 
     def load_rest(self) -> None:
         """Load the programs not loaded yet: an object from the cache loads the

@@ -16,6 +16,7 @@ caller's to fix, and is raised at once.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -61,6 +62,15 @@ Mode = Literal["starting", "bpf", "off"]
 all (the environment refused BPF)."""
 OnUnavailable = Literal["off", "raise"]
 """What a start does when the environment refuses BPF: run unprofiled, or raise."""
+
+
+_PIPELINE_MODULES = ("._batcher", "._symbolize", "._probes.cpu", "._probes.syscalls",
+                     "._probes.network", "._probes.memory")
+
+
+def _import_pipeline() -> None:
+    for name in _PIPELINE_MODULES:
+        importlib.import_module(name, __package__)
 
 
 def check_pids(pids: Sequence[int]) -> None:
@@ -251,7 +261,10 @@ class Profiler:
 
     async def _start_run(self, config: EbpfConfig) -> None:
         """Open the probes, then start the pipeline's tasks in the run's task group."""
-        # Loaded at start, not at import: they pull in numpy and the symbolizer.
+        # Loaded at start, not at import, since they pull in numpy and the
+        # symbolizer; and in a worker thread, so that the host's loop (a
+        # service finishing its own start, say) keeps running meanwhile.
+        await anyio.to_thread.run_sync(_import_pipeline)
         from ._batcher import Batcher
         from ._symbolize import Symbolizer
 

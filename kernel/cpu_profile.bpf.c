@@ -168,14 +168,13 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u64 seen = count(SAMPLES_SEEN);
 
     u32 g = current_generation();
-    u64 ustack = store_stack(ctx, BPF_F_USER_STACK, g, USER_STACK_LOST);
-    u64 kstack = store_stack(ctx, 0, g, KERNEL_STACK_LOST);
-
     u64 now = bpf_ktime_get_ns();
     u32 tid = id;
     u64 python = 0, busy_since = 0;
 #if PYTHON
-    // Walked before reserving: a reserved record holds up the reader.
+    // Walked before reserving: a reserved record holds up the reader.  And
+    // walked first, while every path here is in one state: the verifier
+    // then checks the walk once, not once per outcome of the native stacks.
     python = python_stack(pid, tid, g, now);
 #if LOOP_STALLS
     struct loop_thread *t = loop_threads.lookup(&tid);
@@ -183,6 +182,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
         busy_since = t->busy_since;
 #endif
 #endif
+    u64 ustack = store_stack(ctx, BPF_F_USER_STACK, g, USER_STACK_LOST);
+    u64 kstack = store_stack(ctx, 0, g, KERNEL_STACK_LOST);
 
     struct sample *s = reserve_record(SAMPLE, pid, tid, now);
     if (!s)

@@ -29,7 +29,7 @@ from test_python_accuracy import ECLI, PYTHON_FRAME, SHARES, read_stacks, shares
 from test_python_runtime import INTERPRETERS, PYENV, available
 
 from ebpf_stream import EbpfConfig, Frame, FrameKind, Profile, Profiler, StackSamples
-from ebpf_stream._probes import cpu
+from ebpf_stream._probes import python as python_probe
 from ebpf_stream._probes.python import PythonProcesses, self_test
 from ebpf_stream.exporters import MemoryExporter
 
@@ -99,14 +99,16 @@ def check_one_tower(profile: Profile, pid: int) -> None:
 def self_tests(monkeypatch: pytest.MonkeyPatch,
                caplog: pytest.LogCaptureFixture) -> Iterator[list[str | None]]:
     """What each self-test of the offsets on this process found (None: passed);
-    checks afterwards that no failure was logged."""
+    checks afterwards that no failure was logged.  Every start tests: a pass
+    kept from an earlier start is not looked at."""
     found: list[str | None] = []
 
     def recorded(*args: Any, **kwargs: Any) -> str | None:
         found.append(self_test(*args, **kwargs))
         return found[-1]
 
-    monkeypatch.setattr(cpu, "self_test", recorded)
+    monkeypatch.setattr(python_probe, "self_test", recorded)
+    monkeypatch.setattr(python_probe, "_proof", lambda *args: None)
     caplog.set_level(logging.WARNING, logger="ebpf_stream")
     yield found
     assert not [r for r in caplog.records if "self-test" in r.getMessage()]
@@ -306,3 +308,32 @@ async def test_coroutines_appear_under_their_task(interpreter: str) -> None:
         # The task's coroutine chain, outermost first, under the loop's handle.
         run = names.index("Handle._run")
         assert names[run + 1:run + 4] == ["main", "app", "culprit"], names
+
+
+@pytest.mark.anyio
+async def test_a_pass_of_the_self_test_is_kept_and_only_trusted_when_safe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBPF_STREAM_CACHE", str(tmp_path / "cache"))
+    found: list[str | None] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> str | None:
+        found.append(self_test(*args, **kwargs))
+        return found[-1]
+
+    monkeypatch.setattr(python_probe, "self_test", recorded)
+    config = EbpfConfig.for_environment("development").with_export_interval(0.5)
+
+    async def start() -> None:
+        async with Profiler(config, [MemoryExporter()]):
+            pass
+
+    await start()
+    assert found == [None], "the first start tests"
+    (proof,) = (tmp_path / "cache" / "self-tests").iterdir()
+    await start()
+    assert found == [None], "the same program on the same interpreter: not again"
+    proof.chmod(0o666)
+    await start()
+    assert found == [None, None], "a proof others may write is no proof"
+    await start()
+    assert found == [None, None], "the new pass is kept as a proof this user alone writes"

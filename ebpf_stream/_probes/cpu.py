@@ -47,10 +47,10 @@ from .._stats import Stats
 from .base import Emit, RingProbe
 from .python import (
     PythonProcesses,
+    checked_self_test,
     load_offsets,
     read_loop_totals,
     read_python_stack,
-    self_test,
 )
 from .tracing import CommNames, forget_pid_keys, load_targets, process_name
 
@@ -207,7 +207,7 @@ class CpuProbe(RingProbe):
         except UnsupportedPython:
             host = None  # nothing to test with; each target is still checked
         if host is not None:
-            problem = self_test(self._program, self._ring, host,
+            problem = checked_self_test(self._program, self._ring, host,
                                 filtered=self._targets is not None)
             if problem:
                 failed[host.version[:2]] = (

@@ -14,6 +14,8 @@ what the kernel walked with ``sys._getframe``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import struct
@@ -21,11 +23,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import numpy as np
 
 from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap, attach_perf_event
+from .._cache_dir import cache_dir, trusted
 from .._events import LoopTotals, PythonStack
 from .._loader import LoadedProgram
 from .._python.code import PythonSymbols
@@ -230,6 +234,43 @@ class _KnownChain:
         self.ready.set()
         while not self.stopped:  # no call: the leaf frame must stay this one
             pass
+
+
+def _proof(program: LoadedProgram, runtime: PythonRuntime) -> Path | None:
+    """Where a pass of this very program's self-test on this very interpreter is kept.
+
+    The outcome depends on nothing else: the walker's code (the object's
+    cache key covers it, and the kernel), the offsets table's row, and the
+    interpreter's file.  A later start then skips a test of tens of
+    milliseconds that could only pass again.
+    """
+    base = cache_dir()
+    if base is None or not program.key:
+        return None
+    try:
+        st = os.stat(runtime.path)
+    except OSError:
+        return None
+    what = [program.key, runtime.path, st.st_size, st.st_mtime_ns, st.st_ino,
+            list(runtime.version), list(runtime.offsets)]
+    return base / "self-tests" / hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def checked_self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
+                      filtered: bool) -> str | None:
+    """``self_test``, unless the same program passed it on the same interpreter before."""
+    proof = _proof(program, runtime)
+    if proof is not None and trusted(proof):
+        return None
+    problem = self_test(program, ring, runtime, filtered)
+    if problem is None and proof is not None:
+        try:
+            proof.parent.mkdir(mode=0o755, exist_ok=True)
+            proof.unlink(missing_ok=True)  # one that was not trusted: made anew
+            proof.touch(mode=0o644)
+        except OSError:
+            pass  # the test runs again next time
+    return problem
 
 
 def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
