@@ -46,11 +46,20 @@ def test_the_integrations_load_neither_their_framework_nor_anything_heavy() -> N
     assert sorted(loaded & {*HEAVY, *frameworks}) == []
 
 
-def test_an_exporter_loads_only_what_it_needs() -> None:
-    loaded = loaded_after("from ebpf_stream.exporters import FoldedFileExporter, "
-                          "OtlpJsonFileExporter")
-    assert "google.protobuf" in loaded  # OTLP/JSON is made from the protobuf messages
-    assert sorted(loaded & {"grpc", "httpx", "ebpf_stream._pprof_pb2"}) == []
+def test_making_file_exporters_loads_no_renderer(tmp_path: Path) -> None:
+    """A service makes its exporters at startup: what renders them loads at the first
+    export, in a worker thread."""
+    loaded = loaded_after(
+        "from ebpf_stream.exporters import FoldedFileExporter, FlamegraphSvgExporter, "
+        "OtlpJsonFileExporter, PprofFileExporter, SpeedscopeFileExporter\n"
+        f"d = {str(tmp_path)!r}\n"
+        "FoldedFileExporter(d + '/a.folded'); FlamegraphSvgExporter(d + '/a.svg')\n"
+        "OtlpJsonFileExporter(d + '/a.jsonl'); PprofFileExporter(d + '/a.pb.gz')\n"
+        "SpeedscopeFileExporter(d + '/a.json')")
+    renderers = {"ebpf_stream._exporters.folded", "ebpf_stream._exporters.flamegraph",
+                 "ebpf_stream._exporters.speedscope", "ebpf_stream._pprof_pb2",
+                 "ebpf_stream._otlp.converter", "xml.sax.saxutils"}
+    assert sorted(loaded & {*HEAVY, *renderers}) == []
 
 
 def test_every_public_name_resolves() -> None:

@@ -19,6 +19,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -26,10 +27,13 @@ from .._batch import Batch
 from .._errors import ConfigError, ExportError
 from .._overhead import run_sync
 from .._profile import Profile
-from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
-from .folded import render_folded
 from .memory import accumulate
-from .speedscope import SpeedscopeTimeline
+
+if TYPE_CHECKING:
+    from .speedscope import SpeedscopeTimeline
+
+# Each renderer is imported when its file is first written, in a worker
+# thread: a service making its exporters at startup loads none of them.
 
 
 def cannot_write(path: Path, exc: OSError) -> ExportError:
@@ -146,6 +150,8 @@ class FoldedFileExporter(CumulativeFileExporter):
     """Writes folded stacks, one ``process;root;...;leaf count`` line per stack."""
 
     def render(self, profile: Profile) -> bytes:
+        from .folded import render_folded
+
         return render_folded(profile).encode("utf-8")
 
 
@@ -168,16 +174,24 @@ class SpeedscopeFileExporter(FileExporter):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path)
-        self._timeline = SpeedscopeTimeline()
+        self._timeline: SpeedscopeTimeline | None = None
 
     def _add(self, profile: Profile) -> None:
+        if self._timeline is None:
+            from .speedscope import SpeedscopeTimeline
+
+            self._timeline = SpeedscopeTimeline()
         self._timeline.add(profile)
 
     def _content(self) -> bytes:
+        if self._timeline is None:
+            from .speedscope import SpeedscopeTimeline
+
+            self._timeline = SpeedscopeTimeline()  # closed before any batch: an empty file
         return self._timeline.render().encode("utf-8")
 
     def _forget(self) -> None:
-        self._timeline = SpeedscopeTimeline()
+        self._timeline = None
 
 
 class FlamegraphSvgExporter(CumulativeFileExporter):
@@ -185,7 +199,10 @@ class FlamegraphSvgExporter(CumulativeFileExporter):
 
     def __init__(self, path: str | os.PathLike[str], title: str | None = None) -> None:
         super().__init__(path)
-        self.title = DEFAULT_TITLE if title is None else title
+        self.title = title  # None: the renderer's own
 
     def render(self, profile: Profile) -> bytes:
-        return render_flamegraph_svg(profile, title=self.title).encode("utf-8")
+        from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
+
+        title = DEFAULT_TITLE if self.title is None else self.title
+        return render_flamegraph_svg(profile, title=title).encode("utf-8")

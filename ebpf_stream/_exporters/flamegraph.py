@@ -10,8 +10,8 @@ without it the graph and its per-frame tooltips still work.
 
 from __future__ import annotations
 
+import html
 import zlib
-from xml.sax.saxutils import escape
 
 from .._dictionary import valid_utf8
 from .._profile import Profile
@@ -110,6 +110,11 @@ document.addEventListener('mouseover', function (e) {
 """.replace("CHAR_WIDTH", str(CHAR_WIDTH))
 
 
+
+def _escape(text: str) -> str:
+    # html.escape, not xml.sax.saxutils: that module pulls in urllib and email.
+    return html.escape(text, quote=False)
+
 def _layout(profile: Profile) -> tuple[int, list[tuple[str, int, int, int]]]:
     """All samples, and ``(name, depth, first sample, samples)`` of each frame to draw.
 
@@ -192,7 +197,7 @@ def render_flamegraph_svg(profile: Profile, title: str = DEFAULT_TITLE) -> str:
         "font-weight: bold; }</style>\n",
         f'<rect width="{WIDTH}" height="{height}" fill="rgb(248,248,248)"/>\n',
         f'<text x="{mid}" y="20" text-anchor="middle" font-size="16">'
-        f"{escape(_printable(title))}</text>\n",
+        f"{_escape(_printable(title))}</text>\n",
         f'<text x="{mid}" y="38" text-anchor="middle">{subtitle}</text>\n',
         f'<text id="unzoom" x="{_PAD}" y="20" style="display: none">Reset Zoom</text>\n',
         f'<text id="search" x="{WIDTH - _PAD - 24}" y="20" text-anchor="end">Search'
@@ -208,11 +213,11 @@ def render_flamegraph_svg(profile: Profile, title: str = DEFAULT_TITLE) -> str:
         y = height - _BOTTOM - (d + 1) * FRAME_HEIGHT
         tip = f"{name} ({count:,} samples, {100 * count / total:.2f}%)"
         parts.append(
-            f'<g class="f" data-x="{x}" data-w="{count}"><title>{escape(tip)}</title>'
+            f'<g class="f" data-x="{x}" data-w="{count}"><title>{_escape(tip)}</title>'
             f'<rect x="{left:.2f}" y="{y}" width="{width:.2f}" height="{FRAME_HEIGHT - 1}" '
             f'rx="2" fill="{_color(name, d)}"/>'
             f'<text x="{left + 3:.2f}" y="{y + FRAME_HEIGHT - 4}">'
-            f"{escape(_fit(name, width))}</text></g>\n"
+            f"{_escape(_fit(name, width))}</text></g>\n"
         )
     if frames:
         parts.append(f'<script type="text/ecmascript"><![CDATA[{_SCRIPT}]]></script>\n')

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
-from google.protobuf.message import Message
 
 from ..._batch import Batch
 from ..._errors import ConfigError, ExportError
-from ..._otlp.converter import EventConverter
-from ..._otlp.json import encode_otlp_json
 from ..._overhead import Overhead, run_sync
 from ..._stats import Stats
 from ..base import ExportContext
 from ..files import cannot_write, writable_path
 
+if TYPE_CHECKING:  # protobuf loads with the first export, in a worker thread
+    from google.protobuf.message import Message
+
+    from ..._otlp.converter import EventConverter
+
 
 def _append(path: Path, requests: list[Message]) -> None:
+    from ..._otlp.json import encode_otlp_json
+
     lines = b"".join(encode_otlp_json(r) + b"\n" for r in requests if r.ListFields())
     try:
         with path.open("ab") as f:
@@ -45,7 +50,7 @@ class OtlpJsonFileExporter:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = writable_path(path)
-        self._converter = EventConverter()
+        self._converter: EventConverter | None = None  # made for each run
         self._context: ExportContext | None = None
         self._lock = anyio.Lock()
         try:
@@ -61,7 +66,7 @@ class OtlpJsonFileExporter:
 
     def bind(self, context: ExportContext) -> None:
         self._context = context
-        self._converter = EventConverter(context.config)
+        self._converter = None
         self._truncate()
 
     async def export(self, batch: Batch) -> None:
@@ -73,6 +78,10 @@ class OtlpJsonFileExporter:
             await run_sync(self._write, batch, stats, overhead)
 
     def _write(self, batch: Batch, stats: Stats | None, overhead: Overhead | None) -> None:
+        if self._converter is None:
+            from ..._otlp.converter import EventConverter
+
+            self._converter = EventConverter(self._context.config if self._context else None)
         converted = self._converter.convert_batch(batch, stats, overhead)
         _append(self.path, [converted.profiles, converted.metrics, converted.logs])
 
