@@ -10,6 +10,7 @@ BPF statistics are enabled; we enable them for the run with
 from __future__ import annotations
 
 import contextvars
+import ctypes
 import dataclasses
 import os
 import time
@@ -92,8 +93,11 @@ class Overhead:
 
     ``cpu_percent`` is a share of the whole machine (all CPUs) over the
     elapsed wall time: user-space CPU of the profiler's own code plus BPF
-    program run time.  ``memory_bytes`` is the profiler's anonymous memory
-    plus the memory charged for its BPF maps.
+    program run time.  ``memory_bytes`` is the resident memory (RSS) the
+    profiler adds to its process, what a container's memory use shows:
+    its heap and the libraries it maps in (numpy, the OTLP messages), of
+    which ``anon_rss_bytes`` is the heap.  ``bpf_map_bytes`` is the kernel
+    memory charged for its BPF maps, which no RSS includes.
     """
 
     cpu_percent: float
@@ -107,20 +111,30 @@ class Overhead:
     bpf_map_bytes: int = 0
 
 
-def anon_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resident:
+    """A process's resident memory: all of it, and its anonymous part."""
+
+    rss: int = 0
+    anon: int = 0
+
+    @classmethod
+    def now(cls) -> Resident:
+        fields = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                fields[key] = int(value.split()[0]) * 1024
+        return cls(fields.get("VmRSS", 0), fields.get("RssAnon", 0))
 
 
 class OverheadMonitor:
     """Reads the counters behind ``Overhead`` for one run.
 
     Embedded in a host app, the profiler's CPU is what ``meter`` charged to
-    its tasks and worker threads, and its memory is what the process grew by
-    since it started (``anon_baseline``: an upper bound, since the host may
-    grow too).  With
+    its tasks and worker threads, and its memory is what the process's RSS
+    grew by since it started (``baseline``, read before the run loaded
+    anything: an upper bound, since the host may grow too).  With
     ``whole_process`` (the CLI, which owns its process) both are the
     process's own: every thread's CPU, the event loop's included, and all of
     its anonymous memory.
@@ -133,11 +147,11 @@ class OverheadMonitor:
         map_fds: Callable[[], Iterable[int]],
         *,
         whole_process: bool = False,
-        anon_baseline: int = 0,
+        baseline: Resident | None = None,
     ) -> None:
         self._program_fds = program_fds
         self._map_fds = map_fds
-        self._anon_baseline = 0 if whole_process else anon_baseline
+        self._baseline = Resident() if whole_process or baseline is None else baseline
         self._user_ns: Callable[[], int] = (
             time.process_time_ns if whole_process else lambda: meter.ns)
         self._user_ns0 = self._user_ns()
@@ -153,11 +167,12 @@ class OverheadMonitor:
             bpf_ns += int(info.get("run_time_ns", 0))
             bpf_count += int(info.get("run_cnt", 0))
         maps = sum(int(fdinfo(fd).get("memlock", 0)) for fd in self._map_fds())
-        anon = max(0, anon_rss_bytes() - self._anon_baseline)
+        now = Resident.now()
+        anon = max(0, now.anon - self._baseline.anon)
         user_ns = self._user_ns() - self._user_ns0
         return Overhead(
             cpu_percent=100.0 * (user_ns + bpf_ns) / (wall * self._cpus),
-            memory_bytes=anon + maps,
+            memory_bytes=max(0, now.rss - self._baseline.rss),
             user_cpu_ns=user_ns,
             bpf_cpu_ns=bpf_ns,
             bpf_run_count=bpf_count,
@@ -171,6 +186,20 @@ class OverheadMonitor:
         if self._stats_fd is not None:
             os.close(self._stats_fd)
             self._stats_fd = None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc's ``malloc_trim``).
+
+    Starting frees megabytes that would otherwise stay resident in the host
+    (kallsyms' parse, the transient arrays of the first batches), and the
+    allocator keeps freed pages in the middle of the heap.  It takes a
+    millisecond or two: call it from a worker thread.  A libc without it
+    (musl) keeps its pages.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 _current_meter: contextvars.ContextVar[CpuMeter | None] = contextvars.ContextVar(

@@ -29,7 +29,6 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._batch import Batch
 from ._channels import Channel
 from ._config import EbpfConfig, validate_config
 from ._errors import (
@@ -40,15 +39,23 @@ from ._errors import (
     ProbeError,
     TargetError,
 )
-from ._events import EventMessage
 from ._exporters.base import ExportContext, Exporter
-from ._exporters.fanout import FanOut
 from ._otlp.settings import endpoint_in_environment
-from ._overhead import CpuMeter, Overhead, OverheadMonitor, anon_rss_bytes, bind_meter
+from ._overhead import (
+    CpuMeter,
+    Overhead,
+    OverheadMonitor,
+    Resident,
+    bind_meter,
+    release_freed_memory,
+    run_sync,
+)
 from ._probes import probes_for
 from ._stats import Stats
 
 if TYPE_CHECKING:
+    from ._batch import Batch
+    from ._events import EventMessage
     from ._probes.base import Probe
 
 log = logging.getLogger("ebpf_stream")
@@ -65,7 +72,7 @@ OnUnavailable = Literal["off", "raise"]
 
 
 _PIPELINE_MODULES = ("._batcher", "._symbolize", "._probes.cpu", "._probes.syscalls",
-                     "._probes.network", "._probes.memory")
+                     "._probes.network", "._probes.memory", "._exporters.fanout")
 
 
 def _import_pipeline() -> None:
@@ -153,7 +160,7 @@ class Profiler:
         self._unavailable: EbpfStreamError | None = None
         self._opening: anyio.CancelScope | None = None  # a background start under way
         self._started: anyio.Event | None = None  # set when the run's start has ended
-        self._baseline = 0  # anonymous RSS before the run loaded anything
+        self._baseline = Resident()  # before the run loaded anything
 
     @property
     def mode(self) -> Mode:
@@ -216,7 +223,7 @@ class Profiler:
             self._run_exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
         self._running = True
         self._started = anyio.Event()
-        self._baseline = anon_rss_bytes()
+        self._baseline = Resident.now()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         if self._background:
@@ -265,7 +272,9 @@ class Profiler:
         # symbolizer; and in a worker thread, so that the host's loop (a
         # service finishing its own start, say) keeps running meanwhile.
         await anyio.to_thread.run_sync(_import_pipeline)
+        from ._batch import Batch
         from ._batcher import Batcher
+        from ._events import EventMessage
         from ._symbolize import Symbolizer
 
         probes = probes_for(config, self._stats, targets=self._targets(),
@@ -284,7 +293,7 @@ class Profiler:
         self._monitor = OverheadMonitor(
             self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
             lambda: [fd for p in self._probes for fd in p.map_fds()],
-            whole_process=self._standalone, anon_baseline=self._baseline)
+            whole_process=self._standalone, baseline=self._baseline)
         events = Channel[EventMessage](
             config.channel_capacity, config.overflow_policy,
             weight=lambda m: m.samples, on_drop=self._count_drop)
@@ -293,6 +302,7 @@ class Profiler:
             weight=lambda b: b.sample_count, on_drop=self._count_drop)
         symbolizer = Symbolizer()
         await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
+        await anyio.to_thread.run_sync(release_freed_memory)
         batcher = Batcher(config, symbolizer, self._stats)
         self._readers = len(self._probes)
         for probe in self._probes:
@@ -379,11 +389,16 @@ class Profiler:
                 events.close()
 
     async def _export(self, batches: Channel[Batch]) -> None:
+        from ._exporters.fanout import FanOut
+
         context = ExportContext(self.config, self._stats, self.get_overhead)
         async with FanOut(self._run_exporters, self._stats, context) as fanout:
             async for batch in batches:
                 self._read_kernel_drops()  # for the counters sent with the batch
                 await fanout.export(batch)
+                # What rendering and converting the batch freed goes back to the
+                # system, not into the host's resident memory.
+                await run_sync(release_freed_memory)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,

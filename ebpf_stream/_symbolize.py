@@ -53,6 +53,9 @@ _KALLSYMS_BLOCK = 1 << 18
 # A kernel built with call padding names the padding before each function foo
 # __pfx_foo: half its symbols.  Such a pair stores its name bytes once.
 _PFX = b"__pfx_"
+# Names kept compressed, this many to a block: stacks hit a few hundred of
+# over 100k names, and inflating a block of them takes some 20 us.
+_NAME_BLOCK = 256
 _ADDR_MAX = np.uint64(2**64 - 1)
 # A miss in the cached maps re-reads them (dlopen), but at most this often: a
 # JIT process misses on every JIT frame and its maps can be thousands of lines.
@@ -283,11 +286,13 @@ class _Kallsyms:
 
     kallsyms has over 100k lines.  They are parsed vectorized a block at a
     time, to keep transient arrays small, and only what lookups need is kept:
-    per address one symbol's start, length and offset into a blob of names
-    (decoded only for symbols that stacks hit), and modules as runs of symbols.
+    per address one symbol's start and length, the names in compressed blocks
+    (a block is inflated, and a name decoded, only for symbols that stacks
+    hit), and modules as runs of symbols.  That is some 2 MB in a host's
+    memory, where the names alone would take 2.3 MB.
     """
 
-    __slots__ = ("_module_runs", "_name_at", "_names", "_resolved", "_run_modules", "ranges")
+    __slots__ = ("_module_runs", "_names", "_resolved", "_run_modules", "ranges")
 
     def __init__(self, stream: BinaryIO) -> None:
         modules = {b"": 0}
@@ -310,10 +315,9 @@ class _Kallsyms:
             names += part_names
             symbols += len(part.addresses)
             block = next(blocks, b"")
-        # The names of aliases not kept stay in the blob: there are few.
-        self._names = bytes(names)
+        starts, name_at, module_ids, data = _kept_symbols(columns)
+        self._names = _compressed_names(bytes(names), name_at)
         del names
-        starts, self._name_at, module_ids, data = _kept_symbols(columns)
         self._module_runs = _runs(module_ids)
         module_names = [sys.intern(raw.decode(errors="replace")) if raw else _KERNEL
                         for raw in modules]
@@ -327,12 +331,32 @@ class _Kallsyms:
         """(name, module) of the symbol at ``index`` of :attr:`ranges`."""
         found = self._resolved.get(index)
         if found is None:
-            start = int(self._name_at[index])
+            block, at = divmod(index, _NAME_BLOCK)
+            name = zlib.decompress(self._names[block]).split(b"\0")[at]
             run = int(np.searchsorted(self._module_runs, index, side="right")) - 1
-            found = self._resolved[index] = (
-                self._names[start:self._names.index(b"\0", start)].decode(errors="replace"),
-                self._run_modules[run])
+            found = self._resolved[index] = (name.decode(errors="replace"),
+                                             self._run_modules[run])
         return found
+
+
+def _compressed_names(blob: bytes, name_at: npt.NDArray[np.uint32]) -> list[bytes]:
+    """The NUL-ended names at ``name_at`` in ``blob``, in that order, compressed
+    ``_NAME_BLOCK`` names to a block.
+
+    Names may overlap in the blob (``__pfx_foo`` holds ``foo``), so each
+    block gathers its names by index.
+    """
+    chars = np.frombuffer(blob, np.uint8)
+    nuls = np.flatnonzero(chars == 0)
+    ends = nuls[np.searchsorted(nuls, name_at)] + 1  # through the NUL
+    blocks = []
+    for first in range(0, len(name_at), _NAME_BLOCK):
+        starts = name_at[first:first + _NAME_BLOCK].astype(np.intp)
+        lengths = ends[first:first + _NAME_BLOCK] - starts
+        at = np.cumsum(lengths) - lengths  # where each goes in the block
+        index = np.arange(int(lengths.sum())) - np.repeat(at - starts, lengths)
+        blocks.append(zlib.compress(chars[index].tobytes(), 1))
+    return blocks
 
 
 def _kept_symbols(columns: list[list[Any]]) -> tuple[

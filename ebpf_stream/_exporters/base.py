@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .._batch import Batch
-from .._config import EbpfConfig
-from .._overhead import Overhead
-from .._stats import Stats
+if TYPE_CHECKING:  # annotations only: a host importing the boundary loads no model
+    from .._batch import Batch
+    from .._config import EbpfConfig
+    from .._overhead import Overhead
+    from .._stats import Stats
 
 
 @runtime_checkable

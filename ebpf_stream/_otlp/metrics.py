@@ -139,7 +139,7 @@ def engine_metrics(stats: Stats, overhead: Overhead, start_ns: int, now_ns: int)
               "The profiler's share of the machine's CPU since it started",
               overhead.cpu_percent / 100, now_ns),
         gauge("ebpf_stream.overhead.memory.usage", "By",
-              "The profiler's anonymous memory plus its BPF maps", overhead.memory_bytes, now_ns),
+              "Resident memory the profiler adds to its process", overhead.memory_bytes, now_ns),
     ]
 
 

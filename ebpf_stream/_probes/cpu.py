@@ -304,7 +304,8 @@ class CpuProbe(RingProbe):
         if self._python is not None:
             events += self._new_stacks(records["python_stack"], records["generation"],
                                        self._read_python_stack)
-            for pid in np.unique(samples["pid"]).tolist():
+            # Not np.unique, which imports numpy.ma (a megabyte) to ask if this is masked.
+            for pid in set(samples["pid"].tolist()):
                 self._python.look(pid)
         # In ring order: a stall's record follows its busy period's samples
         # and precedes the next period's, and the batcher relies on it.
