@@ -10,12 +10,14 @@ count what they discard.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._config import OverflowPolicy
+
+if TYPE_CHECKING:  # anyio loads them with the first channel: a run's start, not an import
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 T = TypeVar("T")
 

@@ -10,7 +10,6 @@ BPF statistics are enabled; we enable them for the run with
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import dataclasses
 import os
 import time
@@ -20,8 +19,6 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio.to_thread
-
-from ._bpf import enable_run_time_stats, fdinfo
 
 T = TypeVar("T")
 
@@ -137,7 +134,7 @@ class OverheadMonitor:
     anything: an upper bound, since the host may grow too).  With
     ``whole_process`` (the CLI, which owns its process) both are the
     process's own: every thread's CPU, the event loop's included, and all of
-    its anonymous memory.
+    its resident memory.
     """
 
     def __init__(
@@ -155,6 +152,10 @@ class OverheadMonitor:
         self._user_ns: Callable[[], int] = (
             time.process_time_ns if whole_process else lambda: meter.ns)
         self._user_ns0 = self._user_ns()
+        # Loaded with the monitor, which a run makes once its probes are open.
+        from ._bpf import enable_run_time_stats, fdinfo
+
+        self._fdinfo = fdinfo
         self._stats_fd = enable_run_time_stats()
         self._t0 = time.monotonic_ns()
         self._cpus = os.cpu_count() or 1
@@ -163,10 +164,10 @@ class OverheadMonitor:
         wall = max(1, time.monotonic_ns() - self._t0)
         bpf_ns = bpf_count = 0
         for fd in self._program_fds():
-            info = fdinfo(fd)
+            info = self._fdinfo(fd)
             bpf_ns += int(info.get("run_time_ns", 0))
             bpf_count += int(info.get("run_cnt", 0))
-        maps = sum(int(fdinfo(fd).get("memlock", 0)) for fd in self._map_fds())
+        maps = sum(int(self._fdinfo(fd).get("memlock", 0)) for fd in self._map_fds())
         now = Resident.now()
         anon = max(0, now.anon - self._baseline.anon)
         user_ns = self._user_ns() - self._user_ns0
@@ -197,6 +198,8 @@ def release_freed_memory() -> None:
     millisecond or two: call it from a worker thread.  A libc without it
     (musl) keeps its pages.
     """
+    import ctypes
+
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._channels import Channel
 from ._config import EbpfConfig, validate_config
@@ -54,6 +53,8 @@ from ._probes import probes_for
 from ._stats import Stats
 
 if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
+
     from ._batch import Batch
     from ._events import EventMessage
     from ._probes.base import Probe
@@ -465,6 +466,8 @@ class EbpfCpuProfiler:
     def start(self) -> None:
         if self._portal_cm is not None:
             raise RuntimeError("EbpfCpuProfiler is already started")
+        from anyio.from_thread import start_blocking_portal
+
         self._portal_cm = start_blocking_portal("asyncio")
         portal = self._portal_cm.__enter__()
         self._profiler_cm = portal.wrap_async_context_manager(self._profiler)

@@ -23,16 +23,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .._batch import Batch
 from .._errors import ConfigError, ExportError
 from .._overhead import run_sync
-from .._profile import Profile
-from .memory import accumulate
 
 if TYPE_CHECKING:
+    from .._batch import Batch
+    from .._profile import Profile
     from .speedscope import SpeedscopeTimeline
 
-# Each renderer is imported when its file is first written, in a worker
+# The model and each renderer load when a file is first written, in a worker
 # thread: a service making its exporters at startup loads none of them.
 
 
@@ -133,6 +132,8 @@ class CumulativeFileExporter(FileExporter):
         """The file's whole content for ``profile``."""
 
     def _add(self, profile: Profile) -> None:
+        from .memory import accumulate
+
         self._profile = accumulate(self._profile, profile, keep_timestamps=False)
 
     def _forget(self) -> None:
@@ -142,6 +143,8 @@ class CumulativeFileExporter(FileExporter):
         if self._profile is None:
             # Closed before any batch: still leave a valid, empty file behind.
             now = time.time_ns()
+            from .._profile import Profile
+
             self._profile = Profile(period_ns=0, start_ns=now, end_ns=now)
         return self.render(self._profile)
 

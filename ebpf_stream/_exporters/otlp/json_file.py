@@ -14,17 +14,18 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..._batch import Batch
 from ..._errors import ConfigError, ExportError
-from ..._overhead import Overhead, run_sync
-from ..._stats import Stats
-from ..base import ExportContext
+from ..._overhead import run_sync
 from ..files import cannot_write, writable_path
 
-if TYPE_CHECKING:  # protobuf loads with the first export, in a worker thread
+if TYPE_CHECKING:  # the model, and protobuf, load with the first export
     from google.protobuf.message import Message
 
+    from ..._batch import Batch
     from ..._otlp.converter import EventConverter
+    from ..._overhead import Overhead
+    from ..._stats import Stats
+    from ..base import ExportContext
 
 
 def _append(path: Path, requests: list[Message]) -> None:
