@@ -58,8 +58,12 @@ _PFX = b"__pfx_"
 _NAME_BLOCK = 256
 _ADDR_MAX = np.uint64(2**64 - 1)
 # A miss in the cached maps re-reads them (dlopen), but at most this often: a
-# JIT process misses on every JIT frame and its maps can be thousands of lines.
+# JIT process misses on every JIT frame and its maps can be thousands of lines,
+# and an interpreter without frame pointers leaves stack words that are no code
+# address at all.  Each re-read that finds the maps unchanged doubles the wait,
+# up to the second figure; a change brings it back to the first.
 _MAPS_REFRESH_S = 0.5
+_MAPS_REFRESH_MAX_S = 8.0
 # Cached ELF images (two entries each: by file and by build id); mappings in use
 # keep theirs alive regardless.
 _MAX_IMAGES = 1024
@@ -783,11 +787,12 @@ def _identity(pid: int) -> tuple[str, str]:
 class _Process:
     """A pid's identity and executable mappings, as last read from /proc."""
 
-    __slots__ = ("_starts", "info", "mappings", "read_at")
+    __slots__ = ("_starts", "info", "mappings", "read_at", "read_every")
 
     def __init__(self, pid: int) -> None:
         self.mappings: list[_Mapping] = []
         self._starts: list[int] = []
+        self.read_every = _MAPS_REFRESH_S
         self.read(pid)
 
     def read(self, pid: int) -> None:
@@ -801,7 +806,11 @@ class _Process:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
             comm = f.read().rstrip("\n")
         known = {m.identity: m for m in self.mappings}
-        self.mappings = [known.get(m.identity, m) for m in _read_mappings(pid)]
+        mappings = [known.get(m.identity, m) for m in _read_mappings(pid)]
+        unchanged = [m.identity for m in mappings] == list(known)
+        self.read_every = (min(2 * self.read_every, _MAPS_REFRESH_MAX_S) if unchanged
+                           else _MAPS_REFRESH_S)
+        self.mappings = mappings
         self._starts = [m.start for m in self.mappings]
         self.info = ProcessInfo(pid, comm, *_identity(pid))
 
@@ -894,7 +903,7 @@ class Symbolizer:
 
     def _refresh(self, pid: int, process: _Process) -> bool:
         """Re-read the maps of ``pid`` unless read very recently; True if re-read."""
-        if time.monotonic() - process.read_at < _MAPS_REFRESH_S:
+        if time.monotonic() - process.read_at < process.read_every:
             return False
         try:
             process.read(pid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import itertools
 import lzma
 import os
 import random
@@ -281,6 +282,30 @@ def test_maps_are_reread_after_dlopen(
     (frame,) = symbolizer.user_frames(target.pid, [frexp + 2])
     assert frame.name == "frexp"  # of its aliases (frexpf64...), the plainest
     assert os.path.basename(frame.module).startswith("libm")
+
+
+@needs_root
+def test_maps_that_do_not_change_are_reread_less_and_less_often(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A word that is no code address (an interpreter without frame pointers
+    leaves many) must not cost a read of the maps every half second."""
+    import ebpf_stream._symbolize as symbolize
+
+    target = spawn(binaries["prog"])
+    now = [1000.0]
+    reads: list[float] = []
+    read_mappings = symbolize._read_mappings
+    monkeypatch.setattr(symbolize.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(symbolize, "_read_mappings",
+                        lambda pid: reads.append(now[0]) or read_mappings(pid))
+    symbolizer = Symbolizer()
+    for _ in range(300):  # a stray word every 0.1 s for 30 s
+        (frame,) = symbolizer.user_frames(target.pid, [0x10])
+        assert frame.module == "[unknown]"
+        now[0] += 0.1
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(reads)]
+    assert gaps[:5] == [0.5, 1.0, 2.0, 4.0, 8.0] and set(gaps[4:]) == {8.0}, gaps
 
 
 @needs_root
