@@ -540,3 +540,41 @@ async def test_an_exporter_failure_is_logged_counted_and_raised_at_the_end_on_on
     assert stats.export_errors == 1 and len(memory.batches) == 1
     assert [r.getMessage() for r in caplog.records] == [
         "exporter Refusing failed: UNAVAILABLE: the collector said try again later"]
+
+
+def test_exporters_prepare_once_per_run_in_a_worker_thread_before_exporting() -> None:
+    """What exporting takes loads as the run starts, not at the first export under load."""
+    from ebpf_stream._exporters.fanout import FanOut
+    from ebpf_stream._stats import Stats
+
+    class Preparing(MemoryExporter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+            self.prepared_in: list[int] = []
+
+        def prepare(self) -> None:
+            self.calls.append("prepare")
+            self.prepared_in.append(threading.get_ident())
+
+        async def export(self, batch: Batch) -> None:
+            self.calls.append("export")
+            await super().export(batch)
+
+    exporter = Preparing()
+
+    async def run() -> None:
+        async with FanOut([exporter], Stats()) as fanout:
+            await fanout.export(batch(3))
+            await fanout.export(batch(3))
+
+    anyio.run(run)
+    anyio.run(run)
+    assert exporter.calls == ["prepare", "export", "export"] * 2
+    assert threading.get_ident() not in exporter.prepared_in
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_file_exporter_prepares_what_renders_it(fmt: str, tmp_path: Path) -> None:
+    exporter = FORMATS[fmt](tmp_path / f"out.{fmt}")
+    exporter.prepare()  # type: ignore[attr-defined]

@@ -50,6 +50,17 @@ class ExportContext:
 
 
 @runtime_checkable
+class PreparedExporter(Protocol):
+    def prepare(self) -> None:
+        """Called once per run, in a worker thread, before its first export.
+
+        An exporter loads here what exporting takes (a renderer, the OTLP
+        messages), so that this happens as the run starts, and the first
+        export, under the host's load, costs no more than the next.
+        """
+
+
+@runtime_checkable
 class BindableExporter(Protocol):
     def bind(self, context: ExportContext) -> None:
         """Called once per run, before its first export."""

@@ -17,8 +17,9 @@ import anyio
 
 from .._batch import Batch
 from .._errors import ExportError
+from .._overhead import run_sync
 from .._stats import Stats
-from .base import BindableExporter, ExportContext, Exporter
+from .base import BindableExporter, ExportContext, Exporter, PreparedExporter
 
 log = logging.getLogger("ebpf_stream")
 
@@ -50,6 +51,8 @@ class FanOut:
             for exporter in self._exporters:
                 if self._context is not None and isinstance(exporter, BindableExporter):
                     exporter.bind(self._context)
+                if isinstance(exporter, PreparedExporter):
+                    await run_sync(exporter.prepare)
                 if isinstance(exporter, contextlib.AbstractAsyncContextManager):
                     await stack.enter_async_context(exporter)
             self._stack = stack.pop_all()

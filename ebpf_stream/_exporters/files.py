@@ -15,11 +15,12 @@ that its output directory is missing.
 from __future__ import annotations
 
 import abc
+import importlib
 import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import anyio
 
@@ -87,6 +88,8 @@ class FileExporter(abc.ABC):
     """Base of the file exporters: subclasses say what they keep of each batch and
     how that renders."""
 
+    renderer: ClassVar[str]  # the module that renders the file, loaded by ``prepare``
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = writable_path(path)
         # Serializes exports: a render must not read the state mid-merge.
@@ -112,6 +115,10 @@ class FileExporter(abc.ABC):
         async with self._lock:
             await run_sync(self._merge_and_write, None)
             self._forget()
+
+    def prepare(self) -> None:
+        for module in (".memory", self.renderer):  # the model comes with them
+            importlib.import_module(module, __package__)
 
     def _merge_and_write(self, profile: Profile | None) -> None:
         if profile is not None:
@@ -152,6 +159,8 @@ class CumulativeFileExporter(FileExporter):
 class FoldedFileExporter(CumulativeFileExporter):
     """Writes folded stacks, one ``process;root;...;leaf count`` line per stack."""
 
+    renderer = ".folded"
+
     def render(self, profile: Profile) -> bytes:
         from .folded import render_folded
 
@@ -160,6 +169,8 @@ class FoldedFileExporter(CumulativeFileExporter):
 
 class PprofFileExporter(CumulativeFileExporter):
     """Writes a gzip-compressed pprof profile."""
+
+    renderer = ".pprof"
 
     def render(self, profile: Profile) -> bytes:
         # Imported here: the generated protobuf module loads only for a pprof output.
@@ -174,6 +185,8 @@ class SpeedscopeFileExporter(FileExporter):
     It keeps one entry per change of stack in each process, so its memory and
     the file grow with the length of the recording.
     """
+
+    renderer = ".speedscope"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path)
@@ -199,6 +212,8 @@ class SpeedscopeFileExporter(FileExporter):
 
 class FlamegraphSvgExporter(CumulativeFileExporter):
     """Writes a self-contained flame graph SVG."""
+
+    renderer = ".flamegraph"
 
     def __init__(self, path: str | os.PathLike[str], title: str | None = None) -> None:
         super().__init__(path)

@@ -78,11 +78,16 @@ class OtlpJsonFileExporter:
         async with self._lock:
             await run_sync(self._write, batch, stats, overhead)
 
+    def prepare(self) -> None:
+        from ..._otlp.converter import EventConverter
+        from ..._otlp.json import encode_otlp_json  # noqa: F401  (loaded for the first export)
+
+        self._converter = EventConverter(self._context.config if self._context else None)
+
     def _write(self, batch: Batch, stats: Stats | None, overhead: Overhead | None) -> None:
         if self._converter is None:
-            from ..._otlp.converter import EventConverter
-
-            self._converter = EventConverter(self._context.config if self._context else None)
+            self.prepare()
+        assert self._converter is not None
         converted = self._converter.convert_batch(batch, stats, overhead)
         _append(self.path, [converted.profiles, converted.metrics, converted.logs])
 
