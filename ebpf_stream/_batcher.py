@@ -52,7 +52,7 @@ from ._events import (
 )
 from ._loops import LoopWatch
 from ._profile import Frame, FrameKind, ProcessInfo, Profile
-from ._python.code import PythonSymbols
+from ._python.code import UNKNOWN_FRAME, PythonSymbols
 from ._python.merge import merge, runs
 from ._python.runtime import UnsupportedPython, find_python
 from ._stats import Stats
@@ -84,6 +84,9 @@ class StackResolver:
         self._stacks: dict[int, StackTrace | PythonStack] = {}
         self._epoch = 0
         self._frames: dict[tuple[int, int, int, int], tuple[tuple[Frame, ...], bool]] = {}
+        # A Python stack recurs under ever new native stacks (the words past
+        # the interpreter's frames differ sample to sample): named once per key.
+        self._named: dict[tuple[int, int], list[list[Frame]]] = {}
         self._python_only = python_frames is PythonFrames.PYTHON
         self._python_symbols = PythonSymbols()
         self._interpreters: dict[int, bool] = {}  # pid -> whether its Python frames can be named
@@ -96,6 +99,7 @@ class StackResolver:
             self._stacks = {k: v for k, v in self._stacks.items() if v.epoch >= stack.epoch - 1}
             self._frames = {k: v for k, v in self._frames.items()
                             if all(key <= 0 or key in self._stacks for key in k[1:])}
+            self._named = {k: v for k, v in self._named.items() if k[1] in self._stacks}
             # An exited interpreter is forgotten (its /proc/PID/mem closed) one
             # epoch after it was found gone: the samples it took last may be
             # read after its exit, and still need the code objects named.
@@ -110,10 +114,12 @@ class StackResolver:
         self._interpreters.pop(pid, None)
         self._python_symbols.forget(pid)
         self._frames = {k: v for k, v in self._frames.items() if k[0] != pid}
+        self._named = {k: v for k, v in self._named.items() if k[0] != pid}
 
     def forget(self, pid: int) -> None:
         self._interpreters.pop(pid, None)
         self._python_symbols.forget(pid)
+        self._named = {k: v for k, v in self._named.items() if k[0] != pid}
 
     def python_frames(self, pid: int, key: int) -> tuple[Frame, ...] | None:
         """Root-first Python frames of one stack key; None if the key is unknown."""
@@ -123,6 +129,11 @@ class StackResolver:
         return tuple(frame for run in found for frame in run)[::-1]
 
     def _python_runs(self, pid: int, key: int) -> list[list[Frame]] | None:
+        """The runs of named frames of one Python stack, leaf first (shared: not to
+        be changed)."""
+        found = self._named.get((pid, key))
+        if found is not None:
+            return found
         stack = self._stacks.get(key)
         if not isinstance(stack, PythonStack):
             return None
@@ -133,6 +144,8 @@ class StackResolver:
         found = runs(named, [flags for *_, flags in stack.frames])
         if stack.truncated:
             found.append([_TRUNCATED])
+        if UNKNOWN_FRAME not in named:  # a code object unreadable now may be read later
+            self._named[pid, key] = found
         return found
 
     def _interpreter(self, pid: int) -> bool:
