@@ -79,10 +79,11 @@ async def main():
         tg.start_soon(busy)
         await anyio.sleep(0.05)
         begin_ns, begin = time.time_ns(), time.monotonic()
-        profiler = Profiler(config, exporters, start_in_background=sys.argv[1] == "background")
+        background = {"start_in_background": True} if sys.argv[1] == "background" else {}
+        profiler = Profiler(config, exporters, **background)
         async with profiler:
             enter = time.monotonic() - begin
-            mode = await profiler.wait_started()
+            mode = await profiler.wait_started() if background else profiler.mode
             started = time.monotonic() - begin
             gap = max(gaps)
             await anyio.sleep(1.2)
@@ -116,6 +117,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--starts", nargs="+", choices=("foreground", "background"),
+                        default=["foreground", "background"],
+                        help="foreground alone measures a checkout older than the background start")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="every start compiles, as before the compile cache")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("loading BPF programs needs root")
@@ -128,10 +134,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ebpf-stream-cache-") as tmp:
         cache = Path(tmp) / "cache"
         for round_ in range(args.rounds):
-            for start in ("foreground", "background"):
+            for start in args.starts:
                 shutil.rmtree(cache, ignore_errors=True)
                 runs.setdefault(f"cold {start}", []).append(run_once(start, cache))
-                runs.setdefault(f"warm {start}", []).append(run_once(start, cache))
+                if not args.cold_only:
+                    runs.setdefault(f"warm {start}", []).append(run_once(start, cache))
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     print(f"{'mode':18s}" + "".join(f"{f:>10s}" for f in FIGURES) + "   (seconds, medians)")
     for mode, figures in runs.items():
