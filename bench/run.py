@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from benchmarks import (
     bench_reader,
     bench_syscalls,
 )
-from benchmarks._support import bpf_unavailable
+from benchmarks._support import bpf_unavailable, checkout_of
 
 _MIB = 2**20
 
@@ -44,15 +43,7 @@ def code_version() -> str:
     """
     import ebpf_stream
 
-    tree = Path(ebpf_stream.__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=tree, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ebpf_stream", "kernel"],
-                               capture_output=True, text=True, cwd=tree, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return f"unknown ({tree})"
-    return f"{head}{'+dirty' if dirty.strip() else ''} ({tree})"
+    return checkout_of(Path(ebpf_stream.__file__).resolve().parents[1])
 
 
 def machine_line() -> str:

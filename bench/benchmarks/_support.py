@@ -73,6 +73,19 @@ def system_bcc() -> ModuleType:
     return sys.modules["bcc"]
 
 
+def checkout_of(tree: Path) -> str:
+    """The commit checked out in ``tree``, ``+dirty`` if its package or kernel
+    sources differ from it: the code a measurement measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=tree, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ebpf_stream", "kernel"],
+                               capture_output=True, text=True, cwd=tree, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown ({tree})"
+    return f"{head}{'+dirty' if dirty.strip() else ''} ({tree})"
+
+
 def median(values: Iterable[float]) -> float:
     return float(statistics.median(values))
 

@@ -54,6 +54,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for its helpers
+from benchmarks._support import checkout_of
+
 MODES = ("none", "ebpf-stream", "py-spy", "pyroscope")
 HERE = Path(__file__).resolve().parent
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -471,15 +474,7 @@ def code_version() -> str:
     spec = importlib.util.find_spec("ebpf_stream")
     if spec is None or spec.origin is None:
         return "ebpf_stream not found"
-    tree_ = Path(spec.origin).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=tree_, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ebpf_stream", "kernel"],
-                               capture_output=True, text=True, cwd=tree_, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return f"unknown ({tree_})"
-    return f"{head}{'+dirty' if dirty.strip() else ''} ({tree_})"
+    return checkout_of(Path(spec.origin).resolve().parents[1])
 
 
 def versions() -> dict[str, str]:
