@@ -110,6 +110,12 @@ class Profiler:
     ``EnvironmentCheckError`` or ``ProbeError``).  Configuration mistakes
     (``ConfigError``) and missing targets (``TargetError``) are always raised.
 
+    With ``start_in_background=True`` entering returns at once (``mode`` is
+    ``"starting"``) and the probes load in a task of the run, so a service
+    serves meanwhile; ``wait_started()`` waits for the start.  A refusal that
+    ``on_unavailable="raise"`` asks for is then logged when it happens and
+    raised when the block exits.
+
     A profiler may run again once it has stopped: each run starts with
     fresh counters, overhead and exporters' state (see ``Exporter``), and
     knows nothing of an earlier run's failure.  Entering one that is

@@ -389,6 +389,26 @@ async def test_a_refused_probe_closes_the_others_and_is_raised_alone_when_asked(
     assert bpf_fds() == [], "the probe that opened must be closed"
 
 
+@pytest.mark.anyio
+async def test_a_background_start_refused_runs_the_body_then_raises_when_asked(
+        running: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Started in the background, a refusal cannot reach the host's code while it
+    runs: it is logged at once, and raised when the block exits."""
+    one_probe_refused(monkeypatch)
+    ran = False
+    with pytest.raises(ProbeError, match="on purpose"):
+        async with Profiler(config_for(running.pid), [MemoryExporter()],
+                            on_unavailable="raise", start_in_background=True) as profiler:
+            assert await profiler.wait_started() == "off"
+            assert bpf_fds() == [], "the probe that opened must be closed"
+            ran = True
+    assert ran
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["ebpf-stream: profiling did not start: refused.bpf.c failed to compile "
+                      "or load: on purpose"]
+
+
 def test_an_unknown_on_unavailable_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="on_unavailable: 'ignore' is not one of off, raise"):
         Profiler(on_unavailable="ignore")  # type: ignore[arg-type]
