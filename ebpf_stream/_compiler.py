@@ -11,6 +11,7 @@ interpreter is; the worker imports only the standard library and bcc.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import re
@@ -24,6 +25,15 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 SYSTEM_BCC = Path("/usr/lib/python3/dist-packages/bcc")
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 _FIX = "apt-get install python3-bpfcc (or set EBPF_STREAM_COMPILE_PYTHON to a Python with bcc)"
+
+
+class NoCompiler(EnvironmentCheckError):
+    """No interpreter with bcc: what is wrong, and the fix, also apart for ``doctor``."""
+
+    def __init__(self, problem: str, fix: str = _FIX) -> None:
+        super().__init__(f"bcc: {problem}; fix: {fix}")
+        self.problem = problem
+        self.fix = fix
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,8 +70,10 @@ def _libbcc() -> str:
     return "libbcc.so.0 not found"
 
 
+@functools.cache
 def _bcc_of(python: str) -> Path | None:
-    """Where ``python`` imports bcc from, asking it (for an interpreter named by the user)."""
+    """Where ``python`` imports bcc from, asking it (for an interpreter named by the
+    user) once: every probe's load looks for the compiler."""
     code = ("import importlib.util as u; s = u.find_spec('bcc'); "
             "print(s.origin if s and s.origin else '')")
     try:
@@ -76,14 +88,13 @@ def find_compiler() -> Compiler:
     """The compiler to use: ``EBPF_STREAM_COMPILE_PYTHON`` if set, else the system's
     Python with Debian's bcc, else this interpreter if it has bcc.
 
-    Raises ``EnvironmentCheckError`` naming the fix when there is none.
+    Raises ``NoCompiler`` naming the fix when there is none.
     """
     explicit = os.environ.get("EBPF_STREAM_COMPILE_PYTHON")
     if explicit:
         bcc = _bcc_of(explicit)
         if bcc is None:
-            raise EnvironmentCheckError(
-                f"bcc: EBPF_STREAM_COMPILE_PYTHON={explicit} cannot import bcc; fix: {_FIX}")
+            raise NoCompiler(f"EBPF_STREAM_COMPILE_PYTHON={explicit} cannot import bcc")
         return Compiler(Path(explicit), bcc, _version(bcc))
     if SYSTEM_PYTHON.exists() and (SYSTEM_BCC / "__init__.py").exists():
         return Compiler(SYSTEM_PYTHON, SYSTEM_BCC, _version(SYSTEM_BCC))
@@ -91,8 +102,7 @@ def find_compiler() -> Compiler:
     if spec is not None and spec.origin is not None:
         bcc = Path(spec.origin).parent
         return Compiler(Path(sys.executable), bcc, _version(bcc))
-    raise EnvironmentCheckError(f"bcc: not found for {SYSTEM_PYTHON} or {sys.executable}; "
-                                f"fix: {_FIX}")
+    raise NoCompiler(f"not found for {SYSTEM_PYTHON} or {sys.executable}")
 
 
 def describe(compiler: Compiler) -> str:
@@ -106,7 +116,6 @@ def describe(compiler: Compiler) -> str:
                             text=True, timeout=60, check=False)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EnvironmentCheckError(f"bcc: {compiler.python} cannot import bcc ({last}); "
-                                    f"fix: {_FIX}")
+        raise NoCompiler(f"{compiler.python} cannot import bcc ({last})")
     return (f"bcc {compiler.version} at {compiler.bcc}, compiled by {compiler.python} "
             f"(Python {result.stdout.strip()})")

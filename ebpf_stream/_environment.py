@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from ._cache_dir import cache_dir
-from ._compiler import Compiler, describe, find_compiler
+from ._compiler import Compiler, NoCompiler, describe, find_compiler
 from ._errors import EnvironmentCheckError
 from ._headers import Headers, find_headers
 
@@ -176,10 +176,8 @@ def check_bcc(run: bool = False) -> Check:
         compiler = find_compiler()
         detail = describe(compiler) if run else (
             f"bcc {compiler.version} at {compiler.bcc}, compiled by {compiler.python}")
-    except EnvironmentCheckError as exc:
-        name, _, rest = str(exc).partition(": ")
-        problem, _, fix = rest.partition("; fix: ")
-        return Check(name, False, problem, fix)
+    except NoCompiler as exc:
+        return Check("bcc", False, exc.problem, exc.fix)
     return Check("bcc", True, detail)
 
 

@@ -171,3 +171,14 @@ def test_local_headers_raw_tracepoints_and_cookies(tmp_path: Path) -> None:
         assert int.from_bytes(cookie, "little") == 0xC0FFEE
     finally:
         program.close()
+
+
+def test_an_interpreter_without_bcc_fails_the_bcc_check_with_its_fix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBPF_STREAM_COMPILE_PYTHON", "/usr/bin/false")
+    (bcc,) = [c for c in environment_checks() if c.name == "bcc"]
+    assert not bcc.ok
+    assert bcc.detail == "EBPF_STREAM_COMPILE_PYTHON=/usr/bin/false cannot import bcc"
+    assert bcc.fix.startswith("apt-get install python3-bpfcc")
+    with pytest.raises(EnvironmentCheckError, match=r"^bcc: .* cannot import bcc; fix: apt-get"):
+        require_environment()
