@@ -18,6 +18,7 @@ from ebpf_stream._cache_dir import cache_dir
 from ebpf_stream._compile_cache import ObjectCache, cache_key
 from ebpf_stream._compiler import Compiler
 from ebpf_stream._headers import Headers
+from ebpf_stream._loader import LoadedProgram
 
 SOURCE = """\
 BPF_ARRAY(hits, u64, 2);
@@ -109,13 +110,21 @@ def test_a_damaged_or_foreign_entry_is_never_used(tmp_path: Path) -> None:
 
 # -- real loads -----------------------------------------------------------------
 
-bpf = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "hits.bpf.c"
+    path.write_text(SOURCE)
+    return path
 
 
-def load(source: Path) -> object:
+def load(source: Path) -> LoadedProgram:
     from ebpf_stream._loader import _load
 
     return _load(source, PROGRAMS, MAPS, [])
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
 
 
 def only_entry(cache: Path) -> Path:
@@ -126,20 +135,16 @@ def only_entry(cache: Path) -> Path:
 @pytest.mark.bpf
 @pytest.mark.usefixtures("bpf_environment")
 def test_a_second_load_comes_from_the_cache_and_is_the_same_program(
-        tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+        source: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     from ebpf_stream._bpf import program_tag
-    from ebpf_stream._loader import LoadedProgram
 
-    source = tmp_path / "hits.bpf.c"
-    source.write_text(SOURCE)
     caplog.set_level(logging.INFO, "ebpf_stream")
     first = load(source)
     second = load(source)
-    assert isinstance(first, LoadedProgram) and isinstance(second, LoadedProgram)
     try:
-        messages = [r.getMessage() for r in caplog.records]
-        assert any(m.startswith("compiled hits.bpf.c") for m in messages), messages
-        assert "loaded hits.bpf.c from the compile cache" in messages
+        said = messages(caplog)
+        assert any(m.startswith("compiled hits.bpf.c") for m in said), said
+        assert "loaded hits.bpf.c from the compile cache" in said
         assert program_tag(first.program_fd("on_getppid")) == program_tag(
             second.program_fd("on_getppid"))
         # The cached program runs and writes its own maps, not the first load's.
@@ -157,10 +162,8 @@ def test_a_second_load_comes_from_the_cache_and_is_the_same_program(
 @pytest.mark.bpf
 @pytest.mark.usefixtures("bpf_environment")
 def test_an_entry_the_kernel_refuses_is_compiled_again(
-        tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
-    source = tmp_path / "hits.bpf.c"
-    source.write_text(SOURCE)
-    load(source).close()  # type: ignore[attr-defined]
+        source: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    load(source).close()
     path = only_entry(cache)
     image = json.loads(path.read_bytes().partition(b"\n")[2])
     insns = bytearray(base64.b64decode(image["programs"]["on_getppid"]["insns"]))
@@ -168,20 +171,17 @@ def test_an_entry_the_kernel_refuses_is_compiled_again(
     image["programs"]["on_getppid"]["insns"] = base64.b64encode(bytes(insns)).decode()
     entry(path.parent, path.stem, json.dumps(image).encode())
     caplog.set_level(logging.INFO, "ebpf_stream")
-    program = load(source)
-    program.close()  # type: ignore[attr-defined]
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("did not load" in m for m in messages), messages
-    assert any(m.startswith("compiled hits.bpf.c") for m in messages), messages
+    load(source).close()
+    said = messages(caplog)
+    assert any("did not load" in m for m in said), said
+    assert any(m.startswith("compiled hits.bpf.c") for m in said), said
     assert json.loads(path.read_bytes().partition(b"\n")[2]) != image, "rebuilt"
 
 
 @pytest.mark.bpf
 @pytest.mark.usefixtures("bpf_environment")
-def test_processes_starting_together_compile_once(tmp_path: Path, cache: Path) -> None:
+def test_processes_starting_together_compile_once(source: Path, cache: Path) -> None:
     """A pre-fork server's workers start at once: one compiles, the others load its object."""
-    source = tmp_path / "hits.bpf.c"
-    source.write_text(SOURCE)
     script = textwrap.dedent(f"""
         import logging, sys
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
