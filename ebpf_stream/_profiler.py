@@ -229,7 +229,7 @@ class Profiler:
             from ._exporters.otlp.exporter import OtlpExporter
             self._run_exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
         self._running = True
-        self._started = anyio.Event()
+        started = self._started = anyio.Event()
         self._baseline = Resident.now()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
@@ -245,6 +245,7 @@ class Profiler:
             self._task_group = None
             self._running = False
             raise
+        started.set()
         return self
 
     async def _start_in_background(self, config: EbpfConfig) -> None:
@@ -264,14 +265,11 @@ class Profiler:
                 self._failure = exc
                 self._close_kernel_side()
             finally:
-                if self._mode == "starting":  # failed, or cancelled by the run's exit
+                if self._mode == "starting":  # refused, failed, or cancelled by the run's exit
                     self._mode = "off"
-                self._start_ended()
+                if self._started is not None:
+                    self._started.set()
         self._opening = None
-
-    def _start_ended(self) -> None:
-        if self._started is not None:
-            self._started.set()
 
     async def _start_run(self, config: EbpfConfig) -> None:
         """Open the probes, then start the pipeline's tasks in the run's task group."""
@@ -294,8 +292,6 @@ class Profiler:
             # One line, with the fix: the host keeps running, so this is all it shows.
             log.warning("ebpf-stream: profiling is off: %s", exc)
             self._unavailable = exc
-            self._mode = "off"
-            self._start_ended()
             return
         self._monitor = OverheadMonitor(
             self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
@@ -317,7 +313,6 @@ class Profiler:
         self._start(batcher.run, events, batches)
         self._start(self._export, batches)
         self._mode = "bpf"
-        self._start_ended()
 
     async def _open_probes(self, probes: list[Probe]) -> None:
         """Open the probes side by side (each compiles in its own worker process).
