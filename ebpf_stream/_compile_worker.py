@@ -85,8 +85,8 @@ def _image(bpf: Any, lib: Any, programs: dict[str, int]) -> dict[str, Any]:
     maps = {}
     for i in range(lib.bpf_num_tables(module)):
         name = lib.bpf_table_name(module, i)
-        maps[name.decode()] = dict(_map_info(lib.bpf_table_fd(module, name)),
-                                   fd=lib.bpf_table_fd(module, name))
+        fd = lib.bpf_table_fd(module, name)
+        maps[name.decode()] = dict(_map_info(fd), fd=fd)
     btf_ids = {m["btf_id"] for m in maps.values() if m["btf_id"]}
     if len(btf_ids) > 1:
         raise ValueError(f"maps carry {len(btf_ids)} BTF objects; expected one")
