@@ -167,7 +167,7 @@ def endpoint_in_environment(environ: Mapping[str, str] | None = None) -> bool:
     """
     env = os.environ if environ is None else environ
     return any(
-        _get(env, f"{_PREFIX}{infix}ENDPOINT") is not None for infix in ("", "PROFILES_")
+        env_value(env, f"{_PREFIX}{infix}ENDPOINT") is not None for infix in ("", "PROFILES_")
     )
 
 
@@ -181,9 +181,9 @@ def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, s
     """
     env = os.environ if environ is None else environ
     name = "OTEL_RESOURCE_ATTRIBUTES"
-    raw = _get(env, name)
+    raw = env_value(env, name)
     attributes = {} if raw is None else _parse_pairs(raw, name, lower_keys=False)
-    service = _get(env, "OTEL_SERVICE_NAME")
+    service = env_value(env, "OTEL_SERVICE_NAME")
     if service is not None:
         attributes["service.name"] = service
     return attributes
@@ -192,7 +192,8 @@ def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, s
 # -- resolution ---------------------------------------------------------------
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """A variable's value, stripped; empty counts as unset, as the OTLP spec says."""
     value = env.get(name, "").strip()
     return value or None
 
@@ -200,7 +201,7 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
 def _lookup(env: Mapping[str, str], signal: Signal, setting: str) -> tuple[str, str] | None:
     """(variable name, value) of the per-signal variable, else the generic one."""
     for name in (f"{_PREFIX}{signal.upper()}_{setting}", f"{_PREFIX}{setting}"):
-        value = _get(env, name)
+        value = env_value(env, name)
         if value is not None:
             return name, value
     return None
@@ -229,9 +230,9 @@ def _resolve(
     per_signal = f"{_PREFIX}{signal.upper()}_ENDPOINT"
     if endpoint is not None:
         raw, name, is_base = endpoint, source, True
-    elif (value := _get(env, per_signal)) is not None:
+    elif (value := env_value(env, per_signal)) is not None:
         raw, name, is_base = value, per_signal, False
-    elif (value := _get(env, f"{_PREFIX}ENDPOINT")) is not None:
+    elif (value := env_value(env, f"{_PREFIX}ENDPOINT")) is not None:
         raw, name, is_base = value, f"{_PREFIX}ENDPOINT", True
     else:
         raw, name, is_base = DEFAULT_ENDPOINTS[protocol], "default endpoint", True

@@ -23,7 +23,7 @@ from typing import TypedDict, TypeVar
 from .._config import EbpfConfig, PythonFrames
 from .._errors import ConfigError
 from .._exporters.base import Exporter
-from .._otlp.settings import endpoint_in_environment
+from .._otlp.settings import endpoint_in_environment, env_value
 from .._profiler import OnUnavailable
 
 PREFIX = "EBPF_STREAM_"
@@ -105,11 +105,11 @@ def read_settings(options: ProfilingOptions) -> Settings:
     enabled = options.get("enabled")
     if enabled is None:
         enabled = _parsed(env, "EBPF_STREAM_ENABLED", _parse_bool)
-    elif _get(env, "EBPF_STREAM_ENABLED") is not None:
+    elif env_value(env, "EBPF_STREAM_ENABLED") is not None:
         ignored.append("EBPF_STREAM_ENABLED")
     if enabled is False:
         by = ("enabled=False" if "enabled" in options
-              else f"EBPF_STREAM_ENABLED={_get(env, 'EBPF_STREAM_ENABLED')}")
+              else f"EBPF_STREAM_ENABLED={env_value(env, 'EBPF_STREAM_ENABLED')}")
         return Settings(off=f"profiling is disabled ({by})")
 
     exporters = tuple(options.get("exporters", ()))
@@ -120,9 +120,9 @@ def read_settings(options: ProfilingOptions) -> Settings:
     if given is not None:
         paths = [os.fspath(p) for p in given]
     else:
-        raw = _get(env, "EBPF_STREAM_OUTPUT")
+        raw = env_value(env, "EBPF_STREAM_OUTPUT")
         paths = [] if raw is None else [p.strip() for p in raw.split(",") if p.strip()]
-    sdk_disabled = (_get(env, "OTEL_SDK_DISABLED") or "").lower() == "true"
+    sdk_disabled = (env_value(env, "OTEL_SDK_DISABLED") or "").lower() == "true"
     otlp = "exporters" not in options and endpoint_in_environment(env) and not sdk_disabled
     if "exporters" in options and given is None and paths:
         ignored.append("EBPF_STREAM_OUTPUT")
@@ -142,14 +142,14 @@ def read_settings(options: ProfilingOptions) -> Settings:
     if config is None:
         config = config_from_environment(env)
     else:
-        ignored.extend(name for name in _CONFIG_VARIABLES if _get(env, name) is not None)
+        ignored.extend(name for name in _CONFIG_VARIABLES if env_value(env, name) is not None)
     outputs = tuple(_output(path, source, config) for path in paths)
 
     on_unavailable = options.get("on_unavailable")
     if on_unavailable is None:
         on_unavailable = _parsed(env, "EBPF_STREAM_ON_UNAVAILABLE",
                                  _parse_on_unavailable) or "off"
-    elif _get(env, "EBPF_STREAM_ON_UNAVAILABLE") is not None:
+    elif env_value(env, "EBPF_STREAM_ON_UNAVAILABLE") is not None:
         ignored.append("EBPF_STREAM_ON_UNAVAILABLE")
     return Settings(off=None, config=config, exporters=exporters, outputs=outputs,
                     source=source, otlp=otlp, on_unavailable=on_unavailable,
@@ -158,7 +158,7 @@ def read_settings(options: ProfilingOptions) -> Settings:
 
 def config_from_environment(env: Mapping[str, str]) -> EbpfConfig:
     """The preset ``EBPF_STREAM_PRESET`` names, refined by the other config variables."""
-    preset = _get(env, "EBPF_STREAM_PRESET") or "production"
+    preset = env_value(env, "EBPF_STREAM_PRESET") or "production"
     config = _named("EBPF_STREAM_PRESET", lambda: EbpfConfig.for_environment(preset))
     rate = _parsed(env, "EBPF_STREAM_SAMPLE_RATE", _parse_whole)
     if rate is not None:
@@ -167,7 +167,7 @@ def config_from_environment(env: Mapping[str, str]) -> EbpfConfig:
     if interval is not None:
         config = _named("EBPF_STREAM_EXPORT_INTERVAL",
                         lambda: config.with_export_interval(interval))
-    frames = _get(env, "EBPF_STREAM_PYTHON_FRAMES")
+    frames = env_value(env, "EBPF_STREAM_PYTHON_FRAMES")
     if frames is not None:
         config = _named("EBPF_STREAM_PYTHON_FRAMES",
                         lambda: config.with_python_frames(frames.lower()))
@@ -198,14 +198,8 @@ def _output(path: str, source: str, config: EbpfConfig) -> Output:
 # -- parsing: each raises ConfigError naming the variable ---------------------------------
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    """The variable's value; empty counts as unset, as for the ``OTEL_*`` variables."""
-    value = env.get(name, "").strip()
-    return value or None
-
-
 def _parsed(env: Mapping[str, str], name: str, parse: Callable[[str], _T]) -> _T | None:
-    value = _get(env, name)
+    value = env_value(env, name)
     if value is None:
         return None
     try:
