@@ -192,19 +192,19 @@ class SpeedscopeFileExporter(FileExporter):
         super().__init__(path)
         self._timeline: SpeedscopeTimeline | None = None
 
-    def _add(self, profile: Profile) -> None:
+    def _timeline_so_far(self) -> SpeedscopeTimeline:
+        """The timeline of this run, begun with its first batch (or an empty one)."""
         if self._timeline is None:
             from .speedscope import SpeedscopeTimeline
 
             self._timeline = SpeedscopeTimeline()
-        self._timeline.add(profile)
+        return self._timeline
+
+    def _add(self, profile: Profile) -> None:
+        self._timeline_so_far().add(profile)
 
     def _content(self) -> bytes:
-        if self._timeline is None:
-            from .speedscope import SpeedscopeTimeline
-
-            self._timeline = SpeedscopeTimeline()  # closed before any batch: an empty file
-        return self._timeline.render().encode("utf-8")
+        return self._timeline_so_far().render().encode("utf-8")
 
     def _forget(self) -> None:
         self._timeline = None
