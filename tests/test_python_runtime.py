@@ -26,7 +26,8 @@ from ebpf_stream._python.runtime import (
     find_python,
     thread_states,
 )
-from ebpf_stream._symbolize import _Lru, object_symbols
+from ebpf_stream._symbolize.elf import object_symbols
+from ebpf_stream._symbolize.lru import Lru
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory")
 
@@ -245,7 +246,7 @@ def test_wrong_offsets_fail_the_check(child: Child) -> None:
 
 @needs_root
 def test_one_parse_per_interpreter_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "_files", _Lru(16))
+    monkeypatch.setattr(runtime, "_files", Lru(16))
     parses = []
     real = object_symbols
 

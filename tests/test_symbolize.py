@@ -11,27 +11,25 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import time
 import tracemalloc
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ebpf_stream._profile import FrameKind
-from ebpf_stream._symbolize import (
-    _MAPS_REFRESH_S,
-    KernelSymbols,
-    Symbolizer,
-    _ElfHeaders,
-    _ElfImage,
-    _Kallsyms,
-    _Origin,
-    _Ranges,
-    _Reader,
-)
+from ebpf_stream._symbolize import KernelSymbols, Symbolizer, process
+from ebpf_stream._symbolize import kallsyms as kallsyms_module
+from ebpf_stream._symbolize.debug_files import Origin
+from ebpf_stream._symbolize.elf import ElfHeaders, Reader
+from ebpf_stream._symbolize.kallsyms import KallsymsTable
+from ebpf_stream._symbolize.process import MAPS_REFRESH_S
+from ebpf_stream._symbolize.ranges import Ranges, one_per_address
+from ebpf_stream._symbolize.symbol_table import ElfImage
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: real kallsyms addresses and /proc/PID/map_files")
@@ -278,7 +276,7 @@ def test_maps_are_reread_after_dlopen(
     process.stdin.write("load\n")
     process.stdin.flush()
     frexp = int(process.stdout.readline(), 16)
-    time.sleep(_MAPS_REFRESH_S)
+    time.sleep(MAPS_REFRESH_S)
     (frame,) = symbolizer.user_frames(target.pid, [frexp + 2])
     assert frame.name == "frexp"  # of its aliases (frexpf64...), the plainest
     assert os.path.basename(frame.module).startswith("libm")
@@ -290,14 +288,12 @@ def test_maps_that_do_not_change_are_reread_less_and_less_often(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A word that is no code address (an interpreter without frame pointers
     leaves many) must not cost a read of the maps every half second."""
-    import ebpf_stream._symbolize as symbolize
-
     target = spawn(binaries["prog"])
     now = [1000.0]
     reads: list[float] = []
-    read_mappings = symbolize._read_mappings
-    monkeypatch.setattr(symbolize.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(symbolize, "_read_mappings",
+    read_mappings = process.read_mappings
+    monkeypatch.setattr(process.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(process, "read_mappings",
                         lambda pid: reads.append(now[0]) or read_mappings(pid))
     symbolizer = Symbolizer()
     for _ in range(300):  # a stray word every 0.1 s for 30 s
@@ -387,7 +383,7 @@ def test_kallsyms_parsing(tmp_path: Path) -> None:
 
 def reference_kallsyms(text: str) -> Callable[[int], tuple[str, str] | None]:
     """(name, module) that an address resolves to in kallsyms ``text``, by a
-    plain reading of the rules that the vectorized parser implements."""
+    plain reading of the rules that the block-wise parser implements."""
     symbols = [(int(line[:16], 16), line[17], *line[19:].partition("\t")[::2])
                for line in text.split("\n") if len(line) > 19 and line[16] == line[18] == " "]
     # Per address the code symbol that is global, then has the fewest leading
@@ -441,7 +437,7 @@ def synthetic_kallsyms(rng: random.Random, count: int) -> str:
 @pytest.mark.parametrize("block", [64, 1000, 1 << 18])
 def test_kallsyms_matches_its_plain_reading(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int) -> None:
-    monkeypatch.setattr("ebpf_stream._symbolize._KALLSYMS_BLOCK", block)  # lines split too
+    monkeypatch.setattr(kallsyms_module, "BLOCK_SIZE", block)  # lines split too
     rng = random.Random(block)
     for trial in range(20):
         text = synthetic_kallsyms(rng, rng.randrange(1, 300))
@@ -456,18 +452,53 @@ def test_kallsyms_matches_its_plain_reading(
             assert (frame.name, frame.module) == (expected(address) or unknown), hex(address)
 
 
-def retained_bytes(table: _Kallsyms | _Ranges) -> int:
-    """What a parsed table keeps: its arrays and its bytes."""
+def retained_bytes(table: KallsymsTable | Ranges) -> int:
+    """What a parsed table keeps: its arrays, its bytes and lists of them."""
     total = 0
     for slot in type(table).__slots__:
         value = getattr(table, slot)
-        if isinstance(value, np.ndarray):
-            total += value.nbytes
-        elif isinstance(value, bytes):
-            total += len(value)
-        elif isinstance(value, _Ranges):
-            total += retained_bytes(value)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, array):
+                total += len(item) * item.itemsize
+            elif isinstance(item, bytes):
+                total += len(item)
+            elif isinstance(item, Ranges):
+                total += retained_bytes(item)
     return total
+
+
+def test_one_per_address_matches_a_plain_sort() -> None:
+    """Sorted prefixes with tails below, among and above them, as kallsyms has
+    (modules after the core kernel) and ELF symbol tables have (no order)."""
+    rng = random.Random(7)
+    for _ in range(500):
+        size = rng.randrange(0, 200)
+        prefix = sorted(rng.randrange(1000) for _ in range(rng.randrange(size + 1)))
+        tail = [rng.choice([rng.randrange(1000), rng.randrange(2**64 - 1000, 2**64)])
+                for _ in range(size - len(prefix))]
+        values = array("Q", prefix + tail)
+        preference = [(rng.randrange(3),) for _ in values]
+        kept, starts = one_per_address(values, preference.__getitem__)
+        best: dict[int, int] = {}
+        for index in sorted(range(len(values)), key=values.__getitem__):
+            value = values[index]
+            if value not in best or preference[index] < preference[best[value]]:
+                best[value] = index
+        assert list(starts) == sorted(best)
+        assert list(kept) == [best[value] for value in sorted(best)]
+
+
+def test_symbolization_loads_no_numpy() -> None:
+    """numpy would cost the host over 11 MiB; the symbolizer is stdlib only."""
+    code = ("import sys\n"
+            "from ebpf_stream._symbolize import KernelSymbols, Symbolizer\n"
+            "import ebpf_stream._python.code, ebpf_stream._python.runtime\n"
+            "KernelSymbols().load()\n"
+            "Symbolizer().user_frames(__import__('os').getpid(), [0x10])\n"
+            "print('numpy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.split() == ["False"]
 
 
 def test_kallsyms_table_is_compact(tmp_path: Path) -> None:
@@ -484,12 +515,12 @@ def test_kallsyms_table_is_compact(tmp_path: Path) -> None:
     tracemalloc.start()
     try:
         with kallsyms.open("rb") as f:
-            table = _Kallsyms(f)
+            table = KallsymsTable(f)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert retained_bytes(table) < 6 << 20  # 4.6 MB; the text is 6.8 MB
-    assert peak < 12 << 20  # numpy's and Python's allocations, not RSS
+    assert retained_bytes(table) < 3 << 20  # 2.4 MB; the text is 7.2 MB
+    assert peak < 12 << 20  # Python's allocations, not RSS
     base = 0xffffffff81000000
     frames = KernelSymbols(str(kallsyms)).resolve(
         [base + 0x70 * 20 + 5, base + 0x70 * 21 + 20, base + 0x70 * 100 + 20])
@@ -509,8 +540,8 @@ def build_id(elf: Path) -> str:
 
 def image_name(elf: Path, vaddr: int, root: str = "") -> str | None:
     """The name ``vaddr`` resolves to in ``elf`` mapped by a process with root ``root``."""
-    reader = _Reader.of_bytes(elf.read_bytes())
-    image = _ElfImage(("test",), reader, _ElfHeaders(reader), _Origin((root,), str(elf)))
+    reader = Reader.of_bytes(elf.read_bytes())
+    image = ElfImage(("test",), reader, ElfHeaders(reader), Origin((root,), str(elf)))
     return image.symbols.name(vaddr)
 
 

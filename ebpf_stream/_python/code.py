@@ -15,13 +15,14 @@ import struct
 from typing import NamedTuple
 
 from .._profile import Frame, FrameKind
-from .._symbolize import _UNKNOWN, _Lru
+from .._symbolize.lru import Lru
+from .._symbolize.process import UNKNOWN
 from .memory import ProcessMemory
 from .runtime import PythonRuntime
 
 __all__ = ["UNKNOWN_FRAME", "PythonSymbols", "line_of"]
 
-UNKNOWN_FRAME = Frame("[unknown python]", _UNKNOWN, FrameKind.PYTHON)
+UNKNOWN_FRAME = Frame("[unknown python]", UNKNOWN, FrameKind.PYTHON)
 
 # Location table entry codes (CPython's Objects/locations.md, the same in 3.11-3.13).
 _NO_LOCATION = 15
@@ -119,8 +120,8 @@ class PythonSymbols:
     def __init__(self, *, max_cached_code: int = 65536, max_cached_frames: int = 65536) -> None:
         self._processes: dict[int, _Process] = {}
         self._serial = 0
-        self._code: _Lru[tuple[int, int, int], _Code] = _Lru(max_cached_code)
-        self._frames: _Lru[tuple[int, int, int, int], Frame] = _Lru(max_cached_frames)
+        self._code: Lru[tuple[int, int, int], _Code] = Lru(max_cached_code)
+        self._frames: Lru[tuple[int, int, int, int], Frame] = Lru(max_cached_frames)
         self.unreadable = 0  # frames that could not be named, for stats
 
     def add_process(self, runtime: PythonRuntime) -> None:

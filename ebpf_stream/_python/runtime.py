@@ -15,7 +15,9 @@ import os
 import re
 from typing import NamedTuple
 
-from .._symbolize import _ElfHeaders, _Lru, _Mapping, _open_mapped_file, _Reader, object_symbols
+from .._symbolize.elf import ElfHeaders, Reader, object_symbols
+from .._symbolize.lru import Lru
+from .._symbolize.process import Mapping, open_mapped_file
 from .memory import ProcessMemory
 from .offsets import OFFSETS, PythonOffsets
 
@@ -65,13 +67,13 @@ def _parse_name(path: str, shared: bool) -> _FileName | None:
     return _FileName((int(match[2]), int(match[3])), match[4])
 
 
-_files: _Lru[tuple[str, int, int, int], tuple[dict[str, int], _ElfHeaders | None]] = _Lru(
+_files: Lru[tuple[str, int, int, int], tuple[dict[str, int], ElfHeaders | None]] = Lru(
     _MAX_FILES)
 
 
-def _file_symbols(pid: int, mapping: _Mapping) -> tuple[dict[str, int], _ElfHeaders | None]:
+def _file_symbols(pid: int, mapping: Mapping) -> tuple[dict[str, int], ElfHeaders | None]:
     """The interpreter symbols a mapped file exports, and its headers (None if unreadable)."""
-    fd = _open_mapped_file(pid, mapping)
+    fd = open_mapped_file(pid, mapping)
     if fd is None:
         return {}, None
     try:
@@ -80,8 +82,8 @@ def _file_symbols(pid: int, mapping: _Mapping) -> tuple[dict[str, int], _ElfHead
         found = _files.get(key)
         if found is None:
             try:
-                reader = _Reader.of_file(fd, st.st_size)
-                headers = _ElfHeaders(reader)
+                reader = Reader.of_file(fd, st.st_size)
+                headers = ElfHeaders(reader)
                 found = object_symbols(reader, headers, _SYMBOLS), headers
             except ValueError:  # not ELF64, or corrupt: not an interpreter we can read
                 found = {}, None
@@ -91,7 +93,7 @@ def _file_symbols(pid: int, mapping: _Mapping) -> tuple[dict[str, int], _ElfHead
         os.close(fd)
 
 
-def _candidates(pid: int) -> list[tuple[_Mapping, _FileName | None]]:
+def _candidates(pid: int) -> list[tuple[Mapping, _FileName | None]]:
     """The first mapping of each file that may hold the interpreter, likeliest
     first: libpython, then the executable; with what each one's name says."""
     with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
@@ -105,11 +107,11 @@ def _candidates(pid: int) -> list[tuple[_Mapping, _FileName | None]]:
         fields = line.split(None, 5)
         if len(fields) == 6 and fields[5].startswith("/"):
             first.setdefault(fields[5], fields)
-    found: list[tuple[_Mapping, _FileName | None]] = [
-        (_Mapping(fields), name) for path, fields in first.items()
+    found: list[tuple[Mapping, _FileName | None]] = [
+        (Mapping(fields), name) for path, fields in first.items()
         if (name := _parse_name(path, shared=True))]
     if executable in first:
-        found.append((_Mapping(first[executable]), _parse_name(executable, shared=False)))
+        found.append((Mapping(first[executable]), _parse_name(executable, shared=False)))
     return found
 
 
