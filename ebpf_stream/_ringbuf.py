@@ -1,8 +1,10 @@
 """Batch consumer for BPF ring buffer maps (BPF_MAP_TYPE_RINGBUF).
 
-Records are read straight from the mmap'ed ring and a whole span of
-fixed-size records is decoded with one numpy view, instead of one Python
-callback per event.
+Records are read straight from the mmap'ed ring, a whole run of fixed-size
+records at a time: their headers are checked as one strided view and the run
+is copied out in one move, instead of one Python callback per event.  The
+copy keeps the ring's framing, so a consumer decodes it with one
+``struct.iter_unpack`` (or one numpy view) and the reader needs neither.
 
 Ring layout, as the kernel maps it:
 
@@ -18,15 +20,15 @@ then the payload; a record occupies ``roundup8(8 + len)`` bytes.
 
 from __future__ import annotations
 
+import functools
 import mmap
+import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
-import numpy as np
-import numpy.typing as npt
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -40,6 +42,8 @@ _BPF_MAP_TYPE_RINGBUF = 27
 # starting this small and doubling while clean: a ring that interleaves discarded
 # records then costs O(records) instead of one full-span scan per discard.
 _MIN_CHUNK = 64
+# A run's headers are compared with an expected pattern at most this many at once.
+_MAX_CHUNK = 4096
 
 
 def _roundup8(n: int) -> int:
@@ -64,10 +68,42 @@ def _check_map(map_fd: int, data_size: int) -> None:
         )
 
 
+class Records:
+    """Records copied out of a ring, framed as the ring held them.
+
+    ``frames`` holds ``len(self)`` frames of ``stride`` bytes: an 8-byte
+    header, the payload, then padding to a multiple of 8.
+    """
+
+    __slots__ = ("frames", "stride")
+
+    def __init__(self, frames: bytes, stride: int) -> None:
+        self.frames = frames
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return len(self.frames) // self.stride
+
+    def unpack(self, payload: struct.Struct) -> Iterator[tuple[Any, ...]]:
+        """Each record's payload unpacked by ``payload``, a little-endian ("<") format."""
+        return _framed(payload.format, self.stride).iter_unpack(self.frames)
+
+
+@functools.lru_cache(maxsize=32)
+def _framed(payload: str, stride: int) -> struct.Struct:
+    """The format of a whole frame: the header skipped, the payload, the padding skipped."""
+    if not payload.startswith("<"):
+        raise ValueError(f"a payload format must be little-endian and unaligned: {payload!r}")
+    padding = stride - _HDR_SIZE - struct.calcsize(payload)
+    if padding < 0:
+        raise ValueError(f"payload {payload!r} does not fit frames of {stride} bytes")
+    return struct.Struct(f"<{_HDR_SIZE}x{payload[1:]}{padding}x")
+
+
 class RingBuffer:
     """Consumer side of one BPF ring buffer map.
 
-    Every record must carry one payload of ``record.itemsize`` bytes (the BPF
+    Every record must carry one payload of ``record_size`` bytes (the BPF
     side's ``sizeof``, trailing padding included). Records of any other length
     are skipped and counted in ``malformed``; discarded records are skipped and
     counted in ``discarded``. ``caught_up`` says whether the last ``read_batch``
@@ -85,7 +121,7 @@ class RingBuffer:
     _data: memoryview
     _hdrs: memoryview
 
-    def __init__(self, map_fd: int, data_size: int, record: np.dtype[Any]) -> None:
+    def __init__(self, map_fd: int, data_size: int, record_size: int) -> None:
         _check_map(map_fd, data_size)
         page = mmap.PAGESIZE
         consumer = mmap.mmap(
@@ -105,7 +141,7 @@ class RingBuffer:
         self._fd = map_fd
         # Each mmap holds a dup of map_fd until closed.
         self._mmaps = (consumer, producer)
-        self._attach(consumer, producer, data_size, record)
+        self._attach(consumer, producer, data_size, record_size)
 
     @classmethod
     def from_buffers(
@@ -113,7 +149,7 @@ class RingBuffer:
         consumer: WriteableBuffer,
         producer: ReadableBuffer,
         data_size: int,
-        record: np.dtype[Any],
+        record_size: int,
     ) -> RingBuffer:
         """Read a ring laid out in plain buffers, for tests.
 
@@ -124,7 +160,7 @@ class RingBuffer:
         ring = cls.__new__(cls)
         ring._fd = None
         ring._mmaps = ()
-        ring._attach(consumer, producer, data_size, record)
+        ring._attach(consumer, producer, data_size, record_size)
         return ring
 
     def _attach(
@@ -132,13 +168,12 @@ class RingBuffer:
         consumer: WriteableBuffer,
         producer: ReadableBuffer,
         data_size: int,
-        record: np.dtype[Any],
+        record_size: int,
     ) -> None:
-        record = np.dtype(record)
         if data_size < _HDR_SIZE or data_size & (data_size - 1):
             raise ValueError(f"ring data size must be a power of two, got {data_size}")
-        if record.itemsize == 0 or record.hasobject:
-            raise ValueError("record dtype must be fixed-size plain data")
+        if not 0 < record_size <= _LEN_MASK:
+            raise ValueError(f"a record must have a payload, got {record_size} bytes")
         cons = memoryview(consumer).cast("B")
         prod = memoryview(producer).cast("B")
         page = mmap.PAGESIZE
@@ -155,20 +190,11 @@ class RingBuffer:
         self._hdrs = self._data.cast("I")
         self._size = data_size
         self._mask = data_size - 1
-        self._record = record
-        self._expected = record.itemsize
-        self._stride = _roundup8(_HDR_SIZE + record.itemsize)
-        # A committed record as laid out in the ring; the payload is nested so
-        # its field names cannot clash with the header's, and the tail padding
-        # comes from itemsize.
-        self._framed = np.dtype(
-            {
-                "names": ["hdr_len", "hdr_pgoff", "payload"],
-                "formats": ["<u4", "<u4", record],
-                "offsets": [0, 4, _HDR_SIZE],
-                "itemsize": self._stride,
-            }
-        )
+        self._expected = record_size
+        self._stride = _roundup8(_HDR_SIZE + record_size)
+        # The headers of a run of committed records, as they read through a
+        # strided view of ``_hdrs``.
+        self._clean_run = struct.pack("<I", record_size) * _MAX_CHUNK
         self.discarded = 0
         self.malformed = 0
         self.caught_up = False
@@ -185,12 +211,16 @@ class RingBuffer:
         """Bytes between consumer_pos and producer_pos, committed or not."""
         return int(self._prod_pos[0] - self._cons_pos[0])
 
-    def read_batch(self, max_records: int = 65536) -> npt.NDArray[np.void]:
-        """Copy out up to ``max_records`` committed payloads and release their space.
+    @property
+    def stride(self) -> int:
+        """Bytes a record takes in the ring, and in :class:`Records`, framing included."""
+        return self._stride
+
+    def read_batch(self, max_records: int = 65536) -> Records:
+        """Copy out up to ``max_records`` committed records and release their space.
 
         Stops early at a record still BUSY; it is read by a later call once
-        committed. Returns an array of ``record`` (possibly empty) that does not
-        alias the ring.
+        committed. The records (possibly none) do not alias the ring.
         """
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
@@ -201,29 +231,31 @@ class RingBuffer:
         avail = min(prod - cons, self._size)
         self.caught_up = avail <= 0
         if avail <= 0:
-            return np.empty(0, self._record)
+            return Records(b"", self._stride)
         end = cons + avail
-        out = np.empty(min(max_records, avail // self._stride), self._record)
-        taken = 0
-        chunk = len(out)
+        runs: list[bytes] = []
+        left = min(max_records, avail // self._stride)
+        step = self._stride >> 2
+        chunk = _MIN_CHUNK
         while cons < end:
             pos = cons & self._mask
             hdr = self._hdrs[pos >> 2]
             if hdr == self._expected:
-                if taken == len(out):
+                if not left:
                     break
-                # Fast path: view the run of fixed-size records at once; the
-                # double mapping makes it contiguous across the wrap. Headers are
-                # checked before payloads are read, which is what makes a
-                # committed header guarantee a complete payload.
-                n = min(chunk, len(out) - taken, (end - cons) // self._stride)
-                frames = np.frombuffer(self._data, self._framed, count=n, offset=pos)
-                bad = frames["hdr_len"] != self._expected
-                k = int(bad.argmax())
-                if not bad[k]:
-                    k = n
-                out[taken : taken + k] = frames["payload"][:k]
-                taken += k
+                # Fast path: a run of fixed-size records, contiguous across the
+                # wrap thanks to the double mapping. Headers are checked before
+                # payloads are copied, which is what makes a committed header
+                # guarantee a complete payload.
+                n = min(chunk, _MAX_CHUNK, left, (end - cons) // self._stride)
+                first = pos >> 2
+                headers = self._hdrs[first : first + n * step : step]
+                k = n
+                if headers.tobytes() != self._clean_run[: 4 * n]:
+                    k = next(i for i, h in enumerate(headers.tolist()) if h != self._expected)
+                headers.release()
+                runs.append(self._data[pos : pos + k * self._stride].tobytes())
+                left -= k
                 cons += k * self._stride
                 chunk *= 2
             elif hdr & _BUSY:
@@ -242,12 +274,12 @@ class RingBuffer:
             # kernel cannot reuse this space before the copies above are done.
             self._cons_pos[0] = cons
         self.caught_up = cons == prod
-        return out if taken == len(out) else out[:taken].copy()
+        return Records(runs[0] if len(runs) == 1 else b"".join(runs), self._stride)
 
     def close(self) -> None:
         """Unmap the ring (closing the mmaps' dups of the map fd); idempotent.
 
-        Raises BufferError if an array still views the ring, which read_batch
+        Raises BufferError if a view of the ring is still held, which read_batch
         never hands out.
         """
         for view in (self._hdrs, self._data, self._prod_pos, self._cons_pos):
@@ -259,7 +291,7 @@ class RingBuffer:
 
 async def drain_forever(
     ring: RingBuffer,
-    on_batch: Callable[[npt.NDArray[np.void], int | None], Awaitable[None]],
+    on_batch: Callable[[Records, int | None], Awaitable[None]],
     *,
     max_latency: float,
 ) -> None:
@@ -287,9 +319,9 @@ async def drain_forever(
         while True:
             began = time.monotonic_ns()
             batch = ring.read_batch()
-            if batch.size or ring.caught_up:
+            if len(batch) or ring.caught_up:
                 await on_batch(batch, began if ring.caught_up else None)
-            if not batch.size:
+            if not len(batch):
                 break
             # A producer outrunning us must not starve the event loop.
             await anyio.lowlevel.checkpoint()

@@ -13,14 +13,13 @@ from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 import anyio
-import numpy as np
 
 from .._bpf import BpfMap
 from .._clock import ring_latency_s
 from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram
-from .._ringbuf import RingBuffer, drain_forever
+from .._ringbuf import Records, RingBuffer, drain_forever
 
 Emit = Callable[[EventMessage], Awaitable[None]]
 
@@ -81,10 +80,10 @@ class RingProbe(Probe):
         self._ended: set[int] = set()  # pids found gone at the last read of the totals
 
     @abc.abstractmethod
-    def encode(self, records: np.ndarray) -> EventMessage:
+    def encode(self, records: Records) -> EventMessage:
         """The message of one batch of ring records."""
 
-    def read_message(self, records: np.ndarray, complete_ns: int | None) -> EventMessage | None:
+    def read_message(self, records: Records, complete_ns: int | None) -> EventMessage | None:
         """The message of one read of the ring, None for none.
 
         ``complete_ns`` (CLOCK_MONOTONIC) is set when the read caught up:
@@ -130,7 +129,7 @@ class RingProbe(Probe):
         """Emit the ring's records as they arrive, until cancelled."""
         assert self._ring is not None
 
-        async def on_batch(records: np.ndarray, complete_ns: int | None) -> None:
+        async def on_batch(records: Records, complete_ns: int | None) -> None:
             message = self.read_message(records, complete_ns)
             if message is not None:
                 await emit(message)

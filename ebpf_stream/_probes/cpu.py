@@ -13,15 +13,15 @@ carries the event-loop records from which the batcher builds stalls.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio.lowlevel
 import anyio.to_thread
-import numpy as np
 
 from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
 from .._clock import wall_clock_offset_ns
@@ -42,9 +42,11 @@ from .._events import (
 from .._loader import load_program
 from .._python.offsets import VERSIONS
 from .._python.runtime import UnsupportedPython, find_python
-from .._ringbuf import RingBuffer
+from .._ringbuf import Records, RingBuffer
 from .._stats import Stats
+from . import samples
 from .base import Emit, RingProbe
+from .pids import CommNames, forget_pid_keys, load_targets, process_name
 from .python import (
     PythonProcesses,
     checked_self_test,
@@ -52,19 +54,9 @@ from .python import (
     read_loop_totals,
     read_python_stack,
 )
-from .tracing import CommNames, forget_pid_keys, load_targets, process_name
 
 log = logging.getLogger("ebpf_stream")
 
-# Mirrors `struct sample` in kernel/cpu_sample.h.
-SAMPLE = np.dtype([
-    ("timestamp_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("cpu", "<u4"),
-    ("generation", "<u4"), ("user_stack", "<u8"), ("kernel_stack", "<u8"), ("comm", "S16"),
-    ("python_stack", "<u8"), ("busy_since", "<u8"), ("duration_ns", "<u8"),
-    ("kind", "<u4"), ("pad", "<u4"),
-])
-# `enum kind` in kernel/cpu_sample.h
-_SAMPLE, _LOOP_THREAD, _LOOP_BLOCKED, _LOOP_STALL, _PROCESS_EXEC = range(5)
 # The event-loop hooks (kernel/event_loop.h): one program for the entry to
 # every epoll wait call, one for the return, and one on context switches.
 _LOOP_WAIT, _LOOP_RETURN = "on_loop_wait", "on_loop_return"
@@ -73,7 +65,6 @@ _LOOP_HOOKS = frozenset({_LOOP_WAIT, _LOOP_RETURN, _SWITCH_HOOK})
 _LOOP_CALLS = ("epoll_wait", "epoll_pwait", "epoll_pwait2")
 _WAKEUP_EVERY = 64
 _PAGE = 4096
-_NO_STACK, _STACK_LOST = 0, 2  # kernel/cpu_sample.h; stack keys are odd
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 # A sample is stamped before its stacks are walked and its record reserved, so
@@ -172,7 +163,7 @@ class CpuProbe(RingProbe):
             load_targets(self._program, self._targets or ())
             self._epoch_start_ns = time.monotonic_ns()
             self._ring = RingBuffer(self.map("samples").fd, self._config.ring_buffer_bytes,
-                                    SAMPLE)
+                                    samples.SIZE)
             self._program.attach_tracepoints(
                 only=[p for p in self._program.program_names() if p not in _LOOP_HOOKS])
             async with anyio.create_task_group() as tg:
@@ -283,36 +274,34 @@ class CpuProbe(RingProbe):
         totals = self.read_totals() if self._loop_stalls else []
         await emit(encode_events([*totals, stopped], 0))
 
-    def encode(self, records: np.ndarray) -> EventMessage:
+    def encode(self, records: Records) -> EventMessage:
         return self.read_message(records, None)
 
-    def read_message(self, records: np.ndarray, complete_ns: int | None) -> EventMessage:
+    def read_message(self, records: Records, complete_ns: int | None) -> EventMessage:
         """The records' events and a ``Watermark``, even for a read that found none:
         that is how the batcher learns that a window is complete."""
-        events, samples = self._events(records) if len(records) else ([], 0)
+        events, count = self._events(samples.decode(records)) if len(records) else ([], 0)
         offset = self._wall_offset_ns
         complete = 0 if complete_ns is None else complete_ns - _STAMP_TO_RESERVE_NS + offset
         events.append(Watermark(self._started_ns + offset, complete))
-        return encode_events(events, samples)
+        return encode_events(events, count)
 
-    def _events(self, records: np.ndarray) -> tuple[list[Event], int]:
+    def _events(self, records: list[samples.Sample]) -> tuple[list[Event], int]:
         """The events of a batch of ring records, and how many samples it holds."""
-        kinds = records["kind"]
-        samples = records[kinds == _SAMPLE]
-        native = np.concatenate((samples["user_stack"], samples["kernel_stack"]))
-        events = self._new_stacks(native, np.tile(samples["generation"], 2), self._read_stack)
+        cpu = [r for r in records if r.kind == samples.SAMPLE]
+        events = self._new_stacks(
+            itertools.chain(((r.user_stack, r.generation) for r in cpu),
+                            ((r.kernel_stack, r.generation) for r in cpu)), self._read_stack)
         if self._python is not None:
-            events += self._new_stacks(records["python_stack"], records["generation"],
+            events += self._new_stacks(((r.python_stack, r.generation) for r in records),
                                        self._read_python_stack)
-            # Not np.unique, which imports numpy.ma (a megabyte) to ask if this is masked.
-            for pid in set(samples["pid"].tolist()):
+            for pid in {r.pid for r in cpu}:
                 self._python.look(pid)
         # In ring order: a stall's record follows its busy period's samples
         # and precedes the next period's, and the batcher relies on it.
-        for part in np.split(records, np.flatnonzero(np.diff(kinds == _SAMPLE)) + 1):
-            if len(part):
-                events += (self._samples(part) if part["kind"][0] == _SAMPLE
-                           else self._loop_events(part))
+        for is_sample, run in itertools.groupby(records, lambda r: r.kind == samples.SAMPLE):
+            part = list(run)
+            events += self._samples(part) if is_sample else self._loop_events(part)
         waiting = self._looks_waiting
         if waiting is not None and not waiting.is_set():
             # The scheduler is idle: wake it if a process found without an
@@ -322,37 +311,32 @@ class CpuProbe(RingProbe):
                 waiting.set()
         # Stalls are counted by the batcher, which alone knows whether they
         # are an asyncio loop's.
-        self._stats.received += len(samples)
+        self._stats.received += len(cpu)
         self._maybe_rotate()
-        return events, len(samples)
+        return events, len(cpu)
 
-    def _samples(self, records: np.ndarray) -> list[Event]:
-        ts = records["timestamp_ns"].astype(np.int64)
-        comms = [self._comm(c) for c in records["comm"].tolist()]
-        return [
-            CpuSample(t, pid, tid, cpu, comm, u, k, py, busy)
-            for t, pid, tid, cpu, comm, u, k, py, busy in zip(
-                (ts + self._wall_offset_ns).tolist(), records["pid"].tolist(),
-                records["tid"].tolist(), records["cpu"].tolist(), comms,
-                _sample_keys(records["user_stack"]).tolist(),
-                _sample_keys(records["kernel_stack"]).tolist(),
-                records["python_stack"].tolist(), records["busy_since"].tolist(), strict=True)
-        ]
+    def _samples(self, records: Iterable[samples.Sample]) -> list[Event]:
+        offset, comm = self._wall_offset_ns, self._comm
+        return [CpuSample(r.timestamp_ns + offset, r.pid, r.tid, r.cpu, comm(r.comm),
+                          _sample_key(r.user_stack), _sample_key(r.kernel_stack),
+                          r.python_stack, r.busy_since) for r in records]
 
-    def _new_stacks(self, keys: np.ndarray, generations: np.ndarray,
+    def _new_stacks(self, keys: Iterable[tuple[int, int]],
                     read: Callable[[int, int], Event | None]) -> list[Event]:
-        """The stack of each key in ``keys`` not sent this epoch or the last.
+        """The stack of each key not sent this epoch or the last, of (key, generation) pairs.
 
         Keys hash a stack's contents, so the batcher, which keeps the keys of
         the last two epochs it has seen (see ``StackTrace``), needs a key
         only once in that time, however many samples carry it.
         """
-        stored = (keys & 1) == 1  # not NO_STACK, STACK_LOST or "no Python stack"
-        keys, first = np.unique(keys[stored], return_index=True)
-        generations = generations[stored][first] & 1
-        self._stored.update(keys[generations == (self._epoch & 1)].tolist())
+        first: dict[int, int] = {}
+        for key, generation in keys:
+            if key & 1:  # not NO_STACK, STACK_LOST or "no Python stack"
+                first.setdefault(key, generation & 1)
+        current = self._epoch & 1
+        self._stored.update(key for key, generation in first.items() if generation == current)
         events: list[Event] = []
-        for key, generation in zip(keys.tolist(), generations.tolist(), strict=True):
+        for key, generation in first.items():
             if self._sent.get(key, -2) < self._epoch - 1:
                 stack = read(key, generation)
                 if stack is not None:
@@ -360,21 +344,22 @@ class CpuProbe(RingProbe):
                     self._sent[key] = self._epoch
         return events
 
-    def _loop_events(self, records: np.ndarray) -> list[Event]:
+    def _loop_events(self, records: Iterable[samples.Sample]) -> list[Event]:
         events: list[Event] = []
-        fields = ("kind", "timestamp_ns", "pid", "tid", "python_stack", "busy_since", "duration_ns")
-        for kind, ts, pid, tid, stack, busy_since, duration in records[list(fields)].tolist():
-            if kind == _PROCESS_EXEC:
+        for r in records:
+            if r.kind == samples.PROCESS_EXEC:
                 if self._python is not None:
-                    self._python.exec_seen(pid)
-                events.append(ProcessExec(pid))
-            elif kind == _LOOP_THREAD:
-                events.append(LoopThread(pid, tid, stack))
-            elif kind == _LOOP_BLOCKED:
-                events.append(LoopBlocked(pid, tid, busy_since, duration, stack))
-            elif kind == _LOOP_STALL:
-                events.append(LoopStall(ts + self._wall_offset_ns, pid, tid,
-                                        process_name(pid) or "", busy_since, duration, stack))
+                    self._python.exec_seen(r.pid)
+                events.append(ProcessExec(r.pid))
+            elif r.kind == samples.LOOP_THREAD:
+                events.append(LoopThread(r.pid, r.tid, r.python_stack))
+            elif r.kind == samples.LOOP_BLOCKED:
+                events.append(LoopBlocked(r.pid, r.tid, r.busy_since, r.duration_ns,
+                                          r.python_stack))
+            elif r.kind == samples.LOOP_STALL:
+                events.append(LoopStall(r.timestamp_ns + self._wall_offset_ns, r.pid, r.tid,
+                                        process_name(r.pid) or "", r.busy_since,
+                                        r.duration_ns, r.python_stack))
         return events
 
     def _read_stack(self, key: int, generation: int) -> StackTrace | None:
@@ -383,8 +368,8 @@ class CpuProbe(RingProbe):
         if raw is None:
             return None
         (depth,) = _U32.unpack_from(raw)
-        addresses = np.frombuffer(raw, dtype="<u8", count=depth, offset=8).tolist()
-        return StackTrace(key, addresses, self._epoch)
+        depth = min(depth, (len(raw) - 8) // 8)
+        return StackTrace(key, list(struct.unpack_from(f"<{depth}Q", raw, 8)), self._epoch)
 
     def _read_python_stack(self, key: int, generation: int) -> PythonStack | None:
         return read_python_stack(self.map(f"python_stacks_{generation}"), key, self._epoch)
@@ -411,8 +396,8 @@ class CpuProbe(RingProbe):
             self._python.forget_exited()
 
 
-def _sample_keys(stacks: np.ndarray) -> np.ndarray:
-    """The kernel's stack fields as ``CpuSample`` keys: keys, or -errno for none."""
-    keys = stacks.astype(np.int64)  # keys are below 2**63
-    return np.where(stacks == _NO_STACK, -errno.EFAULT,
-                    np.where(stacks == _STACK_LOST, -errno.ENOMEM, keys))
+def _sample_key(stack: int) -> int:
+    """The kernel's stack field as a ``CpuSample`` key: the key, or -errno for none."""
+    if stack == samples.NO_STACK:
+        return -errno.EFAULT
+    return -errno.ENOMEM if stack == samples.STACK_LOST else stack

@@ -26,8 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-import numpy as np
-
 from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap, attach_perf_event
 from .._cache_dir import cache_dir, trusted
 from .._events import LoopTotals, PythonStack
@@ -36,6 +34,7 @@ from .._python.code import PythonSymbols
 from .._python.offsets import OFFSETS, VERSIONS, kernel_row
 from .._python.runtime import PythonRuntime, UnsupportedPython, check_runtime, find_python
 from .._ringbuf import RingBuffer
+from . import samples
 
 log = logging.getLogger("ebpf_stream")
 
@@ -43,8 +42,7 @@ _U32 = struct.Struct("<I")
 _PROCESS = struct.Struct("<QQII")  # struct python_process
 _MAX_DEPTH = 128  # PYTHON_MAX_DEPTH in kernel/python_frames.h
 # struct python_stack: depth, truncated, then PYTHON_MAX_DEPTH struct python_frame.
-_FRAME = np.dtype([("code", "<u8"), ("lasti", "<i4"), ("first_line", "<i4"), ("flags", "<u4"),
-                   ("pad", "<u4")])
+_FRAME = struct.Struct("<QiiI4x")  # code, lasti, first_line, flags
 _STACK_HEADER = struct.Struct("<II")
 _LOOP_KEY = struct.Struct("<II")
 _LOOP_VALUE = 2 + 32  # count, total_ns, LOG2_BUCKETS buckets (u64 each)
@@ -171,11 +169,9 @@ def read_python_stack(stacks: BpfMap, key: int, epoch: int) -> PythonStack | Non
     if raw is None:
         return None
     depth, truncated = _STACK_HEADER.unpack_from(raw)
-    frames = np.frombuffer(raw, _FRAME, count=min(depth, _MAX_DEPTH), offset=_STACK_HEADER.size)
-    return PythonStack(key, list(zip(frames["code"].tolist(), frames["lasti"].tolist(),
-                                     frames["first_line"].tolist(), frames["flags"].tolist(),
-                                     strict=True)),
-                       bool(truncated), epoch)
+    end = _STACK_HEADER.size + _FRAME.size * min(depth, _MAX_DEPTH)
+    frames = list(_FRAME.iter_unpack(raw[_STACK_HEADER.size:end]))
+    return PythonStack(key, frames, bool(truncated), epoch)
 
 
 def read_loop_totals(busy: BpfMap, comm: Callable[[int], str]) -> list[LoopTotals]:
@@ -183,7 +179,8 @@ def read_loop_totals(busy: BpfMap, comm: Callable[[int], str]) -> list[LoopTotal
     totals = []
     for key, raw in busy.items():
         pid, tid = _LOOP_KEY.unpack(key)
-        per_cpu = np.frombuffer(raw, "<u8").reshape(-1, _LOOP_VALUE).sum(axis=0).tolist()
+        values = struct.unpack(f"<{len(raw) // 8}Q", raw)
+        per_cpu = [sum(values[i::_LOOP_VALUE]) for i in range(_LOOP_VALUE)]
         totals.append(LoopTotals(pid, tid, comm(pid), per_cpu[0], per_cpu[1], per_cpu[2:]))
     return totals
 
@@ -315,11 +312,10 @@ def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
 def _first_walk(program: LoadedProgram, ring: RingBuffer, tid: int) -> PythonStack | None:
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
-        for r in ring.read_batch():
-            if r["tid"] == tid and r["python_stack"]:
+        for r in samples.decode(ring.read_batch()):
+            if r.tid == tid and r.python_stack:
                 stack = read_python_stack(
-                    program.map(f"python_stacks_{int(r['generation']) & 1}"),
-                    int(r["python_stack"]), 0)
+                    program.map(f"python_stacks_{r.generation & 1}"), r.python_stack, 0)
                 if stack is not None:
                     return stack
         time.sleep(0.01)

@@ -20,7 +20,8 @@ from .._environment import ensure_tracefs
 from .._events import Event, SlowSyscall, SyscallTotals
 from .._stats import Stats
 from .._syscall_names import syscall_name, warn_of_unnamed_syscalls
-from .tracing import TracingProbe, forget_pid_keys, process_name
+from .pids import forget_pid_keys, process_name
+from .tracing import TracingProbe
 
 BUCKETS = 32
 STACK_DEPTH = 64

@@ -16,64 +16,25 @@ from __future__ import annotations
 
 import abc
 import logging
-import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 import anyio
 import anyio.lowlevel
 import numpy as np
 
-from .._bpf import BpfMap
 from .._clock import wall_clock_offset_ns
 from .._config import EbpfConfig
 from .._events import Event, EventMessage, encode_events
 from .._loader import LoadedProgram, load_program
-from .._ringbuf import RingBuffer
+from .._ringbuf import Records, RingBuffer
 from .._stats import Stats
 from .base import Emit, RingProbe
+from .pids import CommNames, load_targets
 
 log = logging.getLogger("ebpf_stream")
 
 _PAGE = 4096
-_U32 = struct.Struct("<I")
-
-
-class CommNames:
-    """Decodes the kernel's 16-byte ``comm`` fields, caching the few distinct ones."""
-
-    def __init__(self, limit: int = 4096) -> None:
-        self._names: dict[bytes, str] = {}
-        self._limit = limit
-
-    def __call__(self, raw: bytes) -> str:
-        s = self._names.get(raw)
-        if s is None:
-            if len(self._names) > self._limit:
-                self._names.clear()
-            s = self._names[raw] = raw.decode("utf-8", "replace")
-        return s
-
-
-def process_name(pid: int) -> str | None:
-    """``pid``'s name as the kernel keeps it; None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
-def forget_pid_keys(table: BpfMap, pids: set[int]) -> None:
-    """Delete the entries of ``table`` whose key starts with one of ``pids`` (a u32)."""
-    for key in list(table.walk_keys()):
-        if int.from_bytes(key[:4], "little") in pids:
-            table.delete(key)
-
-
-def load_targets(program: LoadedProgram, targets: Iterable[int]) -> None:
-    for pid in targets:
-        program.map("targets").update(_U32.pack(pid), b"\x01")
 
 
 class TracingProbe(RingProbe):
@@ -107,6 +68,7 @@ class TracingProbe(RingProbe):
         self.wall_offset_ns = wall_clock_offset_ns()
         self.comm = CommNames()
         self._losses_seen: dict[int, int] = {}
+        self._framed: np.dtype[np.void] | None = None  # set when the ring is made
 
     # -- what a family provides -------------------------------------------------
 
@@ -148,13 +110,19 @@ class TracingProbe(RingProbe):
             await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
             load_targets(self._program, self._targets or ())
             self._ring = RingBuffer(self.map("records").fd, self.config.ring_buffer_bytes,
-                                    self.record)
+                                    self.record.itemsize)
+            # A record as the ring frames it; the payload is nested so that its
+            # field names cannot clash with the header's.
+            self._framed = np.dtype({"names": ["payload"], "formats": [self.record],
+                                     "offsets": [8], "itemsize": self._ring.stride})
             self.attach(self._program)
         except BaseException:
             self.close()
             raise
 
-    def encode(self, records: np.ndarray) -> EventMessage:
+    def encode(self, frames: Records) -> EventMessage:
+        assert self._framed is not None
+        records = np.frombuffer(frames.frames, self._framed)["payload"]
         self._stats.received += len(records)
         return encode_events(self.decode(records), len(records))
 
