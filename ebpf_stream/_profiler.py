@@ -72,12 +72,13 @@ OnUnavailable = Literal["off", "raise"]
 """What a start does when the environment refuses BPF: run unprofiled, or raise."""
 
 
-_PIPELINE_MODULES = ("._batcher", "._symbolize", "._probes.cpu", "._probes.syscalls",
-                     "._probes.network", "._probes.memory", "._exporters.fanout")
-
-
-def _import_pipeline() -> None:
-    for name in _PIPELINE_MODULES:
+def _import_pipeline(config: EbpfConfig) -> None:
+    """Import what a run of ``config`` needs: the tracers (and numpy) only if switched on."""
+    families = {"cpu": config.cpu_profiling, "syscalls": config.syscall_tracing,
+                "network": config.network_tracing, "memory": config.memory_tracing}
+    names = ["._batcher", "._symbolize", "._exporters.fanout",
+             *(f"._probes.{family}" for family, enabled in families.items() if enabled)]
+    for name in names:
         importlib.import_module(name, __package__)
 
 
@@ -273,10 +274,10 @@ class Profiler:
 
     async def _start_run(self, config: EbpfConfig) -> None:
         """Open the probes, then start the pipeline's tasks in the run's task group."""
-        # Loaded at start, not at import, since they pull in numpy and the
-        # symbolizer; and in a worker thread, so that the host's loop (a
-        # service finishing its own start, say) keeps running meanwhile.
-        await anyio.to_thread.run_sync(_import_pipeline)
+        # Loaded at start, not at import, since they pull in the symbolizer
+        # (and the tracers numpy); and in a worker thread, so that the host's
+        # loop (a service finishing its own start, say) keeps running meanwhile.
+        await anyio.to_thread.run_sync(_import_pipeline, self.config)
         from ._batch import Batch
         from ._batcher import Batcher
         from ._events import EventMessage
