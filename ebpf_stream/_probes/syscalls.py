@@ -65,8 +65,10 @@ class SyscallProbe(TracingProbe):
                 f"-DSTACK_DEPTH={STACK_DEPTH}", f"-DTOTALS_ENTRIES={TOTALS_ENTRIES}"]
 
     async def open(self) -> None:
-        warn_of_unnamed_syscalls(ensure_tracefs())
+        # Loaded first: the load checks the environment, and says in one line
+        # what a user who may not read tracefs lacks.
         await super().open()
+        warn_of_unnamed_syscalls(ensure_tracefs())
 
     def decode(self, records: np.ndarray) -> list[Event]:
         offset = self.wall_offset_ns
