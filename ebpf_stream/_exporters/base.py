@@ -41,12 +41,14 @@ class ExportContext:
     """What a run shares with exporters that report on the engine.
 
     ``stats`` is the run's live counters: an exporter that loses samples
-    after accepting them adds them to ``stats.undelivered``.
+    after accepting them adds them to ``stats.undelivered``.  ``mode`` is how
+    the run profiles (``Profiler.mode``): ``"bpf"`` or ``"fallback"``.
     """
 
     config: EbpfConfig
     stats: Stats
     overhead: Callable[[], Overhead]
+    mode: str = "bpf"
 
 
 @runtime_checkable

@@ -42,12 +42,15 @@ def key_values(attributes: Mapping[str, AttributeValue]) -> list[KeyValue]:
 
 
 @functools.cache
-def scope() -> InstrumentationScope:
+def scope(mode: str) -> InstrumentationScope:
+    """The scope of everything a run sends; ``ebpf_stream.mode`` says how it profiled
+    (``bpf``, or ``fallback``: in-process, Python frames only)."""
     try:
         version = importlib.metadata.version("ebpf-stream")
     except importlib.metadata.PackageNotFoundError:
         version = ""
-    return InstrumentationScope(name=SCOPE_NAME, version=version)
+    return InstrumentationScope(name=SCOPE_NAME, version=version,
+                                attributes=key_values({"ebpf_stream.mode": mode}))
 
 
 @functools.cache

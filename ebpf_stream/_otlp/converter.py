@@ -66,12 +66,15 @@ class EventConverter:
     ``OTEL_SERVICE_NAME``; each sampled or traced process adds its own
     ``process.*`` attributes and ``host.name``.  Cumulative engine counters
     start at the converter's creation; traced totals start when their series
-    was first seen (``SeriesStarts``), so use one converter per run.
+    was first seen (``SeriesStarts``), so use one converter per run.  Every
+    scope carries ``mode``, how the run profiles (``Profiler.mode``).
     """
 
     def __init__(self, config: EbpfConfig | None = None,
-                 resource_attributes: Mapping[str, str] | None = None) -> None:
+                 resource_attributes: Mapping[str, str] | None = None, *,
+                 mode: str = "bpf") -> None:
         self.period_ns = (config or EbpfConfig()).sample_period_ns
+        self._scope = scope(mode)
         self.started_ns = time.time_ns()
         self._resources = ResourceFactory(
             settings.resource_attributes() if resource_attributes is None
@@ -97,14 +100,14 @@ class EventConverter:
         for process, process_metrics in by_process.items():
             metrics.resource_metrics.add(
                 resource=self._resources.for_process(process),
-                scope_metrics=[ScopeMetrics(scope=scope(), metrics=process_metrics)])
+                scope_metrics=[ScopeMetrics(scope=self._scope, metrics=process_metrics)])
         if stats is not None:
             own = engine_metrics(stats, overhead or Overhead(0.0, 0), self.started_ns,
                                  time.time_ns())
             metrics.resource_metrics.add(
                 resource=self._resources.for_process(own_process()),
-                scope_metrics=[ScopeMetrics(scope=scope(), metrics=own)])
-        return BatchRequests(profiles_request(profile, self._resources), metrics,
+                scope_metrics=[ScopeMetrics(scope=self._scope, metrics=own)])
+        return BatchRequests(profiles_request(profile, self._resources, self._scope), metrics,
                              self._trace_logs(batch))
 
     def _totals_by_process(self, batch: Batch) -> dict[ProcessInfo, list[tuple[Totals, int]]]:
@@ -120,9 +123,10 @@ class EventConverter:
             event = _event_of(record)
             groups[batch.profile.process(event.pid, event.comm)].append(
                 trace_log_record(record))
-        return logs_request((self._resources.for_process(p), r) for p, r in groups.items())
+        return logs_request(((self._resources.for_process(p), r) for p, r in groups.items()),
+                            self._scope)
 
     def convert_logs(self, records: Sequence[logging.LogRecord]) -> ExportLogsServiceRequest:
         """The engine's log records, under the resource of the engine's process."""
         return logs_request([(self._resources.for_process(own_process()),
-                              [log_record(r) for r in records])])
+                              [log_record(r) for r in records])], self._scope)

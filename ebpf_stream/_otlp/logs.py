@@ -27,6 +27,7 @@ import traceback
 from collections.abc import Iterable
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.logs.v1 import logs_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
@@ -34,7 +35,7 @@ from .._batch import SlowCall, Stall, StallStack, TraceRecord
 from .._events import OomKill, TcpConnection, endpoint
 from .._exporters.folded import frame_label
 from .._profile import Frame
-from .attributes import AttributeValue, any_value, key_values, scope
+from .attributes import AttributeValue, any_value, key_values
 
 TCP_CONNECTION_CLOSED = "tcp.connection.closed"
 SYSCALL_SLOW = "syscall.slow"
@@ -202,11 +203,11 @@ def trace_log_record(record: TraceRecord) -> pb.LogRecord:
 
 
 def logs_request(groups: Iterable[tuple[Resource, list[pb.LogRecord]]],
-                 ) -> ExportLogsServiceRequest:
+                 scope: InstrumentationScope) -> ExportLogsServiceRequest:
     """One request with the records of each resource; empty (no resources) without records."""
     request = ExportLogsServiceRequest()
     for resource, records in groups:
         if records:
             request.resource_logs.add(resource=resource, scope_logs=[pb.ScopeLogs(
-                scope=scope(), log_records=records)])
+                scope=scope, log_records=records)])
     return request

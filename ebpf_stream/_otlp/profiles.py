@@ -21,11 +21,12 @@ from collections import defaultdict
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
 from .._dictionary import ProfileDictionary
 from .._profile import FrameKind, ProcessInfo, Profile, StackSamples
-from .attributes import ResourceFactory, any_value, scope
+from .attributes import ResourceFactory, any_value
 
 FRAME_TYPE = "profile.frame.type"
 _FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native",
@@ -39,7 +40,8 @@ def _group_by_process(profile: Profile) -> dict[ProcessInfo, list[StackSamples]]
     return groups
 
 
-def profiles_request(profile: Profile, resources: ResourceFactory) -> ExportProfilesServiceRequest:
+def profiles_request(profile: Profile, resources: ResourceFactory,
+                     scope: InstrumentationScope) -> ExportProfilesServiceRequest:
     """The OTLP request for ``profile``; empty (no resources) when it has no samples."""
     request = ExportProfilesServiceRequest()
     d = ProfileDictionary()
@@ -64,7 +66,7 @@ def profiles_request(profile: Profile, resources: ResourceFactory) -> ExportProf
             timed.samples.add(stack_index=stack, values=[s.count * period])
         request.resource_profiles.add(
             resource=resources.for_process(process),
-            scope_profiles=[pb.ScopeProfiles(scope=scope(), profiles=[counted, timed])],
+            scope_profiles=[pb.ScopeProfiles(scope=scope, profiles=[counted, timed])],
         )
     if request.resource_profiles:  # without samples the request stays empty: nothing to send
         _fill_dictionary(request.dictionary, d)

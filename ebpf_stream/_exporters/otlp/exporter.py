@@ -193,7 +193,8 @@ class OtlpExporter:
         self._context = context
         self._stats = context.stats
         self._policy = context.config.overflow_policy
-        self._converter = EventConverter(context.config, self._resource_attributes)
+        self._converter = EventConverter(context.config, self._resource_attributes,
+                                         mode=context.mode)
 
     async def __aenter__(self) -> Self:
         if self._task_group is not None:

@@ -82,7 +82,9 @@ class OtlpJsonFileExporter:
         from ..._otlp.converter import EventConverter
         from ..._otlp.json import encode_otlp_json  # noqa: F401  (loaded for the first export)
 
-        self._converter = EventConverter(self._context.config if self._context else None)
+        context = self._context
+        self._converter = (EventConverter(context.config, mode=context.mode) if context
+                           else EventConverter())
 
     def _write(self, batch: Batch, stats: Stats | None, overhead: Overhead | None) -> None:
         if self._converter is None:
