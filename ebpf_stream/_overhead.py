@@ -94,7 +94,9 @@ class Overhead:
     profiler adds to its process, what a container's memory use shows:
     its heap and the libraries it maps in (numpy, the OTLP messages), of
     which ``anon_rss_bytes`` is the heap.  ``bpf_map_bytes`` is the kernel
-    memory charged for its BPF maps, which no RSS includes.
+    memory charged for its BPF maps, which no RSS includes.  ``mode`` is how
+    the run profiles (``Profiler.mode``); the fallback's sampling thread is
+    part of ``user_cpu_ns``.
     """
 
     cpu_percent: float
@@ -106,6 +108,7 @@ class Overhead:
     cpus: int = 1
     anon_rss_bytes: int = 0
     bpf_map_bytes: int = 0
+    mode: str = "off"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ caller's to fix, and is raised at once.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import math
@@ -63,13 +64,12 @@ log = logging.getLogger("ebpf_stream")
 
 _BATCH_QUEUE = 2  # batches waiting for slow exporters; each holds up to max_samples
 
-# A way of profiling that needs no BPF would add a mode here, and the
-# matching choice to OnUnavailable.
-Mode = Literal["starting", "bpf", "off"]
-"""How a run profiles: still starting in the background, with BPF probes, or not at
-all (the environment refused BPF)."""
-OnUnavailable = Literal["off", "raise"]
-"""What a start does when the environment refuses BPF: run unprofiled, or raise."""
+Mode = Literal["starting", "bpf", "fallback", "off"]
+"""How a run profiles: still starting in the background, with BPF probes, with the
+in-process sampler (the environment refused BPF), or not at all."""
+OnUnavailable = Literal["fallback", "off", "raise"]
+"""What a start does when the environment refuses BPF: sample in-process, run
+unprofiled, or raise."""
 
 
 def _import_pipeline(config: EbpfConfig) -> None:
@@ -104,11 +104,15 @@ class Profiler:
 
     When the environment does not allow BPF (privileges, capabilities,
     kernel, headers, tracefs, a program the kernel refuses), entering logs
-    one warning naming the problem and its fix, and the block runs with
-    profiling off: ``mode`` is ``"off"``, ``unavailable`` holds the reason,
-    nothing is exported and ``stats`` stay zero.  With
-    ``on_unavailable="raise"`` the reason is raised instead (an
-    ``EnvironmentCheckError`` or ``ProbeError``).  Configuration mistakes
+    one warning naming the problem and its fix, and the run falls back to
+    sampling its own process from a thread: ``mode`` is ``"fallback"``,
+    ``unavailable`` holds the reason, and the outputs are those of BPF mode
+    with Python frames only (no native or kernel frames; stalls still
+    reported).  Syscall, network and memory tracing need BPF and are off in
+    that mode, and so is a run that targets other processes.  With
+    ``on_unavailable="off"`` the block runs unprofiled instead (``mode`` is
+    ``"off"``, nothing is exported); with ``on_unavailable="raise"`` the
+    reason is raised (an ``EnvironmentCheckError`` or ``ProbeError``).  Configuration mistakes
     (``ConfigError``) and missing targets (``TargetError``) are always raised.
 
     With ``start_in_background=True`` entering returns at once (``mode`` is
@@ -131,7 +135,7 @@ class Profiler:
         system_wide: bool = False,
         follow_children: bool = False,
         shutdown_timeout: float = 15.0,
-        on_unavailable: OnUnavailable = "off",
+        on_unavailable: OnUnavailable = "fallback",
         start_in_background: bool = False,
     ) -> None:
         if on_unavailable not in get_args(OnUnavailable):
@@ -145,6 +149,7 @@ class Profiler:
         self._shutdown_timeout = shutdown_timeout
         self._background = start_in_background
         self._standalone = False  # the CLI owns the whole process, so all its memory counts
+        self._host_loop = True  # entered on the host's event loop, whose stalls count
         self._running = False
         self._new_run()
 
@@ -172,9 +177,9 @@ class Profiler:
 
     @property
     def mode(self) -> Mode:
-        """How the current (or last) run profiles: ``"bpf"``, ``"off"`` when the
-        environment refused BPF (and before the first run), or ``"starting"``
-        while a background start is under way."""
+        """How the current (or last) run profiles: ``"bpf"``; ``"fallback"`` or
+        ``"off"`` when the environment refused BPF (``"off"`` also before the
+        first run); ``"starting"`` while a background start is under way."""
         return self._mode
 
     async def wait_started(self) -> Mode:
@@ -206,10 +211,12 @@ class Profiler:
     def get_overhead(self) -> Overhead:
         """Measured CPU and memory cost since start (see ``Overhead``)."""
         if self._monitor is not None:
-            return self._monitor.measure()
-        if self._final_overhead is not None:
-            return self._final_overhead
-        return Overhead(0.0, 0)
+            overhead = self._monitor.measure()
+        elif self._final_overhead is not None:
+            overhead = self._final_overhead
+        else:
+            overhead = Overhead(0.0, 0)
+        return dataclasses.replace(overhead, mode=self._mode)
 
     def _targets(self) -> list[int] | None:
         if self.config.pids:
@@ -287,13 +294,15 @@ class Profiler:
                             follow_children=self._follow)
         try:
             await self._open_probes(probes)
+            mode: Mode = "bpf"
         except (EnvironmentCheckError, ProbeError) as exc:
             if self.on_unavailable == "raise":
                 raise
-            # One line, with the fix: the host keeps running, so this is all it shows.
-            log.warning("ebpf-stream: profiling is off: %s", exc)
             self._unavailable = exc
-            return
+            if not await self._open_fallback(config, exc):
+                return
+            mode = "fallback"
+            config = config.with_python_frames("python")  # its samples have no native stacks
         self._monitor = OverheadMonitor(
             self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
             lambda: [fd for p in self._probes for fd in p.map_fds()],
@@ -305,15 +314,39 @@ class Profiler:
             _BATCH_QUEUE, config.overflow_policy,
             weight=lambda b: b.sample_count, on_drop=self._count_drop)
         symbolizer = Symbolizer()
-        await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
+        if mode == "bpf":
+            await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
         await anyio.to_thread.run_sync(release_freed_memory)
         batcher = Batcher(config, symbolizer, self._stats)
         self._readers = len(self._probes)
         for probe in self._probes:
             self._start(self._read, probe, events)
         self._start(batcher.run, events, batches)
-        self._start(self._export, batches)
-        self._mode = "bpf"
+        self._start(self._export, batches, mode)
+        self._mode = mode
+
+    async def _open_fallback(self, config: EbpfConfig, refusal: EbpfStreamError) -> bool:
+        """Sample this process from a thread, if the config allows; say which way the run goes.
+
+        One line either way, with the refusal and its fix: the host keeps
+        running, so this is all it shows.
+        """
+        if (self.on_unavailable != "fallback" or not config.cpu_profiling
+                or self._targets() != [os.getpid()]):
+            log.warning("ebpf-stream: profiling is off: %s", refusal)
+            return False
+        from ._probes.fallback import FallbackProbe
+
+        tracers = [name for name, on in (("syscall", config.syscall_tracing),
+                                         ("network", config.network_tracing),
+                                         ("memory", config.memory_tracing)) if on]
+        off = f"; {', '.join(tracers)} tracing needs BPF and is off" if tracers else ""
+        log.warning("ebpf-stream: profiling in fallback mode (in-process sampling, "
+                    "Python frames only%s): %s", off, refusal)
+        probe = FallbackProbe(config, self._stats, self._meter, watch_loop=self._host_loop)
+        await probe.open()
+        self._probes = [probe]
+        return True
 
     async def _open_probes(self, probes: list[Probe]) -> None:
         """Open the probes side by side (each compiles in its own worker process).
@@ -391,10 +424,10 @@ class Profiler:
             if not self._readers:
                 events.close()
 
-    async def _export(self, batches: Channel[Batch]) -> None:
+    async def _export(self, batches: Channel[Batch], mode: str) -> None:
         from ._exporters.fanout import FanOut
 
-        context = ExportContext(self.config, self._stats, self.get_overhead)
+        context = ExportContext(self.config, self._stats, self.get_overhead, mode)
         async with FanOut(self._run_exporters, self._stats, context) as fanout:
             async for batch in batches:
                 self._read_kernel_drops()  # for the counters sent with the batch
@@ -443,13 +476,15 @@ class EbpfCpuProfiler:
 
     The pipeline runs on its own event loop in a background thread, so plain
     synchronous programs can profile themselves (or ``config.pids``).  The
-    options are ``Profiler``'s; like it, ``start()`` runs on with profiling
-    off when the environment refuses BPF, unless ``on_unavailable="raise"``.
+    options are ``Profiler``'s; like it, ``start()`` falls back to sampling
+    in-process when the environment refuses BPF, unless ``on_unavailable``
+    says otherwise.
     """
 
     def __init__(self, config: EbpfConfig | None = None, exporters: Sequence[Exporter] = (),
                  **profiler_options: Any) -> None:
         self._profiler = Profiler(config, exporters, **profiler_options)
+        self._profiler._host_loop = False  # it runs on a loop of its own
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._profiler_cm: AbstractContextManager[Profiler] | None = None
 

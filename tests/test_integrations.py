@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 BUSY = "checkout_busy_handler"
+BLOCK = "checkout_block_handler"  # sleeps 200 ms on the event loop: one stall per request
 
 FASTAPI_APP = f"""
 import os
@@ -82,6 +83,12 @@ async def {BUSY}() -> dict[str, int]:
     while time.perf_counter() < deadline:
         n += 1
     return {{"n": n}}
+
+
+@app.get("/block")
+async def {BLOCK}() -> dict[str, bool]:
+    time.sleep(0.2)
+    return {{"blocked": True}}
 """
 
 AIOHTTP_APP = f"""
@@ -110,10 +117,16 @@ async def {BUSY}(request: web.Request) -> web.Response:
     return web.json_response({{"n": n}})
 
 
+async def {BLOCK}(request: web.Request) -> web.Response:
+    time.sleep(0.2)
+    return web.json_response({{"blocked": True}})
+
+
 app = web.Application()
 app.cleanup_ctx.append(profiling)
 app.router.add_get("/mode", mode)
 app.router.add_get("/busy", {BUSY})
+app.router.add_get("/block", {BLOCK})
 
 if __name__ == "__main__":
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
@@ -433,23 +446,47 @@ def test_each_worker_profiles_itself_and_no_two_write_one_file(
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
                     or not SYSTEM_PYTHON.exists(),
                     reason="dropping privileges needs root, setpriv and Debian's python3")
-def test_an_unprivileged_service_serves_with_one_warning(
+def test_an_unprivileged_service_is_profiled_in_fallback_mode_under_load(
         kind: str, service_dir: Path, services: list[Service]) -> None:
     out = service_dir / "out"
-    env = environment(EBPF_STREAM_OUTPUT=f"{out}/cpu.folded",
+    env = environment(EBPF_STREAM_OUTPUT=f"{out}/cpu.folded,{out}/trace.otlp.jsonl",
                       PYTHONPATH=f"{ROOT}:{sysconfig.get_paths()['purelib']}")
     service = Service(kind, service_dir, env, prefix=NOBODY, python=str(SYSTEM_PYTHON))
     services.append(service)
     assert service.first_answer()["pid"] == service.proc.pid
-    service.modes(1, mode="off")
-    assert service.get("/busy") is not None
+    service.modes(1, mode="fallback")
+    service.load(connections=8)
+    for _ in range(3):
+        assert service.get("/block") == {"blocked": True}
+        time.sleep(0.3)
     service.stop()
     assert_clean_shutdown(service, service_dir, [service.proc.pid])
     (line,) = service.ours
-    assert line.startswith("ebpf-stream: profiling is off: privileges: loading BPF needs "
+    assert line.startswith("ebpf-stream: profiling in fallback mode (in-process sampling, "
+                           "Python frames only): privileges: loading BPF needs "
                            "CAP_BPF and CAP_PERFMON"), line
     assert "uid 65534" in line and "fix: " in line
-    assert not (out / "cpu.folded").exists()
+    stacks = folded(out / "cpu.folded")
+    assert any(BUSY in stack for stack in stacks), sorted(stacks.items(), key=lambda s: -s[1])[:5]
+    stalls = stall_records(out / "trace.otlp.jsonl")
+    assert [a["code.function.name"] for a in stalls] == [BLOCK] * 3, stalls
+    assert all(0.19 <= a["asyncio.loop.stall.duration"] < 0.3 for a in stalls), stalls
+
+
+def stall_records(path: Path) -> list[dict[str, object]]:
+    """The attributes of each stall log record in an OTLP/JSON file, in time order."""
+    records = []
+    for line in path.read_text().splitlines():
+        for resource in json.loads(line).get("resourceLogs", []):
+            for scope in resource["scopeLogs"]:
+                assert {"key": "ebpf_stream.mode", "value": {"stringValue": "fallback"}} in (
+                    scope["scope"]["attributes"])
+                for record in scope["logRecords"]:
+                    if record.get("eventName") == "asyncio.loop.stall":
+                        records.append((int(record["timeUnixNano"]), {
+                            a["key"]: next(iter(a["value"].values()))
+                            for a in record["attributes"]}))
+    return [attributes for _, attributes in sorted(records, key=lambda r: r[0])]
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None

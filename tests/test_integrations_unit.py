@@ -56,7 +56,7 @@ def test_outputs_are_split_on_commas_and_take_their_format_from_the_suffix() -> 
     assert s.outputs == (Output("folded", "/a/cpu.folded"), Output("pprof", "/b/cpu.{pid}.pb.gz"),
                          Output("otlp-json", "/c/x.otlp.jsonl"), Output("svg", "/d/s.svg"))
     assert s.config == EbpfConfig.for_environment("production")
-    assert s.on_unavailable == "off"
+    assert s.on_unavailable == "fallback"
 
 
 def test_an_output_of_unknown_format_is_refused() -> None:
@@ -87,7 +87,7 @@ def test_the_config_variables_refine_the_preset() -> None:
     ("EBPF_STREAM_EXPORT_INTERVAL", "0", "0.0 is outside the allowed range 0.1..3600"),
     ("EBPF_STREAM_STALL_THRESHOLD_MS", "-1", "'-1' is not a number (expected digits, like 2.5)"),
     ("EBPF_STREAM_PYTHON_FRAMES", "all", "'all' is not one of merged, python, off"),
-    ("EBPF_STREAM_ON_UNAVAILABLE", "explode", "'explode' is not one of off, raise"),
+    ("EBPF_STREAM_ON_UNAVAILABLE", "explode", "'explode' is not one of fallback, off, raise"),
 ])
 def test_a_malformed_value_is_refused_in_one_line_naming_the_variable(
         name: str, value: str, message: str) -> None:

@@ -410,7 +410,8 @@ async def test_a_background_start_refused_runs_the_body_then_raises_when_asked(
 
 
 def test_an_unknown_on_unavailable_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="on_unavailable: 'ignore' is not one of off, raise"):
+    with pytest.raises(ConfigError,
+                       match="on_unavailable: 'ignore' is not one of fallback, off, raise"):
         Profiler(on_unavailable="ignore")  # type: ignore[arg-type]
 
 

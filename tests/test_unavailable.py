@@ -29,6 +29,7 @@ NO_BPF_CAPS = ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
                "--bounding-set=-bpf,-perfmon,-sys_admin"]
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 WARNING = "ebpf-stream: profiling is off: "
+FALLBACK = "ebpf-stream: profiling in fallback mode (in-process sampling, Python frames only): "
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="dropping privileges needs root and setpriv")
@@ -58,9 +59,9 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-def run(prefix: list[str], code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+def run(prefix: list[str], code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, "-c", textwrap.dedent(code), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
 
 
 def readme_example(heading: str) -> str:
@@ -72,26 +73,28 @@ def readme_example(heading: str) -> str:
     return match.group(1)
 
 
-def assert_ran_with_one_warning(result: subprocess.CompletedProcess[str], *named: str) -> str:
-    """The script ran to its end and said why profiling is off on one stderr line."""
+def assert_ran_with_one_warning(result: subprocess.CompletedProcess[str], *named: str,
+                                warning: str = FALLBACK) -> str:
+    """The script ran to its end and said on one stderr line how it profiles, and why."""
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(WARNING), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(warning), result.stderr
     for words in named:
         assert words in lines[0], lines[0]
     return lines[0]
 
 
 SCRIPT = """
-    import dataclasses, json, time
+    import dataclasses, json, sys, time
     import anyio
     from ebpf_stream import EbpfConfig, Profiler
     from ebpf_stream.exporters import FoldedFileExporter
 
     async def main() -> None:
         started = time.monotonic()
-        async with Profiler(EbpfConfig(), [FoldedFileExporter("out.folded")]) as profiler:
+        async with Profiler(EbpfConfig(), [FoldedFileExporter("out.folded")],
+                            on_unavailable=sys.argv[1]) as profiler:
             entered = time.monotonic() - started
             await anyio.sleep(0.2)
         print(json.dumps({"entered_s": entered, "mode": profiler.mode,
@@ -107,10 +110,20 @@ def outcome(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
     return dict(json.loads(result.stdout.splitlines()[-1]))
 
 
-def test_an_unprivileged_host_runs_on_with_one_warning(as_nobody: list[str],
-                                                       workdir: Path) -> None:
-    result = run(as_nobody, SCRIPT, workdir)
+def test_an_unprivileged_host_is_profiled_in_fallback_with_one_warning(
+        as_nobody: list[str], workdir: Path) -> None:
+    result = run(as_nobody, SCRIPT, workdir, "fallback")
     assert_ran_with_one_warning(result, "CAP_BPF and CAP_PERFMON", "uid 65534", "fix: ")
+    ran = outcome(result)
+    assert ran["mode"] == "fallback"
+    assert isinstance(ran["memory"], int) and ran["memory"] > 0
+
+
+def test_an_unprivileged_host_asking_for_off_runs_unprofiled(as_nobody: list[str],
+                                                             workdir: Path) -> None:
+    result = run(as_nobody, SCRIPT, workdir, "off")
+    assert_ran_with_one_warning(result, "CAP_BPF and CAP_PERFMON", "uid 65534", "fix: ",
+                                warning=WARNING)
     ran = outcome(result)
     assert ran["mode"] == "off" and ran["memory"] == 0
     assert isinstance(ran["stats"], dict) and not any(ran["stats"].values())
@@ -120,13 +133,13 @@ def test_an_unprivileged_host_runs_on_with_one_warning(as_nobody: list[str],
 def test_the_sync_api_runs_on_unprivileged_too(as_nobody: list[str], workdir: Path) -> None:
     result = run(as_nobody, """
         from ebpf_stream import EbpfConfig, EbpfCpuProfiler
-        profiler = EbpfCpuProfiler(EbpfConfig())
+        profiler = EbpfCpuProfiler(EbpfConfig(), on_unavailable="off")
         profiler.start()
         total = sum(i * i for i in range(100_000))
         profiler.stop()
         print(profiler.mode, profiler.stats.received)
     """, workdir)
-    assert_ran_with_one_warning(result, "uid 65534 lacks CAP_BPF")
+    assert_ran_with_one_warning(result, "uid 65534 lacks CAP_BPF", warning=WARNING)
     assert result.stdout.split() == ["off", "0"]
 
 
@@ -134,23 +147,24 @@ def test_the_readme_async_example_runs_unprivileged(as_nobody: list[str],
                                                     workdir: Path) -> None:
     result = run(as_nobody, readme_example("### Profile an async app"), workdir)
     assert_ran_with_one_warning(result, "CAP_BPF")
-    assert "received=0" in result.stdout
+    assert "received=0" not in result.stdout and "mode='fallback'" in result.stdout
+    assert "busy" in (workdir / "app.folded").read_text()
 
 
 def test_the_readme_unavailable_example_runs_unprivileged(as_nobody: list[str],
                                                           workdir: Path) -> None:
     result = run(as_nobody, readme_example("### When the machine cannot run BPF"), workdir)
     assert_ran_with_one_warning(result, "CAP_BPF")
-    assert "profiling: off privileges: " in result.stdout
+    assert "profiling: fallback privileges: " in result.stdout
     assert "cannot profile here: privileges: " in result.stdout
 
 
 def test_root_without_the_bpf_capabilities_is_told_so_before_compiling(workdir: Path) -> None:
-    result = run([*NO_BPF_CAPS, sys.executable], SCRIPT, workdir)
+    result = run([*NO_BPF_CAPS, sys.executable], SCRIPT, workdir, "fallback")
     assert_ran_with_one_warning(result, "uid 0 (root) lacks CAP_BPF and CAP_PERFMON",
                                 "--cap-add BPF")
     ran = outcome(result)
-    assert ran["mode"] == "off"
+    assert ran["mode"] == "fallback"
     # A compile takes seconds; the capability check, a few milliseconds.
     assert isinstance(ran["entered_s"], float) and ran["entered_s"] < 1.0
 

@@ -32,4 +32,7 @@ def doctor() -> None:
         table.add_row(c.name, "[green]pass[/]" if c.ok else "[red]FAIL[/]", c.detail, c.fix)
     console.print(table)
     if not all(c.ok for c in checks):
+        console.print("a profiler started this way runs in fallback mode: it samples its own "
+                      "process in-process, with Python frames only, and traces nothing")
         raise SystemExit(1)
+    console.print("a profiler started this way runs in bpf mode")

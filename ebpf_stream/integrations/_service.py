@@ -95,7 +95,7 @@ class ServiceProfiling:
                 return None
             profiler = Profiler(settings.config, exporters,
                                 on_unavailable=settings.on_unavailable,
-                                start_in_background=settings.on_unavailable == "off")
+                                start_in_background=settings.on_unavailable != "raise")
             await profiler.__aenter__()
         except BaseException:
             self._release()

@@ -94,7 +94,7 @@ class Settings:
     outputs: tuple[Output, ...] = ()
     source: str = "EBPF_STREAM_OUTPUT"
     otlp: bool = False
-    on_unavailable: OnUnavailable = "off"
+    on_unavailable: OnUnavailable = "fallback"
     ignored: tuple[str, ...] = ()  # variables set, but settled by the code
 
 
@@ -148,7 +148,7 @@ def read_settings(options: ProfilingOptions) -> Settings:
     on_unavailable = options.get("on_unavailable")
     if on_unavailable is None:
         on_unavailable = _parsed(env, "EBPF_STREAM_ON_UNAVAILABLE",
-                                 _parse_on_unavailable) or "off"
+                                 _parse_on_unavailable) or "fallback"
     elif env_value(env, "EBPF_STREAM_ON_UNAVAILABLE") is not None:
         ignored.append("EBPF_STREAM_ON_UNAVAILABLE")
     return Settings(off=None, config=config, exporters=exporters, outputs=outputs,
@@ -237,9 +237,8 @@ def _parse_decimal(value: str) -> float:
 
 
 def _parse_on_unavailable(value: str) -> OnUnavailable:
-    text = value.lower()
-    if text == "off":
-        return "off"
-    if text == "raise":
-        return "raise"
-    raise ValueError("is not one of off, raise")
+    choices: dict[str, OnUnavailable] = {"fallback": "fallback", "off": "off", "raise": "raise"}
+    try:
+        return choices[value.lower()]
+    except KeyError:
+        raise ValueError(f"is not one of {', '.join(choices)}") from None

@@ -1,0 +1,129 @@
+"""When the host's event loop is busy: the fallback's view of what the kernel's loop hooks see.
+
+A loop is busy from the moment it stops waiting for I/O until it waits again;
+a busy period past the stall threshold is a stall.  An asyncio selector loop
+says so exactly: its selector is wrapped, so each wait is timed where it
+begins and ends, at the cost of two clock reads per loop iteration and
+nothing per callback.  Other loops (uvloop waits inside libuv) are polled
+from the sampler thread instead: each tick reads which system call the loop
+thread is in, and how many reads it has made.  A loop found in its wait, or
+found to have read since the last tick, went through its poll phase in
+between: a loop serving requests reads between callbacks, and a stalled one
+does not.  (Writes prove nothing: a signal's handler writes to the loop's
+wakeup fd wherever the loop is.)  So a period's start and end are known to
+a tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import selectors
+import time
+from typing import Any, Final
+
+_LOG2_BUCKETS: Final = 32  # as LOG2_BUCKETS in kernel/common.h
+# The calls a loop waits in (x86-64 numbers): epoll_wait, epoll_pwait, epoll_pwait2.
+_WAIT_CALLS: Final = frozenset({b"232", b"281", b"441"})
+# futex: most often the loop thread waiting for the GIL, which the sampler
+# itself holds as it looks; that says nothing about the loop.
+_UNKNOWN_CALLS: Final = frozenset({b"202"})
+
+
+class BusyPeriods:
+    """One loop thread's busy periods: the current one's start, the stalls ended
+    and not yet taken, and the cumulative histogram the kernel would keep."""
+
+    def __init__(self, tid: int, stall_ns: int) -> None:
+        self.tid = tid
+        self.since = 0  # CLOCK_MONOTONIC when the loop stopped waiting; 0 while it waits
+        self.count = 0
+        self.total_ns = 0
+        self.buckets = [0] * _LOG2_BUCKETS
+        # (busy since, duration, ended): appended by the loop, taken by the sampler.
+        self.stalls: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._stall_ns = stall_ns
+
+    def waiting(self, now: int) -> None:
+        since, self.since = self.since, 0
+        if since:
+            busy = now - since
+            self.count += 1
+            self.total_ns += busy
+            self.buckets[min(max(busy.bit_length() - 1, 0), _LOG2_BUCKETS - 1)] += 1
+            if busy >= self._stall_ns:
+                self.stalls.append((since, busy, now))
+
+    def running(self, now: int) -> None:
+        self.since = now
+
+    def poll(self, now: int) -> None:
+        """Nothing to do for a loop that reports its own waits."""
+
+    def close(self) -> None:
+        """Stop watching the loop."""
+
+
+class _TimedSelector:
+    """The loop's selector, with each ``select`` marking the end and start of busy periods."""
+
+    __slots__ = ("_periods", "_selector")
+
+    def __init__(self, selector: selectors.BaseSelector, periods: BusyPeriods) -> None:
+        self._selector = selector
+        self._periods = periods
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        periods = self._periods
+        periods.waiting(time.monotonic_ns())
+        try:
+            return self._selector.select(timeout)
+        finally:
+            periods.running(time.monotonic_ns())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._selector, name)
+
+
+class _SelectorPeriods(BusyPeriods):
+    def __init__(self, tid: int, stall_ns: int, loop: asyncio.BaseEventLoop) -> None:
+        super().__init__(tid, stall_ns)
+        self._loop = loop
+        self._timed = _TimedSelector(loop._selector, self)  # type: ignore[attr-defined]
+        self.running(time.monotonic_ns())  # the loop is running this code
+        loop._selector = self._timed  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if getattr(self._loop, "_selector", None) is self._timed:
+            self._loop._selector = self._timed._selector  # type: ignore[attr-defined]
+
+
+class _PolledPeriods(BusyPeriods):
+    def __init__(self, tid: int, stall_ns: int) -> None:
+        super().__init__(tid, stall_ns)
+        self._syscall = f"/proc/self/task/{tid}/syscall"
+        self._io = f"/proc/self/task/{tid}/io"
+        self._reads = b""  # the io file's syscr line at the last tick
+        self.running(time.monotonic_ns())
+
+    def poll(self, now: int) -> None:
+        try:
+            with open(self._syscall, "rb") as f:
+                call = f.read().split(b" ", 1)[0]
+            with open(self._io, "rb") as f:
+                reads = f.read().splitlines()[2]
+        except (OSError, IndexError):
+            return
+        did_read, self._reads = reads != self._reads, reads
+        if call in _WAIT_CALLS or did_read:
+            self.waiting(now)
+        if call not in _WAIT_CALLS and call not in _UNKNOWN_CALLS and not self.since:
+            self.running(now)
+
+
+def watch(loop: asyncio.AbstractEventLoop, tid: int, stall_ns: int) -> BusyPeriods:
+    """Watch ``loop``, run by thread ``tid`` (the caller's), for busy periods."""
+    if isinstance(loop, asyncio.BaseEventLoop) and isinstance(
+            getattr(loop, "_selector", None), selectors.BaseSelector):
+        return _SelectorPeriods(tid, stall_ns, loop)
+    return _PolledPeriods(tid, stall_ns)

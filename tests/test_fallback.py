@@ -1,0 +1,156 @@
+"""The fallback on real processes that may not use BPF: profiles and stalls from inside.
+
+``embedded.py`` runs a workload with the profiler embedded, as uid 65534 with
+no capabilities (Debian's python3, with this checkout and this environment's
+packages), or as root with the BPF capabilities dropped.  Either way the
+environment refuses BPF, and the profiler samples its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_python_accuracy import FUNCTIONS, read_stacks, shares
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "tests" / "workloads" / "python" / "embedded.py"
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+NO_BPF_CAPS = ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
+               "--bounding-set=-bpf,-perfmon,-sys_admin"]
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+FALLBACK = "ebpf-stream: profiling in fallback mode (in-process sampling, Python frames only"
+TOLERANCE = 0.03  # shares, against the workload's own thread CPU time
+BLOCK_NS = 300_000_000  # stalls.py's BLOCK_S
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="dropping privileges needs root and setpriv")
+
+
+@pytest.fixture(scope="module")
+def as_nobody() -> list[str]:
+    """How to run Debian's python3 as uid 65534 with no capabilities, with the package."""
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"{SYSTEM_PYTHON} is missing")
+    return [*NOBODY, "env", f"PYTHONPATH={ROOT}:{sysconfig.get_paths()['purelib']}",
+            str(SYSTEM_PYTHON)]
+
+
+@pytest.fixture
+def out() -> Iterator[Path]:
+    """A directory the unprivileged scripts may write to (pytest's are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-fallback-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def embedded(prefix: list[str], out: Path, *args: str) -> tuple[dict[str, Any], list[str]]:
+    """Run embedded.py; what it reported, and the profiler's log lines."""
+    result = subprocess.run([*prefix, str(EMBEDDED), *args], cwd=out, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr.splitlines()
+
+
+def check_fallback(ran: dict[str, Any], log: list[str], *named: str) -> None:
+    """The run profiled in fallback mode, and said so, and why, in one line."""
+    assert ran["mode"] == "fallback" and ran["overhead"]["mode"] == "fallback", ran
+    assert len(log) == 1 and log[0].startswith(FALLBACK), log
+    for words in named:
+        assert words in log[0], log[0]
+    assert ran["stats"]["received"] > 0 and ran["stats"]["exported"] > 0, ran["stats"]
+    assert ran["overhead"]["user_cpu_ns"] > 0, "the sampling thread is the profiler's CPU"
+
+
+def check_stalls(ran: dict[str, Any], tolerance_ns: int) -> None:
+    """Each block of stalls.py is one stall that spans it, lasts as long, names ``culprit``."""
+    blocks = ran["report"]["blocks"]
+    found = sorted(ran["stalls"], key=lambda s: s["busy_since"])
+    assert len(found) == len(blocks), found
+    for stall, (start, end) in zip(found, blocks, strict=True):
+        assert stall["tid"] == ran["report"]["loop_tid"]
+        assert abs(stall["duration_ns"] - BLOCK_NS) <= tolerance_ns, stall
+        assert stall["busy_since"] <= start + tolerance_ns
+        assert end <= stall["busy_since"] + stall["duration_ns"] + tolerance_ns
+        assert "culprit" in stall["names"], stall
+
+
+def test_shares_match_the_workloads_own_clock_unprivileged(as_nobody: list[str],
+                                                           out: Path) -> None:
+    ran, log = embedded(as_nobody, out, "shares", "8", str(out))
+    check_fallback(ran, log, "uid 65534", "CAP_BPF", "fix: ")
+    truth = ran["report"]
+    total = truth["alpha"] + truth["beta"] + truth["delta"]
+    leaf, inclusive = shares(read_stacks(out / "profile.folded", has_process=True))
+    report = f"leaf {leaf}, inclusive {inclusive}, truth {truth}"
+    expected_leaf = {"alpha": truth["alpha"], "beta": truth["beta"] - truth["gamma"],
+                     "gamma": truth["gamma"], "delta": truth["delta"]}
+    for function in FUNCTIONS:
+        assert abs(leaf[function] - expected_leaf[function] / total) <= TOLERANCE, report
+    assert abs(inclusive["beta"] - truth["beta"] / total) <= TOLERANCE, report
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("mode", ["sleep", "cpu"])
+def test_each_block_is_one_stall_unprivileged(as_nobody: list[str], out: Path, loop: str,
+                                              mode: str) -> None:
+    ran, log = embedded(as_nobody, out, "stalls", str(out), "--loop", loop, "--mode", mode)
+    check_fallback(ran, log)
+    # asyncio's selector times each wait; uvloop's are polled every tick (10 ms at 99 Hz),
+    # and a busy period is known to a tick or two.
+    check_stalls(ran, BLOCK_NS // 10 if loop == "asyncio" else 40_000_000)
+
+
+def test_root_without_the_bpf_capabilities_falls_back_too(out: Path) -> None:
+    ran, log = embedded([*NO_BPF_CAPS, sys.executable], out, "stalls", str(out))
+    check_fallback(ran, log, "uid 0 (root) lacks CAP_BPF")
+    check_stalls(ran, BLOCK_NS // 10)
+
+
+def test_tracers_are_off_in_fallback_and_say_so(as_nobody: list[str], out: Path) -> None:
+    result = subprocess.run([*as_nobody, "-c", """
+import anyio
+from ebpf_stream import EbpfConfig, Profiler
+
+async def main():
+    config = EbpfConfig().with_syscall_tracing(True).with_network_tracing(True)
+    async with Profiler(config) as profiler:
+        await anyio.sleep(0.3)
+    print(profiler.mode)
+
+anyio.run(main)
+"""], cwd=out, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(FALLBACK + "; syscall, network tracing needs BPF and is off): "), line
+    assert result.stdout.split() == ["fallback"]
+
+
+def test_the_sync_api_falls_back_too(as_nobody: list[str], out: Path) -> None:
+    result = subprocess.run([*as_nobody, "-c", """
+import time
+from ebpf_stream import EbpfConfig, EbpfCpuProfiler
+from ebpf_stream.exporters import FoldedFileExporter
+
+profiler = EbpfCpuProfiler(EbpfConfig().with_sample_rate(99), [FoldedFileExporter("p.folded")])
+profiler.start()
+deadline = time.monotonic() + 1.5
+while time.monotonic() < deadline:
+    sum(i * i for i in range(10_000))
+profiler.stop()
+print(profiler.mode, profiler.stats.received > 50)
+"""], cwd=out, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["fallback", "True"], result.stdout
+    assert "<module>" in (out / "p.folded").read_text()
