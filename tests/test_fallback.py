@@ -88,7 +88,7 @@ def check_stalls(ran: dict[str, Any], tolerance_ns: int) -> None:
 
 def test_shares_match_the_workloads_own_clock_unprivileged(as_nobody: list[str],
                                                            out: Path) -> None:
-    ran, log = embedded(as_nobody, out, "shares", "8", str(out))
+    ran, log = embedded(as_nobody, out, "shares", "12", str(out))
     check_fallback(ran, log, "uid 65534", "CAP_BPF", "fix: ")
     truth = ran["report"]
     total = truth["alpha"] + truth["beta"] + truth["delta"]
@@ -107,9 +107,9 @@ def test_each_block_is_one_stall_unprivileged(as_nobody: list[str], out: Path, l
                                               mode: str) -> None:
     ran, log = embedded(as_nobody, out, "stalls", str(out), "--loop", loop, "--mode", mode)
     check_fallback(ran, log)
-    # asyncio's selector times each wait; uvloop's are polled every tick (10 ms at 99 Hz),
-    # and a busy period is known to a tick or two.
-    check_stalls(ran, BLOCK_NS // 10 if loop == "asyncio" else 40_000_000)
+    # asyncio's selector times each wait exactly; uvloop's are polled every tick (10 ms at
+    # 99 Hz), and a busy period may take in the ticks of the loop's short bursts before it.
+    check_stalls(ran, BLOCK_NS // 10 if loop == "asyncio" else BLOCK_NS // 4)
 
 
 def test_root_without_the_bpf_capabilities_falls_back_too(out: Path) -> None:

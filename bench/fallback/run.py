@@ -13,7 +13,8 @@ share of one core; for ``fallback`` the profiler's own CPU, as
 ``py-spy`` py-spy's own CPU.  The host and py-spy are pinned to different
 CPUs.
 
-**Accuracy.** The host runs in fallback mode at 99 Hz while ebpf-stream's
+**Accuracy.** The host runs in fallback mode at 99 Hz, with five times the
+work per request (for samples enough in the window), while ebpf-stream's
 BPF mode (``ebpf-stream record --pid --python-frames python``) and py-spy
 sample the same process from outside over the same window; each function's
 inclusive share of the samples is compared.
@@ -33,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,13 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def start_host(mode: str, seconds: float, rate: int, out: Path) -> subprocess.Popen[str]:
+def start_host(mode: str, seconds: float, rate: int, out: Path,
+               unit: int = 6000) -> subprocess.Popen[str]:
     prefix = [*NO_BPF_CAPS] if mode == "fallback" else []
     host_mode = {"py-spy": "external"}.get(mode, mode)
     argv = ["taskset", "-c", "1", *prefix, sys.executable, str(HOST), "--mode", host_mode,
-            "--seconds", str(seconds), "--rate", str(rate), "--out", str(out)]
+            "--seconds", str(seconds), "--rate", str(rate), "--out", str(out),
+            "--unit", str(unit)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=out.parent)
     assert proc.stdout is not None
@@ -84,12 +86,12 @@ def cost_run(mode: str, args: argparse.Namespace, scratch: Path) -> dict[str, An
                                 "--nonblocking", "--format", "raw", "-o",
                                 str(scratch / "py-spy.txt"), "--pid", str(proc.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)  # py-spy attached
-    spy_cpu0 = process_cpu_s(spy.pid) if spy else 0.0
     result = finish(proc)
     if spy is not None:
-        result["tool_cpu_s"] = process_cpu_s(spy.pid) - spy_cpu0 if spy.poll() is None else None
-        spy.wait(30)
+        # py-spy ends with the host: its CPU over its whole life, attaching included.
+        _, _, usage = os.wait4(spy.pid, 0)
+        spy.returncode = 0
+        result["tool_cpu_s"] = usage.ru_utime + usage.ru_stime
     wall = result["wall_s"]
     result["host_core_percent"] = 100 * result["cpu_s"] / wall
     if "profiler_cpu_s" in result:
@@ -120,7 +122,8 @@ def folded_names(path: Path) -> dict[tuple[str, ...], int]:
 
 def accuracy_run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     fallback_file = scratch / "fallback99.folded"
-    proc = start_host("fallback", args.seconds, 99, fallback_file)
+    # A busier loop (five times the work per request), for enough samples in the window.
+    proc = start_host("fallback", args.seconds, 99, fallback_file, unit=30000)
     pid = str(proc.pid)
     window = str(max(1, int(args.seconds) - 2))
     bpf = subprocess.Popen([str(ECLI), "record", "--pid", pid, "--duration", window, "--rate",

@@ -44,8 +44,9 @@ from ..._overhead import CpuMeter
 from ..._stats import Stats
 from ..base import Emit, Probe
 from . import busy as busy_periods
+from . import stacks
 from .stacks import StackKeys, Threads, cpu_ns, walk
-from .timer import MainThreadTimer
+from .timer import MainThreadTimer, Walked
 
 log = logging.getLogger("ebpf_stream")
 
@@ -53,6 +54,9 @@ _NO_STACK = -errno.EFAULT  # as CpuSample has it: no such stack, none lost
 # A busy loop thread that ran less than this share of a tick was asleep: the
 # tick reports where it slept.
 _ASLEEP = 0.1
+# CPU a thread may use, in sampling periods, before it is found running to
+# be sampled: beyond it, a thread that only ever runs between ticks loses it.
+_MAX_CREDIT = 100
 
 
 class FallbackProbe(Probe):
@@ -199,10 +203,16 @@ class FallbackProbe(Probe):
     def _sample_threads(self, now: int, tick_ns: int, events: list[Event]) -> int:
         """Sample each thread that ran since the last tick, into ``events``; how many.
 
-        A method of its own so that no frame of the host's outlives it.
+        Each stack is walked while the sampler holds the GIL, where the thread
+        let go of it; only then is each thread asked whether it runs (a file
+        read, which lets the GIL go).  A thread kept from running by the
+        sampler alone runs meanwhile, and its stack is where its CPU went; a
+        thread blocked in a call is not, and its CPU waits to be sampled when
+        the thread is next found running.  A method of its own so that no
+        frame of the host's outlives it.
         """
         busy = self._busy
-        samples = 0
+        due: list[tuple[int, Walked, int, int, int]] = []  # tid, stack, samples, credit, since
         frames = sys._current_frames()
         me = threading.get_ident()
         for ident, frame in frames.items():
@@ -211,15 +221,10 @@ class FallbackProbe(Probe):
             if tid is None or used is None:
                 continue
             since = busy.since if busy is not None and busy.tid == tid else 0
-            n, self._credit[tid] = divmod(self._credit.get(tid, 0) + used, self._period_ns)
-            if self._timer is not None and tid == self._timer.tid:
-                n = 0  # sampled where its CPU went, by the timer
-            if n:
-                key = self._keys.key(frame, events)
-                sample = CpuSample(now + self._offset, self._pid, tid, -1, self._comm,
-                                   _NO_STACK, _NO_STACK, key, since)
-                events += [sample] * n
-                samples += n
+            credit = min(self._credit.get(tid, 0) + used, _MAX_CREDIT * self._period_ns)
+            n, self._credit[tid] = divmod(credit, self._period_ns)
+            if n and not (self._timer is not None and tid == self._timer.tid):
+                due.append((tid, walk(frame), n, credit, since))
             elif since and used < _ASLEEP * tick_ns:
                 events.append(LoopBlocked(self._pid, tid, since, tick_ns,
                                           self._keys.key(frame, events)))
@@ -228,6 +233,16 @@ class FallbackProbe(Probe):
                 self._loop_named = True
                 events.append(LoopThread(self._pid, tid, self._keys.key(frame, events)))
         self._threads.keep(set(frames))
+        del frames
+        samples = 0
+        for tid, walked, n, credit, since in due:
+            if not stacks.running(tid):
+                self._credit[tid] = credit
+                continue
+            sample = CpuSample(now + self._offset, self._pid, tid, -1, self._comm,
+                               _NO_STACK, _NO_STACK, self._keys.key_of(walked, events), since)
+            events += [sample] * n
+            samples += n
         return samples
 
     def _timer_samples(self, events: list[Event]) -> int:

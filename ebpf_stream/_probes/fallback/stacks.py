@@ -101,3 +101,16 @@ def cpu_ns(tid: int) -> int | None:
         return time.clock_gettime_ns(cpu_clock(tid))
     except OSError:
         return None
+
+
+def running(tid: int) -> bool:
+    """Whether thread ``tid`` runs now, rather than waits in a system call.
+
+    Read while the sampler lets go of the GIL (a file read does), so a thread
+    that was kept from running only by the sampler's GIL runs meanwhile.
+    """
+    try:
+        with open(f"/proc/self/task/{tid}/syscall", "rb") as f:
+            return f.read(7) == b"running"
+    except OSError:
+        return False
