@@ -32,7 +32,10 @@ _UNKNOWN_CALLS: Final = frozenset({b"202"})
 
 class BusyPeriods:
     """One loop thread's busy periods: the current one's start, the stalls ended
-    and not yet taken, and the cumulative histogram the kernel would keep."""
+    and not yet taken, and the cumulative histogram the kernel would keep.
+    ``polled``: known only as often as ``poll`` is called."""
+
+    polled = False
 
     def __init__(self, tid: int, stall_ns: int) -> None:
         self.tid = tid
@@ -99,6 +102,8 @@ class _SelectorPeriods(BusyPeriods):
 
 
 class _PolledPeriods(BusyPeriods):
+    polled = True
+
     def __init__(self, tid: int, stall_ns: int) -> None:
         super().__init__(tid, stall_ns)
         self._syscall = f"/proc/self/task/{tid}/syscall"

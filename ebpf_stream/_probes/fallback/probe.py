@@ -1,12 +1,14 @@
 """The fallback probe: the host's own threads, sampled from a thread of ours.
 
-Without BPF the profiler can still see the one process it runs in.  A
-sampling thread wakes at the configured rate (and, while stalls are
-watched, at least four times per stall threshold), reads every thread's CPU
-clock and, for each thread that used CPU since the last tick, its Python
-stack.  A thread gets a sample per sampling period of CPU it used, so the
-samples weigh what each thread ran, as the kernel's CPU-clock samples do;
-a thread that waited costs one clock read and no stack walk.
+Without BPF the profiler can still see the one process it runs in.  The
+main thread (a service's event loop, mostly) is sampled where its CPU goes,
+by a timer on its CPU clock (``timer``).  The other threads are sampled
+from a thread of ours, which wakes at the configured rate (and, while it
+polls a loop for stalls, at least four times per stall threshold) and reads
+every thread's CPU clock: a thread gets a sample per sampling period of
+CPU it used, at the stack where it let the GIL go, if it then runs.  So the
+samples weigh what each thread ran, as the kernel's CPU-clock samples do,
+and a thread that waited costs one clock read and no stack walk.
 
 What it emits is what the BPF CPU probe emits (``CpuSample``,
 ``PythonStack``, the loop records, a ``Watermark`` per message), so the
@@ -75,10 +77,7 @@ class FallbackProbe(Probe):
         self._stall_ns = int(config.loop_stall_ms * 1e6)
         self._watch_stalls = (watch_loop and config.python_frames is not PythonFrames.OFF
                               and config.loop_stall_ms > 0)
-        tick_ns = self._period_ns
-        if self._watch_stalls:
-            tick_ns = min(tick_ns, self._stall_ns // 4)
-        self._tick_s = max(tick_ns, 1_000_000) / 1e9
+        self._tick_s = max(self._period_ns, 1_000_000) / 1e9
         self._pid = os.getpid()
         self._comm = _process_name()
         self._offset = wall_clock_offset_ns()
@@ -113,6 +112,8 @@ class FallbackProbe(Probe):
             if loop is not None:
                 self._busy = busy_periods.watch(loop, threading.get_native_id(),
                                                 self._stall_ns)
+                if self._busy.polled:  # a loop polled for its waits: four looks a threshold
+                    self._tick_s = min(self._tick_s, self._stall_ns / 4e9)
         timer = MainThreadTimer(self._period_ns, walk, self._busy_since)
         if timer.start():
             self._timer = timer
