@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -17,6 +19,29 @@ NODE_MODULES = Path(__file__).resolve().parent.parent / ".cache" / "npm" / "node
 """Where ``./run test`` installs the npm packages that read our files in the tests."""
 CHROMIUM = Path("/usr/bin/chromium")
 """Debian's Chromium, which ``./run test`` installs to run the flame graph's script."""
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+"""Runs a command as uid 65534 with no capabilities, as containers start services."""
+NO_BPF_CAPS = ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
+               "--bounding-set=-bpf,-perfmon,-sys_admin"]
+"""Runs a command as root without the capabilities BPF needs."""
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+"""Debian's python3: uid 65534 may not read the test interpreter (pyenv under /root)."""
+
+
+def unprivileged_python() -> list[str]:
+    """How to run Debian's python3 as uid 65534, with this checkout and this
+    environment's packages; skips where that cannot import the package."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not SYSTEM_PYTHON.exists():
+        pytest.skip("dropping privileges needs root, setpriv and Debian's python3")
+    command = [*NOBODY, "env", f"PYTHONPATH={ROOT}:{sysconfig.get_paths()['purelib']}",
+               str(SYSTEM_PYTHON)]
+    probe = subprocess.run([*command, "-c", "import sys, ebpf_stream; print(sys.version_info[:2])"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0 or probe.stdout.strip() != str(sys.version_info[:2]):
+        pytest.skip(f"uid 65534 cannot import ebpf_stream with {SYSTEM_PYTHON}: "
+                    f"{probe.stderr.strip().splitlines()[-1:] or probe.stdout.strip()}")
+    return command
 
 
 def go_command() -> str:

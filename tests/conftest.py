@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support import build, start_ready
+from _support import build, start_ready, unprivileged_python
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +52,9 @@ def running(hot_native: Path) -> Iterator[subprocess.Popen[str]]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def as_nobody() -> list[str]:
+    """The command prefix that runs a Python script as uid 65534 with no capabilities."""
+    return unprivileged_python()

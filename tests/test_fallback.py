@@ -13,36 +13,23 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import NO_BPF_CAPS
 from test_python_accuracy import FUNCTIONS, read_stacks, shares
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "tests" / "workloads" / "python" / "embedded.py"
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-NO_BPF_CAPS = ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
-               "--bounding-set=-bpf,-perfmon,-sys_admin"]
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 FALLBACK = "ebpf-stream: profiling in fallback mode (in-process sampling, Python frames only"
 TOLERANCE = 0.03  # shares, against the workload's own thread CPU time
 BLOCK_NS = 300_000_000  # stalls.py's BLOCK_S
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="dropping privileges needs root and setpriv")
-
-
-@pytest.fixture(scope="module")
-def as_nobody() -> list[str]:
-    """How to run Debian's python3 as uid 65534 with no capabilities, with the package."""
-    if not SYSTEM_PYTHON.exists():
-        pytest.skip(f"{SYSTEM_PYTHON} is missing")
-    return [*NOBODY, "env", f"PYTHONPATH={ROOT}:{sysconfig.get_paths()['purelib']}",
-            str(SYSTEM_PYTHON)]
 
 
 @pytest.fixture
@@ -73,10 +60,15 @@ def check_fallback(ran: dict[str, Any], log: list[str], *named: str) -> None:
     assert ran["overhead"]["user_cpu_ns"] > 0, "the sampling thread is the profiler's CPU"
 
 
-def check_stalls(ran: dict[str, Any], tolerance_ns: int) -> None:
-    """Each block of stalls.py is one stall that spans it, lasts as long, names ``culprit``."""
+def check_stalls(ran: dict[str, Any], tolerance_ns: int, exact: bool = True) -> None:
+    """Each block of stalls.py is one stall that spans it, lasts as long, names ``culprit``;
+    unless ``exact``, other stalls may be found besides (a polled loop's)."""
     blocks = ran["report"]["blocks"]
     found = sorted(ran["stalls"], key=lambda s: s["busy_since"])
+    if not exact:
+        found = [s for s in found if any(
+            s["busy_since"] < end and start < s["busy_since"] + s["duration_ns"]
+            for start, end in blocks)]
     assert len(found) == len(blocks), found
     for stall, (start, end) in zip(found, blocks, strict=True):
         assert stall["tid"] == ran["report"]["loop_tid"]
@@ -107,9 +99,13 @@ def test_each_block_is_one_stall_unprivileged(as_nobody: list[str], out: Path, l
                                               mode: str) -> None:
     ran, log = embedded(as_nobody, out, "stalls", str(out), "--loop", loop, "--mode", mode)
     check_fallback(ran, log)
-    # asyncio's selector times each wait exactly; uvloop's are polled every tick (10 ms at
-    # 99 Hz), and a busy period may take in the ticks of the loop's short bursts before it.
-    check_stalls(ran, BLOCK_NS // 10 if loop == "asyncio" else BLOCK_NS // 4)
+    # asyncio's selector times each wait exactly.  uvloop's are polled every tick (10 ms at
+    # 99 Hz): a busy period may take in the ticks of the loop's short bursts before it,
+    # and on a loaded machine a loop kept off the CPU may look busy (a stall of its own).
+    if loop == "asyncio":
+        check_stalls(ran, BLOCK_NS // 10)
+    else:
+        check_stalls(ran, BLOCK_NS // 4, exact=False)
 
 
 def test_root_without_the_bpf_capabilities_falls_back_too(out: Path) -> None:

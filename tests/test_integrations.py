@@ -30,6 +30,7 @@ from pathlib import Path
 
 import otlp_stacks
 import pytest
+from _support import NOBODY, SYSTEM_PYTHON
 from anyio.from_thread import start_blocking_portal
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
@@ -40,9 +41,6 @@ from ebpf_stream import _pprof_pb2
 from ebpf_stream._otlp.json import decode_otlp_json
 
 ROOT = Path(__file__).resolve().parent.parent
-# As tests/test_unavailable.py: uid 65534, no capabilities, Debian's python3.
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 BUSY = "checkout_busy_handler"
 BLOCK = "checkout_block_handler"  # sleeps 200 ms on the event loop: one stall per request
 

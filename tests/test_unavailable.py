@@ -15,39 +15,20 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _support import NO_BPF_CAPS
 
 ROOT = Path(__file__).resolve().parent.parent
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-NO_BPF_CAPS = ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
-               "--bounding-set=-bpf,-perfmon,-sys_admin"]
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 WARNING = "ebpf-stream: profiling is off: "
 FALLBACK = "ebpf-stream: profiling in fallback mode (in-process sampling, Python frames only): "
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="dropping privileges needs root and setpriv")
-
-
-@pytest.fixture(scope="module")
-def as_nobody() -> list[str]:
-    """The command prefix that runs a Python script as uid 65534 with no capabilities."""
-    if not SYSTEM_PYTHON.exists():
-        pytest.skip(f"{SYSTEM_PYTHON} is missing")
-    command = [*NOBODY, "env", f"PYTHONPATH={ROOT}:{sysconfig.get_paths()['purelib']}",
-               str(SYSTEM_PYTHON)]
-    probe = subprocess.run([*command, "-c", "import sys, ebpf_stream; print(sys.version_info[:2])"],
-                           capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0 or probe.stdout.strip() != str(sys.version_info[:2]):
-        pytest.skip(f"uid 65534 cannot import ebpf_stream with {SYSTEM_PYTHON}: "
-                    f"{probe.stderr.strip().splitlines()[-1:] or probe.stdout.strip()}")
-    return command
 
 
 @pytest.fixture
