@@ -466,8 +466,11 @@ def test_an_unprivileged_service_is_profiled_in_fallback_mode_under_load(
     assert "uid 65534" in line and "fix: " in line
     stacks = folded(out / "cpu.folded")
     assert any(BUSY in stack for stack in stacks), sorted(stacks.items(), key=lambda s: -s[1])[:5]
-    stalls = stall_records(out / "trace.otlp.jsonl")
-    assert [a["code.function.name"] for a in stalls] == [BLOCK] * 3, stalls
+    # One stall per /block request, naming it.  (Under wrk, uvloop's waits, which are
+    # polled, may also show the loop kept off a loaded machine's CPU as a stall.)
+    stalls = [a for a in stall_records(out / "trace.otlp.jsonl")
+              if a["code.function.name"] == BLOCK]
+    assert len(stalls) == 3, stalls
     assert all(0.19 <= a["asyncio.loop.stall.duration"] < 0.3 for a in stalls), stalls
 
 
