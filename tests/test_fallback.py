@@ -105,7 +105,7 @@ def test_each_block_is_one_stall_unprivileged(as_nobody: list[str], out: Path, l
     if loop == "asyncio":
         check_stalls(ran, BLOCK_NS // 10)
     else:
-        check_stalls(ran, BLOCK_NS // 4, exact=False)
+        check_stalls(ran, BLOCK_NS // 3, exact=False)
 
 
 def test_root_without_the_bpf_capabilities_falls_back_too(out: Path) -> None:
