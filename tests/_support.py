@@ -26,6 +26,8 @@ NO_BPF_CAPS = ["setpriv", "--inh-caps=-bpf,-perfmon,-sys_admin",
                "--bounding-set=-bpf,-perfmon,-sys_admin"]
 """Runs a command as root without the capabilities BPF needs."""
 SYSTEM_PYTHON = Path("/usr/bin/python3")
+DROPS_PRIVILEGES = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                      reason="dropping privileges needs root and setpriv")
 """Debian's python3: uid 65534 may not read the test interpreter (pyenv under /root)."""
 
 

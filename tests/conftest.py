@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from _support import build, start_ready, unprivileged_python
+
+# The tests stop tools and workloads with SIGINT.  A suite started as a background
+# job of a non-interactive shell has SIGINT ignored, which its children would
+# inherit; a handler of ours is reset to the default in them instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +67,12 @@ def anyio_backend() -> str:
 def as_nobody() -> list[str]:
     """The command prefix that runs a Python script as uid 65534 with no capabilities."""
     return unprivileged_python()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory the unprivileged scripts may write to (pytest's are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-unprivileged-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)

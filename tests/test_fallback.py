@@ -9,17 +9,13 @@ environment refuses BPF, and the profiler samples its own process.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import NO_BPF_CAPS
+from _support import DROPS_PRIVILEGES, NO_BPF_CAPS
 from test_python_accuracy import FUNCTIONS, read_stacks, shares
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,22 +24,14 @@ FALLBACK = "ebpf-stream: profiling in fallback mode (in-process sampling, Python
 TOLERANCE = 0.03  # shares, against the workload's own thread CPU time
 BLOCK_NS = 300_000_000  # stalls.py's BLOCK_S
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="dropping privileges needs root and setpriv")
+pytestmark = DROPS_PRIVILEGES
 
 
-@pytest.fixture
-def out() -> Iterator[Path]:
-    """A directory the unprivileged scripts may write to (pytest's are root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-fallback-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
-def embedded(prefix: list[str], out: Path, *args: str) -> tuple[dict[str, Any], list[str]]:
+def embedded(prefix: list[str], workdir: Path, *args: str) -> tuple[dict[str, Any], list[str]]:
     """Run embedded.py; what it reported, and the profiler's log lines."""
-    result = subprocess.run([*prefix, str(EMBEDDED), *args], cwd=out, capture_output=True,
+    result = subprocess.run([*prefix, str(EMBEDDED), *args], cwd=workdir, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -79,12 +67,12 @@ def check_stalls(ran: dict[str, Any], tolerance_ns: int, exact: bool = True) -> 
 
 
 def test_shares_match_the_workloads_own_clock_unprivileged(as_nobody: list[str],
-                                                           out: Path) -> None:
-    ran, log = embedded(as_nobody, out, "shares", "12", str(out))
+                                                           workdir: Path) -> None:
+    ran, log = embedded(as_nobody, workdir, "shares", "12", str(workdir))
     check_fallback(ran, log, "uid 65534", "CAP_BPF", "fix: ")
     truth = ran["report"]
     total = truth["alpha"] + truth["beta"] + truth["delta"]
-    leaf, inclusive = shares(read_stacks(out / "profile.folded", has_process=True))
+    leaf, inclusive = shares(read_stacks(workdir / "profile.folded", has_process=True))
     report = f"leaf {leaf}, inclusive {inclusive}, truth {truth}"
     expected_leaf = {"alpha": truth["alpha"], "beta": truth["beta"] - truth["gamma"],
                      "gamma": truth["gamma"], "delta": truth["delta"]}
@@ -95,9 +83,9 @@ def test_shares_match_the_workloads_own_clock_unprivileged(as_nobody: list[str],
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("mode", ["sleep", "cpu"])
-def test_each_block_is_one_stall_unprivileged(as_nobody: list[str], out: Path, loop: str,
+def test_each_block_is_one_stall_unprivileged(as_nobody: list[str], workdir: Path, loop: str,
                                               mode: str) -> None:
-    ran, log = embedded(as_nobody, out, "stalls", str(out), "--loop", loop, "--mode", mode)
+    ran, log = embedded(as_nobody, workdir, "stalls", str(workdir), "--loop", loop, "--mode", mode)
     check_fallback(ran, log)
     # asyncio's selector times each wait exactly.  uvloop's are polled every tick (10 ms at
     # 99 Hz): a busy period may take in the ticks of the loop's short bursts before it,
@@ -108,13 +96,13 @@ def test_each_block_is_one_stall_unprivileged(as_nobody: list[str], out: Path, l
         check_stalls(ran, BLOCK_NS // 3, exact=False)
 
 
-def test_root_without_the_bpf_capabilities_falls_back_too(out: Path) -> None:
-    ran, log = embedded([*NO_BPF_CAPS, sys.executable], out, "stalls", str(out))
+def test_root_without_the_bpf_capabilities_falls_back_too(workdir: Path) -> None:
+    ran, log = embedded([*NO_BPF_CAPS, sys.executable], workdir, "stalls", str(workdir))
     check_fallback(ran, log, "uid 0 (root) lacks CAP_BPF")
     check_stalls(ran, BLOCK_NS // 10)
 
 
-def test_tracers_are_off_in_fallback_and_say_so(as_nobody: list[str], out: Path) -> None:
+def test_tracers_are_off_in_fallback_and_say_so(as_nobody: list[str], workdir: Path) -> None:
     result = subprocess.run([*as_nobody, "-c", """
 import anyio
 from ebpf_stream import EbpfConfig, Profiler
@@ -126,14 +114,14 @@ async def main():
     print(profiler.mode)
 
 anyio.run(main)
-"""], cwd=out, capture_output=True, text=True, timeout=60)
+"""], cwd=workdir, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith(FALLBACK + "; syscall, network tracing needs BPF and is off): "), line
     assert result.stdout.split() == ["fallback"]
 
 
-def test_the_sync_api_falls_back_too(as_nobody: list[str], out: Path) -> None:
+def test_the_sync_api_falls_back_too(as_nobody: list[str], workdir: Path) -> None:
     result = subprocess.run([*as_nobody, "-c", """
 import time
 from ebpf_stream import EbpfConfig, EbpfCpuProfiler
@@ -146,7 +134,7 @@ while time.monotonic() < deadline:
     sum(i * i for i in range(10_000))
 profiler.stop()
 print(profiler.mode, profiler.stats.received > 50)
-"""], cwd=out, capture_output=True, text=True, timeout=60)
+"""], cwd=workdir, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["fallback", "True"], result.stdout
-    assert "<module>" in (out / "p.folded").read_text()
+    assert "<module>" in (workdir / "p.folded").read_text()

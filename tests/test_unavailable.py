@@ -10,34 +10,22 @@ dependencies come from this checkout and this environment's site-packages.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support import NO_BPF_CAPS
+from _support import DROPS_PRIVILEGES, NO_BPF_CAPS
 
 ROOT = Path(__file__).resolve().parent.parent
 WARNING = "ebpf-stream: profiling is off: "
 FALLBACK = "ebpf-stream: profiling in fallback mode (in-process sampling, Python frames only): "
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="dropping privileges needs root and setpriv")
+pytestmark = DROPS_PRIVILEGES
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A directory the unprivileged scripts may write to (pytest's are root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-unprivileged-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
 def run(prefix: list[str], code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
