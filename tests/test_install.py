@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _support import NO_BPF_CAPS
+from test_fallback import BLOCK_NS, check_fallback, check_shares, check_stalls, embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -74,3 +76,16 @@ def test_readme_examples_run_without_a_word_on_stderr(
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "profiling is off" not in result.stdout
+
+
+@pytest.mark.parametrize("workload", ["shares", "stalls"])
+def test_the_fallback_profiles_and_finds_stalls(installed: Path, workload: str,
+                                                workdir: Path) -> None:
+    """Root without the BPF capabilities, in the fresh environment of each CPython."""
+    args = ["shares", "12", str(workdir)] if workload == "shares" else ["stalls", str(workdir)]
+    ran, log = embedded([*NO_BPF_CAPS, str(installed)], workdir, *args)
+    check_fallback(ran, log, "uid 0 (root) lacks CAP_BPF")
+    if workload == "shares":
+        check_shares(ran, workdir / "profile.folded")
+    else:
+        check_stalls(ran, BLOCK_NS // 10)
