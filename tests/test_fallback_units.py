@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ebpf_stream._probes.fallback import busy
-from ebpf_stream._probes.fallback.stacks import StackKeys, Threads, cpu_ns, stack_key, walk
+from ebpf_stream._probes.fallback.stacks import StackKeys, cpu_ns, native_ids, stack_key, walk
 from ebpf_stream._python.code import line_of
 
 
@@ -61,7 +61,7 @@ def test_a_threads_cpu_clock_counts_its_own_cpu_and_fails_once_it_is_gone() -> N
     thread = threading.Thread(target=spin)
     thread.start()
     assert thread.ident is not None
-    tid = Threads().tid(thread.ident)
+    tid = native_ids()[thread.ident]
     thread.join()
     assert tid == found["tid"]
     assert cpu_ns(threading.get_native_id()) is not None
@@ -116,3 +116,35 @@ def test_a_loop_without_a_selector_is_polled_for_its_waits() -> None:
     (_, duration, _) = periods.stalls.popleft()
     assert 180_000_000 <= duration <= 220_000_000
     assert not periods.stalls
+
+
+def test_threads_that_come_and_go_are_sampled_then_forgotten() -> None:
+    """A pool that churns threads gets the same idents over and over: each new
+    thread is sampled all the same, and the sampler's tables do not grow."""
+    from ebpf_stream import EbpfConfig
+    from ebpf_stream._overhead import CpuMeter
+    from ebpf_stream._probes.fallback import FallbackProbe
+    from ebpf_stream._stats import Stats
+
+    def burn() -> None:
+        end = time.thread_time_ns() + 30_000_000
+        while time.thread_time_ns() < end:
+            pass
+
+    async def main() -> FallbackProbe:
+        probe = FallbackProbe(EbpfConfig().with_sample_rate(99), Stats(), CpuMeter(),
+                              watch_loop=False)
+        await probe.open()
+        for _ in range(10):
+            thread = threading.Thread(target=burn)
+            thread.start()
+            await asyncio.sleep(0.05)
+            thread.join()
+        await asyncio.sleep(0.1)
+        probe.stop()
+        probe.close()
+        return probe
+
+    probe = asyncio.run(main())
+    assert probe._stats.received > 0
+    assert len(probe._cpu) <= threading.active_count() + 1, probe._cpu

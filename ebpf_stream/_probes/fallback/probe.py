@@ -47,7 +47,7 @@ from ..._stats import Stats
 from ..base import Emit, Probe
 from . import busy as busy_periods
 from . import stacks
-from .stacks import StackKeys, Threads, cpu_ns, walk
+from .stacks import StackKeys, cpu_ns, native_ids, walk
 from .timer import MainThreadTimer, Walked
 
 log = logging.getLogger("ebpf_stream")
@@ -82,7 +82,6 @@ class FallbackProbe(Probe):
         self._comm = _process_name()
         self._offset = wall_clock_offset_ns()
         self._keys = StackKeys()
-        self._threads = Threads()
         self._cpu: dict[int, int] = {}  # tid -> CPU time at the last tick
         self._credit: dict[int, int] = {}  # tid -> CPU time not yet sampled
         self._busy: busy_periods.BusyPeriods | None = None
@@ -215,9 +214,11 @@ class FallbackProbe(Probe):
         busy = self._busy
         due: list[tuple[int, Walked, int, int, int]] = []  # tid, stack, samples, credit, since
         frames = sys._current_frames()
-        me = threading.get_ident()
+        tids = native_ids()
+        tids.pop(threading.get_ident(), None)  # this thread
+        alive = set(tids.values())
         for ident, frame in frames.items():
-            tid = self._threads.tid(ident) if ident != me else None
+            tid = tids.get(ident)
             used = self._cpu_used(tid) if tid is not None else None
             if tid is None or used is None:
                 continue
@@ -233,7 +234,9 @@ class FallbackProbe(Probe):
                 # Waiting: its stack shows which loop library runs it.
                 self._loop_named = True
                 events.append(LoopThread(self._pid, tid, self._keys.key(frame, events)))
-        self._threads.keep(set(frames))
+        if len(self._cpu) > len(alive):  # threads have ended: forget their clocks
+            self._cpu = {t: c for t, c in self._cpu.items() if t in alive}
+            self._credit = {t: c for t, c in self._credit.items() if t in alive}
         del frames
         samples = 0
         for tid, walked, n, credit, since in due:

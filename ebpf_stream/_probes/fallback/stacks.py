@@ -76,23 +76,14 @@ def cpu_clock(tid: int) -> int:
     return (~tid << 3) | 4 | 2
 
 
-class Threads:
-    """Native ids of the host's Python threads by ``threading`` ident, and their CPU time."""
+def native_ids() -> dict[int, int]:
+    """The native thread id of each thread ``threading`` knows, by its ident.
 
-    def __init__(self) -> None:
-        self._tids: dict[int, int | None] = {}
-
-    def tid(self, ident: int) -> int | None:
-        """``ident``'s native thread id; None for a thread ``threading`` does not know."""
-        if ident not in self._tids:
-            known = {t.ident: t.native_id for t in threading.enumerate()}
-            self._tids = {i: known.get(i) for i in {*self._tids, ident}}
-        return self._tids[ident]
-
-    def keep(self, idents: set[int]) -> None:
-        """Forget threads that are gone (their idents may be reused)."""
-        if len(self._tids) > len(idents):
-            self._tids = {i: t for i, t in self._tids.items() if i in idents}
+    Read afresh each time: idents are reused as soon as a thread ends, and a
+    pool that churns threads gets the same few over and over.
+    """
+    return {t.ident: t.native_id for t in threading.enumerate()
+            if t.ident is not None and t.native_id is not None}
 
 
 def cpu_ns(tid: int) -> int | None:
