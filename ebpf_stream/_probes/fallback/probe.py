@@ -45,6 +45,7 @@ from ..._events import (
 from ..._overhead import CpuMeter
 from ..._stats import Stats
 from ..base import Emit, Probe
+from ..pids import process_name
 from . import busy as busy_periods
 from . import stacks
 from .stacks import StackKeys, cpu_ns, native_ids, walk
@@ -79,7 +80,7 @@ class FallbackProbe(Probe):
                               and config.loop_stall_ms > 0)
         self._tick_s = max(self._period_ns, 1_000_000) / 1e9
         self._pid = os.getpid()
-        self._comm = _process_name()
+        self._comm = process_name(self._pid) or ""
         self._offset = wall_clock_offset_ns()
         self._keys = StackKeys()
         self._cpu: dict[int, int] = {}  # tid -> CPU time at the last tick
@@ -299,10 +300,3 @@ class FallbackProbe(Probe):
         return [LoopTotals(self._pid, busy.tid, self._comm, busy.count, busy.total_ns,
                            list(busy.buckets))]
 
-
-def _process_name() -> str:
-    try:
-        with open("/proc/self/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
-    except OSError:
-        return ""
