@@ -22,6 +22,8 @@ import selectors
 import time
 from typing import Any, Final
 
+from .stacks import current_call
+
 _LOG2_BUCKETS: Final = 32  # as LOG2_BUCKETS in kernel/common.h
 # The calls a loop waits in (x86-64 numbers): epoll_wait, epoll_pwait, epoll_pwait2.
 _WAIT_CALLS: Final = frozenset({b"232", b"281", b"441"})
@@ -106,15 +108,15 @@ class _PolledPeriods(BusyPeriods):
 
     def __init__(self, tid: int, stall_ns: int) -> None:
         super().__init__(tid, stall_ns)
-        self._syscall = f"/proc/self/task/{tid}/syscall"
         self._io = f"/proc/self/task/{tid}/io"
         self._reads = b""  # the io file's syscr line at the last tick
         self.running(time.monotonic_ns())
 
     def poll(self, now: int) -> None:
+        call = current_call(self.tid)
+        if call is None:
+            return
         try:
-            with open(self._syscall, "rb") as f:
-                call = f.read().split(b" ", 1)[0]
             with open(self._io, "rb") as f:
                 reads = f.read().splitlines()[2]
         except (OSError, IndexError):
