@@ -17,7 +17,6 @@ from, not by the interval.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -30,6 +29,7 @@ from ._channels import Channel
 from ._clock import Clock
 from ._config import EbpfConfig, PythonFrames
 from ._events import (
+    NO_STACK,
     CpuSample,
     EventMessage,
     LoopBlocked,
@@ -195,7 +195,7 @@ class StackResolver:
             if not isinstance(stack, StackTrace):
                 return (_LOST,), True
             return self._symbolized(stack.addresses, symbolize)
-        if key == -errno.EFAULT:
+        if key == NO_STACK:
             return (), False  # no such stack, e.g. no kernel stack while in user mode
         return (_LOST,), True
 

@@ -8,6 +8,8 @@ faster) and ``gc=False`` (they never hold cycles).
 
 from __future__ import annotations
 
+import errno
+
 import msgspec
 
 
@@ -26,13 +28,18 @@ class StackTrace(msgspec.Struct, tag="stack", array_like=True, gc=False, frozen=
     epoch: int
 
 
+NO_STACK = -errno.EFAULT
+"""A ``CpuSample`` stack key for "no such stack" (a kernel thread has no user stack)."""
+LOST_STACK = -errno.ENOMEM
+"""A ``CpuSample`` stack key for a stack that could not be stored."""
+
+
 class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=True):
     """One CPU sample.
 
     ``user_stack`` and ``kernel_stack`` are stack keys (see ``StackTrace``),
-    or a negative errno when the kernel stored no stack: ``-EFAULT`` for "no
-    such stack" (a kernel thread has no user stack), ``-ENOMEM`` for a stack
-    that could not be stored.
+    or a negative errno when the kernel stored no stack: ``NO_STACK``
+    (``-EFAULT``) or ``LOST_STACK`` (``-ENOMEM``).
     """
 
     timestamp_ns: int

@@ -20,7 +20,6 @@ batch they are sent with, so a run's last request carries its final counts.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb
 
 from .._events import (
+    NO_STACK,
     CpuSample,
     LoopTotals,
     MemoryTotals,
@@ -82,7 +82,7 @@ def sample_metric(sample: CpuSample, period_ns: int) -> pb.Metric:
     A lone metric has no resource, so the process is named in the point's
     attributes instead.
     """
-    in_kernel = sample.kernel_stack != -errno.EFAULT
+    in_kernel = sample.kernel_stack != NO_STACK
     attributes: dict[str, AttributeValue] = {
         "process.pid": sample.pid,
         "process.executable.name": sample.comm,

@@ -12,7 +12,6 @@ carries the event-loop records from which the batcher builds stalls.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
@@ -27,6 +26,8 @@ from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
 from .._clock import wall_clock_offset_ns
 from .._config import EbpfConfig, PythonFrames
 from .._events import (
+    LOST_STACK,
+    NO_STACK,
     CpuSample,
     Event,
     EventMessage,
@@ -399,5 +400,5 @@ class CpuProbe(RingProbe):
 def _sample_key(stack: int) -> int:
     """The kernel's stack field as a ``CpuSample`` key: the key, or -errno for none."""
     if stack == samples.NO_STACK:
-        return -errno.EFAULT
-    return -errno.ENOMEM if stack == samples.STACK_LOST else stack
+        return NO_STACK
+    return LOST_STACK if stack == samples.STACK_LOST else stack

@@ -19,7 +19,6 @@ Samples carry no native stacks.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import random
@@ -32,6 +31,7 @@ import anyio
 from ..._clock import ring_latency_s, wall_clock_offset_ns
 from ..._config import EbpfConfig, PythonFrames
 from ..._events import (
+    NO_STACK,
     CpuSample,
     Event,
     EventMessage,
@@ -53,7 +53,6 @@ from .timer import MainThreadTimer, Walked
 
 log = logging.getLogger("ebpf_stream")
 
-_NO_STACK = -errno.EFAULT  # as CpuSample has it: no such stack, none lost
 # A busy loop thread that ran less than this share of a tick was asleep: the
 # tick reports where it slept.
 _ASLEEP = 0.1
@@ -245,7 +244,7 @@ class FallbackProbe(Probe):
                 self._credit[tid] = credit
                 continue
             sample = CpuSample(now + self._offset, self._pid, tid, -1, self._comm,
-                               _NO_STACK, _NO_STACK, self._keys.key_of(walked, events), since)
+                               NO_STACK, NO_STACK, self._keys.key_of(walked, events), since)
             events += [sample] * n
             samples += n
         return samples
@@ -260,7 +259,7 @@ class FallbackProbe(Probe):
             at, walked, since = timer.samples.popleft()
             key = self._keys.key_of(walked, events)
             events.append(CpuSample(at + self._offset, self._pid, timer.tid, -1, self._comm,
-                                    _NO_STACK, _NO_STACK, key, since))
+                                    NO_STACK, NO_STACK, key, since))
             taken += 1
         spent = timer.cpu_ns
         self._meter.ns += spent - self._timer_cpu_ns
