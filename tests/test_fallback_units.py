@@ -10,6 +10,7 @@ import time
 import pytest
 
 from ebpf_stream._probes.fallback import busy
+from ebpf_stream._probes.fallback.calls import FUTEX, Calls
 from ebpf_stream._probes.fallback.stacks import StackKeys, cpu_ns, native_ids, stack_key, walk
 from ebpf_stream._python.code import line_of
 
@@ -91,6 +92,43 @@ def test_a_selector_loop_times_each_busy_period_and_is_given_back_its_selector()
     assert periods.buckets[duration.bit_length() - 1] >= 1
 
 
+def test_a_thread_waiting_for_the_gil_is_told_from_one_blocked_in_a_lock() -> None:
+    """Both wait in a futex; only the GIL's is taken for a thread that runs."""
+    calls = Calls()
+    assert calls.learn_gil()
+    lock = threading.Lock()
+    lock.acquire()
+    done = False
+
+    def nap() -> None:
+        while not done:
+            time.sleep(0.0005)
+
+    blocked = threading.Thread(target=lock.acquire)
+    napping = threading.Thread(target=nap)
+    blocked.start()
+    napping.start()
+    try:
+        assert blocked.native_id is not None and napping.native_id is not None
+        seen = set()
+        deadline = time.monotonic() + 2
+        while len(seen) < 2 and time.monotonic() < deadline:
+            in_lock = calls.now(blocked.native_id)
+            if in_lock is not None and in_lock[0] == FUTEX:
+                assert not calls.wants_gil(in_lock)
+                seen.add("lock")
+            napper = calls.now(napping.native_id)
+            if napper is not None and napper[0] == FUTEX and calls.wants_gil(napper):
+                seen.add("gil")
+        assert seen == {"lock", "gil"}
+    finally:
+        done = True
+        lock.release()
+        blocked.join()
+        napping.join()
+    assert calls.now(blocked.native_id) is None
+
+
 def test_a_loop_without_a_selector_is_polled_for_its_waits() -> None:
     uvloop = pytest.importorskip("uvloop")
 
@@ -100,8 +138,10 @@ def test_a_loop_without_a_selector_is_polled_for_its_waits() -> None:
         stop = threading.Event()
 
         def poll() -> None:
+            calls = Calls()
+            calls.learn_gil()
             while not stop.wait(0.01):
-                periods.poll(time.monotonic_ns())
+                periods.poll(time.monotonic_ns(), calls)
 
         poller = threading.Thread(target=poll)
         poller.start()

@@ -22,14 +22,11 @@ import selectors
 import time
 from typing import Any, Final
 
-from .stacks import current_call
+from .calls import Calls
 
 _LOG2_BUCKETS: Final = 32  # as LOG2_BUCKETS in kernel/common.h
 # The calls a loop waits in (x86-64 numbers): epoll_wait, epoll_pwait, epoll_pwait2.
-_WAIT_CALLS: Final = frozenset({b"232", b"281", b"441"})
-# futex: most often the loop thread waiting for the GIL, which the sampler
-# itself holds as it looks; that says nothing about the loop.
-_UNKNOWN_CALLS: Final = frozenset({b"202"})
+_WAIT_CALLS: Final = frozenset({232, 281, 441})
 
 
 class BusyPeriods:
@@ -62,7 +59,7 @@ class BusyPeriods:
     def running(self, now: int) -> None:
         self.since = now
 
-    def poll(self, now: int) -> None:
+    def poll(self, now: int, calls: Calls) -> None:
         """Nothing to do for a loop that reports its own waits."""
 
     def close(self) -> None:
@@ -112,8 +109,11 @@ class _PolledPeriods(BusyPeriods):
         self._reads = b""  # the io file's syscr line at the last tick
         self.running(time.monotonic_ns())
 
-    def poll(self, now: int) -> None:
-        call = current_call(self.tid)
+    def poll(self, now: int, calls: Calls) -> None:
+        # Anywhere but in its wait, the loop is busy: running Python (so
+        # waiting for the GIL the sampler holds as it looks), or blocked in
+        # a call a callback made.
+        call = calls.now(self.tid)
         if call is None:
             return
         try:
@@ -122,9 +122,10 @@ class _PolledPeriods(BusyPeriods):
         except (OSError, IndexError):
             return
         did_read, self._reads = reads != self._reads, reads
-        if call in _WAIT_CALLS or did_read:
+        waits = call[0] in _WAIT_CALLS
+        if waits or did_read:
             self.waiting(now)
-        if call not in _WAIT_CALLS and call not in _UNKNOWN_CALLS and not self.since:
+        if not waits and not self.since:
             self.running(now)
 
 

@@ -6,7 +6,8 @@ by a timer on its CPU clock (``timer``).  The other threads are sampled
 from a thread of ours, which wakes at the configured rate (and, while it
 polls a loop for stalls, at least four times per stall threshold) and reads
 every thread's CPU clock: a thread gets a sample per sampling period of
-CPU it used, at the stack where it let the GIL go, if it then runs.  So the
+CPU it used, at the stack where it stands, once it is found running there
+(``calls`` tells which threads are, from the kernel's view).  So the
 samples weigh what each thread ran, as the kernel's CPU-clock samples do,
 and a thread that waited costs one clock read and no stack walk.
 
@@ -47,7 +48,7 @@ from ..._stats import Stats
 from ..base import Emit, Probe
 from ..pids import process_name
 from . import busy as busy_periods
-from . import stacks
+from .calls import RUNNING, Calls
 from .stacks import StackKeys, cpu_ns, native_ids, walk
 from .timer import MainThreadTimer, Walked
 
@@ -84,11 +85,14 @@ class FallbackProbe(Probe):
         self._keys = StackKeys()
         self._cpu: dict[int, int] = {}  # tid -> CPU time at the last tick
         self._credit: dict[int, int] = {}  # tid -> CPU time not yet sampled
+        # tid -> (frame id, instruction) where the thread was last found blocked
+        self._blocked_at: dict[int, tuple[int, int]] = {}
+        self._calls = Calls()
         self._busy: busy_periods.BusyPeriods | None = None
         self._timer: MainThreadTimer | None = None
         self._timer_cpu_ns = 0  # of the handler's CPU, what the meter has been told
-        self._loop_named = False
         self._lock = threading.Lock()
+        self._loop_named = False
         self._pending: list[Event] = []
         self._pending_samples = 0
         self._started_ns = 0
@@ -170,6 +174,7 @@ class FallbackProbe(Probe):
         # only); a generator of our own leaves the host's ``random`` alone.
         jitter = random.Random()
         try:
+            self._calls.learn_gil()
             while not self._stopping.wait(self._tick_s * jitter.uniform(0.75, 1.25)):
                 with self._meter.measure():
                     self._tick()
@@ -180,7 +185,7 @@ class FallbackProbe(Probe):
         busy = self._busy
         now = time.monotonic_ns()
         if busy is not None:
-            busy.poll(now)
+            busy.poll(now, self._calls)
         if now >= self._next_epoch_ns:
             self._next_epoch_ns += self._epoch_ns
             self._keys.next_epoch()
@@ -201,18 +206,25 @@ class FallbackProbe(Probe):
         self._stats.received += samples
 
     def _sample_threads(self, now: int, tick_ns: int, events: list[Event]) -> int:
-        """Sample each thread that ran since the last tick, into ``events``; how many.
+        """Sample each thread on a CPU that has used a sampling period since it
+        was last sampled, into ``events``; how many samples.
 
-        Each stack is walked while the sampler holds the GIL, where the thread
-        let go of it; only then is each thread asked whether it runs (a file
-        read, which lets the GIL go).  A thread kept from running by the
-        sampler alone runs meanwhile, and its stack is where its CPU went; a
-        thread blocked in a call is not, and its CPU waits to be sampled when
-        the thread is next found running.  A method of its own so that no
+        All of it runs with the GIL held, so every thread stands where it let
+        the GIL go.  A thread on a CPU (computing without the GIL) or waiting
+        for the GIL (stopped by the sampler or another thread amid its Python)
+        ran at that stack, and is sampled with the CPU it has used.  A thread
+        blocked in a call is not: its CPU went elsewhere, and waits to be
+        sampled when the thread is next found running.  Nor is a thread that
+        waits for the GIL where it was last found blocked: woken from that
+        call, it has run no Python since.  A method of its own so that no
         frame of the host's outlives it.
         """
         busy = self._busy
-        due: list[tuple[int, Walked, int, int, int]] = []  # tid, stack, samples, credit, since
+        calls = self._calls
+        samples = 0
+        # Threads found on a CPU: looked at again once the others are done,
+        # for a thread that has just let the GIL go to block is on a CPU still.
+        again: list[tuple[int, Walked, int, int, tuple[int, int], int]] = []
         frames = sys._current_frames()
         tids = native_ids()
         tids.pop(threading.get_ident(), None)  # this thread
@@ -225,29 +237,51 @@ class FallbackProbe(Probe):
             since = busy.since if busy is not None and busy.tid == tid else 0
             credit = min(self._credit.get(tid, 0) + used, _MAX_CREDIT * self._period_ns)
             n, self._credit[tid] = divmod(credit, self._period_ns)
+            at = (id(frame), frame.f_lasti)
+            if not used:
+                self._blocked_at[tid] = at
             if n and not (self._timer is not None and tid == self._timer.tid):
-                due.append((tid, walk(frame), n, credit, since))
+                call = calls.now(tid)
+                if call is None:
+                    continue
+                if call[0] != RUNNING and not calls.wants_gil(call):  # blocked
+                    self._credit[tid] = credit
+                    self._blocked_at[tid] = at
+                elif at == self._blocked_at.get(tid):  # woken, not yet back in Python
+                    self._credit[tid] = credit
+                elif call[0] == RUNNING:
+                    again.append((tid, walk(frame), n, credit, at, since))
+                else:
+                    samples += self._sample(tid, walk(frame), n, now, since, events)
             elif since and used < _ASLEEP * tick_ns:
                 events.append(LoopBlocked(self._pid, tid, since, tick_ns,
                                           self._keys.key(frame, events)))
+        if len(self._cpu) > len(alive):  # threads have ended: forget them
+            self._cpu = {t: c for t, c in self._cpu.items() if t in alive}
+            self._credit = {t: c for t, c in self._credit.items() if t in alive}
+            self._blocked_at = {t: a for t, a in self._blocked_at.items() if t in alive}
             if busy is not None and tid == busy.tid and not since and not self._loop_named:
                 # Waiting: its stack shows which loop library runs it.
                 self._loop_named = True
                 events.append(LoopThread(self._pid, tid, self._keys.key(frame, events)))
-        if len(self._cpu) > len(alive):  # threads have ended: forget their clocks
-            self._cpu = {t: c for t, c in self._cpu.items() if t in alive}
-            self._credit = {t: c for t, c in self._credit.items() if t in alive}
         del frames
-        samples = 0
-        for tid, walked, n, credit, since in due:
-            if not stacks.running(tid):
-                self._credit[tid] = credit
+        for tid, walked, n, credit, at, since in again:
+            call = calls.now(tid)
+            if call is None:
                 continue
-            sample = CpuSample(now + self._offset, self._pid, tid, -1, self._comm,
-                               NO_STACK, NO_STACK, self._keys.key_of(walked, events), since)
-            events += [sample] * n
-            samples += n
+            if call[0] == RUNNING or calls.wants_gil(call):
+                samples += self._sample(tid, walked, n, now, since, events)
+            else:
+                self._credit[tid] = credit
+                self._blocked_at[tid] = at
         return samples
+
+    def _sample(self, tid: int, walked: Walked, n: int, now: int, since: int,
+                events: list[Event]) -> int:
+        key = self._keys.key_of(walked, events)
+        events += [CpuSample(now + self._offset, self._pid, tid, -1, self._comm,
+                             NO_STACK, NO_STACK, key, since)] * n
+        return n
 
     def _timer_samples(self, events: list[Event]) -> int:
         """The main thread's samples the timer took since the last tick, into ``events``."""

@@ -92,22 +92,3 @@ def cpu_ns(tid: int) -> int | None:
         return time.clock_gettime_ns(cpu_clock(tid))
     except OSError:
         return None
-
-
-def current_call(tid: int) -> bytes | None:
-    """What thread ``tid`` does now: ``b"running"``, or the number of the system
-    call it is in; None once it has exited.
-
-    Read while the sampler lets go of the GIL (a file read does), so a thread
-    that was kept from running only by the sampler's GIL runs meanwhile.
-    """
-    try:
-        with open(f"/proc/self/task/{tid}/syscall", "rb") as f:
-            return f.read().split(b" ", 1)[0].rstrip(b"\n")
-    except OSError:
-        return None
-
-
-def running(tid: int) -> bool:
-    """Whether thread ``tid`` runs now, rather than waits in a system call."""
-    return current_call(tid) == b"running"
