@@ -92,7 +92,6 @@ class FallbackProbe(Probe):
         self._timer: MainThreadTimer | None = None
         self._timer_cpu_ns = 0  # of the handler's CPU, what the meter has been told
         self._lock = threading.Lock()
-        self._loop_named = False
         self._pending: list[Event] = []
         self._pending_samples = 0
         self._started_ns = 0
@@ -117,6 +116,11 @@ class FallbackProbe(Probe):
                                                 self._stall_ns)
                 if self._busy.polled:  # a loop polled for its waits: four looks a threshold
                     self._tick_s = min(self._tick_s, self._stall_ns / 4e9)
+                # The loop is named now, from the stack that runs this code (its
+                # root is the loop's), not when it is first found waiting: a
+                # service busy from the start would lose the stalls before that.
+                key = self._keys.key(sys._getframe(), self._pending)
+                self._pending.append(LoopThread(self._pid, self._busy.tid, key))
         timer = MainThreadTimer(self._period_ns, walk, self._busy_since)
         if timer.start():
             self._timer = timer
@@ -260,10 +264,6 @@ class FallbackProbe(Probe):
             self._cpu = {t: c for t, c in self._cpu.items() if t in alive}
             self._credit = {t: c for t, c in self._credit.items() if t in alive}
             self._blocked_at = {t: a for t, a in self._blocked_at.items() if t in alive}
-            if busy is not None and tid == busy.tid and not since and not self._loop_named:
-                # Waiting: its stack shows which loop library runs it.
-                self._loop_named = True
-                events.append(LoopThread(self._pid, tid, self._keys.key(frame, events)))
         del frames
         for tid, walked, n, credit, at, since in again:
             call = calls.now(tid)
