@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from _support import NO_BPF_CAPS
-from test_fallback import BLOCK_NS, check_fallback, check_shares, check_stalls, embedded
+from test_fallback import check_fallback, check_loop_stalls, check_shares, embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -78,14 +78,20 @@ def test_readme_examples_run_without_a_word_on_stderr(
     assert "profiling is off" not in result.stdout
 
 
-@pytest.mark.parametrize("workload", ["shares", "stalls"])
+@pytest.mark.parametrize("workload", ["shares", "asyncio", "uvloop"])
 def test_the_fallback_profiles_and_finds_stalls(installed: Path, workload: str,
                                                 workdir: Path) -> None:
-    """Root without the BPF capabilities, in the fresh environment of each CPython."""
-    args = ["shares", "12", str(workdir)] if workload == "shares" else ["stalls", str(workdir)]
+    """Root without the BPF capabilities, in the fresh environment of each CPython:
+    the shares workload, and the stalls one on each loop."""
+    if workload == "uvloop":
+        added = subprocess.run([str(installed), "-m", "pip", "install", "-q", "uvloop>=0.19"],
+                               capture_output=True, text=True, timeout=600)
+        assert added.returncode == 0, added.stdout + added.stderr
+    args = (["shares", "12", str(workdir)] if workload == "shares"
+            else ["stalls", str(workdir), "--loop", workload])
     ran, log = embedded([*NO_BPF_CAPS, str(installed)], workdir, *args)
     check_fallback(ran, log, "uid 0 (root) lacks CAP_BPF")
     if workload == "shares":
         check_shares(ran, workdir / "profile.folded")
     else:
-        check_stalls(ran, BLOCK_NS // 10)
+        check_loop_stalls(ran, workload)
