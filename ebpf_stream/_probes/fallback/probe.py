@@ -244,7 +244,8 @@ class FallbackProbe(Probe):
             at = (id(frame), frame.f_lasti)
             if not used:
                 self._blocked_at[tid] = at
-            if n and not (self._timer is not None and tid == self._timer.tid):
+            # A thread that has not run since the last tick is not running now.
+            if n and used and not (self._timer is not None and tid == self._timer.tid):
                 call = calls.now(tid)
                 if call is None:
                     continue
