@@ -66,7 +66,9 @@ def test_a_threads_cpu_clock_counts_its_own_cpu_and_fails_once_it_is_gone() -> N
     thread.join()
     assert tid == found["tid"]
     assert cpu_ns(threading.get_native_id()) is not None
-    assert cpu_ns(tid) is None or cpu_ns(tid) == pytest.approx(found["cpu"], rel=0.01)
+    # Read once: the thread may still be exiting (and spend a little more) or be gone.
+    after = cpu_ns(tid)
+    assert after is None or found["cpu"] <= after <= found["cpu"] + 5_000_000, after
     assert cpu_ns(2**22 + 12345) is None, "no such thread"
 
 

@@ -225,10 +225,11 @@ class FallbackProbe(Probe):
         """
         busy = self._busy
         calls = self._calls
+        period = self._period_ns
         samples = 0
         # Threads found on a CPU: looked at again once the others are done,
         # for a thread that has just let the GIL go to block is on a CPU still.
-        again: list[tuple[int, Walked, int, int, tuple[int, int], int]] = []
+        again: list[tuple[int, Walked, tuple[int, int], int]] = []
         frames = sys._current_frames()
         tids = native_ids()
         tids.pop(threading.get_ident(), None)  # this thread
@@ -239,26 +240,27 @@ class FallbackProbe(Probe):
             if tid is None or used is None:
                 continue
             since = busy.since if busy is not None and busy.tid == tid else 0
-            credit = min(self._credit.get(tid, 0) + used, _MAX_CREDIT * self._period_ns)
-            n, self._credit[tid] = divmod(credit, self._period_ns)
+            credit = self._credit[tid] = min(self._credit.get(tid, 0) + used,
+                                             _MAX_CREDIT * period)
             at = (id(frame), frame.f_lasti)
-            if not used:
+            if not used:  # it has not run since the last tick: it is not running now
                 self._blocked_at[tid] = at
-            # A thread that has not run since the last tick is not running now.
-            if n and used and not (self._timer is not None and tid == self._timer.tid):
+            elif credit >= period and not (self._timer is not None
+                                           and tid == self._timer.tid):
+                # Due: sampled if found running, else its credit waits.
                 call = calls.now(tid)
                 if call is None:
                     continue
                 if call[0] != RUNNING and not calls.wants_gil(call):  # blocked
-                    self._credit[tid] = credit
                     self._blocked_at[tid] = at
                 elif at == self._blocked_at.get(tid):  # woken, not yet back in Python
-                    self._credit[tid] = credit
+                    pass
                 elif call[0] == RUNNING:
-                    again.append((tid, walk(frame), n, credit, at, since))
+                    again.append((tid, walk(frame), at, since))
                 else:
-                    samples += self._sample(tid, walk(frame), n, now, since, events)
-            elif since and used < _ASLEEP * tick_ns:
+                    samples += self._sample(tid, walk(frame), now, since, events)
+                continue
+            if since and used < _ASLEEP * tick_ns:
                 events.append(LoopBlocked(self._pid, tid, since, tick_ns,
                                           self._keys.key(frame, events)))
         if len(self._cpu) > len(alive):  # threads have ended: forget them
@@ -266,19 +268,20 @@ class FallbackProbe(Probe):
             self._credit = {t: c for t, c in self._credit.items() if t in alive}
             self._blocked_at = {t: a for t, a in self._blocked_at.items() if t in alive}
         del frames
-        for tid, walked, n, credit, at, since in again:
+        for tid, walked, at, since in again:
             call = calls.now(tid)
             if call is None:
                 continue
             if call[0] == RUNNING or calls.wants_gil(call):
-                samples += self._sample(tid, walked, n, now, since, events)
+                samples += self._sample(tid, walked, now, since, events)
             else:
-                self._credit[tid] = credit
                 self._blocked_at[tid] = at
         return samples
 
-    def _sample(self, tid: int, walked: Walked, n: int, now: int, since: int,
+    def _sample(self, tid: int, walked: Walked, now: int, since: int,
                 events: list[Event]) -> int:
+        """Sample ``tid`` at ``walked`` once per sampling period of its credit."""
+        n, self._credit[tid] = divmod(self._credit[tid], self._period_ns)
         key = self._keys.key_of(walked, events)
         events += [CpuSample(now + self._offset, self._pid, tid, -1, self._comm,
                              NO_STACK, NO_STACK, key, since)] * n
