@@ -56,8 +56,21 @@ from fastapi import FastAPI, Request
 from ebpf_stream.integrations.starlette import ProfilingLifespan
 
 
+# Ground truth for the busy handler's share: its own CPU, and the process's,
+# from the moment the profiler runs (this lifespan runs inside its own).
+BUSY_NS = 0
+PROFILED_FROM = (0, 0)  # the process's CPU, the profiler's own
+
+
+def profiler_ns() -> int:
+    profiler = profiling.profiler
+    return 0 if profiler is None else profiler.get_overhead().user_cpu_ns
+
+
 @asynccontextmanager
 async def app_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+    global PROFILED_FROM
+    PROFILED_FROM = (time.process_time_ns(), profiler_ns())
     yield {{"greeting": "hello"}}
     Path(f"app-shutdown.{{os.getpid()}}").write_text("done")
 
@@ -77,10 +90,19 @@ async def mode(request: Request) -> dict[str, object]:
 
 @app.get("/busy")
 async def {BUSY}() -> dict[str, int]:
+    global BUSY_NS
+    start = time.thread_time_ns()
     deadline, n = time.perf_counter() + 0.002, 0
     while time.perf_counter() < deadline:
         n += 1
+    BUSY_NS += time.thread_time_ns() - start
     return {{"n": n}}
+
+
+@app.get("/truth")
+async def truth() -> dict[str, int]:
+    return {{"busy_ns": BUSY_NS, "process_ns": time.process_time_ns() - PROFILED_FROM[0],
+            "profiler_ns": profiler_ns() - PROFILED_FROM[1]}}
 
 
 @app.get("/block")
@@ -447,16 +469,19 @@ def test_each_worker_profiles_itself_and_no_two_write_one_file(
 def test_an_unprivileged_service_is_profiled_in_fallback_mode_under_load(
         kind: str, service_dir: Path, services: list[Service]) -> None:
     out = service_dir / "out"
+    # 499 Hz: about 2,000 samples in the load, so that a share is known to a point.
     env = environment(EBPF_STREAM_OUTPUT=f"{out}/cpu.folded,{out}/trace.otlp.jsonl",
+                      EBPF_STREAM_SAMPLE_RATE="499",
                       PYTHONPATH=f"{ROOT}:{sysconfig.get_paths()['purelib']}")
     service = Service(kind, service_dir, env, prefix=NOBODY, python=str(SYSTEM_PYTHON))
     services.append(service)
     assert service.first_answer()["pid"] == service.proc.pid
     service.modes(1, mode="fallback")
-    service.load(connections=8)
+    service.load(seconds=4, connections=8)
     for _ in range(3):
         assert service.get("/block") == {"blocked": True}
         time.sleep(0.3)
+    truth = service.get("/truth") if kind == "uvicorn" else None
     service.stop()
     assert_clean_shutdown(service, service_dir, [service.proc.pid])
     (line,) = service.ours
@@ -466,6 +491,14 @@ def test_an_unprivileged_service_is_profiled_in_fallback_mode_under_load(
     assert "uid 65534" in line and "fix: " in line
     stacks = folded(out / "cpu.folded")
     assert any(BUSY in stack for stack in stacks), sorted(stacks.items(), key=lambda s: -s[1])[:5]
+    if truth is not None:
+        # The busy handler's share of the profile is its share of the service's CPU:
+        # the process's, less the profiler's own (which get_overhead() reports, and
+        # which the profile leaves out).
+        busy = sum(n for stack, n in stacks.items() if BUSY in stack) / sum(stacks.values())
+        host_ns = int(truth["process_ns"]) - int(truth["profiler_ns"])  # type: ignore[call-overload]
+        expected = int(truth["busy_ns"]) / host_ns  # type: ignore[call-overload]
+        assert abs(busy - expected) <= 0.03, (busy, expected, truth, sum(stacks.values()))
     # One stall per /block request, naming it.  (Under wrk, uvloop's waits, which are
     # polled, may also show the loop kept off a loaded machine's CPU as a stall.)
     stalls = [a for a in stall_records(out / "trace.otlp.jsonl")

@@ -41,11 +41,13 @@ def config_for(pid: int, **changes: object) -> EbpfConfig:
 
 
 async def profile_until_killed(proc: subprocess.Popen[str], seconds: float,
-                               *also: Exporter, **changes: object) -> tuple[Profile, Stats]:
+                               *also: Exporter, shutdown_timeout: float = 15.0,
+                               **changes: object) -> tuple[Profile, Stats]:
     """Profile ``proc`` for ``seconds``, then kill it; ``also`` export alongside."""
     memory = MemoryExporter()
     try:
-        async with Profiler(config_for(proc.pid, **changes), [memory, *also]) as profiler:
+        async with Profiler(config_for(proc.pid, **changes), [memory, *also],
+                            shutdown_timeout=shutdown_timeout) as profiler:
             await anyio.sleep(seconds)
     finally:
         proc.kill()
@@ -307,8 +309,11 @@ async def test_stacks_a_full_stack_map_could_not_store_are_counted(many_stacks: 
     # 200 stacks against maps of 64 entries, while a slow exporter holds the
     # reader up: the map fills before the reader can rotate it.
     proc = start_ready([str(many_stacks), "30", "200"])
+    # The slow exporter drains the backlog after the run at 0.5 s a batch: on a
+    # loaded machine that takes longer than the default shutdown timeout.
     profile, stats = await profile_until_killed(
-        proc, 2, SlowExporter(0.5), sample_rate_hz=999, stack_map_entries=64,
+        proc, 2, SlowExporter(0.5), shutdown_timeout=120, sample_rate_hz=999,
+        stack_map_entries=64,
         export_interval_s=0.1, channel_capacity=1, max_samples=5000,
         overflow_policy=OverflowPolicy.BLOCK, ring_buffer_bytes=1 << 20)
     lost = sum(s.count for s in profile if any(f.name == "[stack lost]" for f in s.frames))
