@@ -10,8 +10,10 @@ thread is in, and how many reads it has made.  A loop found in its wait, or
 found to have read since the last tick, went through its poll phase in
 between: a loop serving requests reads between callbacks, and a stalled one
 does not.  (Writes prove nothing: a signal's handler writes to the loop's
-wakeup fd wherever the loop is.)  So a period's start and end are known to
-a tick.
+wakeup fd wherever the loop is.)  A loop found busy at two looks was busy in
+between only if it stayed in one blocking call or on a CPU for most of the
+time; otherwise (timers alone can wake a loop that never reads) its period
+ends at the first look.  So a period's start and end are known to a tick.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import selectors
 import time
 from typing import Any, Final
 
-from .calls import Calls
+from .calls import RUNNING, Calls
+from .stacks import cpu_ns
 
 _LOG2_BUCKETS: Final = 32  # as LOG2_BUCKETS in kernel/common.h
 # The calls a loop waits in (x86-64 numbers): epoll_wait, epoll_pwait, epoll_pwait2.
@@ -107,6 +110,7 @@ class _PolledPeriods(BusyPeriods):
         super().__init__(tid, stall_ns)
         self._io = f"/proc/self/task/{tid}/io"
         self._reads = b""  # the io file's syscr line at the last tick
+        self._last: tuple[int, tuple[int, int], int] | None = None  # time, call, CPU
         self.running(time.monotonic_ns())
 
     def poll(self, now: int, calls: Calls) -> None:
@@ -114,7 +118,8 @@ class _PolledPeriods(BusyPeriods):
         # waiting for the GIL the sampler holds as it looks), or blocked in
         # a call a callback made.
         call = calls.now(self.tid)
-        if call is None:
+        cpu = cpu_ns(self.tid)
+        if call is None or cpu is None:
             return
         try:
             with open(self._io, "rb") as f:
@@ -122,11 +127,26 @@ class _PolledPeriods(BusyPeriods):
         except (OSError, IndexError):
             return
         did_read, self._reads = reads != self._reads, reads
+        last, self._last = self._last, (now, call, cpu)
         waits = call[0] in _WAIT_CALLS
         if waits or did_read:
             self.waiting(now)
+        elif self.since and last is not None and not self._stayed_busy(last, now, call, cpu, calls):
+            # Busy at both looks, but nothing says it was in between: a loop
+            # that neither reads nor stays in one call may have waited (timers
+            # alone wake it), so the last period ends at the last look.
+            self.waiting(last[0])
         if not waits and not self.since:
             self.running(now)
+
+    @staticmethod
+    def _stayed_busy(last: tuple[int, tuple[int, int], int], now: int,
+                     call: tuple[int, int], cpu: int, calls: Calls) -> bool:
+        """Whether the loop was busy all the way from the ``last`` look: still in
+        the same blocking call, or on a CPU for most of the time."""
+        then, last_call, last_cpu = last
+        blocked = call[0] != RUNNING and not calls.wants_gil(call)  # (not in its wait)
+        return (blocked and call == last_call) or 2 * (cpu - last_cpu) >= now - then
 
 
 def watch(loop: asyncio.AbstractEventLoop, tid: int, stall_ns: int) -> BusyPeriods:
