@@ -122,6 +122,16 @@ def check_privileges() -> Check:
                  f"CAP_SYS_ADMIN), and {_user()} lacks {' and '.join(failed)}", _CAPS_FIX)
 
 
+def check_architecture() -> Check:
+    """BPF mode's system call numbers (``_bpf``) and the ring reader's memory
+    ordering (``_ringbuf``) are x86-64's; elsewhere it would fail obscurely."""
+    machine = platform.machine() or "an unknown machine"
+    ok = machine == "x86_64"
+    return Check("architecture", ok, machine + ("" if ok else ": BPF mode runs on x86-64 only"),
+                 "" if ok else "run on an x86-64 machine, or let the profiler fall back "
+                 "(on_unavailable='fallback', the default)")
+
+
 def check_kernel() -> Check:
     ver = _kernel_version()
     ok = ver >= MIN_KERNEL
@@ -213,7 +223,8 @@ def environment_checks() -> list[Check]:
     the report is always whole.
     """
     checks: list[Check] = []
-    for name, run in (("capabilities", check_capabilities), ("kernel", check_kernel),
+    for name, run in (("architecture", check_architecture),
+                      ("capabilities", check_capabilities), ("kernel", check_kernel),
                       ("btf", check_btf), ("tracefs", check_tracefs),
                       ("bcc", lambda: check_bcc(run=True)), ("kernel headers", check_headers),
                       ("compile cache", check_cache)):
@@ -244,10 +255,10 @@ class Toolchain:
 def require_environment() -> Toolchain:
     """Fail with the first actionable problem, or return what to compile with.
 
-    Capabilities come first: without them nothing else can work, and
-    saying so takes no compile.
+    The machine and the capabilities come first: without them nothing else
+    can work, and saying so takes no compile.
     """
-    for check in (check_privileges(), check_kernel(), check_btf()):
+    for check in (check_architecture(), check_privileges(), check_kernel(), check_btf()):
         if not check.ok:
             raise _failure(check)
     compiler = find_compiler()

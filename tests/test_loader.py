@@ -85,8 +85,8 @@ def test_headers_without_their_common_half_are_ignored(tmp_path: Path, cache: Pa
 def test_environment_checks_each_carry_a_fix_when_failing() -> None:
     checks = environment_checks()
     assert [c.name for c in checks] == [
-        "CAP_BPF", "CAP_PERFMON", "kernel", "btf", "tracefs", "bcc", "kernel headers",
-        "compile cache"]
+        "architecture", "CAP_BPF", "CAP_PERFMON", "kernel", "btf", "tracefs", "bcc",
+        "kernel headers", "compile cache"]
     for c in checks:
         assert c.ok or c.fix, c
 

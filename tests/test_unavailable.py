@@ -207,3 +207,35 @@ def test_an_output_directory_this_user_cannot_write_is_refused_when_made(
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (f"cannot write {locked}/cpu.pb.gz: directory {locked} "
                                      "is not writable by uid 65534")
+
+
+# A machine other than x86-64, as the profiler would see one.
+_ON_ARM = "import platform; platform.machine = lambda: 'aarch64'; import sys; "
+
+
+def test_another_architecture_is_refused_in_one_line_by_the_command_line() -> None:
+    result = subprocess.run([sys.executable, "-c", _ON_ARM + "sys.argv[1:] = ['record', "
+                             "'--duration', '1']; from ebpf_stream._cli import main; main()"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: architecture: aarch64: BPF mode runs on x86-64 only; fix: run on an x86-64 "
+        "machine, or let the profiler fall back (on_unavailable='fallback', the default)"]
+
+
+def test_another_architecture_falls_back_and_says_why() -> None:
+    result = subprocess.run([sys.executable, "-c", _ON_ARM + textwrap.dedent("""
+        import anyio
+        from ebpf_stream import Profiler
+
+        async def main():
+            async with Profiler() as profiler:
+                await anyio.sleep(0.2)
+            print(profiler.mode)
+
+        anyio.run(main)
+        """)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["fallback"]
+    (line,) = result.stderr.splitlines()
+    assert "architecture: aarch64: BPF mode runs on x86-64 only" in line, line

@@ -24,12 +24,10 @@ import selectors
 import time
 from typing import Any, Final
 
-from .calls import RUNNING, Calls
+from .calls import LOOP_WAITS, RUNNING, Calls
 from .stacks import cpu_ns
 
 _LOG2_BUCKETS: Final = 32  # as LOG2_BUCKETS in kernel/common.h
-# The calls a loop waits in (x86-64 numbers): epoll_wait, epoll_pwait, epoll_pwait2.
-_WAIT_CALLS: Final = frozenset({232, 281, 441})
 
 
 class BusyPeriods:
@@ -128,7 +126,7 @@ class _PolledPeriods(BusyPeriods):
             return
         did_read, self._reads = reads != self._reads, reads
         last, self._last = self._last, (now, call, cpu)
-        waits = call[0] in _WAIT_CALLS
+        waits = call[0] in LOOP_WAITS
         if waits or did_read:
             self.waiting(now)
         elif self.since and last is not None and not self._stayed_busy(last, now, call, cpu, calls):

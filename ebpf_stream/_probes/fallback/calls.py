@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 import threading
 import time
 from typing import Final
 
 RUNNING: Final = -1  # the call number of a thread on a CPU
-FUTEX: Final = 202  # x86-64
+# The system call numbers read here: futex, and the calls an event loop waits
+# in (epoll_wait, epoll_pwait, epoll_pwait2), per machine.
+_NUMBERS: Final = {"x86_64": (202, frozenset({232, 281, 441})),
+                   "aarch64": (98, frozenset({22, 441}))}
+FUTEX, LOOP_WAITS = _NUMBERS.get(platform.machine(), (None, frozenset()))
 # The GIL's condition variable, its mutex and the switch condition and mutex
 # follow each other (CPython's struct _gil_runtime_state): a futex this far
 # before or after the learnt one is the GIL's.
@@ -53,7 +58,10 @@ class Calls:
 
     def now(self, tid: int) -> tuple[int, int] | None:
         """(call number, first argument) of thread ``tid``; ``RUNNING`` as the
-        number of a thread on a CPU; None once the thread is gone."""
+        number of a thread on a CPU; None once the thread is gone, or on a
+        machine whose call numbers are not known here."""
+        if FUTEX is None:
+            return None
         fd = _open(f"/proc/self/task/{tid}/syscall".encode(), os.O_RDONLY | os.O_CLOEXEC)
         if fd < 0:
             return None
