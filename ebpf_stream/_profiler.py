@@ -121,6 +121,10 @@ class Profiler:
     ``on_unavailable="raise"`` asks for is then logged when it happens and
     raised when the block exits.
 
+    ``standalone=True`` says the profiler is its process's whole job (as in
+    ``ebpf-stream record``): ``get_overhead()`` then counts all of the
+    process's memory, not only what the run adds.
+
     A profiler may run again once it has stopped: each run starts with
     fresh counters, overhead and exporters' state (see ``Exporter``), and
     knows nothing of an earlier run's failure.  Entering one that is
@@ -137,6 +141,7 @@ class Profiler:
         shutdown_timeout: float = 15.0,
         on_unavailable: OnUnavailable = "fallback",
         start_in_background: bool = False,
+        standalone: bool = False,
     ) -> None:
         if on_unavailable not in get_args(OnUnavailable):
             raise ConfigError(f"on_unavailable: {on_unavailable!r} is not one of "
@@ -148,7 +153,7 @@ class Profiler:
         self._follow = follow_children
         self._shutdown_timeout = shutdown_timeout
         self._background = start_in_background
-        self._standalone = False  # the CLI owns the whole process, so all its memory counts
+        self._standalone = standalone
         self._host_loop = True  # entered on the host's event loop, whose stalls count
         self._running = False
         self._new_run()

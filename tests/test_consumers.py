@@ -35,9 +35,9 @@ from sample_frames import EVAL, MAIN, PERIOD, READ, START, kernel, native, pytho
 from test_otlp_trace import make_batch
 
 from ebpf_stream._exporters.flamegraph import WIDTH, render_flamegraph_svg
-from ebpf_stream._exporters.folded import KERNEL_SUFFIX, frame_label
 from ebpf_stream._exporters.pprof import render_pprof
 from ebpf_stream._exporters.speedscope import render_speedscope
+from ebpf_stream._labels import KERNEL_SUFFIX, frame_label
 from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._pprof_pb2 import Profile as PprofProfile
 from ebpf_stream._profile import Frame, Profile

@@ -48,8 +48,8 @@ from ebpf_stream._batch import Batch
 from ebpf_stream._config import EbpfConfig
 from ebpf_stream._dictionary import KERNEL_MAPPING
 from ebpf_stream._events import CpuSample
-from ebpf_stream._exporters.folded import KERNEL_SUFFIX, frame_label, short_file
 from ebpf_stream._exporters.pprof import render_pprof
+from ebpf_stream._labels import KERNEL_SUFFIX, frame_label, short_file
 from ebpf_stream._otlp.converter import EventConverter
 from ebpf_stream._otlp.profiles import FRAME_TYPE
 from ebpf_stream._overhead import Overhead

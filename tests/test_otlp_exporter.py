@@ -40,11 +40,11 @@ from ebpf_stream._batch import Batch
 from ebpf_stream._config import EbpfConfig, OverflowPolicy
 from ebpf_stream._errors import ExportError
 from ebpf_stream._exporters import base
-from ebpf_stream._exporters.folded import KERNEL_SUFFIX
 from ebpf_stream._exporters.otlp import exporter as exporter_module
 from ebpf_stream._exporters.otlp.exporter import OtlpExporter, backoff
 from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
 from ebpf_stream._exporters.otlp.transport import DeliveryError, MockTransport
+from ebpf_stream._labels import KERNEL_SUFFIX
 from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._otlp.settings import Endpoint, Protocol, Signal, otlp_endpoints
 from ebpf_stream._overhead import Overhead

@@ -43,8 +43,12 @@ def _as_the_command() -> None:
 
 async def _observe(hz: int, warmup_s: float, window_s: float, out: Path) -> dict[str, Any]:
     config = EbpfConfig.for_environment("production").with_sample_rate(hz)
-    profiler = Profiler(config, exporters=[FoldedFileExporter(out)], system_wide=True)
-    profiler._standalone = True  # the whole process's memory counts, as in the CLI
+    exporters = [FoldedFileExporter(out)]
+    try:  # the whole process's memory counts, as in the CLI
+        profiler = Profiler(config, exporters=exporters, system_wide=True, standalone=True)
+    except TypeError:  # a checkout from before ``standalone`` was an argument
+        profiler = Profiler(config, exporters=exporters, system_wide=True)
+        profiler._standalone = True
     points: list[dict[str, Any]] = []
     async with profiler:
         await anyio.sleep(warmup_s)

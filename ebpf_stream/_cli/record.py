@@ -22,11 +22,18 @@ from rich.text import Text
 from .._batch import Batch, Stall
 from .._config import EbpfConfig, Environment, PythonFrames, sample_rate_range
 from .._errors import ConfigError
-from .._events import MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection, Totals
+from .._events import (
+    MemoryTotals,
+    NetworkTotals,
+    SyscallTotals,
+    TcpConnection,
+    Totals,
+    totals_key,
+)
 from .._exporters.base import Exporter
-from .._exporters.folded import frame_label
 from .._exporters.formats import FORMATS, format_for_path
 from .._exporters.otlp.exporter import OtlpExporter
+from .._labels import frame_label
 from .._otlp.settings import Signal, endpoint_in_environment
 from .._profiler import Profiler
 from .backend import backend_options, running_loop_name
@@ -189,12 +196,6 @@ async def _stop_when_any(tg: TaskGroup, *waits: Awaitable[object]) -> None:
     tg.cancel_scope.cancel()
 
 
-def totals_key(totals: Totals) -> tuple[str, int, str]:
-    """What one cumulative counter is about: its kind, process and syscall."""
-    syscall = totals.syscall if isinstance(totals, SyscallTotals) else ""
-    return type(totals).__name__, totals.pid, syscall
-
-
 class Tally:
     """What a run has traced so far: an exporter that keeps the latest totals.
 
@@ -312,8 +313,8 @@ async def run_traced(config: EbpfConfig, exporters: list[Exporter], command: Seq
     # Recording is the command's whole job: a machine that cannot is an error here.
     profiler = Profiler(config.with_pids(targets), exporters,
                         system_wide=not named, follow_children=True,
-                        shutdown_timeout=shutdown_timeout, on_unavailable="raise")
-    profiler._standalone = True
+                        shutdown_timeout=shutdown_timeout, on_unavailable="raise",
+                        standalone=True)
     what = (f"{command[0]} (pid {gated.pid})" if gated else
             f"pid {', '.join(map(str, named))}{_and_descendants(len(targets) - len(named))}"
             if named else "all processes")

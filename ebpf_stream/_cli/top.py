@@ -33,6 +33,7 @@ from .._events import (
     TcpConnection,
     Totals,
     endpoint,
+    totals_key,
 )
 from .._exporters.base import ExportContext, Exporter
 from .._profiler import Profiler
@@ -44,7 +45,6 @@ from .record import (
     human_bytes,
     run_traced,
     target_options,
-    totals_key,
     with_features,
 )
 

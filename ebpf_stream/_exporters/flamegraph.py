@@ -14,8 +14,9 @@ import html
 import zlib
 
 from .._dictionary import valid_utf8
+from .._labels import KERNEL_SUFFIX
 from .._profile import Profile
-from .folded import KERNEL_SUFFIX, collapse
+from .folded import collapse
 
 DEFAULT_TITLE = "CPU flame graph"
 WIDTH = 1200

@@ -1,51 +1,13 @@
-"""The folded (collapsed stacks) format, and the frame naming the text formats share.
+"""The folded (collapsed stacks) format.
 
-One line per stack: ``process;root;...;leaf count``.  The folded, speedscope
-and SVG renderers all name frames through :func:`frame_label`, so a frame
-reads the same in every file written from one profile.
+One line per stack: ``process;root;...;leaf count``, each frame named by
+:func:`~ebpf_stream._labels.frame_label`.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-
-from .._dictionary import valid_utf8
-from .._profile import Frame, FrameKind, Profile
-
-KERNEL_SUFFIX = "_[k]"
-"""Appended to kernel frame names, so kernel time stands out in any viewer."""
-
-# ";" separates frames and a newline separates stacks; other control
-# characters (and two non-characters) would corrupt the line-oriented file or
-# the SVG's XML.
-_UNSAFE = {ord(";"): ":"} | {c: " " for c in (*range(32), 127, 0xFFFE, 0xFFFF)}
-
-
-# Where installed code lives: a file below one of these reads as its import path.
-_LIBRARY_ROOT = re.compile(r".*/(?:site-packages|dist-packages|lib/python\d+\.\d+)/")
-
-
-def short_file(path: str) -> str:
-    """A Python source file as a reader knows it: ``asyncio/events.py`` for the
-    standard library and installed packages, the base name for anything else."""
-    library = _LIBRARY_ROOT.sub("", path, count=1)
-    return library if library != path else path.rpartition("/")[2]
-
-
-def clean_name(name: str) -> str:
-    """Make ``name`` safe as one folded frame: no separators, never empty."""
-    return valid_utf8(name).translate(_UNSAFE) or "[unknown]"
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def frame_label(frame: Frame) -> str:
-    """The display name of ``frame``: ``qualname (file.py:line)`` for a Python
-    frame.  Cached: the same frames recur in many stacks."""
-    name = clean_name(frame.name)
-    if frame.kind is FrameKind.PYTHON and frame.line:
-        return clean_name(f"{frame.name} ({short_file(frame.module)}:{frame.line})")
-    return name + KERNEL_SUFFIX if frame.kind is FrameKind.KERNEL else name
+from .._labels import clean_name, frame_label
+from .._profile import Profile
 
 
 def collapse(profile: Profile) -> dict[tuple[str, ...], int]:

@@ -19,8 +19,8 @@ import array
 import json
 from typing import Any
 
+from .._labels import clean_name, frame_label
 from .._profile import Frame, Profile
-from .folded import clean_name, frame_label
 
 SCHEMA = "https://www.speedscope.app/file-format-schema.json"
 

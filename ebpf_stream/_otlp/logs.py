@@ -33,7 +33,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .._batch import SlowCall, Stall, StallStack, TraceRecord
 from .._events import OomKill, TcpConnection, endpoint
-from .._exporters.folded import frame_label
+from .._labels import frame_label
 from .._profile import Frame
 from .attributes import AttributeValue, any_value, key_values
 
