@@ -117,7 +117,6 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
     channel_capacity: int = 64
     overflow_policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST
     include_idle: bool = False
-    memory_budget_bytes: int = 50 * _MIB
     slow_syscall_ms: float = 10.0
     python_frames: PythonFrames = PythonFrames.MERGED
     loop_stall_ms: float = 100.0
@@ -139,16 +138,15 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
             Environment.PRODUCTION: {},
             Environment.STAGING: dict(
                 ring_buffer_bytes=512 * _KIB, stack_map_entries=4096,
-                max_samples=50_000, memory_budget_bytes=100 * _MIB,
+                max_samples=50_000,
             ),
             Environment.DEVELOPMENT: dict(
                 ring_buffer_bytes=1 * _MIB, stack_map_entries=8192, max_samples=100_000,
-                export_interval_s=5.0, memory_budget_bytes=200 * _MIB,
+                export_interval_s=5.0,
             ),
             Environment.DEBUG: dict(
                 ring_buffer_bytes=4 * _MIB, stack_map_entries=16384, max_samples=500_000,
                 export_interval_s=1.0, overflow_policy=OverflowPolicy.BLOCK,
-                memory_budget_bytes=500 * _MIB,
             ),
         }
         fields: dict[str, object] = {"environment": e, "sample_rate_hz": _RECOMMENDED_RATE[e]}
@@ -240,7 +238,6 @@ _BOUNDS: tuple[tuple[str, float, float], ...] = (
     ("stack_map_entries", 64, 1 << 20),
     ("export_interval_s", 0.1, 3600.0),
     ("channel_capacity", 1, 65536),
-    ("memory_budget_bytes", 1 * _MIB, 64 * 1024 * _MIB),
     ("slow_syscall_ms", 0.001, 3_600_000.0),
     ("loop_stall_ms", 0.0, 3_600_000.0),
 )

@@ -18,9 +18,8 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
+from otlp_json_decode import decode_otlp_json
 from otlp_stacks import resource_attributes
-
-from ebpf_stream._otlp.json import decode_otlp_json
 
 CLI = [sys.executable, "-m", "ebpf_stream._cli"]
 

@@ -14,10 +14,9 @@ import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from otlp_json_decode import decode_otlp_json
 from otlp_receivers import Behaviour, Receiver, closed_port, grpc_receiver, http_receiver
 from test_cli import CLI, folded, run_cli
-
-from ebpf_stream._otlp.json import decode_otlp_json
 
 RECEIVERS = {"grpc": grpc_receiver, "http/protobuf": http_receiver}
 

@@ -31,6 +31,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from otlp_json_decode import decode_otlp_json
 from sample_frames import EVAL, MAIN, PERIOD, READ, START, kernel, native, python
 from test_otlp_trace import make_batch
 
@@ -38,7 +39,6 @@ from ebpf_stream._exporters.flamegraph import WIDTH, render_flamegraph_svg
 from ebpf_stream._exporters.pprof import render_pprof
 from ebpf_stream._exporters.speedscope import render_speedscope
 from ebpf_stream._labels import KERNEL_SUFFIX, frame_label
-from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._pprof_pb2 import Profile as PprofProfile
 from ebpf_stream._profile import Frame, Profile
 from ebpf_stream.exporters import Batch, OtlpJsonFileExporter, SpeedscopeFileExporter

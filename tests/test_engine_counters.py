@@ -23,10 +23,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from otlp_json_decode import decode_otlp_json
 from otlp_receivers import grpc_receiver
 
 from ebpf_stream import Batch, EbpfConfig, Exporter, OverflowPolicy, Profiler, Stats
-from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream.exporters import FoldedFileExporter, OtlpExporter, OtlpJsonFileExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]

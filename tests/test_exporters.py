@@ -17,6 +17,7 @@ import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from otlp_json_decode import decode_otlp_json
 from sample_frames import (
     DB_MAIN,
     EVAL,
@@ -41,7 +42,6 @@ from ebpf_stream._exporters.formats import FORMATS, format_for_path
 from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
 from ebpf_stream._exporters.pprof import render_pprof
 from ebpf_stream._exporters.speedscope import SCHEMA, render_speedscope
-from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._pprof_pb2 import Profile as PprofProfile
 from ebpf_stream._profile import Profile
 from ebpf_stream.exporters import (

@@ -35,10 +35,10 @@ from anyio.from_thread import start_blocking_portal
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from otlp_json_decode import decode_otlp_json
 from otlp_receivers import http_receiver
 
 from ebpf_stream import _pprof_pb2
-from ebpf_stream._otlp.json import decode_otlp_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BUSY = "checkout_busy_handler"

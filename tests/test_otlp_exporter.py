@@ -24,6 +24,7 @@ import anyio
 import otlp_stacks
 import pytest
 from google.protobuf.message import Message
+from mock_transport import MockTransport
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -34,6 +35,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceResponse,
 )
 from opentelemetry.proto.logs.v1 import logs_pb2
+from otlp_json_decode import decode_otlp_json
 from otlp_receivers import Behaviour, Receiver, closed_port, grpc_receiver, http_receiver
 
 from ebpf_stream._batch import Batch
@@ -43,9 +45,8 @@ from ebpf_stream._exporters import base
 from ebpf_stream._exporters.otlp import exporter as exporter_module
 from ebpf_stream._exporters.otlp.exporter import OtlpExporter, backoff
 from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
-from ebpf_stream._exporters.otlp.transport import DeliveryError, MockTransport
+from ebpf_stream._exporters.otlp.transport import DeliveryError
 from ebpf_stream._labels import KERNEL_SUFFIX
-from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._otlp.settings import Endpoint, Protocol, Signal, otlp_endpoints
 from ebpf_stream._overhead import Overhead
 from ebpf_stream._profile import Frame, FrameKind, ProcessInfo, Profile

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
+from mock_transport import MockTransport
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -29,6 +30,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
+from otlp_json_decode import decode_otlp_json
 from otlp_receivers import Receiver, grpc_receiver, http_receiver
 from otlp_stacks import resource_attributes as attributes
 from sample_frames import (
@@ -62,9 +64,8 @@ from ebpf_stream._events import (
 )
 from ebpf_stream._exporters.otlp.exporter import OtlpExporter
 from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
-from ebpf_stream._exporters.otlp.transport import DeliveryError, MockTransport
+from ebpf_stream._exporters.otlp.transport import DeliveryError
 from ebpf_stream._otlp.converter import BatchRequests, EventConverter
-from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream._otlp.logs import STALL_FRAMES, STALL_STACKS
 from ebpf_stream._otlp.settings import Protocol, Signal, otlp_endpoints
 from ebpf_stream._profile import ProcessInfo, Profile

@@ -20,10 +20,10 @@ from anyio.from_thread import start_blocking_portal
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from otlp_json_decode import decode_otlp_json
 from otlp_receivers import Receiver, grpc_receiver, http_receiver
 
 from ebpf_stream import Batch, EbpfConfig, EbpfCpuProfiler, ExportError, Profiler, Stats
-from ebpf_stream._otlp.json import decode_otlp_json
 from ebpf_stream.exporters import (
     FoldedFileExporter,
     MemoryExporter,

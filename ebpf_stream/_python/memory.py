@@ -12,8 +12,6 @@ import struct
 from types import TracebackType
 
 _U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
-_I32 = struct.Struct("<i")
 # pread takes a signed 64-bit offset: higher addresses cannot be user memory anyway.
 _MAX_ADDRESS = (1 << 63) - 1
 
@@ -53,14 +51,6 @@ class ProcessMemory:
 
     def u64(self, address: int) -> int:
         value: int = _U64.unpack(self.read(address, 8))[0]
-        return value
-
-    def u32(self, address: int) -> int:
-        value: int = _U32.unpack(self.read(address, 4))[0]
-        return value
-
-    def i32(self, address: int) -> int:
-        value: int = _I32.unpack(self.read(address, 4))[0]
         return value
 
     def close(self) -> None:

@@ -122,8 +122,8 @@ class OtlpExporter:
         async with OtlpExporter(endpoint="http://collector:4318") as otlp:
             await otlp.export(batch)
 
-    ``transports`` replaces the network, per signal (for tests: see
-    ``MockTransport``).
+    ``transports`` replaces the network, per signal (any ``Transport``: the
+    tests' stands in for a receiver).
     """
 
     def __init__(

@@ -9,7 +9,7 @@ implementations.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from google.protobuf.message import Message
@@ -55,22 +55,3 @@ class Transport(Protocol):
 
     async def aclose(self) -> None:
         """Release connections.  Called after a run's last send; a later send reconnects."""
-
-
-class MockTransport:
-    """A transport that hands each request to ``handler``, for tests of the exporter.
-
-    ``handler`` returns the response or raises ``DeliveryError``, the way
-    a real receiver would answer.
-    """
-
-    def __init__(self, endpoint: Endpoint,
-                 handler: Callable[[Message], Awaitable[Message]]) -> None:
-        self.endpoint = endpoint
-        self._handler = handler
-
-    async def send(self, request: Message) -> Message:
-        return await self._handler(request)
-
-    async def aclose(self) -> None:
-        pass
