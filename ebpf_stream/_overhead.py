@@ -137,7 +137,8 @@ class OverheadMonitor:
     anything: an upper bound, since the host may grow too).  With
     ``whole_process`` (the CLI, which owns its process) both are the
     process's own: every thread's CPU, the event loop's included, and all of
-    its resident memory.
+    its resident memory.  ``fdinfo`` and ``enable_run_time_stats`` read and
+    switch on the kernel's accounting of the programs' run time.
     """
 
     def __init__(
@@ -145,6 +146,8 @@ class OverheadMonitor:
         meter: CpuMeter,
         program_fds: Callable[[], Iterable[int]],
         map_fds: Callable[[], Iterable[int]],
+        fdinfo: Callable[[int], dict[str, str]],
+        enable_run_time_stats: Callable[[], int | None],
         *,
         whole_process: bool = False,
         baseline: Resident | None = None,
@@ -155,9 +158,6 @@ class OverheadMonitor:
         self._user_ns: Callable[[], int] = (
             time.process_time_ns if whole_process else lambda: meter.ns)
         self._user_ns0 = self._user_ns()
-        # Loaded with the monitor, which a run makes once its probes are open.
-        from ._bpf import enable_run_time_stats, fdinfo
-
         self._fdinfo = fdinfo
         self._stats_fd = enable_run_time_stats()
         self._t0 = time.monotonic_ns()

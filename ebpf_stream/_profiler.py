@@ -308,9 +308,12 @@ class Profiler:
                 return
             mode = "fallback"
             config = config.with_python_frames("python")  # its samples have no native stacks
+        from ._bpf import enable_run_time_stats, fdinfo  # with the run, not the import
+
         self._monitor = OverheadMonitor(
             self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
             lambda: [fd for p in self._probes for fd in p.map_fds()],
+            fdinfo, enable_run_time_stats,
             whole_process=self._standalone, baseline=self._baseline)
         events = Channel[EventMessage](
             config.channel_capacity, config.overflow_policy,
