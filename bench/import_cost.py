@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 HEAVY = ("numpy", "google.protobuf", "grpc", "httpx", "rich", "click", "uvloop", "msgspec",
-         "ebpf_stream._pprof_pb2")
+         "ebpf_stream._convert.pprof_pb2")
 
 IMPORTS = (
     "import ebpf_stream",

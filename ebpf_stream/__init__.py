@@ -6,11 +6,10 @@ private and may change.
 
 from typing import TYPE_CHECKING
 
-from ._lazy import lazy_exports
+from ._base.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from ._batch import Batch, SlowCall, Stall, StallStack
-    from ._config import (
+    from ._base.config import (
         EbpfConfig,
         Environment,
         OverflowPolicy,
@@ -18,7 +17,7 @@ if TYPE_CHECKING:
         recommended_sample_rate,
         validate_config,
     )
-    from ._errors import (
+    from ._base.errors import (
         ConfigError,
         EbpfStreamError,
         EnvironmentCheckError,
@@ -26,7 +25,11 @@ if TYPE_CHECKING:
         ProbeError,
         TargetError,
     )
-    from ._events import (
+    from ._base.overhead import Overhead
+    from ._base.stats import Stats
+    from ._convert.converter import EventConverter
+    from ._model.batch import Batch, SlowCall, Stall, StallStack
+    from ._model.events import (
         CpuSample,
         LoopStall,
         LoopTotals,
@@ -37,29 +40,26 @@ if TYPE_CHECKING:
         SyscallTotals,
         TcpConnection,
     )
-    from ._exporters.base import Exporter
-    from ._otlp.converter import EventConverter
-    from ._overhead import Overhead
-    from ._profile import Frame, FrameKind, Profile, StackSamples
+    from ._model.profile import Frame, FrameKind, Profile, StackSamples
+    from ._outputs.base import Exporter
     from ._profiler import EbpfCpuProfiler, Profiler
-    from ._stats import Stats
 
 # Each module loads on first use of one of its names: a host that only
 # imports the package pays for none of numpy, protobuf or grpc.
 __getattr__ = lazy_exports(__name__, {
-    "._batch": ("Batch", "SlowCall", "Stall", "StallStack"),
-    "._config": ("EbpfConfig", "Environment", "OverflowPolicy", "PythonFrames",
+    "._model.batch": ("Batch", "SlowCall", "Stall", "StallStack"),
+    "._base.config": ("EbpfConfig", "Environment", "OverflowPolicy", "PythonFrames",
                  "recommended_sample_rate", "validate_config"),
-    "._errors": ("ConfigError", "EbpfStreamError", "EnvironmentCheckError", "ExportError",
+    "._base.errors": ("ConfigError", "EbpfStreamError", "EnvironmentCheckError", "ExportError",
                  "ProbeError", "TargetError"),
-    "._events": ("CpuSample", "LoopStall", "LoopTotals", "MemoryTotals", "NetworkTotals",
+    "._model.events": ("CpuSample", "LoopStall", "LoopTotals", "MemoryTotals", "NetworkTotals",
                  "OomKill", "SlowSyscall", "SyscallTotals", "TcpConnection"),
-    "._exporters.base": ("Exporter",),
-    "._otlp.converter": ("EventConverter",),
-    "._overhead": ("Overhead",),
-    "._profile": ("Frame", "FrameKind", "Profile", "StackSamples"),
+    "._outputs.base": ("Exporter",),
+    "._convert.converter": ("EventConverter",),
+    "._base.overhead": ("Overhead",),
+    "._model.profile": ("Frame", "FrameKind", "Profile", "StackSamples"),
     "._profiler": ("EbpfCpuProfiler", "Profiler"),
-    "._stats": ("Stats",),
+    "._base.stats": ("Stats",),
 })
 
 __all__ = [

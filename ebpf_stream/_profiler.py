@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 import anyio
 from anyio.abc import TaskGroup
 
-from ._channels import Channel
-from ._config import EbpfConfig, validate_config
-from ._errors import (
+from ._base.config import EbpfConfig, validate_config
+from ._base.errors import (
     ConfigError,
     EbpfStreamError,
     EnvironmentCheckError,
@@ -39,9 +38,8 @@ from ._errors import (
     ProbeError,
     TargetError,
 )
-from ._exporters.base import ExportContext, Exporter
-from ._otlp.settings import endpoint_in_environment
-from ._overhead import (
+from ._base.otlp_settings import endpoint_in_environment
+from ._base.overhead import (
     CpuMeter,
     Overhead,
     OverheadMonitor,
@@ -50,14 +48,16 @@ from ._overhead import (
     release_freed_memory,
     run_sync,
 )
+from ._base.stats import Stats
+from ._outputs.base import ExportContext, Exporter
+from ._pipeline.channels import Channel
 from ._probes import probes_for
-from ._stats import Stats
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
 
-    from ._batch import Batch
-    from ._events import EventMessage
+    from ._model.batch import Batch
+    from ._model.events import EventMessage
     from ._probes.base import Probe
 
 log = logging.getLogger("ebpf_stream")
@@ -76,7 +76,7 @@ def _import_pipeline(config: EbpfConfig) -> None:
     """Import what a run of ``config`` needs: the tracers (and numpy) only if switched on."""
     families = {"cpu": config.cpu_profiling, "syscalls": config.syscall_tracing,
                 "network": config.network_tracing, "memory": config.memory_tracing}
-    names = ["._batcher", "._symbolize", "._exporters.fanout",
+    names = ["._pipeline.batcher", "._symbols", "._outputs.fanout",
              *(f"._probes.{family}" for family, enabled in families.items() if enabled)]
     for name in names:
         importlib.import_module(name, __package__)
@@ -239,7 +239,7 @@ class Profiler:
         self._run_exporters = list(self._exporters)
         if not self._run_exporters and endpoint_in_environment():
             # Made for each run: an exporter is closed when its run ends.
-            from ._exporters.otlp.exporter import OtlpExporter
+            from ._outputs.otlp.exporter import OtlpExporter
             self._run_exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
         self._running = True
         started = self._started = anyio.Event()
@@ -290,10 +290,10 @@ class Profiler:
         # (and the tracers numpy); and in a worker thread, so that the host's
         # loop (a service finishing its own start, say) keeps running meanwhile.
         await anyio.to_thread.run_sync(_import_pipeline, self.config)
-        from ._batch import Batch
-        from ._batcher import Batcher
-        from ._events import EventMessage
-        from ._symbolize import Symbolizer
+        from ._model.batch import Batch
+        from ._model.events import EventMessage
+        from ._pipeline.batcher import Batcher
+        from ._symbols import Symbolizer
 
         probes = probes_for(config, self._stats, targets=self._targets(),
                             follow_children=self._follow)
@@ -308,7 +308,7 @@ class Profiler:
                 return
             mode = "fallback"
             config = config.with_python_frames("python")  # its samples have no native stacks
-        from ._bpf import enable_run_time_stats, fdinfo  # with the run, not the import
+        from ._bpf.syscalls import enable_run_time_stats, fdinfo  # with the run, not the import
 
         self._monitor = OverheadMonitor(
             self._meter, lambda: [fd for p in self._probes for fd in p.program_fds()],
@@ -433,7 +433,7 @@ class Profiler:
                 events.close()
 
     async def _export(self, batches: Channel[Batch], mode: str) -> None:
-        from ._exporters.fanout import FanOut
+        from ._outputs.fanout import FanOut
 
         context = ExportContext(self.config, self._stats, self.get_overhead, mode)
         async with FanOut(self._run_exporters, self._stats, context) as fanout:

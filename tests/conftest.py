@@ -25,7 +25,7 @@ def bpf_environment() -> None:
     """Root, bcc, tracefs and kernel headers, as the loader finds them."""
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
-    from ebpf_stream._environment import require_environment
+    from ebpf_stream._bpf.environment import require_environment
 
     os.environ["BCC_KERNEL_SOURCE"] = str(require_environment().headers.path)
 

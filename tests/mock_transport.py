@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from google.protobuf.message import Message
 
-from ebpf_stream._otlp.settings import Endpoint
+from ebpf_stream._base.otlp_settings import Endpoint
 
 
 class MockTransport:

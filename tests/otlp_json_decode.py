@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from ebpf_stream._otlp.json import ID_SIZES
+from ebpf_stream._convert.json import ID_SIZES
 
 M = TypeVar("M", bound=Message)
 

@@ -10,7 +10,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from ebpf_stream._labels import KERNEL_SUFFIX, short_file
+from ebpf_stream._model.labels import KERNEL_SUFFIX, short_file
 
 
 def resource_attributes(resource: object) -> dict[str, object]:

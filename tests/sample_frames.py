@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ebpf_stream._profile import Frame, FrameKind
+from ebpf_stream._model.profile import Frame, FrameKind
 
 PERIOD = 10_000_000  # 100 Hz
 START = 1_700_000_000_000_000_000

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy, _batcher
-from ebpf_stream._batch import SlowCall
-from ebpf_stream._batcher import Batcher, StackResolver
-from ebpf_stream._channels import Channel
-from ebpf_stream._events import (
+from ebpf_stream import Batch, EbpfConfig, Frame, FrameKind, OverflowPolicy
+from ebpf_stream._base.stats import Stats
+from ebpf_stream._model.batch import SlowCall
+from ebpf_stream._model.events import (
     PYTHON_FRAME_ENTRY,
     CpuSample,
     Event,
@@ -28,9 +27,11 @@ from ebpf_stream._events import (
     Watermark,
     encode_events,
 )
-from ebpf_stream._profile import ProcessInfo
-from ebpf_stream._stats import Stats
-from ebpf_stream._windows import Windows
+from ebpf_stream._model.profile import ProcessInfo
+from ebpf_stream._pipeline import batcher as _batcher
+from ebpf_stream._pipeline.batcher import Batcher, StackResolver
+from ebpf_stream._pipeline.channels import Channel
+from ebpf_stream._pipeline.windows import Windows
 
 
 class FakeSymbolizer:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ebpf_stream._bpf import BpfMap, online_cpus, possible_cpus
+from ebpf_stream._bpf.syscalls import BpfMap, online_cpus, possible_cpus
 
 pytestmark = pytest.mark.bpf
 

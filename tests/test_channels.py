@@ -4,7 +4,7 @@ import anyio
 import pytest
 
 from ebpf_stream import OverflowPolicy
-from ebpf_stream._channels import Channel
+from ebpf_stream._pipeline.channels import Channel
 
 
 def make(policy: OverflowPolicy, capacity: int = 2) -> tuple[Channel[int], list[int]]:

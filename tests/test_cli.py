@@ -132,7 +132,7 @@ def test_record_writes_every_format(running: subprocess.Popen[str], tmp_path: Pa
     result = run_cli("record", "--pid", str(running.pid), "--duration", "1.5", "--rate", "99",
                      *args)
     assert result.returncode == 0, result.stderr
-    from ebpf_stream import _pprof_pb2
+    from ebpf_stream._convert import pprof_pb2 as _pprof_pb2
 
     profile = _pprof_pb2.Profile.FromString(gzip.decompress(paths[0].read_bytes()))
     strings = list(profile.string_table)

@@ -32,11 +32,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from otlp_json_decode import decode_otlp_json
 from rich.console import Console
 
-from ebpf_stream._batch import Batch
+from ebpf_stream._base.config import EbpfConfig
 from ebpf_stream._cli.top import Rates, TopView, percentile_ns
-from ebpf_stream._config import EbpfConfig
-from ebpf_stream._events import MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
-from ebpf_stream._profile import Profile
+from ebpf_stream._model.batch import Batch
+from ebpf_stream._model.events import MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
+from ebpf_stream._model.profile import Profile
 
 EBPF_STREAM = str(Path(sys.executable).with_name("ebpf-stream"))
 TRACE_ALL = ["--no-cpu", "--syscalls", "--network", "--memory"]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_stream._cache_dir import cache_dir
-from ebpf_stream._compile_cache import ObjectCache, cache_key
-from ebpf_stream._compiler import Compiler
-from ebpf_stream._headers import Headers
-from ebpf_stream._loader import LoadedProgram
+from ebpf_stream._base.cache_dir import cache_dir
+from ebpf_stream._bpf.compile_cache import ObjectCache, cache_key
+from ebpf_stream._bpf.compiler import Compiler
+from ebpf_stream._bpf.headers import Headers
+from ebpf_stream._bpf.loader import LoadedProgram
 
 SOURCE = """\
 BPF_ARRAY(hits, u64, 2);
@@ -66,7 +66,7 @@ def test_every_input_of_a_compile_changes_the_key(tmp_path: Path) -> None:
 def test_the_cache_lives_where_this_user_may_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EBPF_STREAM_CACHE", raising=False)
-    monkeypatch.setattr("ebpf_stream._cache_dir.SYSTEM_CACHE", tmp_path / "file" / "cache")
+    monkeypatch.setattr("ebpf_stream._base.cache_dir.SYSTEM_CACHE", tmp_path / "file" / "cache")
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "ebpf-stream"
@@ -118,7 +118,7 @@ def source(tmp_path: Path) -> Path:
 
 
 def load(source: Path) -> LoadedProgram:
-    from ebpf_stream._loader import _load
+    from ebpf_stream._bpf.loader import _load
 
     return _load(source, PROGRAMS, MAPS, [])
 
@@ -136,7 +136,7 @@ def only_entry(cache: Path) -> Path:
 @pytest.mark.usefixtures("bpf_environment")
 def test_a_second_load_comes_from_the_cache_and_is_the_same_program(
         source: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from ebpf_stream._bpf import program_tag
+    from ebpf_stream._bpf.syscalls import program_tag
 
     caplog.set_level(logging.INFO, "ebpf_stream")
     first = load(source)
@@ -186,7 +186,7 @@ def test_processes_starting_together_compile_once(source: Path, cache: Path) -> 
         import logging, sys
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
         from pathlib import Path
-        from ebpf_stream._loader import _load
+        from ebpf_stream._bpf.loader import _load
         _load(Path({str(source)!r}), {PROGRAMS!r}, {MAPS!r}, []).close()
     """)
     workers = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,

@@ -10,7 +10,7 @@ from ebpf_stream import (
     recommended_sample_rate,
     validate_config,
 )
-from ebpf_stream._config import sample_rate_range
+from ebpf_stream._base.config import sample_rate_range
 
 
 @pytest.mark.parametrize(("env", "lo", "hi"), [

@@ -35,12 +35,12 @@ from otlp_json_decode import decode_otlp_json
 from sample_frames import EVAL, MAIN, PERIOD, READ, START, kernel, native, python
 from test_otlp_trace import make_batch
 
-from ebpf_stream._exporters.flamegraph import WIDTH, render_flamegraph_svg
-from ebpf_stream._exporters.pprof import render_pprof
-from ebpf_stream._exporters.speedscope import render_speedscope
-from ebpf_stream._labels import KERNEL_SUFFIX, frame_label
-from ebpf_stream._pprof_pb2 import Profile as PprofProfile
-from ebpf_stream._profile import Frame, Profile
+from ebpf_stream._convert.pprof_pb2 import Profile as PprofProfile
+from ebpf_stream._model.labels import KERNEL_SUFFIX, frame_label
+from ebpf_stream._model.profile import Frame, Profile
+from ebpf_stream._outputs.flamegraph import WIDTH, render_flamegraph_svg
+from ebpf_stream._outputs.pprof import render_pprof
+from ebpf_stream._outputs.speedscope import render_speedscope
 from ebpf_stream.exporters import Batch, OtlpJsonFileExporter, SpeedscopeFileExporter
 
 CLI = [sys.executable, "-m", "ebpf_stream._cli"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ebpf_stream._events import (
+from ebpf_stream._model.events import (
     CpuSample,
     EventMessage,
     LoopTotals,

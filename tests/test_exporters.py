@@ -34,16 +34,16 @@ from sample_frames import (
     native,
 )
 
-from ebpf_stream._dictionary import KERNEL_MAPPING
-from ebpf_stream._errors import ConfigError, ExportError
-from ebpf_stream._exporters.flamegraph import WIDTH, render_flamegraph_svg
-from ebpf_stream._exporters.folded import render_folded
-from ebpf_stream._exporters.formats import FORMATS, format_for_path
-from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
-from ebpf_stream._exporters.pprof import render_pprof
-from ebpf_stream._exporters.speedscope import SCHEMA, render_speedscope
-from ebpf_stream._pprof_pb2 import Profile as PprofProfile
-from ebpf_stream._profile import Profile
+from ebpf_stream._base.errors import ConfigError, ExportError
+from ebpf_stream._convert.pprof_pb2 import Profile as PprofProfile
+from ebpf_stream._model.dictionary import KERNEL_MAPPING
+from ebpf_stream._model.profile import Profile
+from ebpf_stream._outputs.flamegraph import WIDTH, render_flamegraph_svg
+from ebpf_stream._outputs.folded import render_folded
+from ebpf_stream._outputs.formats import FORMATS, format_for_path
+from ebpf_stream._outputs.otlp.json_file import OtlpJsonFileExporter
+from ebpf_stream._outputs.pprof import render_pprof
+from ebpf_stream._outputs.speedscope import SCHEMA, render_speedscope
 from ebpf_stream.exporters import (
     Batch,
     Exporter,
@@ -520,8 +520,8 @@ async def test_memory_exporter_keeps_batches_and_their_merge() -> None:
 @pytest.mark.anyio
 async def test_an_exporter_failure_is_logged_counted_and_raised_at_the_end_on_one_line(
         caplog: pytest.LogCaptureFixture) -> None:
-    from ebpf_stream._exporters.fanout import FanOut
-    from ebpf_stream._stats import Stats
+    from ebpf_stream._base.stats import Stats
+    from ebpf_stream._outputs.fanout import FanOut
 
     class Refusing:
         async def export(self, batch: Batch) -> None:
@@ -544,8 +544,8 @@ async def test_an_exporter_failure_is_logged_counted_and_raised_at_the_end_on_on
 
 def test_exporters_prepare_once_per_run_in_a_worker_thread_before_exporting() -> None:
     """What exporting takes loads as the run starts, not at the first export under load."""
-    from ebpf_stream._exporters.fanout import FanOut
-    from ebpf_stream._stats import Stats
+    from ebpf_stream._base.stats import Stats
+    from ebpf_stream._outputs.fanout import FanOut
 
     class Preparing(MemoryExporter):
         def __init__(self) -> None:

@@ -164,9 +164,9 @@ def test_threads_that_come_and_go_are_sampled_then_forgotten() -> None:
     """A pool that churns threads gets the same idents over and over: each new
     thread is sampled all the same, and the sampler's tables do not grow."""
     from ebpf_stream import EbpfConfig
-    from ebpf_stream._overhead import CpuMeter
+    from ebpf_stream._base.overhead import CpuMeter
+    from ebpf_stream._base.stats import Stats
     from ebpf_stream._probes.fallback import FallbackProbe
-    from ebpf_stream._stats import Stats
 
     def burn() -> None:
         end = time.thread_time_ns() + 30_000_000

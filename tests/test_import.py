@@ -56,9 +56,9 @@ def test_making_file_exporters_loads_no_renderer(tmp_path: Path) -> None:
         "FoldedFileExporter(d + '/a.folded'); FlamegraphSvgExporter(d + '/a.svg')\n"
         "OtlpJsonFileExporter(d + '/a.jsonl'); PprofFileExporter(d + '/a.pb.gz')\n"
         "SpeedscopeFileExporter(d + '/a.json')")
-    renderers = {"ebpf_stream._exporters.folded", "ebpf_stream._exporters.flamegraph",
-                 "ebpf_stream._exporters.speedscope", "ebpf_stream._pprof_pb2",
-                 "ebpf_stream._otlp.converter", "xml.sax.saxutils"}
+    renderers = {"ebpf_stream._outputs.folded", "ebpf_stream._outputs.flamegraph",
+                 "ebpf_stream._outputs.speedscope", "ebpf_stream._convert.pprof_pb2",
+                 "ebpf_stream._convert.converter", "xml.sax.saxutils"}
     assert sorted(loaded & {*HEAVY, *renderers}) == []
 
 
@@ -126,4 +126,4 @@ def test_profiling_cpu_loads_no_numpy(bpf_environment: None, tmp_path: Path) -> 
         "        await anyio.sleep(1.5)\n"
         "anyio.run(main)")
     assert (tmp_path / "cpu.folded").stat().st_size > 0
-    assert "ebpf_stream._symbolize" in loaded and "numpy" not in loaded
+    assert "ebpf_stream._symbols" in loaded and "numpy" not in loaded

@@ -38,7 +38,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from otlp_json_decode import decode_otlp_json
 from otlp_receivers import http_receiver
 
-from ebpf_stream import _pprof_pb2
+from ebpf_stream._convert import pprof_pb2 as _pprof_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 BUSY = "checkout_busy_handler"
@@ -537,7 +537,7 @@ def test_where_profiling_is_mandatory_an_unprivileged_service_does_not_start(
     assert service.get("/mode") is None
     assert service.ours == [], "raised, not logged as a warning"
     (line,) = [line for line in service.stderr.splitlines() if "CAP_BPF" in line]
-    assert line.startswith("ebpf_stream._errors.EnvironmentCheckError: privileges: "), line
+    assert line.startswith("ebpf_stream._base.errors.EnvironmentCheckError: privileges: "), line
     assert "Application startup failed" in service.stderr
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ebpf_stream import EnvironmentCheckError
-from ebpf_stream._environment import environment_checks, require_environment
-from ebpf_stream._headers import find_headers
+from ebpf_stream._bpf.environment import environment_checks, require_environment
+from ebpf_stream._bpf.headers import find_headers
 
 
 def fake_headers(src: Path, version: str) -> None:
@@ -96,7 +96,7 @@ def test_a_check_that_breaks_fails_instead_of_crashing(
     def broken() -> None:
         raise PermissionError(13, "Permission denied", "/sys/kernel/btf/vmlinux")
 
-    monkeypatch.setattr("ebpf_stream._environment.check_btf", broken)
+    monkeypatch.setattr("ebpf_stream._bpf.environment.check_btf", broken)
     (btf,) = [c for c in environment_checks() if c.name == "btf"]
     assert not btf.ok and "Permission denied" in btf.detail and btf.fix
 
@@ -105,7 +105,7 @@ def test_a_check_that_breaks_fails_instead_of_crashing(
 @pytest.mark.usefixtures("bpf_environment")
 def test_a_compile_error_is_one_line_pointing_at_the_source(tmp_path: Path) -> None:
     from ebpf_stream import ProbeError
-    from ebpf_stream._loader import _load
+    from ebpf_stream._bpf.loader import _load
 
     source = tmp_path / "broken.bpf.c"
     source.write_text("int on_sample(void *ctx) { return undefined_thing; }\n")
@@ -119,7 +119,7 @@ def test_a_compile_error_is_one_line_pointing_at_the_source(tmp_path: Path) -> N
 @pytest.mark.bpf
 @pytest.mark.usefixtures("bpf_environment")
 def test_the_worker_hands_over_programs_and_maps(tmp_path: Path) -> None:
-    from ebpf_stream._loader import _compile, _with_local_includes
+    from ebpf_stream._bpf.loader import _compile, _with_local_includes
 
     source = tmp_path / "ok.bpf.c"
     source.write_text("BPF_ARRAY(numbers, u64, 4);\n"
@@ -144,7 +144,7 @@ def test_the_worker_hands_over_programs_and_maps(tmp_path: Path) -> None:
 def test_local_headers_raw_tracepoints_and_cookies(tmp_path: Path) -> None:
     """A shared header is part of the program (bcc rewrites its map calls), raw
     tracepoint programs attach by name, and a cookie tells attachments apart."""
-    from ebpf_stream._loader import _load
+    from ebpf_stream._bpf.loader import _load
 
     (tmp_path / "shared.h").write_text("BPF_ARRAY(hits, u64, 2);\n"
                                        "static __always_inline void hit(int i) {\n"

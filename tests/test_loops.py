@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ebpf_stream._events import CpuSample, LoopBlocked, LoopStall, LoopThread, LoopTotals
-from ebpf_stream._loops import LoopWatch
-from ebpf_stream._profile import Frame, FrameKind
+from ebpf_stream._model.events import CpuSample, LoopBlocked, LoopStall, LoopThread, LoopTotals
+from ebpf_stream._model.profile import Frame, FrameKind
+from ebpf_stream._pipeline.loops import LoopWatch
 
 
 def py(name: str, module: str = "/srv/app.py") -> Frame:

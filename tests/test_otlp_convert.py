@@ -44,18 +44,18 @@ from sample_frames import (
     python,
 )
 
-from ebpf_stream._batch import Batch
-from ebpf_stream._config import EbpfConfig
-from ebpf_stream._dictionary import KERNEL_MAPPING
-from ebpf_stream._events import CpuSample
-from ebpf_stream._exporters.pprof import render_pprof
-from ebpf_stream._labels import KERNEL_SUFFIX, frame_label, short_file
-from ebpf_stream._otlp.converter import EventConverter
-from ebpf_stream._otlp.profiles import FRAME_TYPE
-from ebpf_stream._overhead import Overhead
-from ebpf_stream._pprof_pb2 import Profile as PprofProfile
-from ebpf_stream._profile import Frame, FrameKind, ProcessInfo, Profile
-from ebpf_stream._stats import Stats
+from ebpf_stream._base.config import EbpfConfig
+from ebpf_stream._base.overhead import Overhead
+from ebpf_stream._base.stats import Stats
+from ebpf_stream._convert.converter import EventConverter
+from ebpf_stream._convert.pprof_pb2 import Profile as PprofProfile
+from ebpf_stream._convert.profiles import FRAME_TYPE
+from ebpf_stream._model.batch import Batch
+from ebpf_stream._model.dictionary import KERNEL_MAPPING
+from ebpf_stream._model.events import CpuSample
+from ebpf_stream._model.labels import KERNEL_SUFFIX, frame_label, short_file
+from ebpf_stream._model.profile import Frame, FrameKind, ProcessInfo, Profile
+from ebpf_stream._outputs.pprof import render_pprof
 
 DURATION = 2_000_000_000
 END = START + DURATION

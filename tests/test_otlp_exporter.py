@@ -38,19 +38,19 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 from otlp_json_decode import decode_otlp_json
 from otlp_receivers import Behaviour, Receiver, closed_port, grpc_receiver, http_receiver
 
-from ebpf_stream._batch import Batch
-from ebpf_stream._config import EbpfConfig, OverflowPolicy
-from ebpf_stream._errors import ExportError
-from ebpf_stream._exporters import base
-from ebpf_stream._exporters.otlp import exporter as exporter_module
-from ebpf_stream._exporters.otlp.exporter import OtlpExporter, backoff
-from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
-from ebpf_stream._exporters.otlp.transport import DeliveryError
-from ebpf_stream._labels import KERNEL_SUFFIX
-from ebpf_stream._otlp.settings import Endpoint, Protocol, Signal, otlp_endpoints
-from ebpf_stream._overhead import Overhead
-from ebpf_stream._profile import Frame, FrameKind, ProcessInfo, Profile
-from ebpf_stream._stats import Stats
+from ebpf_stream._base.config import EbpfConfig, OverflowPolicy
+from ebpf_stream._base.errors import ExportError
+from ebpf_stream._base.otlp_settings import Endpoint, Protocol, Signal, otlp_endpoints
+from ebpf_stream._base.overhead import Overhead
+from ebpf_stream._base.stats import Stats
+from ebpf_stream._model.batch import Batch
+from ebpf_stream._model.labels import KERNEL_SUFFIX
+from ebpf_stream._model.profile import Frame, FrameKind, ProcessInfo, Profile
+from ebpf_stream._outputs import base
+from ebpf_stream._outputs.otlp import exporter as exporter_module
+from ebpf_stream._outputs.otlp.exporter import OtlpExporter, backoff
+from ebpf_stream._outputs.otlp.json_file import OtlpJsonFileExporter
+from ebpf_stream._outputs.otlp.transport import DeliveryError
 
 pytestmark = pytest.mark.anyio
 

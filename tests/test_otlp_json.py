@@ -38,7 +38,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1 import trace_pb2
 from otlp_json_decode import decode_otlp_json
 
-from ebpf_stream._otlp.json import encode_otlp_json
+from ebpf_stream._convert.json import encode_otlp_json
 
 TRACE_ID = bytes.fromhex("5b8efff798038103d269b633813fc60c")
 SPAN_ID = bytes.fromhex("eee19b7ec3c1b174")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_stream._errors import ConfigError
-from ebpf_stream._otlp.settings import (
+from ebpf_stream._base.errors import ConfigError
+from ebpf_stream._base.otlp_settings import (
     DEFAULT_ENDPOINTS,
     DEFAULT_TIMEOUT_S,
     HTTP_PATHS,

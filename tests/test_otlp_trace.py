@@ -49,9 +49,12 @@ from sample_frames import (
     python,
 )
 
-from ebpf_stream._batch import Batch, SlowCall, Stall, StallStack, TraceRecord
-from ebpf_stream._errors import ExportError
-from ebpf_stream._events import (
+from ebpf_stream._base.errors import ExportError
+from ebpf_stream._base.otlp_settings import Protocol, Signal, otlp_endpoints
+from ebpf_stream._convert.converter import BatchRequests, EventConverter
+from ebpf_stream._convert.logs import STALL_FRAMES, STALL_STACKS
+from ebpf_stream._model.batch import Batch, SlowCall, Stall, StallStack, TraceRecord
+from ebpf_stream._model.events import (
     LoopStall,
     LoopTotals,
     MemoryTotals,
@@ -62,13 +65,10 @@ from ebpf_stream._events import (
     TcpConnection,
     Totals,
 )
-from ebpf_stream._exporters.otlp.exporter import OtlpExporter
-from ebpf_stream._exporters.otlp.json_file import OtlpJsonFileExporter
-from ebpf_stream._exporters.otlp.transport import DeliveryError
-from ebpf_stream._otlp.converter import BatchRequests, EventConverter
-from ebpf_stream._otlp.logs import STALL_FRAMES, STALL_STACKS
-from ebpf_stream._otlp.settings import Protocol, Signal, otlp_endpoints
-from ebpf_stream._profile import ProcessInfo, Profile
+from ebpf_stream._model.profile import ProcessInfo, Profile
+from ebpf_stream._outputs.otlp.exporter import OtlpExporter
+from ebpf_stream._outputs.otlp.json_file import OtlpJsonFileExporter
+from ebpf_stream._outputs.otlp.transport import DeliveryError
 
 pytestmark = pytest.mark.anyio
 

@@ -7,7 +7,7 @@ import time
 import anyio
 import pytest
 
-from ebpf_stream._overhead import CpuMeter
+from ebpf_stream._base.overhead import CpuMeter
 
 
 def burn(seconds: float) -> None:

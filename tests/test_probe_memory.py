@@ -18,7 +18,7 @@ import pytest
 from _support import bpf_fds, build, loaded_programs, program_ids
 
 from ebpf_stream import EbpfConfig, Profiler, Stats
-from ebpf_stream._events import MemoryTotals, OomKill
+from ebpf_stream._model.events import MemoryTotals, OomKill
 from ebpf_stream._probes.memory import MemoryProbe, rss_members
 from ebpf_stream.exporters import MemoryExporter
 

@@ -31,7 +31,13 @@ import pytest
 from _support import build, loaded_programs, program_ids
 
 from ebpf_stream import EbpfConfig, Stats
-from ebpf_stream._events import Event, EventMessage, NetworkTotals, TcpConnection, decode_events
+from ebpf_stream._model.events import (
+    Event,
+    EventMessage,
+    NetworkTotals,
+    TcpConnection,
+    decode_events,
+)
 from ebpf_stream._probes.network import (
     COUNTER_CONNECTIONS_FULL,
     COUNTER_PROCESSES_FULL,

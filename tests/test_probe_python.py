@@ -29,8 +29,8 @@ from test_python_accuracy import ECLI, PYTHON_FRAME, SHARES, read_stacks, shares
 from test_python_runtime import INTERPRETERS, PYENV, available
 
 from ebpf_stream import EbpfConfig, Frame, FrameKind, Profile, Profiler, StackSamples
-from ebpf_stream._probes import python as python_probe
-from ebpf_stream._probes.python import PythonProcesses, self_test
+from ebpf_stream._probes import python_walker as python_probe
+from ebpf_stream._probes.python_walker import PythonProcesses, self_test
 from ebpf_stream.exporters import MemoryExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]

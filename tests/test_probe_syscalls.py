@@ -20,8 +20,8 @@ import pytest
 from _support import bpf_fds, build, program_ids, unloaded
 
 from ebpf_stream import EbpfConfig, Profiler, Stats
-from ebpf_stream._batch import SlowCall
-from ebpf_stream._events import SyscallTotals
+from ebpf_stream._model.batch import SlowCall
+from ebpf_stream._model.events import SyscallTotals
 from ebpf_stream._probes.syscalls import SyscallProbe
 from ebpf_stream.exporters import MemoryExporter
 

@@ -18,7 +18,7 @@ from test_python_runtime import (
     needs_root,
 )
 
-from ebpf_stream._profile import Frame, FrameKind
+from ebpf_stream._model.profile import Frame, FrameKind
 from ebpf_stream._python.code import UNKNOWN_FRAME, PythonSymbols, line_of
 from ebpf_stream._python.runtime import PythonRuntime, find_python
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ebpf_stream._events import PYTHON_FRAME_ENTRY
-from ebpf_stream._profile import Frame, FrameKind
-from ebpf_stream._python.merge import EVAL_LOOP, merge, runs
+from ebpf_stream._model.events import PYTHON_FRAME_ENTRY
+from ebpf_stream._model.profile import Frame, FrameKind
+from ebpf_stream._symbols.merge import EVAL_LOOP, merge, runs
 
 
 def native(name: str, module: str = "libpython3.11.so") -> Frame:

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from ebpf_stream._base.lru import Lru
+from ebpf_stream._binaries.elf import object_symbols
 from ebpf_stream._python import runtime
 from ebpf_stream._python.memory import MemoryReadError, ProcessMemory
 from ebpf_stream._python.offsets import OFFSETS
@@ -26,8 +28,6 @@ from ebpf_stream._python.runtime import (
     find_python,
     thread_states,
 )
-from ebpf_stream._symbolize.elf import object_symbols
-from ebpf_stream._symbolize.lru import Lru
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory")
 

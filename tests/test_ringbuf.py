@@ -15,8 +15,8 @@ import anyio
 import numpy as np
 import pytest
 
-from ebpf_stream._bpf import BpfMap
-from ebpf_stream._ringbuf import Records, RingBuffer, drain_forever
+from ebpf_stream._bpf.ringbuf import Records, RingBuffer, drain_forever
+from ebpf_stream._bpf.syscalls import BpfMap
 
 U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
 
@@ -405,7 +405,7 @@ class Probe:
     consumer per map."""
 
     def __init__(self, directory: Path) -> None:
-        from ebpf_stream._loader import _load
+        from ebpf_stream._bpf.loader import _load
 
         source = directory / "rings.bpf.c"
         source.write_text(PROGRAM)

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_stream._profile import FrameKind
-from ebpf_stream._symbolize import KernelSymbols, Symbolizer, process
-from ebpf_stream._symbolize import kallsyms as kallsyms_module
-from ebpf_stream._symbolize.debug_files import Origin
-from ebpf_stream._symbolize.elf import ElfHeaders, Reader
-from ebpf_stream._symbolize.kallsyms import KallsymsTable
-from ebpf_stream._symbolize.process import MAPS_REFRESH_S
-from ebpf_stream._symbolize.ranges import Ranges, one_per_address
-from ebpf_stream._symbolize.symbol_table import ElfImage
+from ebpf_stream._binaries import process
+from ebpf_stream._binaries.debug_files import Origin
+from ebpf_stream._binaries.elf import ElfHeaders, Reader
+from ebpf_stream._binaries.process import MAPS_REFRESH_S
+from ebpf_stream._binaries.ranges import Ranges, one_per_address
+from ebpf_stream._binaries.symbol_table import ElfImage
+from ebpf_stream._model.profile import FrameKind
+from ebpf_stream._symbols import KernelSymbols, Symbolizer
+from ebpf_stream._symbols import kallsyms as kallsyms_module
+from ebpf_stream._symbols.kallsyms import KallsymsTable
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: real kallsyms addresses and /proc/PID/map_files")
@@ -491,7 +492,7 @@ def test_one_per_address_matches_a_plain_sort() -> None:
 def test_symbolization_loads_no_numpy() -> None:
     """numpy would cost the host over 11 MiB; the symbolizer is stdlib only."""
     code = ("import sys\n"
-            "from ebpf_stream._symbolize import KernelSymbols, Symbolizer\n"
+            "from ebpf_stream._symbols import KernelSymbols, Symbolizer\n"
             "import ebpf_stream._python.code, ebpf_stream._python.runtime\n"
             "KernelSymbols().load()\n"
             "Symbolizer().user_frames(__import__('os').getpid(), [0x10])\n"

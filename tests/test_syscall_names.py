@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_stream._environment import ensure_tracefs
-from ebpf_stream._syscall_names import syscall_name, unnamed_syscalls, warn_of_unnamed_syscalls
-from ebpf_stream._syscall_table import X86_64
+from ebpf_stream._bpf.environment import ensure_tracefs
+from ebpf_stream._bpf.syscall_names import syscall_name, unnamed_syscalls, warn_of_unnamed_syscalls
+from ebpf_stream._bpf.syscall_table import X86_64
 
 HEADERS = [Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
            *Path("/usr/src").glob("linux-headers-*/arch/x86/include/generated/uapi/asm/unistd_64.h")]

@@ -28,7 +28,7 @@ from otlp_receivers import grpc_receiver
 from otlp_stacks import resource_attributes
 
 from ebpf_stream import EbpfConfig, Exporter, Profiler
-from ebpf_stream import _pprof_pb2 as pprof
+from ebpf_stream._convert import pprof_pb2 as pprof
 from ebpf_stream.exporters import (
     MemoryExporter,
     OtlpExporter,

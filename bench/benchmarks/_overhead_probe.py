@@ -23,7 +23,7 @@ import anyio
 
 import ebpf_stream
 from ebpf_stream import EbpfConfig, Profiler
-from ebpf_stream._exporters.files import FoldedFileExporter
+from ebpf_stream._outputs.files import FoldedFileExporter
 
 from ._support import ProcessSnapshot
 

@@ -39,8 +39,8 @@ def prepare_bcc() -> dict[str, str]:
 
     Returns the environment variables a bcc subprocess needs too.
     """
-    from ebpf_stream._environment import ensure_tracefs
-    from ebpf_stream._headers import find_headers
+    from ebpf_stream._bpf.environment import ensure_tracefs
+    from ebpf_stream._bpf.headers import find_headers
 
     ensure_tracefs()
     system_bcc()  # so that ``from bcc import BPF`` works from here on
@@ -57,7 +57,7 @@ def system_bcc() -> ModuleType:
     installed it: the system's Python, or this interpreter if it has one.
     """
     if "bcc" not in sys.modules:
-        from ebpf_stream._compiler import find_compiler
+        from ebpf_stream._bpf.compiler import find_compiler
 
         try:
             location = find_compiler().bcc

@@ -44,13 +44,13 @@ from typing import Any
 import anyio
 
 from ebpf_stream import EbpfConfig
-from ebpf_stream._batch import Batch
-from ebpf_stream._config import OverflowPolicy
-from ebpf_stream._exporters.otlp.exporter import OtlpExporter
-from ebpf_stream._exporters.pprof import render_pprof
-from ebpf_stream._otlp.converter import EventConverter
-from ebpf_stream._otlp.json import encode_otlp_json
-from ebpf_stream._profile import Frame, FrameKind, ProcessInfo, Profile
+from ebpf_stream._base.config import OverflowPolicy
+from ebpf_stream._convert.converter import EventConverter
+from ebpf_stream._convert.json import encode_otlp_json
+from ebpf_stream._model.batch import Batch
+from ebpf_stream._model.profile import Frame, FrameKind, ProcessInfo, Profile
+from ebpf_stream._outputs.otlp.exporter import OtlpExporter
+from ebpf_stream._outputs.pprof import render_pprof
 
 from ._support import machine_percent, median, process_clock_ns
 

@@ -201,7 +201,7 @@ def measure_profile_tool(hz: int, warmup_s: float, window_s: float) -> OverheadF
     """bcc's ``profile -F hz``, measured from outside; None when it is not installed."""
     if not PROFILE_TOOL.exists():
         return None
-    from ebpf_stream._bpf import enable_run_time_stats
+    from ebpf_stream._bpf.syscalls import enable_run_time_stats
 
     env = dict(os.environ, **prepare_bcc())
     stats_fd = enable_run_time_stats()  # run_time_ns is only accounted while held

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from _support import program_ids
 
 from ebpf_stream import EbpfConfig, Profiler
-from ebpf_stream._bpf import enable_run_time_stats
+from ebpf_stream._bpf.syscalls import enable_run_time_stats
 from ebpf_stream.exporters import MemoryExporter
 
 REPEATS = 5

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ebpf_stream._loader import KERNEL_SOURCES
+from ebpf_stream._bpf.loader import KERNEL_SOURCES
+from ebpf_stream._bpf.ringbuf import RingBuffer
 from ebpf_stream._probes.cpu import SAMPLE
-from ebpf_stream._ringbuf import RingBuffer
 
 from ._support import bpf_unavailable, median, prepare_bcc
 

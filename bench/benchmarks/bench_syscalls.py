@@ -26,7 +26,7 @@ import anyio
 import anyio.to_thread
 
 from ebpf_stream import EbpfConfig, Stats
-from ebpf_stream._events import EventMessage
+from ebpf_stream._model.events import EventMessage
 from ebpf_stream._probes.syscalls import SyscallProbe
 
 from ._support import bpf_unavailable, median, prepare_bcc

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .._errors import EbpfStreamError
+from .._base.errors import EbpfStreamError
 from .demo import demo
 from .doctor import doctor
 from .record import record

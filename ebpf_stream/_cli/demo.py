@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import click
 
-from .._errors import TargetError
+from .._base.errors import TargetError
 from .backend import backend_options
 from .record import config_from_options, run_record
 

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .._environment import environment_checks, held_capabilities
+from .._bpf.environment import environment_checks, held_capabilities
 
 
 @click.command()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import Process
 
-from .._errors import TargetError
+from .._base.errors import TargetError
 
 _GATE = (
     "import os, sys\n"

@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .._batch import Batch, Stall
-from .._config import EbpfConfig, Environment, PythonFrames, sample_rate_range
-from .._errors import ConfigError
-from .._events import (
+from .._base.config import EbpfConfig, Environment, PythonFrames, sample_rate_range
+from .._base.errors import ConfigError
+from .._base.otlp_settings import Signal, endpoint_in_environment
+from .._model.batch import Batch, Stall
+from .._model.events import (
     MemoryTotals,
     NetworkTotals,
     SyscallTotals,
@@ -30,11 +31,10 @@ from .._events import (
     Totals,
     totals_key,
 )
-from .._exporters.base import Exporter
-from .._exporters.formats import FORMATS, format_for_path
-from .._exporters.otlp.exporter import OtlpExporter
-from .._labels import frame_label
-from .._otlp.settings import Signal, endpoint_in_environment
+from .._model.labels import frame_label
+from .._outputs.base import Exporter
+from .._outputs.formats import FORMATS, format_for_path
+from .._outputs.otlp.exporter import OtlpExporter
 from .._profiler import Profiler
 from .backend import backend_options, running_loop_name
 from .launch import GatedCommand, start_gated

@@ -23,10 +23,10 @@ from rich.live import Live
 from rich.rule import Rule
 from rich.table import Table
 
-from .._batch import Batch
-from .._config import EbpfConfig
-from .._errors import ConfigError
-from .._events import (
+from .._base.config import EbpfConfig
+from .._base.errors import ConfigError
+from .._model.batch import Batch
+from .._model.events import (
     MemoryTotals,
     NetworkTotals,
     SyscallTotals,
@@ -35,7 +35,7 @@ from .._events import (
     endpoint,
     totals_key,
 )
-from .._exporters.base import ExportContext, Exporter
+from .._outputs.base import ExportContext, Exporter
 from .._profiler import Profiler
 from .backend import backend_options
 from .record import (

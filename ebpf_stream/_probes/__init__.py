@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .._config import EbpfConfig
-from .._stats import Stats
+from .._base.config import EbpfConfig
+from .._base.stats import Stats
 
 if TYPE_CHECKING:  # each family loads when the config switches it on: the tracers need numpy
     from .base import Probe

@@ -14,12 +14,12 @@ from typing import ClassVar
 
 import anyio
 
-from .._bpf import BpfMap
-from .._clock import ring_latency_s
-from .._config import EbpfConfig
-from .._events import Event, EventMessage, encode_events
-from .._loader import LoadedProgram
-from .._ringbuf import Records, RingBuffer, drain_forever
+from .._base.clock import ring_latency_s
+from .._base.config import EbpfConfig
+from .._bpf.loader import LoadedProgram
+from .._bpf.ringbuf import Records, RingBuffer, drain_forever
+from .._bpf.syscalls import BpfMap
+from .._model.events import Event, EventMessage, encode_events
 
 Emit = Callable[[EventMessage], Awaitable[None]]
 

@@ -22,10 +22,13 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio.lowlevel
 import anyio.to_thread
 
-from .._bpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
-from .._clock import wall_clock_offset_ns
-from .._config import EbpfConfig, PythonFrames
-from .._events import (
+from .._base.clock import wall_clock_offset_ns
+from .._base.config import EbpfConfig, PythonFrames
+from .._base.stats import Stats
+from .._bpf.loader import load_program
+from .._bpf.ringbuf import Records, RingBuffer
+from .._bpf.syscalls import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
+from .._model.events import (
     LOST_STACK,
     NO_STACK,
     CpuSample,
@@ -40,15 +43,12 @@ from .._events import (
     Watermark,
     encode_events,
 )
-from .._loader import load_program
 from .._python.offsets import VERSIONS
 from .._python.runtime import UnsupportedPython, find_python
-from .._ringbuf import Records, RingBuffer
-from .._stats import Stats
 from . import samples
 from .base import Emit, RingProbe
 from .pids import CommNames, forget_pid_keys, load_targets, process_name
-from .python import (
+from .python_walker import (
     PythonProcesses,
     checked_self_test,
     load_offsets,

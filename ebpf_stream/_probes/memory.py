@@ -16,11 +16,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._bpf import PERF_COUNT_SW_PAGE_FAULTS_MAJ, PERF_COUNT_SW_PAGE_FAULTS_MIN, PERF_TYPE_SOFTWARE
-from .._environment import ensure_tracefs
-from .._errors import ProbeError
-from .._events import Event, MemoryTotals, OomKill
-from .._loader import LoadedProgram
+from .._base.errors import ProbeError
+from .._bpf.environment import ensure_tracefs
+from .._bpf.loader import LoadedProgram
+from .._bpf.syscalls import (
+    PERF_COUNT_SW_PAGE_FAULTS_MAJ,
+    PERF_COUNT_SW_PAGE_FAULTS_MIN,
+    PERF_TYPE_SOFTWARE,
+)
+from .._model.events import Event, MemoryTotals, OomKill
 from .tracing import TracingProbe
 
 # Mirrors `struct oom_kill` in kernel/memory.bpf.c.

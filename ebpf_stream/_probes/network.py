@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._events import Event, NetworkTotals, TcpConnection
+from .._model.events import Event, NetworkTotals, TcpConnection
 from .tracing import TracingProbe
 
 COUNTER_CONNECTIONS_FULL = 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from .._bpf import BpfMap
-from .._loader import LoadedProgram
+from .._bpf.loader import LoadedProgram
+from .._bpf.syscalls import BpfMap
 
 _U32 = struct.Struct("<I")
 

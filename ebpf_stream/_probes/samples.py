@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .._ringbuf import Records
+from .._bpf.ringbuf import Records
 
 # `enum kind`
 SAMPLE, LOOP_THREAD, LOOP_BLOCKED, LOOP_STALL, PROCESS_EXEC = range(5)

@@ -15,11 +15,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._config import EbpfConfig
-from .._environment import ensure_tracefs
-from .._events import Event, SlowSyscall, SyscallTotals
-from .._stats import Stats
-from .._syscall_names import syscall_name, warn_of_unnamed_syscalls
+from .._base.config import EbpfConfig
+from .._base.stats import Stats
+from .._bpf.environment import ensure_tracefs
+from .._bpf.syscall_names import syscall_name, warn_of_unnamed_syscalls
+from .._model.events import Event, SlowSyscall, SyscallTotals
 from .pids import forget_pid_keys, process_name
 from .tracing import TracingProbe
 

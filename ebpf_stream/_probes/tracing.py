@@ -23,12 +23,12 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 
-from .._clock import wall_clock_offset_ns
-from .._config import EbpfConfig
-from .._events import Event, EventMessage, encode_events
-from .._loader import LoadedProgram, load_program
-from .._ringbuf import Records, RingBuffer
-from .._stats import Stats
+from .._base.clock import wall_clock_offset_ns
+from .._base.config import EbpfConfig
+from .._base.stats import Stats
+from .._bpf.loader import LoadedProgram, load_program
+from .._bpf.ringbuf import Records, RingBuffer
+from .._model.events import Event, EventMessage, encode_events
 from .base import Emit, RingProbe
 from .pids import CommNames, load_targets
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .._profile import Frame, FrameKind
-from .._symbolize.lru import Lru
-from .._symbolize.process import UNKNOWN
+from .._base.lru import Lru
+from .._binaries.process import UNKNOWN
+from .._model.profile import Frame, FrameKind
 from .memory import ProcessMemory
 from .runtime import PythonRuntime
 

@@ -15,9 +15,9 @@ import os
 import re
 from typing import NamedTuple
 
-from .._symbolize.elf import ElfHeaders, Reader, object_symbols
-from .._symbolize.lru import Lru
-from .._symbolize.process import Mapping, open_mapped_file
+from .._base.lru import Lru
+from .._binaries.elf import ElfHeaders, Reader, object_symbols
+from .._binaries.process import Mapping, open_mapped_file
 from .memory import ProcessMemory
 from .offsets import OFFSETS, PythonOffsets
 

@@ -2,30 +2,30 @@
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_exports
+from .._base.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .._batch import Batch
-    from .._exporters.base import ExportContext, Exporter
-    from .._exporters.files import (
+    from .._model.batch import Batch
+    from .._outputs.base import ExportContext, Exporter
+    from .._outputs.files import (
         FlamegraphSvgExporter,
         FoldedFileExporter,
         PprofFileExporter,
         SpeedscopeFileExporter,
     )
-    from .._exporters.memory import MemoryExporter
-    from .._exporters.otlp.exporter import OtlpExporter, OtlpGrpcExporter, OtlpHttpExporter
-    from .._exporters.otlp.json_file import OtlpJsonFileExporter
+    from .._outputs.memory import MemoryExporter
+    from .._outputs.otlp.exporter import OtlpExporter, OtlpGrpcExporter, OtlpHttpExporter
+    from .._outputs.otlp.json_file import OtlpJsonFileExporter
 
 # Each exporter's module loads on first use: OtlpGrpcExporter alone pulls in grpc.
 __getattr__ = lazy_exports(__name__, {
-    ".._batch": ("Batch",),
-    ".._exporters.base": ("ExportContext", "Exporter"),
-    ".._exporters.files": ("FlamegraphSvgExporter", "FoldedFileExporter", "PprofFileExporter",
+    ".._model.batch": ("Batch",),
+    ".._outputs.base": ("ExportContext", "Exporter"),
+    ".._outputs.files": ("FlamegraphSvgExporter", "FoldedFileExporter", "PprofFileExporter",
                            "SpeedscopeFileExporter"),
-    ".._exporters.memory": ("MemoryExporter",),
-    ".._exporters.otlp.exporter": ("OtlpExporter", "OtlpGrpcExporter", "OtlpHttpExporter"),
-    ".._exporters.otlp.json_file": ("OtlpJsonFileExporter",),
+    ".._outputs.memory": ("MemoryExporter",),
+    ".._outputs.otlp.exporter": ("OtlpExporter", "OtlpGrpcExporter", "OtlpHttpExporter"),
+    ".._outputs.otlp.json_file": ("OtlpJsonFileExporter",),
 })
 
 __all__ = [

@@ -8,7 +8,7 @@ modules imports its framework: the service has already done so.
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_exports
+from .._base.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._service import ServiceProfiling

@@ -25,7 +25,7 @@ import os
 import threading
 from pathlib import Path
 
-from .._errors import ConfigError
+from .._base.errors import ConfigError
 
 
 @dataclasses.dataclass(slots=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Unpack
 
-from .._errors import ConfigError, EbpfStreamError
-from .._exporters.base import Exporter
+from .._base.errors import ConfigError, EbpfStreamError
+from .._outputs.base import Exporter
 from .._profiler import Profiler
 from ._claims import Claim, claim, holder
 from ._settings import ProfilingOptions, Settings, read_settings
@@ -40,7 +40,7 @@ def _one_line(exc: BaseException) -> str:
 
 def per_process_path(path: Path, pid: int) -> Path:
     """``path`` with ``pid`` before its format's suffix: ``cpu.pb.gz`` -> ``cpu.4242.pb.gz``."""
-    from .._exporters.formats import format_suffix
+    from .._outputs.formats import format_suffix
 
     name = path.name
     stem = name[: len(name) - len(format_suffix(name))]
@@ -126,8 +126,8 @@ class ServiceProfiling:
 
     def _exporters(self, settings: Settings) -> list[Exporter]:
         """The run's exporters: the files claimed for this process, the code's, then OTLP."""
-        from .._exporters.files import writable_path
-        from .._exporters.formats import FORMATS
+        from .._outputs.files import writable_path
+        from .._outputs.formats import FORMATS
 
         exporters: list[Exporter] = []
         pid = os.getpid()
@@ -152,7 +152,7 @@ class ServiceProfiling:
                 self._claims.append(taken)
             exporters.append(exporter)
         if settings.otlp:
-            from .._exporters.otlp.exporter import OtlpExporter
+            from .._outputs.otlp.exporter import OtlpExporter
 
             exporters.append(OtlpExporter(environ=self._options.get("environ")))
         return exporters

@@ -20,10 +20,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypedDict, TypeVar
 
-from .._config import EbpfConfig, PythonFrames
-from .._errors import ConfigError
-from .._exporters.base import Exporter
-from .._otlp.settings import endpoint_in_environment, env_value
+from .._base.config import EbpfConfig, PythonFrames
+from .._base.errors import ConfigError
+from .._base.otlp_settings import endpoint_in_environment, env_value
+from .._outputs.base import Exporter
 from .._profiler import OnUnavailable
 
 PREFIX = "EBPF_STREAM_"
@@ -183,7 +183,7 @@ def config_from_environment(env: Mapping[str, str]) -> EbpfConfig:
 
 def _output(path: str, source: str, config: EbpfConfig) -> Output:
     # Loaded here: the formats' module brings the OTLP/JSON exporter, and protobuf.
-    from .._exporters.formats import format_for_path
+    from .._outputs.formats import format_for_path
 
     fmt = format_for_path(path)
     if fmt is None:

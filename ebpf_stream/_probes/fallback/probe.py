@@ -29,9 +29,11 @@ import time
 
 import anyio
 
-from ..._clock import ring_latency_s, wall_clock_offset_ns
-from ..._config import EbpfConfig, PythonFrames
-from ..._events import (
+from ..._base.clock import ring_latency_s, wall_clock_offset_ns
+from ..._base.config import EbpfConfig, PythonFrames
+from ..._base.overhead import CpuMeter
+from ..._base.stats import Stats
+from ..._model.events import (
     NO_STACK,
     CpuSample,
     Event,
@@ -43,8 +45,6 @@ from ..._events import (
     Watermark,
     encode_events,
 )
-from ..._overhead import CpuMeter
-from ..._stats import Stats
 from ..base import Emit, Probe
 from ..pids import process_name
 from . import busy as busy_periods

@@ -18,7 +18,7 @@ import time
 from types import FrameType
 from typing import Final
 
-from ..._events import PYTHON_FRAME_GENERATOR, Event, PythonStack
+from ..._model.events import PYTHON_FRAME_GENERATOR, Event, PythonStack
 
 # Frames kept, as PYTHON_MAX_DEPTH in kernel/python_frames.h.
 MAX_DEPTH: Final = 128

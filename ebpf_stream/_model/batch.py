@@ -1,0 +1,78 @@
+"""What one export interval hands to the exporters."""
+
+from __future__ import annotations
+
+import msgspec
+
+from .events import LoopStall, OomKill, SlowSyscall, TcpConnection, Totals
+from .profile import Frame, FrameKind, Profile
+
+
+class SlowCall(msgspec.Struct, frozen=True, gc=False):
+    """A slow syscall with its stack symbolized (root first, kernel frames last)."""
+
+    call: SlowSyscall
+    frames: tuple[Frame, ...]
+
+
+class StallStack(msgspec.Struct, frozen=True, gc=False):
+    """One stack seen while a loop stalled: how often it was sampled on the CPU,
+    and how long the thread slept in it.
+
+    ``frames`` are root first.  A stack slept in holds only Python frames:
+    the kernel walks them as the thread goes to sleep.
+    """
+
+    frames: tuple[Frame, ...]
+    samples: int = 0
+    slept_ns: int = 0
+
+
+class Stall(msgspec.Struct, frozen=True, gc=False):
+    """An asyncio loop that ran callbacks for ``stall.duration_ns`` without waiting,
+    with the stacks seen meanwhile, heaviest first (slept time, then samples).
+    """
+
+    stall: LoopStall
+    stacks: tuple[StallStack, ...]
+
+    @property
+    def culprit(self) -> Frame | None:
+        """The code that kept the loop from waiting: the innermost named Python
+        frame of the heaviest stack."""
+        if not self.stacks:
+            return None
+        return next((f for f in reversed(self.stacks[0].frames)
+                     if f.kind is FrameKind.PYTHON and f.line), None)
+
+
+TraceRecord = SlowCall | TcpConnection | OomKill | Stall
+
+
+class Batch(msgspec.Struct, gc=False):
+    """Everything one export interval collected, with the loss seen while collecting it.
+
+    ``profile`` holds the CPU samples, and in ``profile.processes`` every
+    process the batch mentions.  ``records`` are discrete events (slow
+    syscalls, closed TCP connections, OOM kills, loop stalls), oldest first.  ``totals``
+    are the latest cumulative counters per process (and per syscall) seen in
+    the interval.
+
+    ``dropped`` counts samples and records lost before this batch was built
+    (kernel ring full, channel full, or over ``max_samples``), so an exporter
+    can report how complete the batch is.
+    """
+
+    profile: Profile
+    dropped: int = 0
+    records: list[TraceRecord] = msgspec.field(default_factory=list)
+    totals: list[Totals] = msgspec.field(default_factory=list)
+
+    @property
+    def sample_count(self) -> int:
+        """CPU samples plus records: the unit of ``max_samples`` and of ``Stats``."""
+        return self.profile.sample_count + len(self.records)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.sample_count or self.totals or self.dropped)

@@ -1,0 +1,48 @@
+"""How a frame reads as text: one name, shared by every text output.
+
+The folded, speedscope and SVG files, the OTLP stall records and the
+command line all name frames through :func:`frame_label`, so a frame reads
+the same wherever it is shown.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from .dictionary import valid_utf8
+from .profile import Frame, FrameKind
+
+KERNEL_SUFFIX = "_[k]"
+"""Appended to kernel frame names, so kernel time stands out in any viewer."""
+
+# ";" separates frames and a newline separates stacks; other control
+# characters (and two non-characters) would corrupt the line-oriented file or
+# the SVG's XML.
+_UNSAFE = {ord(";"): ":"} | {c: " " for c in (*range(32), 127, 0xFFFE, 0xFFFF)}
+
+
+# Where installed code lives: a file below one of these reads as its import path.
+_LIBRARY_ROOT = re.compile(r".*/(?:site-packages|dist-packages|lib/python\d+\.\d+)/")
+
+
+def short_file(path: str) -> str:
+    """A Python source file as a reader knows it: ``asyncio/events.py`` for the
+    standard library and installed packages, the base name for anything else."""
+    library = _LIBRARY_ROOT.sub("", path, count=1)
+    return library if library != path else path.rpartition("/")[2]
+
+
+def clean_name(name: str) -> str:
+    """Make ``name`` safe as one folded frame: no separators, never empty."""
+    return valid_utf8(name).translate(_UNSAFE) or "[unknown]"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def frame_label(frame: Frame) -> str:
+    """The display name of ``frame``: ``qualname (file.py:line)`` for a Python
+    frame.  Cached: the same frames recur in many stacks."""
+    name = clean_name(frame.name)
+    if frame.kind is FrameKind.PYTHON and frame.line:
+        return clean_name(f"{frame.name} ({short_file(frame.module)}:{frame.line})")
+    return name + KERNEL_SUFFIX if frame.kind is FrameKind.KERNEL else name

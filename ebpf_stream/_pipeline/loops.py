@@ -1,0 +1,111 @@
+"""Event-loop stalls: gathering what a stalled asyncio loop was doing.
+
+The kernel reports, for each thread of a Python process that polls with
+epoll, when its loop goes busy (returns from epoll) and when a busy period
+lasted past the stall threshold.  Meanwhile it tags the thread's CPU samples
+with the busy period, and reports each long sleep in it with the Python
+stack the thread slept in.  ``LoopWatch`` collects those per busy period
+and, when the stall record arrives (always after them, from the same ring),
+hands back one ``Stall`` with its stacks.
+
+Only asyncio loops are reported: a stall is one when the Python stack of
+the wait that ended it runs through asyncio (or uvloop, which asyncio
+runs); a stall without that stack (its process was not walked yet) is one
+when its thread was seen waiting in asyncio before.  Other pollers (a selector in a
+worker thread, a server library's own loop) are left alone.  Each stall
+decides by its own record, so losing a thread's first record loses none of
+its stalls; that is also why every busy period is gathered, not only
+those of threads already known to be asyncio loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .._model.batch import Stall, StallStack
+from .._model.events import CpuSample, LoopBlocked, LoopStall, LoopThread, LoopTotals
+from .._model.profile import Frame
+
+_LOOP_MODULES = ("/asyncio/", "/uvloop/")
+_MAX_STACKS = 256  # distinct stacks kept per busy period
+
+PythonFrames = Callable[[int, int], tuple[Frame, ...] | None]  # (pid, key) -> root-first frames
+
+
+def _runs_asyncio(frames: tuple[Frame, ...]) -> bool:
+    return any(marker in frame.module for frame in frames for marker in _LOOP_MODULES)
+
+
+class _BusyPeriod:
+    __slots__ = ("since", "stacks")
+
+    def __init__(self, since: int) -> None:
+        self.since = since
+        self.stacks: dict[tuple[Frame, ...], list[int]] = {}  # frames -> [samples, slept_ns]
+
+    def add(self, frames: tuple[Frame, ...], samples: int, slept_ns: int) -> None:
+        counts = self.stacks.get(frames)
+        if counts is None:
+            if len(self.stacks) >= _MAX_STACKS:
+                return
+            counts = self.stacks[frames] = [0, 0]
+        counts[0] += samples
+        counts[1] += slept_ns
+
+
+class LoopWatch:
+    """Turns the kernel's loop records into ``Stall`` reports for asyncio loops."""
+
+    def __init__(self, python_frames: PythonFrames) -> None:
+        self._python_frames = python_frames
+        # (pid, tid) -> whether the thread was seen waiting in an asyncio loop
+        self._loops: dict[tuple[int, int], bool] = {}
+        self._busy: dict[tuple[int, int], _BusyPeriod] = {}
+
+    def thread(self, event: LoopThread) -> None:
+        self._waited(event.pid, event.tid, event.python_stack)
+
+    def sample(self, sample: CpuSample, frames: tuple[Frame, ...]) -> None:
+        if sample.busy_since:
+            self._period(sample.pid, sample.tid, sample.busy_since).add(frames, 1, 0)
+
+    def blocked(self, event: LoopBlocked) -> None:
+        frames = self._python_frames(event.pid, event.python_stack) or ()
+        self._period(event.pid, event.tid, event.busy_since).add(frames, 0, event.duration_ns)
+
+    def stall(self, event: LoopStall) -> Stall | None:
+        """The stall of an asyncio loop with its stacks; None for other pollers."""
+        thread = (event.pid, event.tid)
+        period = self._busy.pop(thread, None)
+        waited = self._waited(event.pid, event.tid, event.python_stack)
+        if not (waited if waited is not None else self._loops.get(thread)):
+            return None
+        stacks = period.stacks if period is not None and period.since == event.busy_since else {}
+        ranked = sorted(stacks.items(), key=lambda item: (-item[1][1], -item[1][0]))
+        return Stall(event, tuple(StallStack(frames, samples, slept)
+                                  for frames, (samples, slept) in ranked))
+
+    def keeps(self, totals: LoopTotals) -> bool:
+        """Whether ``totals`` are an asyncio loop's."""
+        return bool(self._loops.get((totals.pid, totals.tid)))
+
+    def forget(self, pid: int) -> None:
+        for table in (self._loops, self._busy):
+            for thread in [t for t in table if t[0] == pid]:
+                del table[thread]
+
+    def _waited(self, pid: int, tid: int, python_stack: int) -> bool | None:
+        """Whether the thread waited in an asyncio loop at ``python_stack``;
+        None if that stack is unknown."""
+        frames = self._python_frames(pid, python_stack) if python_stack else None
+        if not frames:
+            return None
+        asyncio = _runs_asyncio(frames)
+        self._loops[(pid, tid)] = self._loops.get((pid, tid), False) or asyncio
+        return asyncio
+
+    def _period(self, pid: int, tid: int, since: int) -> _BusyPeriod:
+        period = self._busy.get((pid, tid))
+        if period is None or period.since != since:
+            period = self._busy[(pid, tid)] = _BusyPeriod(since)
+        return period
