@@ -12,7 +12,8 @@ import click
 
 from .._base.errors import TargetError
 from .backend import backend_options
-from .record import config_from_options, run_record
+from .options import config_from_options
+from .record import run_record
 
 _SOURCE = Path(__file__).resolve().parent.parent / "_demo" / "demo_workload.c"
 

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import click
-from anyio.abc import TaskGroup
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .._base.config import EbpfConfig, Environment, PythonFrames, sample_rate_range
+from .._base.config import EbpfConfig, PythonFrames
 from .._base.errors import ConfigError
 from .._base.otlp_settings import Signal, endpoint_in_environment
 from .._model.batch import Batch, Stall
@@ -36,10 +31,17 @@ from .._outputs.base import Exporter
 from .._outputs.formats import FORMATS, format_for_path
 from .._outputs.otlp.exporter import OtlpExporter
 from .._profiler import Profiler
-from .backend import backend_options, running_loop_name
-from .launch import GatedCommand, start_gated
+from .backend import backend_options
+from .options import (
+    check_target,
+    config_from_options,
+    target_options,
+    traces,
+    with_features,
+    with_python,
+)
+from .runs import Show, human_bytes, run_traced
 
-_log = logging.getLogger(__name__)
 _DEFAULT_NAME = {"folded": "profile.folded", "pprof": "profile.pb.gz",
                  "speedscope": "profile.speedscope.json", "svg": "profile.svg",
                  "otlp-json": "profile.otlp.jsonl"}
@@ -47,65 +49,7 @@ _TRACE_DEFAULT_NAME = "trace.otlp.jsonl"  # with --no-cpu there is no profile in
 _TRACE_FORMATS = frozenset({"otlp-json"})  # the others hold CPU samples only
 _SHUTDOWN_MARGIN_S = 5.0  # beyond the OTLP flush timeout, for the last batch's conversion
 
-F = TypeVar("F", bound=Callable[..., object])
 T = TypeVar("T", SyscallTotals, NetworkTotals, MemoryTotals)
-# Runs beside the recording: (profiler, monotonic start, what is recorded).
-Show = Callable[[Profiler, float, str], Coroutine[Any, Any, None]]
-
-
-def config_from_options(env: str | None, rate: int | None, max_samples: int | None,
-                        pids: Sequence[int]) -> EbpfConfig:
-    """The config for a run: the preset of ``--env`` (or ``$ENV``), then the overrides."""
-    environment = Environment.parse(env or os.environ.get("ENV") or "production")
-    config = EbpfConfig.for_environment(environment)
-    if rate is not None:
-        config = config.with_sample_rate(rate)
-        lo, hi = sample_rate_range(environment)
-        if not lo <= rate <= hi:
-            click.echo(f"note: {rate} Hz is outside the {lo}-{hi} Hz suggested for "
-                       f"{environment.value}", err=True)
-    if max_samples is not None:
-        config = config.with_max_samples(max_samples)
-    return config.with_pids(pids)
-
-
-def with_features(config: EbpfConfig, *, cpu: bool, syscalls: bool, network: bool,
-                  memory: bool, slow_syscall_ms: float | None,
-                  syscall_latency: bool = True) -> EbpfConfig:
-    """``config`` with the features the options switch on."""
-    if slow_syscall_ms is not None:
-        if not syscalls or not syscall_latency:
-            raise ConfigError("--slow-syscall-ms: needs syscall tracing with latency "
-                              "(--syscalls, without --syscall-counts-only)")
-        config = config.with_slow_syscall_threshold(slow_syscall_ms)
-    if not syscall_latency:
-        if not syscalls:
-            raise ConfigError("--syscall-counts-only: needs syscall tracing (--syscalls)")
-        config = config.with_syscall_latency(False)
-    # CPU last: each builder validates, and CPU may be the only feature on before.
-    return (config.with_syscall_tracing(syscalls).with_network_tracing(network)
-            .with_memory_tracing(memory).with_cpu_profiling(cpu))
-
-
-def with_python(config: EbpfConfig, *, cpu: bool, python_frames: str | None,
-                stall_threshold_ms: float | None) -> EbpfConfig:
-    """``config`` with how Python stacks read and when an asyncio loop has stalled."""
-    for option, value in (("--python-frames", python_frames),
-                          ("--stall-threshold", stall_threshold_ms)):
-        if value is not None and not cpu:
-            raise ConfigError(f"{option}: works on CPU samples, which --no-cpu turns off")
-    if python_frames is not None:
-        config = config.with_python_frames(python_frames)
-    if stall_threshold_ms is not None:
-        if stall_threshold_ms and config.python_frames is PythonFrames.OFF:
-            raise ConfigError("--stall-threshold: needs Python frames, which "
-                              "--python-frames off turns off")
-        config = config.with_stall_threshold(stall_threshold_ms)
-    return config
-
-
-def traces(config: EbpfConfig) -> bool:
-    return config.syscall_tracing or config.network_tracing or config.memory_tracing
 
 
 def outputs_from_options(fmt: str | None, paths: Sequence[str], otlp: bool = False,
@@ -133,67 +77,6 @@ def outputs_from_options(fmt: str | None, paths: Sequence[str], otlp: bool = Fal
                               "them off; write otlp-json (.otlp.jsonl) instead")
         outputs.append((implied, Path(p)))
     return outputs
-
-
-def with_descendants(pids: Iterable[int]) -> list[int]:
-    """``pids`` and every process descended from them, as ``/proc`` shows them now.
-
-    Children forked later are followed in the kernel; these are the ones
-    that already exist.
-    """
-    children: defaultdict[int, list[int]] = defaultdict(list)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:  # exited while we looked
-            continue
-        parent = int(stat.rpartition(")")[2].split()[1])
-        children[parent].append(int(entry.name))
-    found = list(dict.fromkeys(pids))
-    seen = set(found)
-    for pid in found:  # grows as descendants are found: a breadth-first walk
-        for child in children.get(pid, ()):
-            if child not in seen:
-                seen.add(child)
-                found.append(child)
-    return found
-
-
-async def _wait_for_exit(pids: Sequence[int]) -> None:
-    """Return once every pid has exited (pidfds become readable on exit)."""
-    fds = []
-    try:
-        for pid in pids:
-            try:
-                fds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                continue
-        for fd in fds:
-            await anyio.wait_readable(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-async def _until_signal() -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
-
-
-async def _stop_when_any(tg: TaskGroup, *waits: Awaitable[object]) -> None:
-    stop = anyio.Event()
-
-    async def run(wait: Awaitable[object]) -> None:
-        await wait
-        stop.set()
-
-    for w in waits:
-        tg.start_soon(run, w)
-    await stop.wait()
-    tg.cancel_scope.cancel()
 
 
 class Tally:
@@ -250,14 +133,6 @@ class Tally:
         return ", ".join(parts)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def counted_as(config: EbpfConfig) -> str:
     """What ``Stats.received`` counts in this run: CPU samples, trace records, or both."""
     if not traces(config):
@@ -293,53 +168,6 @@ def otlp_from_options(endpoint: str | None, protocol: str | None) -> OtlpExporte
     return OtlpExporter(endpoint, protocol=protocol, source="--otlp-endpoint")
 
 
-def _and_descendants(n: int) -> str:
-    return f" and {n} descendant{'s' * (n != 1)}" if n else ""
-
-
-async def run_traced(config: EbpfConfig, exporters: list[Exporter], command: Sequence[str],
-                     duration: float | None, show: Show | None = None,
-                     shutdown_timeout: float = 15.0) -> Profiler:
-    """Record ``command`` (started behind a gate), the config's pids, or every process.
-
-    A target's descendants are recorded too: those alive now and those it
-    forks later.  Ends on SIGINT/SIGTERM, after ``duration``, or when the
-    command (or every pid given) has exited.
-    """
-    _log.info("event loop: %s", running_loop_name())
-    gated: GatedCommand | None = await start_gated(command) if command else None
-    named = [gated.pid] if gated else list(config.pids)
-    targets = with_descendants(named)
-    # Recording is the command's whole job: a machine that cannot is an error here.
-    profiler = Profiler(config.with_pids(targets), exporters,
-                        system_wide=not named, follow_children=True,
-                        shutdown_timeout=shutdown_timeout, on_unavailable="raise",
-                        standalone=True)
-    what = (f"{command[0]} (pid {gated.pid})" if gated else
-            f"pid {', '.join(map(str, named))}{_and_descendants(len(targets) - len(named))}"
-            if named else "all processes")
-    try:
-        async with profiler:
-            started = time.monotonic()
-            if gated:
-                gated.release()
-            async with anyio.create_task_group() as tg:
-                waits: list[Awaitable[object]] = [_until_signal()]
-                if gated:
-                    waits.append(gated.process.wait())
-                elif named:
-                    waits.append(_wait_for_exit(named))
-                if duration is not None:
-                    waits.append(anyio.sleep(duration))
-                if show is not None:
-                    tg.start_soon(show, profiler, started, what)
-                await _stop_when_any(tg, *waits)
-    finally:
-        if gated is not None and gated.process.returncode is None:
-            await gated.abort()
-    return profiler
-
-
 async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]],
                      otlp: OtlpExporter | None, command: Sequence[str],
                      duration: float | None, progress: bool,
@@ -354,26 +182,6 @@ async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]],
         exporters.append(tally)
     return await run_traced(config, exporters, command, duration,
                             _progress(tally) if progress else None, shutdown_timeout)
-
-
-def target_options(f: F) -> F:
-    """The options that choose what to record, shared by ``record`` and ``top``."""
-    f = click.argument("command", nargs=-1, type=click.UNPROCESSED)(f)
-    f = click.option("--env", type=str, help="Preset: production, staging, development or "
-                     "debug. Default: $ENV, else production.")(f)
-    f = click.option("-d", "--duration", type=float, help="Seconds to record. Default: until "
-                     "Ctrl-C or until the targets exit.")(f)
-    f = click.option("-p", "--pid", "pids", type=int, multiple=True,
-                     help="Process to record, with its descendants (repeatable). "
-                     "Default: every process.")(f)
-    return f
-
-
-def check_target(pids: Sequence[int], command: Sequence[str], duration: float | None) -> None:
-    if duration is not None and duration <= 0:
-        raise ConfigError(f"--duration: {duration:g} must be a positive number of seconds")
-    if pids and command:
-        raise ConfigError("give either --pid or a command, not both")
 
 
 @click.command(context_settings={"ignore_unknown_options": False})

@@ -38,15 +38,8 @@ from .._model.events import (
 from .._outputs.base import ExportContext, Exporter
 from .._profiler import Profiler
 from .backend import backend_options
-from .record import (
-    Show,
-    check_target,
-    config_from_options,
-    human_bytes,
-    run_traced,
-    target_options,
-    with_features,
-)
+from .options import check_target, config_from_options, target_options, with_features
+from .runs import Show, human_bytes, run_traced
 
 _ROWS = 10
 _RECENT_CONNECTIONS = 10
