@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 
 class BoundedQueue(Generic[T]):
-    """A FIFO of at most ``capacity`` items, for any number of producers.
+    """A FIFO of at most ``capacity`` items, for one producer and one consumer.
 
     ``weight`` says how many samples an item carries, so drops are counted in
     samples, not items.  ``items`` is the queue itself, for a consumer that
@@ -50,10 +50,7 @@ class BoundedQueue(Generic[T]):
         await anyio.lowlevel.checkpoint()  # a producer that never waits still lets others run
         while len(self.items) >= self.capacity:
             if self._policy is OverflowPolicy.BLOCK:
-                # Every waiting producer (each probe sends into the same channel)
-                # waits on one event: the next take wakes them all to look again.
-                if self._space is None or self._space.is_set():
-                    self._space = anyio.Event()
+                self._space = anyio.Event()
                 await self._space.wait()
             elif self._policy is OverflowPolicy.DROP_NEWEST:
                 self._on_drop(self._weight(item))
@@ -78,8 +75,7 @@ class BoundedQueue(Generic[T]):
     async def wait(self) -> None:
         """Return once an item is queued or the queue is closed."""
         while not self.items and not self.closed:
-            if self._ready is None or self._ready.is_set():
-                self._ready = anyio.Event()
+            self._ready = anyio.Event()
             await self._ready.wait()
 
     def close(self) -> None:
@@ -90,7 +86,7 @@ class BoundedQueue(Generic[T]):
 
 
 class Channel(Generic[T]):
-    """A bounded channel between two stages: the probes send, one stage receives."""
+    """A bounded single-producer, single-consumer channel between two stages."""
 
     def __init__(
         self,
