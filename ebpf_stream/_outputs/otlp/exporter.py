@@ -39,7 +39,6 @@ from ..._base.overhead import run_sync
 from ..._base.stats import Stats
 from ..._convert.converter import EventConverter
 from ..._model.batch import Batch
-from ..._pipeline.channels import BoundedQueue
 from ..base import ExportContext
 from .transport import DeliveryError, Transport
 
@@ -169,12 +168,12 @@ class OtlpExporter:
 
     def _new_run(self) -> None:
         """The sender's state as it is before a run: nothing queued, nothing failed."""
-        self._queue = BoundedQueue[_Outgoing](self._queue_size, self._policy,
-                                              weight=lambda item: item.samples,
-                                              on_drop=self._drop)
+        self._queue: collections.deque[_Outgoing] = collections.deque()
         self._logs.take()
         self._task_group: TaskGroup | None = None
         self._sender: anyio.CancelScope | None = None
+        self._wake = anyio.Event()
+        self._space = anyio.Event()
         self._idle = anyio.Event()
         self._closing = False
         self._closed = False
@@ -238,7 +237,7 @@ class OtlpExporter:
         records = self._logs.take()
         if records:  # one logs request: the engine's records go with the batch's events
             logs.MergeFrom(self._converter.convert_logs(records))
-        await self._queue.put(_Outgoing([
+        await self._enqueue(_Outgoing([
             _Request(Signal.PROFILES, converted.profiles, batch.profile.sample_count),
             _Request(Signal.METRICS, converted.metrics, 0),
             _Request(Signal.LOGS, logs, len(batch.records)),
@@ -256,20 +255,20 @@ class OtlpExporter:
         records = self._logs.take()
         logging.getLogger("ebpf_stream").removeHandler(self._logs)
         if records and self._task_group is not None and not self._closing:
-            # Appended over the bound: a full queue must neither block close past
-            # the flush timeout nor drop a batch of samples for the logs.
+            # Appended over the bound rather than through _enqueue: a full queue must neither
+            # block close past the flush timeout nor drop a batch of samples for the logs.
             logs = self._converter.convert_logs(records)
             self._queue.append(_Outgoing([_Request(Signal.LOGS, logs, 0)]))
         self._closing = True
-        self._queue.close()
+        self._wake.set()
         if self._task_group is not None:
             with anyio.move_on_after(self.flush_timeout_s):
                 await self._idle.wait()
             if not self._idle.is_set():
                 assert self._sender is not None
                 self._sender.cancel()
-                lost = sum(item.samples for item in self._queue.items) + self._in_flight_samples
-                self._queue.items.clear()
+                lost = sum(item.samples for item in self._queue) + self._in_flight_samples
+                self._queue.clear()
                 signal, reason = self._last_error or (Signal.PROFILES, "no response")
                 self._give_up(signal, lost,  # raised below: no need to log it as well
                               f"{reason} (gave up at the {self.flush_timeout_s:g}s flush timeout)",
@@ -286,8 +285,21 @@ class OtlpExporter:
 
     # -- queue ------------------------------------------------------------------
 
-    def _drop(self, samples: int) -> None:
-        self._stats.undelivered += samples
+    async def _enqueue(self, item: _Outgoing) -> None:
+        while len(self._queue) >= self._queue_size:
+            if self._policy is OverflowPolicy.BLOCK:
+                self._space = anyio.Event()
+                await self._space.wait()
+            elif self._policy is OverflowPolicy.DROP_NEWEST:
+                self._drop(item)
+                return
+            else:
+                self._drop(self._queue.popleft())
+        self._queue.append(item)
+        self._wake.set()
+
+    def _drop(self, item: _Outgoing) -> None:
+        self._stats.undelivered += item.samples
         self._queue_drops += 1
         if self._queue_drops == 1:  # once: a slow receiver would otherwise flood the log
             log.warning("OTLP export queue full (%d batches); dropping batches until the "
@@ -299,11 +311,14 @@ class OtlpExporter:
 
     async def _send_queued(self) -> None:
         while True:
-            await self._queue.wait()
-            if not self._queue.items:  # closed, and all sent
-                self._idle.set()
-                return
-            item = self._queue.take()
+            while not self._queue:
+                if self._closing:
+                    self._idle.set()
+                    return
+                self._wake = anyio.Event()
+                await self._wake.wait()
+            item = self._queue.popleft()
+            self._space.set()
             self._in_flight_samples = item.samples
             # One retry budget per batch: once a down receiver has cost it, the batch's
             # other requests are not retried for as long again.
