@@ -234,12 +234,14 @@ class HostWork:
     """Busy Python code in the profiler's own process."""
 
     def __init__(self) -> None:
-        self.stop = threading.Event()
+        # A plain flag, not an Event: Event.is_set is Python code, and a
+        # sample landing in it would be a leaf other than spin.
+        self.stopped = False
         self.cpu_s = 0.0  # the thread's CPU time, once stopped
 
     def spin(self) -> int:
         total = 0
-        while not self.stop.is_set():
+        while not self.stopped:
             for i in range(10_000):
                 total += i * i
             # Let the event loop run: each GIL handover it asks for could
@@ -260,7 +262,7 @@ async def test_host_process_frames(self_tests: list[str | None]) -> None:
         worker = threading.Thread(target=work.spin)
         worker.start()
         await anyio.sleep(1.5)
-        work.stop.set()
+        work.stopped = True
         await anyio.to_thread.run_sync(worker.join)
 
     profile = await profile_while(config, spin_a_while)
