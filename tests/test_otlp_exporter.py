@@ -47,8 +47,9 @@ from ebpf_stream._model.batch import Batch
 from ebpf_stream._model.labels import KERNEL_SUFFIX
 from ebpf_stream._model.profile import Frame, FrameKind, ProcessInfo, Profile
 from ebpf_stream._outputs import base
-from ebpf_stream._outputs.otlp import exporter as exporter_module
-from ebpf_stream._outputs.otlp.exporter import OtlpExporter, backoff
+from ebpf_stream._outputs.otlp import delivery as exporter_module
+from ebpf_stream._outputs.otlp.delivery import backoff
+from ebpf_stream._outputs.otlp.exporter import OtlpExporter
 from ebpf_stream._outputs.otlp.json_file import OtlpJsonFileExporter
 from ebpf_stream._outputs.otlp.transport import DeliveryError
 
@@ -699,6 +700,28 @@ async def test_mock_a_failure_of_one_batch_does_not_hold_up_the_next() -> None:
             await exporter.export(Batch(second))
     assert len(script.times(Signal.PROFILES)) == 2
     assert exporter.stats.undelivered == first.sample_count
+
+
+async def test_mock_an_export_waiting_for_room_as_closing_starts_is_counted_undelivered() -> None:
+    script = Script(profiles=[retryable()])  # always failing: the queue stays full
+    profile = make_profile()
+    returned: list[bool] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            with pytest.raises(ExportError, match="flush timeout"):
+                async with script.exporter(overflow_policy=OverflowPolicy.BLOCK, queue_size=1,
+                                           retry_for_s=30.0, flush_timeout_s=0.2) as exporter:
+
+                    async def waiting_export() -> None:
+                        await exporter.export(Batch(profile))
+                        returned.append(True)
+
+                    await exporter.export(Batch(profile))  # being sent
+                    await exporter.export(Batch(profile))  # queued
+                    tg.start_soon(waiting_export)  # waits for room until closing turns it away
+                    await anyio.sleep(0.05)
+    assert returned == [True]
+    assert exporter.stats.undelivered == 3 * profile.sample_count
 
 
 async def test_mock_transport_is_only_asked_for_what_has_content() -> None:

@@ -4,32 +4,23 @@
 requests (profiles, metrics and logs), so a slow or absent receiver never
 holds up the pipeline or the other exporters.  The queue is bounded in
 batches; when it is full the run's overflow policy applies (wait, drop the
-newest, or drop the oldest) and every sample lost that way is counted in
-``Stats.undelivered``.  A sample travels in one request (CPU samples in the
-profiles, traced events in the logs), so a request given up costs its own.
-
-A single sender delivers the queue in order.  Retryable failures are retried
-with exponential backoff and jitter (or after the delay the receiver asked
-for) for up to ``retry_for_s``; after that, or on a final error, the
-request is given up and counted.  ``aclose()`` flushes what is queued
-within ``flush_timeout_s`` (by default the endpoints' timeout) and then
-raises ``ExportError`` naming the endpoint if anything was not delivered.
+newest, or drop the oldest).  ``Delivery`` sends the queue with retries and
+counts what it loses; ``LogBuffer`` holds the engine's own warnings and
+errors, which go out as OTLP logs.  This module ties them to a run:
+``aclose()`` flushes what is queued within ``flush_timeout_s`` (by default
+the endpoints' timeout) and then raises ``ExportError`` naming the endpoint
+if anything was not delivered.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
-import random
-import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
-from google.protobuf.message import Message
 
 from ..._base.config import OverflowPolicy
 from ..._base.errors import ExportError
@@ -40,66 +31,9 @@ from ..._base.stats import Stats
 from ..._convert.converter import EventConverter
 from ..._model.batch import Batch
 from ..base import ExportContext
-from .transport import DeliveryError, Transport
-
-log = logging.getLogger("ebpf_stream")
-
-_BACKOFF_FIRST_S = 0.25
-_BACKOFF_MAX_S = 8.0
-_LOG_BUFFER = 256  # engine log records held between exports; older ones are dropped
-
-
-def backoff(attempt: int) -> float:
-    """Delay before retry ``attempt`` (0-based): doubling, capped, with jitter.
-
-    The jitter (a random 50-100% of the step) keeps many profilers that lost
-    the same collector from retrying in lockstep when it comes back.
-    """
-    step = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** min(attempt, 16))
-    return float(step * random.uniform(0.5, 1.0))
-
-
-def _rejected(response: Message) -> tuple[int, str]:
-    """(items rejected, the receiver's message) from a partial-success response."""
-    partial = getattr(response, "partial_success", None)
-    if partial is None:
-        return 0, ""
-    count = next((value for field, value in partial.ListFields()
-                  if field.name.startswith("rejected_")), 0)
-    return int(count), str(partial.error_message)
-
-
-class _LogBuffer(logging.Handler):
-    """Keeps the engine's warnings and errors until the next export sends them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: collections.deque[logging.LogRecord] = collections.deque(
-            maxlen=_LOG_BUFFER)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def take(self) -> list[logging.LogRecord]:
-        records = list(self.records)
-        self.records.clear()
-        return records
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Request:
-    signal: Signal
-    message: Message
-    samples: int  # the samples it carries: lost with it if it is given up
-
-
-@dataclasses.dataclass(slots=True)
-class _Outgoing:
-    requests: list[_Request]
-
-    @property
-    def samples(self) -> int:
-        return sum(r.samples for r in self.requests)
+from .delivery import Delivery, Request
+from .log_buffer import LogBuffer
+from .transport import Transport
 
 
 def _transport(endpoint: Endpoint) -> Transport:
@@ -163,25 +97,18 @@ class OtlpExporter:
                                 else max(ep.timeout_s for ep in self.endpoints.values()))
         self._stats = Stats()
         self._context: ExportContext | None = None
-        self._logs = _LogBuffer()
+        self._logs = LogBuffer()
+        self._task_group: TaskGroup | None = None
         self._new_run()
 
     def _new_run(self) -> None:
         """The sender's state as it is before a run: nothing queued, nothing failed."""
-        self._queue: collections.deque[_Outgoing] = collections.deque()
+        self._delivery = Delivery(self._transports, self._stats, queue_size=self._queue_size,
+                                  policy=self._policy, retry_for_s=self._retry_for)
+        self._queue = self._delivery.queue  # export() fills it, the sender empties it
         self._logs.take()
-        self._task_group: TaskGroup | None = None
         self._sender: anyio.CancelScope | None = None
-        self._wake = anyio.Event()
-        self._space = anyio.Event()
-        self._idle = anyio.Event()
-        self._closing = False
         self._closed = False
-        self._failing: set[Signal] = set()
-        self._failure: tuple[Signal, str] | None = None
-        self._last_error: tuple[Signal, str] | None = None
-        self._queue_drops = 0
-        self._in_flight_samples = 0
 
     @property
     def stats(self) -> Stats:
@@ -199,9 +126,9 @@ class OtlpExporter:
     async def __aenter__(self) -> Self:
         if self._task_group is not None:
             raise RuntimeError("this OtlpExporter is already running")
-        self._new_run()  # in this event loop: a later run may have its own
         if self._context is None:  # not bound to a run: counters of its own, for this run
             self._stats = Stats()
+        self._new_run()  # in this event loop: a later run may have its own
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         # Shielded: cancelling the host must not stop the flush in aclose(), which bounds it
@@ -226,7 +153,7 @@ class OtlpExporter:
 
     async def export(self, batch: Batch) -> None:
         """Convert ``batch`` and queue it for delivery."""
-        if self._task_group is None or self._closing:
+        if self._task_group is None or self._queue.closed:
             raise RuntimeError("OtlpExporter.export() needs `async with OtlpExporter(...)`")
         context = self._context
         # Read here, not in the worker thread: the pipeline updates them meanwhile.
@@ -237,11 +164,11 @@ class OtlpExporter:
         records = self._logs.take()
         if records:  # one logs request: the engine's records go with the batch's events
             logs.MergeFrom(self._converter.convert_logs(records))
-        await self._enqueue(_Outgoing([
-            _Request(Signal.PROFILES, converted.profiles, batch.profile.sample_count),
-            _Request(Signal.METRICS, converted.metrics, 0),
-            _Request(Signal.LOGS, logs, len(batch.records)),
-        ]))
+        await self._delivery.put(
+            Request(Signal.PROFILES, converted.profiles, batch.profile.sample_count),
+            Request(Signal.METRICS, converted.metrics, 0),
+            Request(Signal.LOGS, logs, len(batch.records)),
+        )
 
     async def aclose(self) -> None:
         """Deliver what is queued within the flush timeout, then release the transports.
@@ -254,122 +181,30 @@ class OtlpExporter:
         self._closed = True
         records = self._logs.take()
         logging.getLogger("ebpf_stream").removeHandler(self._logs)
-        if records and self._task_group is not None and not self._closing:
-            # Appended over the bound rather than through _enqueue: a full queue must neither
-            # block close past the flush timeout nor drop a batch of samples for the logs.
-            logs = self._converter.convert_logs(records)
-            self._queue.append(_Outgoing([_Request(Signal.LOGS, logs, 0)]))
-        self._closing = True
-        self._wake.set()
+        if records and self._task_group is not None:
+            self._delivery.put_last(
+                Request(Signal.LOGS, self._converter.convert_logs(records), 0))
+        self._queue.close()
         if self._task_group is not None:
             with anyio.move_on_after(self.flush_timeout_s):
-                await self._idle.wait()
-            if not self._idle.is_set():
+                await self._delivery.idle.wait()
+            if not self._delivery.idle.is_set():
                 assert self._sender is not None
                 self._sender.cancel()
-                lost = sum(item.samples for item in self._queue) + self._in_flight_samples
-                self._queue.clear()
-                signal, reason = self._last_error or (Signal.PROFILES, "no response")
-                self._give_up(signal, lost,  # raised below: no need to log it as well
-                              f"{reason} (gave up at the {self.flush_timeout_s:g}s flush timeout)",
-                              quiet=True)
+                self._delivery.abandon(f"gave up at the {self.flush_timeout_s:g}s flush timeout")
         for transport in self._transports.values():
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
-        if self._failure is not None:
-            signal, reason = self._failure
+        if self._delivery.failure is not None:
+            signal, reason = self._delivery.failure
             lost = self._stats.undelivered
             raise ExportError(
                 f"OTLP export to {self.endpoints[signal].display} failed: {reason}; "
                 + (f"{lost:,} samples not delivered" if lost else "no samples lost"))
 
-    # -- queue ------------------------------------------------------------------
-
-    async def _enqueue(self, item: _Outgoing) -> None:
-        while len(self._queue) >= self._queue_size:
-            if self._policy is OverflowPolicy.BLOCK:
-                self._space = anyio.Event()
-                await self._space.wait()
-            elif self._policy is OverflowPolicy.DROP_NEWEST:
-                self._drop(item)
-                return
-            else:
-                self._drop(self._queue.popleft())
-        self._queue.append(item)
-        self._wake.set()
-
-    def _drop(self, item: _Outgoing) -> None:
-        self._stats.undelivered += item.samples
-        self._queue_drops += 1
-        if self._queue_drops == 1:  # once: a slow receiver would otherwise flood the log
-            log.warning("OTLP export queue full (%d batches); dropping batches until the "
-                        "receiver catches up", self._queue_size)
-
     async def _send_loop(self, scope: anyio.CancelScope) -> None:
         with scope:
-            await self._send_queued()
-
-    async def _send_queued(self) -> None:
-        while True:
-            while not self._queue:
-                if self._closing:
-                    self._idle.set()
-                    return
-                self._wake = anyio.Event()
-                await self._wake.wait()
-            item = self._queue.popleft()
-            self._space.set()
-            self._in_flight_samples = item.samples
-            # One retry budget per batch: once a down receiver has cost it, the batch's
-            # other requests are not retried for as long again.
-            give_up_at = time.monotonic() + self._retry_for
-            for request in item.requests:
-                delivered = await self._deliver(request.signal, request.message, give_up_at)
-                self._in_flight_samples -= request.samples
-                if not delivered:
-                    self._stats.undelivered += request.samples
-
-    # -- delivery ---------------------------------------------------------------
-
-    async def _deliver(self, signal: Signal, request: Message, give_up_at: float) -> bool:
-        """Send with retries until ``give_up_at``; True once delivered, False once given up."""
-        if not request.ListFields():
-            return True  # nothing in it: a batch without samples, say
-        transport = self._transports[signal]
-        attempt = 0
-        while True:
-            try:
-                response = await transport.send(request)
-            except DeliveryError as exc:
-                self._last_error = (signal, str(exc))
-                delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
-                if not exc.retryable or time.monotonic() + delay > give_up_at:
-                    self._give_up(signal, 0, str(exc))
-                    return False
-                if signal not in self._failing:
-                    self._failing.add(signal)
-                    log.warning("OTLP export to %s failed (%s); retrying",
-                                transport.endpoint.display, exc)
-                attempt += 1
-                await anyio.sleep(delay)
-                continue
-            if signal in self._failing:
-                self._failing.discard(signal)
-                log.info("OTLP export to %s recovered", transport.endpoint.display)
-            rejected, message = _rejected(response)
-            if rejected or message:
-                self._stats.rejected += rejected
-                log.warning("OTLP receiver %s rejected %d %s: %s", transport.endpoint.display,
-                            rejected, signal.value, message or "no reason given")
-            return True
-
-    def _give_up(self, signal: Signal, samples: int, reason: str, *, quiet: bool = False) -> None:
-        self._stats.undelivered += samples
-        self._stats.export_errors += 1
-        if self._failure is None:
-            self._failure = (signal, reason)
-        if not quiet:
-            log.error("OTLP export to %s failed: %s", self.endpoints[signal].display, reason)
+            await self._delivery.run()
 
 
 class OtlpGrpcExporter(OtlpExporter):

@@ -1,6 +1,6 @@
 """The transport boundary: sending one OTLP request of one signal.
 
-The exporter above owns queueing, retries and accounting; a transport only
+Queueing, retries and accounting belong to ``delivery`` above; a transport only
 sends a request within its endpoint's timeout and says how it went: the
 receiver's response, or a ``DeliveryError`` that says whether trying again
 can help and when.  gRPC, HTTP and the mock used in unit tests are the
