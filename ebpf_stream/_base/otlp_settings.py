@@ -9,21 +9,33 @@ up front, once: a typo in a manifest should stop the CLI with one line
 naming the variable, not surface as a connection error minutes later.
 
 Precedence per setting: explicit argument > per-signal variable > generic
-variable > default.  Empty variables count as unset.
+variable > default.  Empty variables count as unset.  Looking variables up,
+and parsing the kinds of value any of them takes, is ``otel_env``'s job;
+the OTLP vocabulary (protocol, compression, endpoint URL) is parsed here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import os
-import re
 import types
-from collections.abc import Callable, Mapping
-from urllib.parse import unquote, urlsplit, urlunsplit
+from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .otel_env import (
+    PREFIX,
+    check_headers,
+    check_timeout_s,
+    env_value,
+    lookup,
+    parse_bool,
+    parse_pairs,
+    parse_timeout_ms,
+    readable_file,
+    split_hostport,
+)
 
 __all__ = [
     "DEFAULT_ENDPOINTS",
@@ -34,6 +46,7 @@ __all__ = [
     "Protocol",
     "Signal",
     "endpoint_in_environment",
+    "env_value",
     "otlp_endpoints",
     "resource_attributes",
 ]
@@ -79,14 +92,6 @@ _EXAMPLES: Mapping[Protocol, str] = types.MappingProxyType({
     Protocol.GRPC: "http://collector:4317",
     Protocol.HTTP_PROTOBUF: "http://collector:4318",
 })
-_PREFIX = "OTEL_EXPORTER_OTLP_"
-# RFC 9110 token: what an HTTP header name may contain.  gRPC metadata keys are
-# stricter still, but the channel reports those itself.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Milliseconds as the specification writes them: digits, optionally a fraction.
-# Not float(): it would take "inf", "nan", "1e3" and "1_000".
-_MILLIS = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,8 +150,8 @@ def otlp_endpoints(
     explicit_compression = (
         None if compression is None else _parse_compression(compression, "compression")
     )
-    explicit_timeout = None if timeout_s is None else _check_timeout_s(timeout_s)
-    explicit_headers = None if headers is None else _check_headers(headers, "headers")
+    explicit_timeout = None if timeout_s is None else check_timeout_s(timeout_s)
+    explicit_headers = None if headers is None else check_headers(headers, "headers")
     return {
         signal: _resolve(
             env, signal,
@@ -167,7 +172,7 @@ def endpoint_in_environment(environ: Mapping[str, str] | None = None) -> bool:
     """
     env = os.environ if environ is None else environ
     return any(
-        env_value(env, f"{_PREFIX}{infix}ENDPOINT") is not None for infix in ("", "PROFILES_")
+        env_value(env, f"{PREFIX}{infix}ENDPOINT") is not None for infix in ("", "PROFILES_")
     )
 
 
@@ -182,7 +187,7 @@ def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, s
     env = os.environ if environ is None else environ
     name = "OTEL_RESOURCE_ATTRIBUTES"
     raw = env_value(env, name)
-    attributes = {} if raw is None else _parse_pairs(raw, name, lower_keys=False)
+    attributes = {} if raw is None else parse_pairs(raw, name, lower_keys=False)
     service = env_value(env, "OTEL_SERVICE_NAME")
     if service is not None:
         attributes["service.name"] = service
@@ -190,21 +195,6 @@ def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, s
 
 
 # -- resolution ---------------------------------------------------------------
-
-
-def env_value(env: Mapping[str, str], name: str) -> str | None:
-    """A variable's value, stripped; empty counts as unset, as the OTLP spec says."""
-    value = env.get(name, "").strip()
-    return value or None
-
-
-def _lookup(env: Mapping[str, str], signal: Signal, setting: str) -> tuple[str, str] | None:
-    """(variable name, value) of the per-signal variable, else the generic one."""
-    for name in (f"{_PREFIX}{signal.upper()}_{setting}", f"{_PREFIX}{setting}"):
-        value = env_value(env, name)
-        if value is not None:
-            return name, value
-    return None
 
 
 def _resolve(
@@ -219,21 +209,21 @@ def _resolve(
     timeout_s: float | None,
 ) -> Endpoint:
     if protocol is None:
-        found = _lookup(env, signal, "PROTOCOL")
+        found = lookup(env, signal, "PROTOCOL")
         protocol = _DEFAULT_PROTOCOL if found is None else _parse_protocol(found[1], found[0])
 
-    found = _lookup(env, signal, "INSECURE")
-    insecure_flag = False if found is None else _parse_bool(found[1], found[0])
+    found = lookup(env, signal, "INSECURE")
+    insecure_flag = False if found is None else parse_bool(found[1], found[0])
 
     # Which endpoint applies, and whether it is a base (signal path appended
     # for HTTP) or a per-signal URL used as is.
-    per_signal = f"{_PREFIX}{signal.upper()}_ENDPOINT"
+    per_signal = f"{PREFIX}{signal.upper()}_ENDPOINT"
     if endpoint is not None:
         raw, name, is_base = endpoint, source, True
     elif (value := env_value(env, per_signal)) is not None:
         raw, name, is_base = value, per_signal, False
-    elif (value := env_value(env, f"{_PREFIX}ENDPOINT")) is not None:
-        raw, name, is_base = value, f"{_PREFIX}ENDPOINT", True
+    elif (value := env_value(env, f"{PREFIX}ENDPOINT")) is not None:
+        raw, name, is_base = value, f"{PREFIX}ENDPOINT", True
     else:
         raw, name, is_base = DEFAULT_ENDPOINTS[protocol], "default endpoint", True
     url, insecure = _parse_endpoint(
@@ -241,27 +231,27 @@ def _resolve(
     )
 
     if headers is None:
-        found = _lookup(env, signal, "HEADERS")
+        found = lookup(env, signal, "HEADERS")
         headers = () if found is None else tuple(
-            _parse_pairs(found[1], found[0], lower_keys=True).items()
+            parse_pairs(found[1], found[0], lower_keys=True).items()
         )
     if compression is None:
-        found = _lookup(env, signal, "COMPRESSION")
+        found = lookup(env, signal, "COMPRESSION")
         compression = Compression.NONE if found is None else _parse_compression(found[1], found[0])
     if timeout_s is None:
-        found = _lookup(env, signal, "TIMEOUT")
-        timeout_s = DEFAULT_TIMEOUT_S if found is None else _parse_timeout_ms(found[1], found[0])
+        found = lookup(env, signal, "TIMEOUT")
+        timeout_s = DEFAULT_TIMEOUT_S if found is None else parse_timeout_ms(found[1], found[0])
 
-    certificate = _file(env, signal, "CERTIFICATE")
-    client_key = _file(env, signal, "CLIENT_KEY")
-    client_certificate = _file(env, signal, "CLIENT_CERTIFICATE")
+    certificate = readable_file(env, signal, "CERTIFICATE")
+    client_key = readable_file(env, signal, "CLIENT_KEY")
+    client_certificate = readable_file(env, signal, "CLIENT_CERTIFICATE")
     # Mutual TLS needs both halves; with one, the TLS libraries fail later
     # with a message that names neither variable.
     for have, lack in ((client_key, client_certificate), (client_certificate, client_key)):
         if have is not None and lack is None:
             missing = "CLIENT_KEY" if have is client_certificate else "CLIENT_CERTIFICATE"
             raise ConfigError(
-                f"{have[0]}: set without {_PREFIX}[{signal.upper()}_]{missing} "
+                f"{have[0]}: set without {PREFIX}[{signal.upper()}_]{missing} "
                 f"(client TLS needs both a key and a certificate)"
             )
 
@@ -271,6 +261,10 @@ def _resolve(
         certificate=_path(certificate), client_key=_path(client_key),
         client_certificate=_path(client_certificate),
     )
+
+
+def _path(found: tuple[str, str] | None) -> str | None:
+    return None if found is None else found[1]
 
 
 # -- parsers: each raises ConfigError naming ``name`` --------------------------
@@ -301,7 +295,7 @@ def _parse_endpoint(
             raise bad("it has no http:// or https:// scheme")
         if any(c in value for c in "/?#@"):
             raise bad("without a scheme only host:port is accepted")
-        host, port = _split_hostport(value, bad)
+        host, port = split_hostport(value, bad)
         scheme = "http" if insecure_flag else "https"
         port = _DEFAULT_PORTS[protocol] if port is None else port
         return f"{scheme}://{host}:{port}", insecure_flag
@@ -316,7 +310,7 @@ def _parse_endpoint(
     if "@" in parts.netloc:
         # Refused rather than kept: the URL is echoed in logs and errors.
         raise bad("credentials belong in OTEL_EXPORTER_OTLP_HEADERS, not the URL")
-    host, port = _split_hostport(parts.netloc, bad)
+    host, port = split_hostport(parts.netloc, bad)
     if port is None:  # a URL means what it says: the scheme's own port
         port = 443 if scheme == "https" else 80
     netloc = f"{host}:{port}"
@@ -328,28 +322,6 @@ def _parse_endpoint(
     return urlunsplit((scheme, netloc, path, parts.query, "")), scheme == "http"
 
 
-def _split_hostport(netloc: str, bad: Callable[[str], ConfigError]) -> tuple[str, int | None]:
-    """(host, port or None) of ``host[:port]``; IPv6 hosts stay bracketed."""
-    if netloc.startswith("["):
-        end = netloc.find("]")
-        if end < 2:
-            raise bad("the IPv6 address is not closed with ]" if end < 0 else "it has no host")
-        host, rest = netloc[: end + 1], netloc[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise bad("unexpected text after the IPv6 address")
-        port_text: str | None = rest[1:] if rest else None
-    else:
-        host, sep, port_text = netloc.partition(":")
-        if ":" in port_text:
-            raise bad("IPv6 addresses must be in brackets, like [::1]:4317")
-        port_text = port_text if sep else None
-    if not host:
-        raise bad("it has no host")
-    if port_text is None:
-        return host, None
-    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
-        raise bad(f"port {port_text!r} is not an integer 1-65535")
-    return host, int(port_text)
 
 
 def _parse_protocol(value: Protocol | str, name: str) -> Protocol:
@@ -373,83 +345,3 @@ def _parse_compression(value: Compression | str, name: str) -> Compression:
         raise ConfigError(
             f"{name}: {value!r} is not an OTLP compression (expected gzip or none)"
         ) from None
-
-
-def _parse_timeout_ms(value: str, name: str) -> float:
-    if _MILLIS.fullmatch(value) is None or float(value) <= 0:
-        raise ConfigError(
-            f"{name}: {value!r} is not a valid timeout (expected milliseconds > 0, like 10000)"
-        )
-    return float(value) / 1000.0
-
-
-def _check_timeout_s(value: float) -> float:
-    # Exact types: a bool is not a duration.
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"timeout_s: {value!r} is not a valid timeout (expected seconds > 0)")
-    return float(value)
-
-
-def _parse_bool(value: str, name: str) -> bool:
-    text = value.lower()
-    if text not in ("true", "false"):
-        raise ConfigError(f"{name}: {value!r} is not a boolean (expected true or false)")
-    return text == "true"
-
-
-def _parse_pairs(value: str, name: str, *, lower_keys: bool) -> dict[str, str]:
-    """``k=v,k2=v2`` (W3C-baggage-like) with percent-decoded values.
-
-    Splits on the first ``=`` only: base64 tokens end in ``=``.  Empty members
-    (a trailing comma) are skipped; a later duplicate key wins.
-    """
-    pairs: dict[str, str] = {}
-    for member in value.split(","):
-        if not member.strip():
-            continue
-        key, sep, raw = member.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(
-                f"{name}: {member.strip()!r} is not a key=value pair "
-                f"(expected a list like key1=value1,key2=value2)"
-            )
-        if lower_keys:
-            key, decoded = _check_header(key, unquote(raw.strip()), name)
-        else:
-            decoded = unquote(raw.strip())
-        pairs[key] = decoded
-    return pairs
-
-
-def _check_headers(headers: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
-    checked = dict(_check_header(key.strip(), value, name) for key, value in headers.items())
-    return tuple(checked.items())
-
-
-def _check_header(key: str, value: str, name: str) -> tuple[str, str]:
-    """Lower-cased key and value, refusing what no HTTP/2 stack would send.
-
-    gRPC metadata keys must be lower-case; checking here gives a message
-    naming the variable instead of a failure on the first export.
-    """
-    if _TOKEN.fullmatch(key) is None:
-        raise ConfigError(f"{name}: {key!r} is not a valid header name")
-    if _CONTROL.search(value):
-        raise ConfigError(f"{name}: the value of {key!r} contains control characters")
-    return key.lower(), value
-
-
-def _file(env: Mapping[str, str], signal: Signal, setting: str) -> tuple[str, str] | None:
-    """(variable, path) of the per-signal or generic variable; the path must be readable."""
-    found = _lookup(env, signal, setting)
-    if found is None:
-        return None
-    name, path = found
-    if not (os.path.isfile(path) and os.access(path, os.R_OK)):
-        raise ConfigError(f"{name}: {path!r} is not a readable file")
-    return found
-
-
-def _path(found: tuple[str, str] | None) -> str | None:
-    return None if found is None else found[1]
