@@ -6,7 +6,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import anyio
 import click
@@ -18,17 +17,11 @@ from .._base.config import EbpfConfig, PythonFrames
 from .._base.errors import ConfigError
 from .._base.otlp_settings import Signal, endpoint_in_environment
 from .._model.batch import Batch, Stall
-from .._model.events import (
-    MemoryTotals,
-    NetworkTotals,
-    SyscallTotals,
-    TcpConnection,
-    Totals,
-    totals_key,
-)
+from .._model.events import MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
 from .._model.labels import frame_label
 from .._outputs.base import Exporter
 from .._outputs.formats import FORMATS, format_for_path
+from .._outputs.memory import LatestTotals
 from .._outputs.otlp.exporter import OtlpExporter
 from .._profiler import Profiler
 from .backend import backend_options
@@ -48,8 +41,6 @@ _DEFAULT_NAME = {"folded": "profile.folded", "pprof": "profile.pb.gz",
 _TRACE_DEFAULT_NAME = "trace.otlp.jsonl"  # with --no-cpu there is no profile in it
 _TRACE_FORMATS = frozenset({"otlp-json"})  # the others hold CPU samples only
 _SHUTDOWN_MARGIN_S = 5.0  # beyond the OTLP flush timeout, for the last batch's conversion
-
-T = TypeVar("T", SyscallTotals, NetworkTotals, MemoryTotals)
 
 
 def outputs_from_options(fmt: str | None, paths: Sequence[str], otlp: bool = False,
@@ -80,18 +71,15 @@ def outputs_from_options(fmt: str | None, paths: Sequence[str], otlp: bool = Fal
 
 
 class Tally:
-    """What a run has traced so far: an exporter that keeps the latest totals.
-
-    Totals are cumulative per process, so the run's figures are the sums of
-    the latest snapshot of each; a process that exited keeps its last one.
-    """
+    """What a run has traced so far: an exporter that keeps the latest totals and
+    running counts, never the batches (a recording may run for days)."""
 
     def __init__(self) -> None:
         self.cpu_samples = 0
         self.connections = 0
         self.stalls = 0
         self.longest_stall: Stall | None = None
-        self.latest: dict[tuple[str, int, str], Totals] = {}
+        self.latest = LatestTotals()
 
     async def export(self, batch: Batch) -> None:
         self.cpu_samples += batch.profile.sample_count
@@ -101,29 +89,25 @@ class Tally:
             if (self.longest_stall is None
                     or stall.stall.duration_ns > self.longest_stall.stall.duration_ns):
                 self.longest_stall = stall
-        for totals in batch.totals:
-            self.latest[totals_key(totals)] = totals
+        self.latest.update(batch.totals)
 
     async def aclose(self) -> None:
         pass
-
-    def of_kind(self, kind: type[T]) -> list[T]:
-        return [t for t in self.latest.values() if isinstance(t, kind)]
 
     def describe(self, config: EbpfConfig) -> str:
         """The traced figures, for the features ``config`` switches on."""
         parts = []
         if config.syscall_tracing:
-            calls = self.of_kind(SyscallTotals)
+            calls = self.latest.of_kind(SyscallTotals)
             parts.append(f"syscalls {sum(t.count for t in calls):,} "
                          f"({sum(t.errors for t in calls):,} failed)")
         if config.network_tracing:
-            net = self.of_kind(NetworkTotals)
+            net = self.latest.of_kind(NetworkTotals)
             parts.append(f"connections {self.connections:,} "
                          f"({human_bytes(sum(t.bytes_sent for t in net))} out, "
                          f"{human_bytes(sum(t.bytes_received for t in net))} in)")
         if config.memory_tracing:
-            mem = self.of_kind(MemoryTotals)
+            mem = self.latest.of_kind(MemoryTotals)
             parts.append(f"page faults {sum(t.minor_faults + t.major_faults for t in mem):,}")
         if self.longest_stall is not None:
             culprit = self.longest_stall.culprit

@@ -1,12 +1,16 @@
-"""An exporter that keeps everything in memory, for tests and embedding."""
+"""Keeping what a run exported in memory: every batch for tests and embedding, or
+only the latest totals, which the CLI tallies as a long run goes."""
 
 from __future__ import annotations
 
-from typing import Self
+from collections.abc import Iterable
+from typing import Self, TypeVar
 
 from .._model.batch import Batch, TraceRecord
 from .._model.events import Totals, totals_key
 from .._model.profile import Profile
+
+T = TypeVar("T", bound=Totals)
 
 
 def accumulate(total: Profile | None, profile: Profile, *, keep_timestamps: bool) -> Profile:
@@ -19,6 +23,28 @@ def accumulate(total: Profile | None, profile: Profile, *, keep_timestamps: bool
         total = Profile(profile.period_ns, profile.start_ns, profile.end_ns)
     total.merge(profile, keep_timestamps=keep_timestamps)
     return total
+
+
+class LatestTotals:
+    """The latest cumulative totals per process (and per syscall), one entry each.
+
+    Totals are cumulative, so a run's figures are the sums of the latest
+    snapshot of each; a process that exited keeps its last one.  Replacing
+    rather than appending keeps it as small as the set of processes, however
+    long the run.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, int, str], Totals] = {}
+
+    def update(self, totals: Iterable[Totals]) -> None:
+        self._latest.update((totals_key(t), t) for t in totals)
+
+    def all(self) -> list[Totals]:
+        return list(self._latest.values())
+
+    def of_kind(self, kind: type[T]) -> list[T]:
+        return [t for t in self._latest.values() if isinstance(t, kind)]
 
 
 class MemoryExporter:
@@ -38,11 +64,11 @@ class MemoryExporter:
         self.records: list[TraceRecord] = []
         self.closed = False
         self._profile: Profile | None = None
-        self._totals: dict[tuple[str, int, str], Totals] = {}
+        self._totals = LatestTotals()
 
     @property
     def totals(self) -> list[Totals]:
-        return list(self._totals.values())
+        return self._totals.all()
 
     @property
     def profile(self) -> Profile | None:
@@ -53,7 +79,7 @@ class MemoryExporter:
         self.batches.append(batch)
         self._profile = accumulate(self._profile, batch.profile, keep_timestamps=True)
         self.records.extend(batch.records)
-        self._totals.update((totals_key(t), t) for t in batch.totals)
+        self._totals.update(batch.totals)
 
     async def __aenter__(self) -> Self:
         self._reset()
