@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     )
     from ._model.profile import Frame, FrameKind, Profile, StackSamples
     from ._outputs.base import Exporter
-    from ._profiler import EbpfCpuProfiler, Profiler
+    from ._profiler import Profiler
+    from ._sync import EbpfCpuProfiler
 
 # Each module loads on first use of one of its names: a host that only
 # imports the package pays for none of numpy, protobuf or grpc.
@@ -58,7 +59,8 @@ __getattr__ = lazy_exports(__name__, {
     "._convert.converter": ("EventConverter",),
     "._base.overhead": ("Overhead",),
     "._model.profile": ("Frame", "FrameKind", "Profile", "StackSamples"),
-    "._profiler": ("EbpfCpuProfiler", "Profiler"),
+    "._profiler": ("Profiler",),
+    "._sync": ("EbpfCpuProfiler",),
     "._base.stats": ("Stats",),
 })
 

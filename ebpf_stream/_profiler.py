@@ -1,9 +1,10 @@
-"""The public entry points: ``Profiler`` (async) and ``EbpfCpuProfiler`` (sync).
+"""The asynchronous entry point, ``Profiler`` (``_sync`` runs it for synchronous code).
 
-``Profiler`` wires the stages (probe -> events channel -> batcher -> batches
-channel -> exporters) as tasks in the caller's event loop.  A failing stage
-never cancels the host's code: the failure is logged, the pipeline winds
-down, and the error is raised when the ``async with`` block exits.
+``Profiler`` wires the stages (probe readers -> events channel -> symbolize
+and batch -> batches channel -> exporters; see ``_pipeline``) as tasks in
+the caller's event loop.  A failing stage never cancels the host's code:
+the failure is logged, the pipeline winds down, and the error is raised
+when the ``async with`` block exits.
 Shutdown always runs shielded and within a deadline, and the kernel side is
 detached whatever happened.
 
@@ -22,7 +23,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Coroutine, Sequence
-from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 
@@ -49,20 +49,18 @@ from ._base.overhead import (
     run_sync,
 )
 from ._base.stats import Stats
+from ._fallback import open_fallback
 from ._outputs.base import ExportContext, Exporter
 from ._pipeline.channels import Channel
+from ._pipeline.reading import open_probes
 from ._probes import probes_for
 
 if TYPE_CHECKING:
-    from anyio.from_thread import BlockingPortal
-
     from ._model.batch import Batch
-    from ._model.events import EventMessage
+    from ._pipeline.reading import Readers
     from ._probes.base import Probe
 
 log = logging.getLogger("ebpf_stream")
-
-_BATCH_QUEUE = 2  # batches waiting for slow exporters; each holds up to max_samples
 
 Mode = Literal["starting", "bpf", "fallback", "off"]
 """How a run profiles: still starting in the background, with BPF probes, with the
@@ -76,7 +74,7 @@ def _import_pipeline(config: EbpfConfig) -> None:
     """Import what a run of ``config`` needs: the tracers (and numpy) only if switched on."""
     families = {"cpu": config.cpu_profiling, "syscalls": config.syscall_tracing,
                 "network": config.network_tracing, "memory": config.memory_tracing}
-    names = ["._pipeline.batcher", "._symbols", "._outputs.fanout",
+    names = ["._pipeline.stages", "._symbols", "._outputs.fanout",
              *(f"._probes.{family}" for family, enabled in families.items() if enabled)]
     for name in names:
         importlib.import_module(name, __package__)
@@ -93,7 +91,7 @@ class Profiler:
 
     The config's features choose the probes: CPU profiling, syscall,
     network and memory tracing, each its own kernel program feeding the
-    same channel, batcher and exporters.
+    same channel, batch stage and exporters.
 
     With no ``pids`` in the config the target is the host process itself;
     ``system_wide=True`` samples every process instead.  ``follow_children``
@@ -164,15 +162,13 @@ class Profiler:
         self._meter = CpuMeter()
         self._run_exporters: list[Exporter] = []
         self._probes: list[Probe] = []
-        self._readers = 0
+        self._readers: Readers | None = None
         self._monitor: OverheadMonitor | None = None
         self._final_overhead: Overhead | None = None
         self._task_group: TaskGroup | None = None
-        self._reading: list[anyio.CancelScope] = []  # one per probe reader
         self._stopping = False
         self._scopes: list[anyio.CancelScope] = []
-        self._sending: set[anyio.CancelScope] = set()  # readers' sends in progress
-        self._deadline = math.inf
+        self._deadline = math.inf  # for the shutdown, set when the run exits
         self._failure: Exception | None = None
         self._mode: Mode = "off"
         self._unavailable: EbpfStreamError | None = None
@@ -290,22 +286,25 @@ class Profiler:
         # (and the tracers numpy); and in a worker thread, so that the host's
         # loop (a service finishing its own start, say) keeps running meanwhile.
         await anyio.to_thread.run_sync(_import_pipeline, self.config)
-        from ._model.batch import Batch
-        from ._model.events import EventMessage
-        from ._pipeline.batcher import Batcher
+        from ._pipeline.stages import Stages
         from ._symbols import Symbolizer
 
         probes = probes_for(config, self._stats, targets=self._targets(),
                             follow_children=self._follow)
         try:
-            await self._open_probes(probes)
+            await open_probes(probes)
+            self._probes = probes
             mode: Mode = "bpf"
         except (EnvironmentCheckError, ProbeError) as exc:
             if self.on_unavailable == "raise":
                 raise
             self._unavailable = exc
-            if not await self._open_fallback(config, exc):
+            if (self.on_unavailable != "fallback" or not config.cpu_profiling
+                    or self._targets() != [os.getpid()]):
+                log.warning("ebpf-stream: profiling is off: %s", exc)
                 return
+            self._probes = [await open_fallback(config, exc, self._stats, self._meter,
+                                                watch_loop=self._host_loop)]
             mode = "fallback"
             config = config.with_python_frames("python")  # its samples have no native stacks
         from ._bpf.syscalls import enable_run_time_stats, fdinfo  # with the run, not the import
@@ -315,70 +314,26 @@ class Profiler:
             lambda: [fd for p in self._probes for fd in p.map_fds()],
             fdinfo, enable_run_time_stats,
             whole_process=self._standalone, baseline=self._baseline)
-        events = Channel[EventMessage](
-            config.channel_capacity, config.overflow_policy,
-            weight=lambda m: m.samples, on_drop=self._count_drop)
-        batches = Channel[Batch](
-            _BATCH_QUEUE, config.overflow_policy,
-            weight=lambda b: b.sample_count, on_drop=self._count_drop)
         symbolizer = Symbolizer()
         if mode == "bpf":
             await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
         await anyio.to_thread.run_sync(release_freed_memory)
-        batcher = Batcher(config, symbolizer, self._stats)
-        self._readers = len(self._probes)
-        for probe in self._probes:
-            self._start(self._read, probe, events)
-        self._start(batcher.run, events, batches)
-        self._start(self._export, batches, mode)
+        stages = Stages(config, self._probes, symbolizer, self._stats, self._count_drop)
+        self._readers = stages.readers
+        if self._stopping:  # the run is exiting already: the readers only drain
+            self._readers.stop()
+            self._readers.set_deadline(self._deadline)
+        for task in stages.tasks():
+            self._start(task)
+        self._start(self._export, stages.batches, mode)
         self._mode = mode
-
-    async def _open_fallback(self, config: EbpfConfig, refusal: EbpfStreamError) -> bool:
-        """Sample this process from a thread, if the config allows; say which way the run goes.
-
-        One line either way, with the refusal and its fix: the host keeps
-        running, so this is all it shows.
-        """
-        if (self.on_unavailable != "fallback" or not config.cpu_profiling
-                or self._targets() != [os.getpid()]):
-            log.warning("ebpf-stream: profiling is off: %s", refusal)
-            return False
-        from ._probes.fallback import FallbackProbe
-
-        tracers = [name for name, on in (("syscall", config.syscall_tracing),
-                                         ("network", config.network_tracing),
-                                         ("memory", config.memory_tracing)) if on]
-        off = f"; {', '.join(tracers)} tracing needs BPF and is off" if tracers else ""
-        log.warning("ebpf-stream: profiling in fallback mode (in-process sampling, "
-                    "Python frames only%s): %s", off, refusal)
-        probe = FallbackProbe(config, self._stats, self._meter, watch_loop=self._host_loop)
-        await probe.open()
-        self._probes = [probe]
-        return True
-
-    async def _open_probes(self, probes: list[Probe]) -> None:
-        """Open the probes side by side (each compiles in its own worker process).
-
-        If any fails, every one is closed and the first failure is raised alone.
-        """
-        try:
-            async with anyio.create_task_group() as tg:
-                for probe in probes:
-                    tg.start_soon(probe.open)
-        except BaseException as exc:
-            for probe in probes:
-                probe.close()
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) >= 1:
-                exc = exc.exceptions[0]
-            raise exc from None
-        self._probes = probes
 
     def _stop_reading(self) -> None:
         self._stopping = True
         if self._opening is not None:
             self._opening.cancel()
-        for scope in self._reading:
-            scope.cancel()
+        if self._readers is not None:
+            self._readers.stop()
 
     def _count_drop(self, samples: int) -> None:
         self._stats.dropped_user += samples
@@ -403,35 +358,6 @@ class Profiler:
 
         self._task_group.start_soon(guarded)
 
-    async def _read(self, probe: Probe, events: Channel[EventMessage]) -> None:
-        reading = anyio.CancelScope()
-        self._reading.append(reading)
-        if self._stopping:
-            reading.cancel()
-
-        async def emit(message: EventMessage) -> None:
-            # Stopping cancels the wait for the ring, never a message half-sent;
-            # only the shutdown deadline may interrupt a send.
-            with anyio.CancelScope(shield=True) as scope:
-                scope.deadline = self._deadline
-                self._sending.add(scope)
-                try:
-                    await events.send(message)
-                finally:
-                    self._sending.discard(scope)
-
-        try:
-            with reading:
-                await probe.run(emit)
-            # Detaching a tracepoint waits out an RCU grace period (tens of
-            # ms each): never on the host's event loop.
-            await anyio.to_thread.run_sync(probe.stop)
-            await probe.drain(emit)
-        finally:
-            self._readers -= 1
-            if not self._readers:
-                events.close()
-
     async def _export(self, batches: Channel[Batch], mode: str) -> None:
         from ._outputs.fanout import FanOut
 
@@ -450,8 +376,10 @@ class Profiler:
     ) -> None:
         try:
             self._deadline = anyio.current_time() + self._shutdown_timeout
-            for scope in [*self._scopes, *self._sending]:
+            for scope in self._scopes:
                 scope.deadline = self._deadline
+            if self._readers is not None:
+                self._readers.set_deadline(self._deadline)
             self._stop_reading()
             if self._task_group is not None:
                 await self._task_group.__aexit__(None, None, None)
@@ -477,72 +405,3 @@ class Profiler:
         for probe in self._probes:
             probe.close()
         self._probes = []
-
-
-class EbpfCpuProfiler:
-    """The synchronous API: ``start()``, ``stop()``, ``get_overhead()``.
-
-    The pipeline runs on its own event loop in a background thread, so plain
-    synchronous programs can profile themselves (or ``config.pids``).  The
-    options are ``Profiler``'s; like it, ``start()`` falls back to sampling
-    in-process when the environment refuses BPF, unless ``on_unavailable``
-    says otherwise.
-    """
-
-    def __init__(self, config: EbpfConfig | None = None, exporters: Sequence[Exporter] = (),
-                 **profiler_options: Any) -> None:
-        self._profiler = Profiler(config, exporters, **profiler_options)
-        self._profiler._host_loop = False  # it runs on a loop of its own
-        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
-        self._profiler_cm: AbstractContextManager[Profiler] | None = None
-
-    @property
-    def stats(self) -> Stats:
-        return self._profiler.stats
-
-    @property
-    def mode(self) -> Mode:
-        return self._profiler.mode
-
-    @property
-    def unavailable(self) -> EbpfStreamError | None:
-        return self._profiler.unavailable
-
-    def start(self) -> None:
-        if self._portal_cm is not None:
-            raise RuntimeError("EbpfCpuProfiler is already started")
-        from anyio.from_thread import start_blocking_portal
-
-        self._portal_cm = start_blocking_portal("asyncio")
-        portal = self._portal_cm.__enter__()
-        self._profiler_cm = portal.wrap_async_context_manager(self._profiler)
-        try:
-            self._profiler_cm.__enter__()
-        except BaseException:
-            self._profiler_cm = None
-            self._stop_portal()
-            raise
-
-    def stop(self) -> None:
-        try:
-            if self._profiler_cm is not None:
-                cm, self._profiler_cm = self._profiler_cm, None
-                cm.__exit__(None, None, None)
-        finally:
-            self._stop_portal()
-
-    def _stop_portal(self) -> None:
-        if self._portal_cm is not None:
-            cm, self._portal_cm = self._portal_cm, None
-            cm.__exit__(None, None, None)
-
-    def get_overhead(self) -> Overhead:
-        return self._profiler.get_overhead()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-

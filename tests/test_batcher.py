@@ -28,10 +28,11 @@ from ebpf_stream._model.events import (
     encode_events,
 )
 from ebpf_stream._model.profile import ProcessInfo
-from ebpf_stream._pipeline import batcher as _batcher
-from ebpf_stream._pipeline.batcher import Batcher, StackResolver
+from ebpf_stream._pipeline.batch import Batcher
 from ebpf_stream._pipeline.channels import Channel
 from ebpf_stream._pipeline.windows import Windows
+from ebpf_stream._symbols import stacks as _stacks
+from ebpf_stream._symbols.stacks import StackResolver
 
 
 class FakeSymbolizer:
@@ -253,8 +254,8 @@ def test_python_frames_of_an_exited_process_are_named_while_its_samples_arrive(
         os.kill(pid, 0)  # the runtime, here its pid; gone once the process is
         return pid
 
-    monkeypatch.setattr(_batcher, "find_python", find_python)
-    monkeypatch.setattr(_batcher, "PythonSymbols", FakePythonSymbols)
+    monkeypatch.setattr(_stacks, "find_python", find_python)
+    monkeypatch.setattr(_stacks, "PythonSymbols", FakePythonSymbols)
     resolver = StackResolver(FakeSymbolizer())  # type: ignore[arg-type]
     proc = subprocess.Popen(["sleep", "30"])
 

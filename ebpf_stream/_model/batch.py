@@ -14,6 +14,14 @@ class SlowCall(msgspec.Struct, frozen=True, gc=False):
     call: SlowSyscall
     frames: tuple[Frame, ...]
 
+    @property
+    def pid(self) -> int:
+        return self.call.pid
+
+    @property
+    def comm(self) -> str:
+        return self.call.comm
+
 
 class StallStack(msgspec.Struct, frozen=True, gc=False):
     """One stack seen while a loop stalled: how often it was sampled on the CPU,
@@ -37,6 +45,14 @@ class Stall(msgspec.Struct, frozen=True, gc=False):
     stacks: tuple[StallStack, ...]
 
     @property
+    def pid(self) -> int:
+        return self.stall.pid
+
+    @property
+    def comm(self) -> str:
+        return self.stall.comm
+
+    @property
     def culprit(self) -> Frame | None:
         """The code that kept the loop from waiting: the innermost named Python
         frame of the heaviest stack."""
@@ -47,6 +63,8 @@ class Stall(msgspec.Struct, frozen=True, gc=False):
 
 
 TraceRecord = SlowCall | TcpConnection | OomKill | Stall
+"""A discrete event as exporters see it: the kernel's record, with its stacks named
+where it has any.  Each has the ``pid`` and ``comm`` of the process it is about."""
 
 
 class Batch(msgspec.Struct, gc=False):

@@ -19,8 +19,8 @@ class StackTrace(msgspec.Struct, tag="stack", array_like=True, gc=False, frozen=
     ``key`` hashes the addresses, so it means the same stack for the whole
     run.  ``addresses`` are leaf first, as the kernel records them.
     ``epoch`` is the probe's stack-map epoch when it was sent: the probe
-    sends a key again once two epochs have passed, so the batcher keeps keys
-    of the last two epochs it has seen.
+    sends a key again once two epochs have passed, so the stack resolver
+    keeps keys of the last two epochs it has seen.
     """
 
     key: int
@@ -258,8 +258,8 @@ class Watermark(msgspec.Struct, tag="watermark", array_like=True, gc=False, froz
     taken before ``complete_ns`` has been sent, in this message or an earlier
     one (0 claims nothing new).  ``stopped``: sampling has ended at
     ``complete_ns`` and no sample follows.  The CPU probe ends each message
-    with one, so the batcher can close a window once nothing can still fall
-    in it, and learns the start even if the first message was dropped.
+    with one, so the batch stage can close a window once nothing can still
+    fall in it, and learns the start even if the first message was dropped.
     """
 
     started_ns: int
@@ -282,16 +282,17 @@ def totals_key(totals: Totals) -> tuple[str, int, str]:
     return (type(totals).__name__, totals.pid, name)
 
 
-Record = SlowSyscall | TcpConnection | OomKill | LoopStall
 Event = (StackTrace | PythonStack | CpuSample | ProcessExec | LoopThread | LoopBlocked
-         | SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals | Record | Watermark)
+         | SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals
+         | SlowSyscall | TcpConnection | OomKill | LoopStall | Watermark)
 
 
 class EventMessage(msgspec.Struct, gc=False, frozen=True):
     """One encoded message and how many samples it carries (for loss accounting).
 
-    CPU samples and records (``Record``) count as samples; totals do not:
-    a later snapshot supersedes a lost one.
+    CPU samples and records (slow syscalls, connections, OOM kills, loop
+    stalls) count as samples; totals do not: a later snapshot supersedes a
+    lost one.
     """
 
     samples: int

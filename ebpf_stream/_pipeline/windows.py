@@ -1,6 +1,6 @@
 """Export windows: which interval a CPU sample belongs to, and when an interval may close.
 
-Samples reach the batcher some time after they were taken (the reader
+Samples reach the batch stage some time after they were taken (the reader
 drains the ring on a timer), so an interval closed by the clock when it
 elapses would miss its last samples and hand them to the next one.  Instead
 the run is cut into windows ``[start + k * interval, start + (k + 1) * interval)``
