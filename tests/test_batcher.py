@@ -195,6 +195,26 @@ async def test_a_slow_consumer_under_drop_oldest_loses_counted_batches() -> None
     assert len(kept) == 1 and stats.dropped_user == 4
 
 
+@pytest.mark.anyio
+async def test_a_waiting_message_is_taken_however_late_the_windows_are(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window that waits for what is queued must not keep the stage from taking it."""
+    batcher, stats, _ = make_batcher(export_interval_s=60)
+    source = Channel[EventMessage](1, OverflowPolicy.BLOCK, weight=lambda m: m.samples,
+                                   on_drop=lambda n: None)
+    due_ns = batcher._windows.due_ns
+    # Overdue while the message waits, as a window is whose end the message holds.
+    monkeypatch.setattr(batcher._windows, "due_ns", lambda: 0 if source.queued else due_ns())
+    sink = Channel[Batch](8, OverflowPolicy.BLOCK, weight=lambda b: 1, on_drop=lambda n: None)
+    t0 = time.time_ns()
+    await source.send(message(3, at=t0, complete=t0 + 3000))
+    source.close()
+    with anyio.fail_after(5):
+        await batcher.run(source, sink)
+    assert sum([b.profile.sample_count async for b in sink]) == 3
+    assert stats.dropped_user == 0
+
+
 def syscall_totals(pid: int, name: str, count: int) -> SyscallTotals:
     return SyscallTotals(pid, "app", name, count, 0, count * 100, [count] + [0] * 31)
 

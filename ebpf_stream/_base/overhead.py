@@ -18,7 +18,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 
 T = TypeVar("T")
 
@@ -217,6 +219,22 @@ def bind_meter(meter: CpuMeter) -> None:
     _current_meter.set(meter)
 
 
+# The profiler's own allowance of worker threads, per event loop: a host that
+# keeps anyio's default pool busy (a service's sync endpoints) must not hold the
+# pipeline up, nor the pipeline take the host's threads.
+_THREADS = 4
+_limiter: RunVar[anyio.CapacityLimiter] = RunVar("ebpf_stream_threads")
+
+
+def _threads() -> anyio.CapacityLimiter:
+    try:
+        return _limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(_THREADS)
+        _limiter.set(limiter)
+        return limiter
+
+
 async def run_sync(fn: Callable[..., T], *args: object) -> T:
     """Run ``fn`` in a worker thread, charging its CPU time to the task's meter.
 
@@ -225,10 +243,10 @@ async def run_sync(fn: Callable[..., T], *args: object) -> T:
     """
     meter = _current_meter.get()
     if meter is None:
-        return await anyio.to_thread.run_sync(fn, *args)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=_threads())
 
     def measured() -> T:
         with meter.measure():
             return fn(*args)
 
-    return await anyio.to_thread.run_sync(measured)
+    return await anyio.to_thread.run_sync(measured, limiter=_threads())

@@ -39,3 +39,12 @@ class Stats:
 
     def snapshot(self) -> Stats:
         return dataclasses.replace(self)
+
+    def add(self, other: Stats) -> None:
+        """Add ``other``'s counts: a stage counting off the event loop hands them over."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def clear(self) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, 0)

@@ -17,14 +17,22 @@ dropped before it costs a symbolization (the symbolize stage asks
 when a window may close (``Windows.close``), is read from the one channel
 the samples queue in.  A channel between the stages would lose both, and
 hold symbolized samples, far larger than the encoded messages.
+
+Each message is symbolized and batched in a worker thread: the first sight
+of a binary reads its symbol table, which can take the host's loop for
+hundreds of milliseconds.  The stage counts into its own ``Stats`` there,
+handed over to the run's on the loop, where the other stages count.
 """
 
 from __future__ import annotations
+
+import math
 
 import anyio
 
 from .._base.clock import Clock
 from .._base.config import EbpfConfig
+from .._base.overhead import run_sync
 from .._base.stats import Stats
 from .._model.batch import Batch, TraceRecord
 from .._model.events import (
@@ -47,8 +55,9 @@ class Batcher:
     def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats) -> None:
         self._config = config
         self._symbolizer = symbolizer
-        self._symbolize = Symbolize(config, symbolizer, stats)
         self._stats = stats
+        self._counts = Stats()  # counted off the loop, not yet in ``stats``
+        self._symbolize = Symbolize(config, symbolizer, self._counts)
         self._clock = Clock()
         self._windows = Windows(config, self._clock.now(), watermarked=config.cpu_profiling)
         self._process_windows = ProcessWindows()
@@ -61,6 +70,14 @@ class Batcher:
 
     def add(self, message: EventMessage) -> None:
         """Symbolize one message's events and put them in their windows."""
+        self._add(message)
+        self._hand_over_counts()
+
+    def _hand_over_counts(self) -> None:
+        self._stats.add(self._counts)
+        self._counts.clear()
+
+    def _add(self, message: EventMessage) -> None:
         for item in self._symbolize.items(message, self._admit):
             if isinstance(item, SamplingBegan):
                 self._windows.begin(item.started_ns)
@@ -86,7 +103,7 @@ class Batcher:
             self._early += self._split()
         if self.full:
             self._dropped += 1
-            self._stats.dropped_user += 1
+            self._counts.dropped_user += 1
             return False
         self._held += 1
         return True
@@ -143,14 +160,19 @@ class Batcher:
         try:
             while True:
                 message = None
-                wait_ns = self._windows.due_ns() - self._clock.now()
-                with anyio.move_on_after(max(0.0, wait_ns / 1e9)):
+                # A message waiting is taken however late the windows are: a
+                # zero timeout would cancel the receive before it looked, and
+                # windows that wait for what is queued would never close.
+                wait_s = math.inf if source.queued else (
+                    max(0, self._windows.due_ns() - self._clock.now()) / 1e9)
+                with anyio.move_on_after(wait_s):
                     try:
                         message = await source.receive()
                     except anyio.EndOfStream:
                         break
                 if message is not None:
-                    self.add(message)
+                    await run_sync(self._add, message)
+                    self._hand_over_counts()
                 for batch in self.ready(idle=not source.queued):
                     if not batch.empty:  # one that only counts drops still fills its window
                         await sink.send(batch)
