@@ -5,6 +5,7 @@ from __future__ import annotations
 from ebpf_stream._model.events import (
     CpuSample,
     EventMessage,
+    LatestTotals,
     LoopTotals,
     MemoryTotals,
     SyscallTotals,
@@ -27,3 +28,15 @@ def test_events_survive_the_wire_in_order() -> None:
     message = encode_events(events, samples=1)
     assert isinstance(message, EventMessage)
     assert decode_events(message) == events
+
+
+def test_latest_totals_keep_one_snapshot_per_process_and_syscall() -> None:
+    latest = LatestTotals()
+    for count in range(1, 1001):  # a long run: the snapshots replace one another
+        latest.update([SyscallTotals(7, "svc", "read", count, 0, 10, [1]),
+                       SyscallTotals(7, "svc", "write", 2 * count, 0, 10, [1])])
+    latest.update([MemoryTotals(8, "db", *[0] * 11)])
+    assert [(t.syscall, t.count) for t in latest.of_kind(SyscallTotals)] == [
+        ("read", 1000), ("write", 2000)]
+    assert [t.pid for t in latest.of_kind(MemoryTotals)] == [8]
+    assert len(latest.all()) == 3

@@ -17,11 +17,10 @@ from .._base.config import EbpfConfig, PythonFrames
 from .._base.errors import ConfigError
 from .._base.otlp_settings import Signal, endpoint_in_environment
 from .._model.batch import Batch, Stall
-from .._model.events import MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
+from .._model.events import LatestTotals, MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
 from .._model.labels import frame_label
 from .._outputs.base import Exporter
 from .._outputs.formats import FORMATS, format_for_path
-from .._outputs.memory import LatestTotals
 from .._outputs.otlp.exporter import OtlpExporter
 from .._profiler import Profiler
 from .backend import backend_options

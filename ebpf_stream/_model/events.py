@@ -9,6 +9,8 @@ faster) and ``gc=False`` (they never hold cycles).
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
+from typing import TypeVar
 
 import msgspec
 
@@ -280,6 +282,34 @@ def totals_key(totals: Totals) -> tuple[str, int, str]:
     else:
         name = ""
     return (type(totals).__name__, totals.pid, name)
+
+
+T = TypeVar("T", bound=Totals)
+
+
+class LatestTotals:
+    """The latest cumulative totals per process (and per syscall), one entry each.
+
+    Totals are cumulative, so a run's figures are the sums of the latest
+    snapshot of each; a process that exited keeps its last one.  Replacing
+    rather than appending keeps it as small as the set of processes, however
+    long the run.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, int, str], Totals] = {}
+
+    def update(self, totals: Iterable[Totals]) -> None:
+        self._latest.update((totals_key(t), t) for t in totals)
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def all(self) -> list[Totals]:
+        return list(self._latest.values())
+
+    def of_kind(self, kind: type[T]) -> list[T]:
+        return [t for t in self._latest.values() if isinstance(t, kind)]
 
 
 Event = (StackTrace | PythonStack | CpuSample | ProcessExec | LoopThread | LoopBlocked

@@ -3,14 +3,11 @@ only the latest totals, which the CLI tallies as a long run goes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Self, TypeVar
+from typing import Self
 
 from .._model.batch import Batch, TraceRecord
-from .._model.events import Totals, totals_key
+from .._model.events import LatestTotals, Totals
 from .._model.profile import Profile
-
-T = TypeVar("T", bound=Totals)
 
 
 def accumulate(total: Profile | None, profile: Profile, *, keep_timestamps: bool) -> Profile:
@@ -23,28 +20,6 @@ def accumulate(total: Profile | None, profile: Profile, *, keep_timestamps: bool
         total = Profile(profile.period_ns, profile.start_ns, profile.end_ns)
     total.merge(profile, keep_timestamps=keep_timestamps)
     return total
-
-
-class LatestTotals:
-    """The latest cumulative totals per process (and per syscall), one entry each.
-
-    Totals are cumulative, so a run's figures are the sums of the latest
-    snapshot of each; a process that exited keeps its last one.  Replacing
-    rather than appending keeps it as small as the set of processes, however
-    long the run.
-    """
-
-    def __init__(self) -> None:
-        self._latest: dict[tuple[str, int, str], Totals] = {}
-
-    def update(self, totals: Iterable[Totals]) -> None:
-        self._latest.update((totals_key(t), t) for t in totals)
-
-    def all(self) -> list[Totals]:
-        return list(self._latest.values())
-
-    def of_kind(self, kind: type[T]) -> list[T]:
-        return [t for t in self._latest.values() if isinstance(t, kind)]
 
 
 class MemoryExporter:

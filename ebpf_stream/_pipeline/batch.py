@@ -37,9 +37,9 @@ from .._base.stats import Stats
 from .._model.batch import Batch, TraceRecord
 from .._model.events import (
     EventMessage,
+    LatestTotals,
     Totals,
     Watermark,
-    totals_key,
 )
 from .._model.profile import ProcessInfo, Profile
 from .._symbols import Symbolizer
@@ -63,7 +63,7 @@ class Batcher:
         self._process_windows = ProcessWindows()
         self._processes: dict[int, ProcessInfo] = {}  # described since the last batch
         self._records: list[TraceRecord] = []
-        self._totals: dict[tuple[str, int, str], Totals] = {}
+        self._totals = LatestTotals()
         self._held = 0  # samples in open windows, and records
         self._dropped = 0
         self._early: list[Batch] = []  # closed early by max_samples, not yet handed out
@@ -90,7 +90,7 @@ class Batcher:
                 window.add(item.pid, info.name, item.frames, 1, (at,))
             elif isinstance(item, Totals):
                 self._process(item.pid, item.comm)
-                self._totals[totals_key(item)] = item
+                self._totals.update([item])
             else:
                 self._process(item.pid, item.comm)
                 self._records.append(item)
@@ -120,8 +120,8 @@ class Batcher:
         """The batch of a closed window, with every record and total not yet sent."""
         profile.processes = {**self._processes, **profile.processes}
         self._process_windows.stamp(profile)
-        batch = Batch(profile, self._dropped, self._records, list(self._totals.values()))
-        self._processes, self._records, self._totals = {}, [], {}
+        batch = Batch(profile, self._dropped, self._records, self._totals.all())
+        self._processes, self._records, self._totals = {}, [], LatestTotals()
         self._dropped = 0
         self._held -= batch.sample_count
         return batch
