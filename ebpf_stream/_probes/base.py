@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar
 
 import anyio
+import anyio.lowlevel
 
-from .._base.clock import ring_latency_s
+from .._base.clock import ring_latency_s, wall_clock_offset_ns
 from .._base.config import EbpfConfig
-from .._bpf.loader import LoadedProgram
+from .._base.stats import Stats
+from .._bpf.loader import LoadedProgram, load_program
 from .._bpf.ringbuf import Records, RingBuffer, drain_forever
 from .._bpf.syscalls import BpfMap
 from .._model.events import Event, EventMessage, encode_events
+from .pids import CommNames, load_targets
 
 Emit = Callable[[EventMessage], Awaitable[None]]
+_PAGE = 4096
 
 
 class Probe(abc.ABC):
@@ -59,9 +63,19 @@ class Probe(abc.ABC):
 class RingProbe(Probe):
     """A probe that owns one loaded program and reads one ring buffer of its.
 
-    ``ring_full_counter`` is the index of the per-CPU counter in which the
-    program counts records the ring had no room for; ``encode`` turns a
-    batch of ring records into one message.
+    ``open`` is the same for every family: build with the common settings
+    and the family's ``cflags``, load ``source`` with its ``programs`` and
+    maps, fill the ``targets`` filter, map the ring, then ``attach``; on
+    any failure, or a cancellation during the compile, everything is closed
+    again.  A family says what differs: its source, build settings, maps,
+    programs, how it attaches, and how ``encode`` turns a batch of ring
+    records into one message.  ``ring_full_counter`` is the index of the
+    per-CPU counter in which the program counts records the ring had no
+    room for.
+
+    ``targets`` are the thread-group ids to watch; ``None`` watches every
+    process.  With ``follow_children`` the targets' descendants are watched
+    too, from their fork on.
 
     A probe whose program also aggregates in maps overrides ``read_totals``
     and ``forget`` and runs ``read_ring_and_totals``: the totals are read
@@ -70,18 +84,76 @@ class RingProbe(Probe):
     lost or late costs nothing.
     """
 
+    source: ClassVar[str]  # the file under kernel/
+    ring_map: ClassVar[str]  # the ring buffer map
+    # Programs loaded only once ``attach`` calls ``LoadedProgram.load_rest``.
+    later: ClassVar[frozenset[str]] = frozenset()
     ring_full_counter: ClassVar[int]
 
-    def __init__(self, config: EbpfConfig) -> None:
+    def __init__(self, config: EbpfConfig, stats: Stats, *,
+                 targets: Sequence[int] | None, follow_children: bool = False) -> None:
+        self.config = config
+        self._stats = stats
+        self._targets = None if targets is None else tuple(targets)
+        self._follow = follow_children and targets is not None
         self._ring_latency_s = ring_latency_s(config)
         self._totals_interval_s = config.export_interval_s
+        self.wall_offset_ns = wall_clock_offset_ns()  # CLOCK_MONOTONIC -> wall clock
+        self.comm = CommNames()
         self._program: LoadedProgram | None = None
         self._ring: RingBuffer | None = None
         self._ended: set[int] = set()  # pids found gone at the last read of the totals
 
+    # -- what a family provides -------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def record_size(self) -> int:
+        """Bytes of one ring record's payload (the program's ``sizeof``)."""
+
+    def cflags(self) -> list[str]:
+        """Build settings beyond the common ones."""
+        return []
+
+    def map_names(self) -> list[str]:
+        """The maps user space reads besides the ring, ``counters`` and ``targets``."""
+        return []
+
+    def programs(self) -> dict[str, str]:
+        """Programs the loader must be told about, by bcc program type: tracepoint
+        programs are found by name, others such as perf event programs are not."""
+        return {}
+
+    async def attach(self, program: LoadedProgram) -> None:
+        """Start the kernel recording; by default, attach the program's tracepoints."""
+        program.attach_tracepoints()
+
     @abc.abstractmethod
     def encode(self, records: Records) -> EventMessage:
         """The message of one batch of ring records."""
+
+    # -- opening ----------------------------------------------------------------
+
+    async def open(self) -> None:
+        names = [self.ring_map, "counters", *self.map_names()]
+        if self._targets is not None:
+            names.append("targets")
+        cflags = [f"-DRINGBUF_PAGES={self.config.ring_buffer_bytes // _PAGE}",
+                  f"-DFILTER_PIDS={int(self._targets is not None)}",
+                  f"-DFOLLOW_CHILDREN={int(self._follow)}", *self.cflags()]
+        self._program = await load_program(self.source, self.programs(), names, cflags,
+                                           later=self.later)
+        try:
+            await anyio.lowlevel.checkpoint()  # cancelled while compiling: close, then raise
+            load_targets(self._program, self._targets or ())
+            self._ring = RingBuffer(self.map(self.ring_map).fd, self.config.ring_buffer_bytes,
+                                    self.record_size)
+            await self.attach(self._program)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- reading ----------------------------------------------------------------
 
     def read_message(self, records: Records, complete_ns: int | None) -> EventMessage | None:
         """The message of one read of the ring, None for none.

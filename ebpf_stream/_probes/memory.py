@@ -11,7 +11,6 @@ in the kernel; only OOM kills travel through the ring.
 from __future__ import annotations
 
 import re
-import struct
 from typing import ClassVar
 
 import numpy as np
@@ -25,6 +24,7 @@ from .._bpf.syscalls import (
     PERF_TYPE_SOFTWARE,
 )
 from .._model.events import Event, MemoryTotals, OomKill
+from .records import PID
 from .tracing import TracingProbe
 
 # Mirrors `struct oom_kill` in kernel/memory.bpf.c.
@@ -33,9 +33,14 @@ OOM_KILL = np.dtype([
     ("file_rss_kb", "<u8"), ("shmem_rss_kb", "<u8"), ("pid", "<u4"),
     ("oom_score_adj", "<i4"), ("comm", "S16"),
 ])
-# Mirrors `struct totals`: faults, rss[4], mmap/munmap calls and bytes, brk growth, brk, comm.
-_TOTALS = struct.Struct("<QQ4qQQQQqQ16s")
 _N_RSS = 4
+# Mirrors `struct totals`.
+_TOTALS = np.dtype([
+    ("minor_faults", "<u8"), ("major_faults", "<u8"), ("rss", "<i8", (_N_RSS,)),
+    ("mmap_calls", "<u8"), ("mmap_bytes", "<u8"), ("munmap_calls", "<u8"),
+    ("munmap_bytes", "<u8"), ("brk_growth", "<i8"), ("brk", "<u8"), ("comm", "S16"),
+])
+_COUNTS = ("mmap_calls", "mmap_bytes", "munmap_calls", "munmap_bytes", "brk_growth")
 _COUNTER_TOTALS_FULL = 1
 _MAX_PROCESSES = 8192
 _FAULT_PROGRAMS = {"on_minor_fault": PERF_COUNT_SW_PAGE_FAULTS_MIN,
@@ -63,8 +68,6 @@ class MemoryProbe(TracingProbe):
     source = "memory.bpf.c"
     record = OOM_KILL
     maps = ("totals",)
-    programs: ClassVar[dict[str, str]] = dict.fromkeys(_FAULT_PROGRAMS, "PERF_EVENT")
-
     _rss_names: tuple[str, ...] = ()  # read from the tracepoint's format when attaching
     losses: ClassVar[dict[int, str]] = {
         _COUNTER_TOTALS_FULL: f"the table of {_MAX_PROCESSES} processes is full; "
@@ -73,10 +76,13 @@ class MemoryProbe(TracingProbe):
     def cflags(self) -> list[str]:
         return [f"-DMAX_PROCESSES={_MAX_PROCESSES}"]
 
-    def attach(self, program: LoadedProgram) -> None:
+    def programs(self) -> dict[str, str]:
+        return dict.fromkeys(_FAULT_PROGRAMS, "PERF_EVENT")
+
+    async def attach(self, program: LoadedProgram) -> None:
         fmt = ensure_tracefs() / "events/kmem/rss_stat/format"
         self._rss_names = tuple(rss_members(fmt.read_text()))
-        super().attach(program)
+        await super().attach(program)
         for name, event in _FAULT_PROGRAMS.items():
             program.attach_perf_event(name, PERF_TYPE_SOFTWARE, event, 1)
 
@@ -91,19 +97,14 @@ class MemoryProbe(TracingProbe):
                     records["oom_score_adj"].tolist(), strict=True)]
 
     def read_totals(self) -> list[Event]:
-        table = self.map("totals")
+        keys, totals = self.read_table("totals", PID, _TOTALS)
+        comms = [self.comm(c) for c in totals["comm"].tolist()]
         events: list[Event] = []
-        for key, raw in table.items():
-            (minor, major, *rss_values, mmaps, mmap_bytes, munmaps, munmap_bytes,
-             brk_growth, _brk, comm) = _TOTALS.unpack_from(raw)
+        for pid, comm, minor, major, rss_values, *counts in zip(
+                keys["pid"].tolist(), comms, totals["minor_faults"].tolist(),
+                totals["major_faults"].tolist(), totals["rss"].tolist(),
+                *(totals[f].tolist() for f in _COUNTS), strict=True):
             rss = dict(zip(self._rss_names, rss_values, strict=True))
-            events.append(MemoryTotals(
-                int.from_bytes(key, "little"), self.comm(comm.partition(b"\0")[0]),
-                minor, major, rss["anon"], rss["file"], rss["shmem"], rss["swap"],
-                mmaps, mmap_bytes, munmaps, munmap_bytes, brk_growth))
+            events.append(MemoryTotals(pid, comm, minor, major, rss["anon"], rss["file"],
+                                       rss["shmem"], rss["swap"], *counts))
         return events
-
-    def forget(self, pids: set[int]) -> None:
-        table = self.map("totals")
-        for pid in pids:
-            table.delete(pid.to_bytes(4, "little"))

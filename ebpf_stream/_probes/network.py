@@ -36,6 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from .._model.events import Event, NetworkTotals, TcpConnection
+from .records import PID
 from .tracing import TracingProbe
 
 COUNTER_CONNECTIONS_FULL = 1
@@ -105,15 +106,8 @@ class NetworkProbe(TracingProbe):
         return events
 
     def read_totals(self) -> list[Event]:
-        totals = self.map("totals")
-        events: list[Event] = []
-        for key, raw in totals.items():
-            value = np.frombuffer(raw, TOTALS, count=1)[0]
-            events.append(NetworkTotals(int.from_bytes(key, "little"), self.comm(value["comm"]),
-                                        *(int(value[name]) for name in TOTALS_FIELDS)))
-        return events
-
-    def forget(self, pids: set[int]) -> None:
-        totals = self.map("totals")
-        for pid in pids:
-            totals.delete(pid.to_bytes(4, "little"))
+        keys, totals = self.read_table("totals", PID, TOTALS)
+        comms = [self.comm(c) for c in totals["comm"].tolist()]
+        return [NetworkTotals(pid, comm, *counts) for pid, comm, *counts in zip(
+                    keys["pid"].tolist(), comms, *(totals[f].tolist() for f in TOTALS_FIELDS),
+                    strict=True)]

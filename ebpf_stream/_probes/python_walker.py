@@ -30,7 +30,7 @@ from .._base.cache_dir import cache_dir, trusted
 from .._bpf.loader import LoadedProgram
 from .._bpf.ringbuf import RingBuffer
 from .._bpf.syscalls import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap, attach_perf_event
-from .._model.events import LoopTotals, PythonStack
+from .._model.events import PythonStack
 from .._python.code import PythonSymbols
 from .._python.offsets import OFFSETS, VERSIONS, kernel_row
 from .._python.runtime import PythonRuntime, UnsupportedPython, check_runtime, find_python
@@ -44,8 +44,6 @@ _MAX_DEPTH = 128  # PYTHON_MAX_DEPTH in kernel/python_frames.h
 # struct python_stack: depth, truncated, then PYTHON_MAX_DEPTH struct python_frame.
 _FRAME = struct.Struct("<QiiI4x")  # code, lasti, first_line, flags
 _STACK_HEADER = struct.Struct("<II")
-_LOOP_KEY = struct.Struct("<II")
-_LOOP_VALUE = 2 + 32  # count, total_ns, LOG2_BUCKETS buckets (u64 each)
 # A process with no interpreter yet may be a launcher about to exec one, or a
 # program whose loader has not mapped libpython yet: look again at these
 # ages (seconds since it was first seen or last exec'ed), then stop.  Early
@@ -172,17 +170,6 @@ def read_python_stack(stacks: BpfMap, key: int, epoch: int) -> PythonStack | Non
     end = _STACK_HEADER.size + _FRAME.size * min(depth, _MAX_DEPTH)
     frames = list(_FRAME.iter_unpack(raw[_STACK_HEADER.size:end]))
     return PythonStack(key, frames, bool(truncated), epoch)
-
-
-def read_loop_totals(busy: BpfMap, comm: Callable[[int], str]) -> list[LoopTotals]:
-    """Each loop thread's cumulative busy-period histogram, summed over CPUs."""
-    totals = []
-    for key, raw in busy.items():
-        pid, tid = _LOOP_KEY.unpack(key)
-        values = struct.unpack(f"<{len(raw) // 8}Q", raw)
-        per_cpu = [sum(values[i::_LOOP_VALUE]) for i in range(_LOOP_VALUE)]
-        totals.append(LoopTotals(pid, tid, comm(pid), per_cpu[0], per_cpu[1], per_cpu[2:]))
-    return totals
 
 
 # -- the self-test ------------------------------------------------------------

@@ -78,21 +78,8 @@ class SyscallProbe(TracingProbe):
                             _frames(r["user_stack"]), _frames(r["kernel_stack"]))
                 for r in records]
 
-    def read_raw_totals(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every (pid, nr) key and its totals summed over CPUs."""
-        table = self.map("totals")
-        entries = list(table.items())
-        if not entries:
-            return np.zeros(0, _KEY), np.zeros(0, _TOTALS)
-        keys, values = zip(*entries, strict=True)
-        per_cpu = np.frombuffer(b"".join(values), _TOTALS).reshape(len(values), -1)
-        summed = np.zeros(len(values), _TOTALS)
-        for field in _TOTALS.names or ():
-            summed[field] = per_cpu[field].sum(axis=1)
-        return np.frombuffer(b"".join(keys), _KEY), summed
-
     def read_totals(self) -> list[Event]:
-        keys, totals = self.read_raw_totals()
+        keys, totals = self.read_table("totals", _KEY, _TOTALS)
         pairs = keys.tolist()
         names = {pid: self._process_name(pid) for pid, _ in pairs}  # one read per process
         events: list[Event] = []
