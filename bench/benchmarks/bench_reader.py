@@ -19,14 +19,14 @@ from typing import Any
 
 from ebpf_stream._bpf.loader import KERNEL_SOURCES
 from ebpf_stream._bpf.ringbuf import RingBuffer
-from ebpf_stream._probes.cpu import SAMPLE
+from ebpf_stream._probes.samples import SIZE as SAMPLE_SIZE
 
 from ._support import bpf_unavailable, median, prepare_bcc
 
 RECORDS_PER_TRIGGER = 128  # within the verifier's limit for this bounded loop
 RING_PAGES = 4096
 RING_BYTES = RING_PAGES * 4096
-STRIDE = (8 + SAMPLE.itemsize + 7) & ~7  # header + payload, rounded to 8
+STRIDE = (8 + SAMPLE_SIZE + 7) & ~7  # header + payload, rounded to 8
 TRIGGERS = RING_BYTES // STRIDE // RECORDS_PER_TRIGGER  # fill to just below capacity
 RECORDS_PER_FILL = TRIGGERS * RECORDS_PER_TRIGGER
 RECORD = KERNEL_SOURCES / "cpu_sample.h"
@@ -93,7 +93,7 @@ class SameRingProducer:
 
         self.bpf: Any = BPF(text=(RECORD.read_text() + PROGRAM).encode(), cflags=[
             f"-DRING_PAGES={RING_PAGES}", f"-DPER_TRIGGER={RECORDS_PER_TRIGGER}"])
-        self.ring = RingBuffer(self.bpf[b"events"].map_fd, RING_BYTES, SAMPLE)
+        self.ring = RingBuffer(self.bpf[b"events"].map_fd, RING_BYTES, SAMPLE_SIZE)
 
     def _counter(self, i: int) -> int:
         return int(self.bpf[b"counters"][ctypes.c_int(i)].value)
