@@ -148,15 +148,10 @@ def test_a_read_that_found_nothing_still_sends_a_watermark() -> None:
     assert [type(e) for e in events] == [Watermark]
 
 
-@pytest.mark.bpf
-@pytest.mark.usefixtures("bpf_environment")
-@pytest.mark.anyio
-async def test_samples_a_busy_process_and_leaves_nothing_attached(
-        running: subprocess.Popen[str]) -> None:
-    config = (EbpfConfig.for_environment("development").with_pids([running.pid])
-              .with_export_interval(0.5).with_sample_rate(99))
-    stats = Stats()
-    probe = CpuProbe(config, stats, targets=[running.pid])
+async def sample_for(probe: CpuProbe, seconds: float) -> list[Event]:
+    """Open ``probe``, run it for ``seconds``, stop, drain and close it: its events.
+
+    Checks on the way that it loads programs and that nothing stays loaded."""
     events: list[Event] = []
 
     async def collect(message: EventMessage) -> None:
@@ -168,16 +163,29 @@ async def test_samples_a_busy_process_and_leaves_nothing_attached(
         assert ours and probe.program_fds()
         async with anyio.create_task_group() as tg:
             tg.start_soon(probe.run, collect)
-            await anyio.sleep(1.5)
+            await anyio.sleep(seconds)
             tg.cancel_scope.cancel()
         probe.stop()
         await probe.drain(collect)
-        assert probe.kernel_drops() == 0
     finally:
         probe.close()
     assert probe.program_fds() == [] and probe.map_fds() == []
     assert unloaded(ours)
     assert bpf_fds() == []
+    return events
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+@pytest.mark.anyio
+async def test_samples_a_busy_process_and_leaves_nothing_attached(
+        running: subprocess.Popen[str]) -> None:
+    config = (EbpfConfig.for_environment("development").with_pids([running.pid])
+              .with_export_interval(0.5).with_sample_rate(99))
+    stats = Stats()
+    probe = CpuProbe(config, stats, targets=[running.pid])
+    events = await sample_for(probe, 1.5)
+    assert probe.kernel_drops() == 0
 
     cpu = [e for e in events if isinstance(e, CpuSample)]
     assert len(cpu) > 20 and {e.pid for e in cpu} == {running.pid}
@@ -187,3 +195,18 @@ async def test_samples_a_busy_process_and_leaves_nothing_attached(
     assert user and max(len(s.addresses) for s in user) >= 3  # main -> outer -> middle -> hot_leaf
     watermarks = [e for e in events if isinstance(e, Watermark)]
     assert watermarks[-1].stopped and not any(w.stopped for w in watermarks[:-1])
+
+
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+@pytest.mark.anyio
+@pytest.mark.parametrize("idle", [False, True])
+async def test_the_idle_task_is_sampled_only_when_asked(idle: bool) -> None:
+    """Across the whole machine, the idle task (pid 0) is left out unless
+    ``with_include_idle`` asks for it: time a CPU spends idle is not a process's."""
+    config = (EbpfConfig.for_environment("development").with_sample_rate(99)
+              .with_python_frames("off").with_include_idle(idle))
+    probe = CpuProbe(config, Stats(), targets=None)
+    events = await sample_for(probe, 1.0)
+    pids = {e.pid for e in events if isinstance(e, CpuSample)}
+    assert (0 in pids) == idle
