@@ -38,7 +38,6 @@ from ._base.errors import (
     ProbeError,
     TargetError,
 )
-from ._base.otlp_settings import endpoint_in_environment
 from ._base.overhead import (
     CpuMeter,
     Overhead,
@@ -51,6 +50,7 @@ from ._base.overhead import (
 from ._base.stats import Stats
 from ._fallback import open_fallback
 from ._outputs.base import ExportContext, Exporter
+from ._outputs.defaults import exporters_from_environment
 from ._pipeline.channels import Channel
 from ._pipeline.reading import open_probes
 from ._probes import probes_for
@@ -232,11 +232,7 @@ class Profiler:
         validate_config(config)
         check_pids(config.pids)
         self._new_run()
-        self._run_exporters = list(self._exporters)
-        if not self._run_exporters and endpoint_in_environment():
-            # Made for each run: an exporter is closed when its run ends.
-            from ._outputs.otlp.exporter import OtlpExporter
-            self._run_exporters = [OtlpExporter()]  # refuses a malformed endpoint before loading
+        self._run_exporters = list(self._exporters) or exporters_from_environment()
         self._running = True
         started = self._started = anyio.Event()
         self._baseline = Resident.now()
