@@ -250,10 +250,14 @@ class RingBuffer:
                 n = min(chunk, _MAX_CHUNK, left, (end - cons) // self._stride)
                 first = pos >> 2
                 headers = self._hdrs[first : first + n * step : step]
-                k = n
-                if headers.tobytes() != self._clean_run[: 4 * n]:
-                    k = next(i for i, h in enumerate(headers.tolist()) if h != self._expected)
+                # One read of the headers: the kernel may commit a record
+                # meanwhile, and a second read would then disagree with the first.
+                seen = headers.tobytes()
                 headers.release()
+                k = n
+                if seen != self._clean_run[: 4 * n]:
+                    k = next(i for i, h in enumerate(memoryview(seen).cast("I"))
+                             if h != self._expected)
                 runs.append(self._data[pos : pos + k * self._stride].tobytes())
                 left -= k
                 cons += k * self._stride
