@@ -235,9 +235,11 @@ class RingProbe(Probe):
         return self._program.map_fds() if self._program else []
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-        if self._program is not None:
-            program, self._program = self._program, None
-            program.close()
+        ring, self._ring = self._ring, None
+        program, self._program = self._program, None
+        try:
+            if ring is not None:
+                ring.close()
+        finally:  # the programs go, whatever became of the ring's mapping
+            if program is not None:
+                program.close()
