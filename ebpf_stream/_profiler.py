@@ -310,11 +310,9 @@ class Profiler:
             lambda: [fd for p in self._probes for fd in p.map_fds()],
             fdinfo, enable_run_time_stats,
             whole_process=self._standalone, baseline=self._baseline)
-        symbolizer = Symbolizer()
-        if mode == "bpf":
-            await anyio.to_thread.run_sync(symbolizer.load_kernel_symbols)
-        await anyio.to_thread.run_sync(release_freed_memory)
-        stages = Stages(config, self._probes, symbolizer, self._stats, self._count_drop)
+        # The readers start at once: the kernel is sampling already, and its
+        # stack maps fill until a reader turns their generation.
+        stages = Stages(config, self._probes, Symbolizer(), self._stats, self._count_drop)
         self._readers = stages.readers
         if self._stopping:  # the run is exiting already: the readers only drain
             self._readers.stop()
@@ -323,6 +321,7 @@ class Profiler:
             self._start(task)
         self._start(self._export, stages.batches, mode)
         self._mode = mode
+        await anyio.to_thread.run_sync(release_freed_memory)
 
     def _stop_reading(self) -> None:
         self._stopping = True
