@@ -287,8 +287,11 @@ class Profiler:
 
         probes = probes_for(config, self._stats, targets=self._targets(),
                             follow_children=self._follow)
+        # Parsed as the probes open, not once they sample: the kernel's stack
+        # maps fill from the first sample until a reader turns their generation.
+        symbolizer = Symbolizer()
         try:
-            await open_probes(probes)
+            await open_probes(probes, meanwhile=symbolizer.load_kernel_symbols)
             self._probes = probes
             mode: Mode = "bpf"
         except (EnvironmentCheckError, ProbeError) as exc:
@@ -302,6 +305,7 @@ class Profiler:
             self._probes = [await open_fallback(config, exc, self._stats, self._meter,
                                                 watch_loop=self._host_loop)]
             mode = "fallback"
+            symbolizer = Symbolizer()  # no kernel stacks: the table would only take memory
             config = config.with_python_frames("python")  # its samples have no native stacks
         from ._bpf.syscalls import enable_run_time_stats, fdinfo  # with the run, not the import
 
@@ -310,9 +314,7 @@ class Profiler:
             lambda: [fd for p in self._probes for fd in p.map_fds()],
             fdinfo, enable_run_time_stats,
             whole_process=self._standalone, baseline=self._baseline)
-        # The readers start at once: the kernel is sampling already, and its
-        # stack maps fill until a reader turns their generation.
-        stages = Stages(config, self._probes, Symbolizer(), self._stats, self._count_drop)
+        stages = Stages(config, self._probes, symbolizer, self._stats, self._count_drop)
         self._readers = stages.readers
         if self._stopping:  # the run is exiting already: the readers only drain
             self._readers.stop()

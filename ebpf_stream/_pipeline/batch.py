@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import anyio
+import anyio.lowlevel
 
 from .._base.clock import Clock
 from .._base.config import EbpfConfig
@@ -176,6 +177,10 @@ class Batcher:
                 for batch in self.ready(idle=not source.queued):
                     if not batch.empty:  # one that only counts drops still fills its window
                         await sink.send(batch)
+                        # Let an idle exporter take it before the next: under a
+                        # drop policy, several windows closing at once must not
+                        # push each other out of the channel.
+                        await anyio.lowlevel.checkpoint()
             for batch in self.finish():
                 if not batch.empty:
                     await sink.send(batch)

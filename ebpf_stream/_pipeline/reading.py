@@ -9,22 +9,25 @@ channel, which is how the stages below learn that no sample will follow.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 
+from .._base.overhead import run_sync
 from .._model.events import EventMessage
 from .._probes.base import Probe
 from .channels import Channel
 
 
-async def open_probes(probes: Sequence[Probe]) -> None:
-    """Open the probes side by side (each compiles in its own worker process).
+async def open_probes(probes: Sequence[Probe], meanwhile: Callable[[], None]) -> None:
+    """Open the probes side by side (each compiles in its own worker process),
+    and run ``meanwhile`` in a worker thread while they open.
 
     If any fails, every one is closed and the first failure is raised alone.
     """
     try:
         async with anyio.create_task_group() as tg:
+            tg.start_soon(run_sync, meanwhile)
             for probe in probes:
                 tg.start_soon(probe.open)
     except BaseException as exc:

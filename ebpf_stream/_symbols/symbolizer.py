@@ -38,13 +38,17 @@ class Symbolizer:
         self._images: Lru[ImageKey, ElfImage] = Lru(_MAX_IMAGES)
         self.elf_parses = 0  # ELF symbol tables parsed, for stats: the rest were cache hits
 
-    def kernel_frames(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
-        """Frames for a kernel stack, leaf first, in the order given.
+    def load_kernel_symbols(self) -> None:
+        """Parse kallsyms ahead of the first kernel stack.
 
-        The first call parses kallsyms: thousands of reads, each of which
-        waits for the GIL when the process has a busy Python thread, so it
-        belongs in a worker thread (the batch stage symbolizes in one).
+        It takes thousands of reads, each of which waits for the GIL when the
+        process has a busy Python thread: callers run it in a worker thread.
         """
+        self._kernel.load()
+
+    def kernel_frames(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        """Frames for a kernel stack, leaf first, in the order given (kallsyms is
+        parsed by the first call if ``load_kernel_symbols`` was not)."""
         return self._kernel.resolve(addresses)
 
     def user_frames(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
