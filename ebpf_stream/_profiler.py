@@ -314,7 +314,8 @@ class Profiler:
             lambda: [fd for p in self._probes for fd in p.map_fds()],
             fdinfo, enable_run_time_stats,
             whole_process=self._standalone, baseline=self._baseline)
-        stages = Stages(config, self._probes, symbolizer, self._stats, self._count_drop)
+        stages = Stages(config, self._probes, symbolizer, self._stats, self._count_drop,
+                        native_stacks=mode == "bpf")
         self._readers = stages.readers
         if self._stopping:  # the run is exiting already: the readers only drain
             self._readers.stop()

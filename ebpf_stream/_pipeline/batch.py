@@ -18,10 +18,12 @@ when a window may close (``Windows.close``), is read from the one channel
 the samples queue in.  A channel between the stages would lose both, and
 hold symbolized samples, far larger than the encoded messages.
 
-Each message is symbolized and batched in a worker thread: the first sight
-of a binary reads its symbol table, which can take the host's loop for
-hundreds of milliseconds.  The stage counts into its own ``Stats`` there,
-handed over to the run's on the loop, where the other stages count.
+With native stacks (``offload``), each message is symbolized and batched in
+a worker thread: the first sight of a binary reads its symbol table, which
+can take the host's loop for hundreds of milliseconds.  The stage counts
+into its own ``Stats`` there, handed over to the run's on the loop, where
+the other stages count.  Python stacks alone are named from code objects
+already read, cheaper than the hop to a thread.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class Batcher:
     """The batch stage: consumes event messages, has them symbolized, and emits
     one ``Batch`` per interval (or per ``max_samples``)."""
 
-    def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats) -> None:
+    def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats, *,
+                 offload: bool = False) -> None:
+        self._offload = offload
         self._config = config
         self._symbolizer = symbolizer
         self._stats = stats
@@ -172,7 +176,10 @@ class Batcher:
                     except anyio.EndOfStream:
                         break
                 if message is not None:
-                    await run_sync(self._add, message)
+                    if self._offload:
+                        await run_sync(self._add, message)
+                    else:
+                        self._add(message)
                     self._hand_over_counts()
                 for batch in self.ready(idle=not source.queued):
                     if not batch.empty:  # one that only counts drops still fills its window

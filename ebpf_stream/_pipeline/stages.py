@@ -31,7 +31,8 @@ class Stages:
     the batches channel they fill for the exporters."""
 
     def __init__(self, config: EbpfConfig, probes: Sequence[Probe], symbolizer: Symbolizer,
-                 stats: Stats, on_drop: Callable[[int], None]) -> None:
+                 stats: Stats, on_drop: Callable[[int], None], *,
+                 native_stacks: bool) -> None:
         self._probes = probes
         self._events = Channel[EventMessage](
             config.channel_capacity, config.overflow_policy,
@@ -40,7 +41,7 @@ class Stages:
             _BATCH_QUEUE, config.overflow_policy,
             weight=lambda b: b.sample_count, on_drop=on_drop)
         self.readers = Readers(probes, self._events)
-        self._batcher = Batcher(config, symbolizer, stats)
+        self._batcher = Batcher(config, symbolizer, stats, offload=native_stacks)
 
     def tasks(self) -> list[Task]:
         """What runs the stages: a reader per probe, and the batch stage."""
