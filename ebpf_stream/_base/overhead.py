@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import os
-import threading
 import time
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from pathlib import Path
@@ -236,16 +235,6 @@ def _threads() -> anyio.CapacityLimiter:
         return limiter
 
 
-# Worker threads (``threading.get_ident()``) running the profiler's work now:
-# an in-process sampler leaves them out, as their CPU is the profiler's.
-_working: set[int] = set()
-
-
-def working_threads() -> frozenset[int]:
-    """The worker threads running the profiler's work at this moment."""
-    return frozenset(_working)
-
-
 async def run_sync(fn: Callable[..., T], *args: object) -> T:
     """Run ``fn`` in a worker thread, charging its CPU time to the task's meter.
 
@@ -253,16 +242,11 @@ async def run_sync(fn: Callable[..., T], *args: object) -> T:
     is measured inside the call rather than per thread.
     """
     meter = _current_meter.get()
+    if meter is None:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=_threads())
 
-    def ours() -> T:
-        ident = threading.get_ident()
-        _working.add(ident)
-        try:
-            if meter is None:
-                return fn(*args)
-            with meter.measure():
-                return fn(*args)
-        finally:
-            _working.discard(ident)
+    def measured() -> T:
+        with meter.measure():
+            return fn(*args)
 
-    return await anyio.to_thread.run_sync(ours, limiter=_threads())
+    return await anyio.to_thread.run_sync(measured, limiter=_threads())

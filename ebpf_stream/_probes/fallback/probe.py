@@ -31,7 +31,7 @@ import anyio
 
 from ..._base.clock import ring_latency_s, wall_clock_offset_ns
 from ..._base.config import EbpfConfig, PythonFrames
-from ..._base.overhead import CpuMeter, working_threads
+from ..._base.overhead import CpuMeter
 from ..._base.stats import Stats
 from ..._model.events import (
     NO_STACK,
@@ -234,14 +234,10 @@ class FallbackProbe(Probe):
         tids = native_ids()
         tids.pop(threading.get_ident(), None)  # this thread
         alive = set(tids.values())
-        ours = working_threads()
         for ident, frame in frames.items():
             tid = tids.get(ident)
             used = self._cpu_used(tid) if tid is not None else None
             if tid is None or used is None:
-                continue
-            if ident in ours:  # a worker thread symbolizing or rendering: the profiler's CPU
-                self._credit[tid] = 0
                 continue
             since = busy.since if busy is not None and busy.tid == tid else 0
             credit = self._credit[tid] = min(self._credit.get(tid, 0) + used,
