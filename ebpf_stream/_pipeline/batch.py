@@ -181,15 +181,17 @@ class Batcher:
                     else:
                         self._add(message)
                     self._hand_over_counts()
-                for batch in self.ready(idle=not source.queued):
-                    if not batch.empty:  # one that only counts drops still fills its window
-                        await sink.send(batch)
-                        # Let an idle exporter take it before the next: under a
-                        # drop policy, several windows closing at once must not
-                        # push each other out of the channel.
-                        await anyio.lowlevel.checkpoint()
-            for batch in self.finish():
-                if not batch.empty:
-                    await sink.send(batch)
+                await self._send(self.ready(idle=not source.queued), sink)
+            await self._send(self.finish(), sink)
         finally:
             sink.close()
+
+    @staticmethod
+    async def _send(batches: list[Batch], sink: Channel[Batch]) -> None:
+        for batch in batches:
+            if not batch.empty:  # one that only counts drops still fills its window
+                await sink.send(batch)
+                # Let an idle exporter take it before the next: under a drop
+                # policy, several windows closing at once (the last ones at the
+                # end of a run, too) must not push each other out of the channel.
+                await anyio.lowlevel.checkpoint()
