@@ -48,6 +48,7 @@ from ._base.overhead import (
     run_sync,
 )
 from ._base.stats import Stats
+from ._context.publisher import publish
 from ._fallback import open_fallback
 from ._outputs.base import ExportContext, Exporter
 from ._outputs.defaults import exporters_from_environment
@@ -231,6 +232,7 @@ class Profiler:
         config = self.config
         validate_config(config)
         check_pids(config.pids)
+        publish()  # this process's requests, for its samples to name
         self._new_run()
         self._run_exporters = list(self._exporters) or exporters_from_environment()
         self._running = True

@@ -11,7 +11,8 @@
 //    samples still in flight stay readable for a whole generation;
 //  * every loss is counted in `counters`;
 //  * with PYTHON, samples of Python processes carry their Python stack
-//    (python_frames.h), and a target's exec is reported (PROCESS_EXEC) so
+//    (python_frames.h) and the request their task runs, if the process
+//    publishes requests (request_context.h), and a target's exec is reported (PROCESS_EXEC) so
 //    that user space looks at the new program; with LOOP_STALLS the ring
 //    also carries event-loop records (event_loop.h).
 //
@@ -171,11 +172,12 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u64 now = bpf_ktime_get_ns();
     u32 tid = id;
     u64 python = 0, busy_since = 0;
+    u8 request[REQUEST_BYTES] = {};
 #if PYTHON
     // Walked before reserving: a reserved record holds up the reader.  And
     // walked first, while every path here is in one state: the verifier
     // then checks the walk once, not once per outcome of the native stacks.
-    python = python_stack(pid, tid, g, now);
+    python = python_stack(pid, tid, g, now, request);
 #if LOOP_STALLS
     struct loop_thread *t = loop_threads.lookup(&tid);
     if (t)
@@ -194,6 +196,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     bpf_get_current_comm(&s->comm, sizeof(s->comm));
     s->python_stack = python;
     s->busy_since = busy_since;
+    __builtin_memcpy(s->request, request, REQUEST_BYTES);
 
     // Waking the reader for every record costs far more than the record;
     // each CPU wakes it every WAKEUP_EVERY records, and it drains on a timer too.

@@ -7,6 +7,7 @@
 #define NO_STACK 0                 // none to take: no user stack in a kernel thread,
                                    // no kernel stack while in user mode
 #define STACK_LOST 2               // taken but not stored; stack keys are odd
+#define REQUEST_BYTES 32           // a published request (request_context.h)
 
 enum kind {
     SAMPLE,
@@ -30,4 +31,5 @@ struct sample {
     u64 duration_ns;       // LOOP_BLOCKED: time asleep; LOOP_STALL: time busy
     u32 kind;
     u32 pad;
+    u8 request[REQUEST_BYTES];  // SAMPLE, LOOP_BLOCKED: the running task's request; zeros: none
 };

@@ -31,6 +31,7 @@ struct loop_thread {
     u32 pid;
     u32 named;             // a LOOP_THREAD with a Python stack is in the ring
     u32 pad;
+    u8 blocked_request[REQUEST_BYTES];  // the request it went to sleep in
 };
 
 struct loop_key {
@@ -49,7 +50,7 @@ BPF_PERCPU_HASH(loop_busy, struct loop_key, struct loop_histogram, 4096);
 
 // Whether the record made it into the ring (a full ring counts it lost).
 static __always_inline int loop_record(u32 kind, u32 pid, u32 tid, u64 now, u64 stack,
-                                       u32 g, u64 busy_since, u64 duration) {
+                                       u32 g, u64 busy_since, u64 duration, u8 *request) {
     struct sample *r = reserve_record(kind, pid, tid, now);
     if (!r)
         return 0;
@@ -57,6 +58,8 @@ static __always_inline int loop_record(u32 kind, u32 pid, u32 tid, u64 now, u64 
     r->python_stack = stack;
     r->busy_since = busy_since;
     r->duration_ns = duration;
+    if (request)
+        __builtin_memcpy(r->request, request, REQUEST_BYTES);
     // Nothing here may wake the reader: this can run inside the scheduler.
     samples.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
     return 1;
@@ -96,10 +99,10 @@ int on_loop_wait(void *ctx) {
     u32 g = 0;
     if (!t->named || (t->busy_since && now - t->busy_since >= STALL_NS)) {
         g = current_generation();
-        stack = python_stack(pid, tid, g, now);
+        stack = python_stack(pid, tid, g, now, 0);
     }
     if (!t->named && stack)
-        t->named = loop_record(LOOP_THREAD, pid, tid, now, stack, g, 0, 0);
+        t->named = loop_record(LOOP_THREAD, pid, tid, now, stack, g, 0, 0, 0);
     u64 since = t->busy_since;
     if (!since)
         return 0;
@@ -119,7 +122,7 @@ int on_loop_wait(void *ctx) {
     h->total_ns += busy;
     h->buckets[log2_bucket(busy) & (LOG2_BUCKETS - 1)]++;
     if (busy >= STALL_NS)
-        loop_record(LOOP_STALL, pid, tid, now, stack, g, since, busy);
+        loop_record(LOOP_STALL, pid, tid, now, stack, g, since, busy, 0);
     return 0;
 }
 
@@ -141,7 +144,8 @@ TRACEPOINT_PROBE(sched, sched_switch) {
         if (t && t->busy_since) {
             u64 now = bpf_ktime_get_ns();
             u32 g = current_generation();
-            t->blocked_stack = python_stack(t->pid, prev, g, now);
+            __builtin_memset(t->blocked_request, 0, REQUEST_BYTES);
+            t->blocked_stack = python_stack(t->pid, prev, g, now, t->blocked_request);
             t->blocked_generation = g;
             t->blocked_since = now;
         }
@@ -154,7 +158,7 @@ TRACEPOINT_PROBE(sched, sched_switch) {
         n->blocked_since = 0;
         if (slept >= BLOCKED_MIN_NS)
             loop_record(LOOP_BLOCKED, n->pid, next, now, n->blocked_stack,
-                        n->blocked_generation, n->busy_since, slept);
+                        n->blocked_generation, n->busy_since, slept, n->blocked_request);
     }
     return 0;
 }

@@ -50,6 +50,14 @@ struct python_process {
     u64 runtime;                      // address of _PyRuntime
     u64 code_type;                    // address of PyCode_Type
     u32 version;                      // row of python_offsets
+    // The rest is what the process published of its requests
+    // (request_context.h); context_var is 0 when it published nothing.
+    u32 thread_context;               // offset of PyThreadState.context
+    u64 context_var;
+    u64 bitmap_type;
+    u64 array_type;
+    u64 bytes_type;
+    u32 context_hash;
     u32 pad;
 };
 
@@ -99,6 +107,8 @@ static __always_inline u64 read_u64(u64 address) {
     return value;
 }
 
+#include "request_context.h"
+
 // Offsets are masked to the scratch buffers, which is what lets the
 // verifier accept offsets that only user space knows.
 static __always_inline u64 field_u64(u8 *buffer, u32 offset) {
@@ -139,7 +149,9 @@ static __always_inline u64 python_thread_state(struct python_offsets *o, u64 run
 
 // Walks the current thread's Python stack into scratch and stores it in the
 // stack map of generation `g`.  Returns its key, or 0 for no Python stack.
-static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now) {
+// With `request`, copies the running task's request there too (left as is
+// when there is none).
+static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now, u8 *request) {
     struct python_process *process = python_processes.lookup(&tgid);
     if (!process)
         return 0;
@@ -152,6 +164,8 @@ static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now) {
     u64 tstate = python_thread_state(o, process->runtime, tid, now);
     if (!tstate)
         return 0;
+    if (request)
+        request_context(process, tstate, request);
     u64 frame = read_u64(tstate + o->tstate_frame);
     if (o->cframe_current_frame != PYTHON_NONE && frame)
         frame = read_u64(frame + o->cframe_current_frame);

@@ -56,9 +56,11 @@ def _with_local_includes(source: Path) -> str:
     """The program's text with our own ``#include "x.h"`` lines replaced by the headers.
 
     bcc rewrites map calls and generates tracepoint argument structs only in
-    the main file, so shared kernel code must be part of it.
+    the main file, so shared kernel code must be part of it.  Headers may
+    include headers.
     """
-    return re.sub(r'^#include "([\w.]+)"$', lambda m: (source.parent / m[1]).read_text(),
+    return re.sub(r'^#include "([\w.]+)"$',
+                  lambda m: _with_local_includes(source.parent / m[1]),
                   source.read_text(), flags=re.MULTILINE)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from .events import LoopStall, OomKill, SlowSyscall, TcpConnection, Totals
-from .profile import Frame, FrameKind, Profile
+from .profile import Frame, FrameKind, Profile, RequestContext
 
 
 class SlowCall(msgspec.Struct, frozen=True, gc=False):
@@ -28,12 +28,14 @@ class StallStack(msgspec.Struct, frozen=True, gc=False):
     and how long the thread slept in it.
 
     ``frames`` are root first.  A stack slept in holds only Python frames:
-    the kernel walks them as the thread goes to sleep.
+    the kernel walks them as the thread goes to sleep.  ``context`` is the
+    request the loop was running it for, None outside any.
     """
 
     frames: tuple[Frame, ...]
     samples: int = 0
     slept_ns: int = 0
+    context: RequestContext | None = None
 
 
 class Stall(msgspec.Struct, frozen=True, gc=False):
@@ -60,6 +62,17 @@ class Stall(msgspec.Struct, frozen=True, gc=False):
             return None
         return next((f for f in reversed(self.stacks[0].frames)
                      if f.kind is FrameKind.PYTHON and f.line), None)
+
+    @property
+    def context(self) -> RequestContext | None:
+        """The request that blocked the loop: the one whose stacks weigh most
+        (slept time, then samples); None when no stack ran for a request."""
+        weights: dict[RequestContext, tuple[int, int]] = {}
+        for s in self.stacks:
+            if s.context is not None:
+                slept, samples = weights.get(s.context, (0, 0))
+                weights[s.context] = (slept + s.slept_ns, samples + s.samples)
+        return max(weights, key=weights.__getitem__, default=None)
 
 
 TraceRecord = SlowCall | TcpConnection | OomKill | Stall

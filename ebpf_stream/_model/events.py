@@ -41,7 +41,10 @@ class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=Tru
 
     ``user_stack`` and ``kernel_stack`` are stack keys (see ``StackTrace``),
     or a negative errno when the kernel stored no stack: ``NO_STACK``
-    (``-EFAULT``) or ``LOST_STACK`` (``-ENOMEM``).
+    (``-EFAULT``) or ``LOST_STACK`` (``-ENOMEM``).  ``request`` is the
+    32-byte value the process published for the running task (trace id,
+    span id, and the offsets of route and method names in its region; see
+    ``_context.region``), or empty.
     """
 
     timestamp_ns: int
@@ -53,6 +56,7 @@ class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=Tru
     kernel_stack: int
     python_stack: int = 0  # a ``PythonStack`` key; 0 when none was walked
     busy_since: int = 0  # the busy loop period the thread was in (see ``LoopBlocked``)
+    request: bytes = b""  # the request its task ran, as published; empty: none
 
 
 class PythonStack(msgspec.Struct, tag="python_stack", array_like=True, gc=False, frozen=True):
@@ -98,6 +102,7 @@ class LoopBlocked(msgspec.Struct, tag="loop_blocked", array_like=True, gc=False,
 
     ``busy_since`` identifies the busy period (the monotonic time the loop
     last returned from epoll); samples and stalls of the period carry it.
+    ``request`` is as in ``CpuSample``.
     """
 
     pid: int
@@ -105,6 +110,7 @@ class LoopBlocked(msgspec.Struct, tag="loop_blocked", array_like=True, gc=False,
     busy_since: int
     duration_ns: int
     python_stack: int
+    request: bytes = b""  # the request it slept in, as published; empty: none
 
 
 class LoopStall(msgspec.Struct, tag="loop_stall", array_like=True, gc=False, frozen=True):

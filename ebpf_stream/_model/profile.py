@@ -40,12 +40,36 @@ class Frame(msgspec.Struct, frozen=True, gc=False, array_like=True):
     line: int = 0
 
 
+class RequestContext(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """The request a sample was taken for, as the sampled process published it.
+
+    ``trace_id`` and ``span_id`` are lowercase hex, the span active in the
+    running task (or thread); both are empty when the process's middleware
+    named the route without any tracing.  ``route`` is the local root
+    span's ``http.route`` (a template such as ``/items/{id}``) and
+    ``method`` its HTTP method; either is empty when unknown.
+    """
+
+    trace_id: str = ""
+    span_id: str = ""
+    route: str = ""
+    method: str = ""
+
+    @property
+    def endpoint(self) -> str:
+        """``GET /items/{id}``, as a reader names an endpoint; empty without a route."""
+        if not self.route:
+            return ""
+        return f"{self.method} {self.route}" if self.method else self.route
+
+
 class StackSamples(msgspec.Struct, gc=False):
-    """Samples that share one process and one stack.
+    """Samples that share one process, one stack and one request.
 
     ``frames`` is root first: the outermost caller comes first and the
     sampled instruction last.  Kernel frames follow the user frames they
-    interrupted.
+    interrupted.  ``context`` is the request they were taken for, None
+    outside any.
     """
 
     pid: int
@@ -53,6 +77,7 @@ class StackSamples(msgspec.Struct, gc=False):
     frames: tuple[Frame, ...]
     count: int = 0
     timestamps_ns: list[int] = msgspec.field(default_factory=list)
+    context: RequestContext | None = None
 
 
 class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
@@ -69,7 +94,7 @@ class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
     command_line: str = ""
 
 
-StackKey = tuple[int, str, tuple[Frame, ...]]
+StackKey = tuple[int, str, tuple[Frame, ...], RequestContext | None]
 
 
 class Profile(msgspec.Struct, gc=False):
@@ -102,11 +127,12 @@ class Profile(msgspec.Struct, gc=False):
         frames: tuple[Frame, ...],
         count: int = 1,
         timestamps_ns: Iterable[int] = (),
+        context: RequestContext | None = None,
     ) -> None:
-        key = (pid, process, frames)
+        key = (pid, process, frames, context)
         entry = self.stacks.get(key)
         if entry is None:
-            entry = self.stacks[key] = StackSamples(pid, process, frames)
+            entry = self.stacks[key] = StackSamples(pid, process, frames, context=context)
         entry.count += count
         entry.timestamps_ns.extend(timestamps_ns)
 
@@ -123,7 +149,7 @@ class Profile(msgspec.Struct, gc=False):
         self.process_start_ns = {pid: t for pid, t in starts.items() if t < self.start_ns}
         for s in other.stacks.values():
             self.add(s.pid, s.process, s.frames, s.count,
-                     s.timestamps_ns if keep_timestamps else ())
+                     s.timestamps_ns if keep_timestamps else (), s.context)
         self.processes.update(other.processes)
 
     def start_of(self, pid: int) -> int:

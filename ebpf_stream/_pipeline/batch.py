@@ -92,7 +92,7 @@ class Batcher:
                 info = self._process(item.pid, item.comm)
                 window, at = self._windows.window(item.timestamp_ns)
                 window.processes.setdefault(item.pid, info)
-                window.add(item.pid, info.name, item.frames, 1, (at,))
+                window.add(item.pid, info.name, item.frames, 1, (at,), item.context)
             elif isinstance(item, Totals):
                 self._process(item.pid, item.comm)
                 self._totals.update([item])

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from .._model.batch import Stall, StallStack
 from .._model.events import CpuSample, LoopBlocked, LoopStall, LoopThread, LoopTotals
-from .._model.profile import Frame
+from .._model.profile import Frame, RequestContext
 
 _LOOP_MODULES = ("/asyncio/", "/uvloop/")
 _MAX_STACKS = 256  # distinct stacks kept per busy period
@@ -41,14 +41,16 @@ class _BusyPeriod:
 
     def __init__(self, since: int) -> None:
         self.since = since
-        self.stacks: dict[tuple[Frame, ...], list[int]] = {}  # frames -> [samples, slept_ns]
+        # (frames, request) -> [samples, slept_ns]
+        self.stacks: dict[tuple[tuple[Frame, ...], RequestContext | None], list[int]] = {}
 
-    def add(self, frames: tuple[Frame, ...], samples: int, slept_ns: int) -> None:
-        counts = self.stacks.get(frames)
+    def add(self, frames: tuple[Frame, ...], context: RequestContext | None, samples: int,
+            slept_ns: int) -> None:
+        counts = self.stacks.get((frames, context))
         if counts is None:
             if len(self.stacks) >= _MAX_STACKS:
                 return
-            counts = self.stacks[frames] = [0, 0]
+            counts = self.stacks[frames, context] = [0, 0]
         counts[0] += samples
         counts[1] += slept_ns
 
@@ -65,13 +67,15 @@ class LoopWatch:
     def thread(self, event: LoopThread) -> None:
         self._waited(event.pid, event.tid, event.python_stack)
 
-    def sample(self, sample: CpuSample, frames: tuple[Frame, ...]) -> None:
+    def sample(self, sample: CpuSample, frames: tuple[Frame, ...],
+               context: RequestContext | None = None) -> None:
         if sample.busy_since:
-            self._period(sample.pid, sample.tid, sample.busy_since).add(frames, 1, 0)
+            self._period(sample.pid, sample.tid, sample.busy_since).add(frames, context, 1, 0)
 
-    def blocked(self, event: LoopBlocked) -> None:
+    def blocked(self, event: LoopBlocked, context: RequestContext | None = None) -> None:
         frames = self._python_frames(event.pid, event.python_stack) or ()
-        self._period(event.pid, event.tid, event.busy_since).add(frames, 0, event.duration_ns)
+        self._period(event.pid, event.tid, event.busy_since).add(frames, context, 0,
+                                                                 event.duration_ns)
 
     def stall(self, event: LoopStall) -> Stall | None:
         """The stall of an asyncio loop with its stacks; None for other pollers."""
@@ -82,8 +86,8 @@ class LoopWatch:
             return None
         stacks = period.stacks if period is not None and period.since == event.busy_since else {}
         ranked = sorted(stacks.items(), key=lambda item: (-item[1][1], -item[1][0]))
-        return Stall(event, tuple(StallStack(frames, samples, slept)
-                                  for frames, (samples, slept) in ranked))
+        return Stall(event, tuple(StallStack(frames, samples, slept, context)
+                                  for (frames, context), (samples, slept) in ranked))
 
     def keeps(self, totals: LoopTotals) -> bool:
         """Whether ``totals`` are an asyncio loop's."""

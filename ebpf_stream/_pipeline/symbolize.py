@@ -37,19 +37,22 @@ from .._model.events import (
     Watermark,
     decode_events,
 )
-from .._model.profile import Frame
+from .._model.profile import Frame, RequestContext
 from .._symbols import Symbolizer
+from .._symbols.requests import Requests
 from .._symbols.stacks import StackResolver
 from .loops import LoopWatch
 
 
 class Sample(msgspec.Struct, frozen=True, gc=False):
-    """One CPU sample with its stacks named, root first (kernel frames last)."""
+    """One CPU sample with its stacks named, root first (kernel frames last),
+    and the request it was taken for."""
 
     pid: int
     comm: str
     timestamp_ns: int
     frames: tuple[Frame, ...]
+    context: RequestContext | None = None
 
 
 class SamplingBegan(msgspec.Struct, frozen=True, gc=False):
@@ -76,6 +79,7 @@ class Symbolize:
     def __init__(self, config: EbpfConfig, symbolizer: Symbolizer, stats: Stats) -> None:
         self._resolver = StackResolver(symbolizer, config.python_frames)
         self._loops = LoopWatch(self._resolver.python_frames)
+        self._requests = Requests()
         self._stats = stats
 
     def items(self, message: EventMessage, admit: Admit) -> Iterator[Symbolized]:
@@ -99,10 +103,11 @@ class Symbolize:
             elif isinstance(event, LoopThread):
                 self._loops.thread(event)
             elif isinstance(event, LoopBlocked):
-                self._loops.blocked(event)
+                self._loops.blocked(event, self._requests.context(event.pid, event.request))
             elif isinstance(event, ProcessExec):
                 self._resolver.process_exec(event.pid)
                 self._loops.forget(event.pid)
+                self._requests.forget(event.pid)
             elif isinstance(event, Totals):
                 if not isinstance(event, LoopTotals) or self._loops.keeps(event):
                     yield event
@@ -130,8 +135,9 @@ class Symbolize:
             frames, lost = self._resolver.frames(event)
             if lost:
                 self._stats.lost_stacks += 1
-            self._loops.sample(event, frames)
-            return Sample(event.pid, event.comm, event.timestamp_ns, frames)
+            context = self._requests.context(event.pid, event.request)
+            self._loops.sample(event, frames, context)
+            return Sample(event.pid, event.comm, event.timestamp_ns, frames, context)
         if isinstance(event, SlowSyscall):
             return SlowCall(event, self._resolver.slow_call_frames(event))
         return event

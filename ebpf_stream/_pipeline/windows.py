@@ -148,11 +148,11 @@ class Windows:
             for s in list(window):
                 early = [t for t in s.timestamps_ns if t < at]
                 if early:
-                    before.add(s.pid, s.process, s.frames, len(early), early)
+                    before.add(s.pid, s.process, s.frames, len(early), early, s.context)
                     s.timestamps_ns = [t for t in s.timestamps_ns if t >= at]
                     s.count = len(s.timestamps_ns)
                     if not s.count:
-                        del window.stacks[s.pid, s.process, s.frames]
+                        del window.stacks[s.pid, s.process, s.frames, s.context]
         self.closed_to_ns = at
         return [before]
 

@@ -255,7 +255,8 @@ class CpuProbe(RingProbe):
         offset, comm = self.wall_offset_ns, self.comm
         return [CpuSample(r.timestamp_ns + offset, r.pid, r.tid, r.cpu, comm(r.comm),
                           _sample_key(r.user_stack), _sample_key(r.kernel_stack),
-                          r.python_stack, r.busy_since) for r in records]
+                          r.python_stack, r.busy_since, _request(r.request))
+                for r in records]
 
     def _loop_events(self, records: Iterable[samples.Sample]) -> list[Event]:
         events: list[Event] = []
@@ -268,12 +269,17 @@ class CpuProbe(RingProbe):
                 events.append(LoopThread(r.pid, r.tid, r.python_stack))
             elif r.kind == samples.LOOP_BLOCKED:
                 events.append(LoopBlocked(r.pid, r.tid, r.busy_since, r.duration_ns,
-                                          r.python_stack))
+                                          r.python_stack, _request(r.request)))
             elif r.kind == samples.LOOP_STALL:
                 events.append(LoopStall(r.timestamp_ns + self.wall_offset_ns, r.pid, r.tid,
                                         process_name(r.pid) or "", r.busy_since,
                                         r.duration_ns, r.python_stack))
         return events
+
+
+def _request(raw: bytes) -> bytes:
+    """The kernel's request field as an event's: empty for none, the cheaper to send."""
+    return b"" if raw == samples.NO_REQUEST else raw
 
 
 def _sample_key(stack: int) -> int:

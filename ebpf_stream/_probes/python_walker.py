@@ -30,6 +30,7 @@ from .._base.cache_dir import cache_dir, trusted
 from .._bpf.loader import LoadedProgram
 from .._bpf.ringbuf import RingBuffer
 from .._bpf.syscalls import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap, attach_perf_event
+from .._context.reader import Published, find_published
 from .._model.events import PythonStack
 from .._python.code import PythonSymbols
 from .._python.offsets import OFFSETS, VERSIONS, kernel_row
@@ -39,7 +40,7 @@ from . import samples
 log = logging.getLogger("ebpf_stream")
 
 _U32 = struct.Struct("<I")
-_PROCESS = struct.Struct("<QQII")  # struct python_process
+_PROCESS = struct.Struct("<QQIIQQQQII")  # struct python_process
 _MAX_DEPTH = 128  # PYTHON_MAX_DEPTH in kernel/python_frames.h
 # struct python_stack: depth, truncated, then PYTHON_MAX_DEPTH struct python_frame.
 _FRAME = struct.Struct("<QiiI4x")  # code, lasti, first_line, flags
@@ -58,11 +59,18 @@ def load_offsets(program: LoadedProgram) -> None:
         table.update(_U32.pack(index), kernel_row(OFFSETS[version]))
 
 
-def register(program: LoadedProgram, runtime: PythonRuntime) -> None:
-    """Let the kernel walk ``runtime``'s process."""
+_REPUBLISH_S = 1.0  # how often a walked process that publishes no requests is looked at again
+
+
+def register(program: LoadedProgram, runtime: PythonRuntime,
+             published: Published | None = None) -> None:
+    """Let the kernel walk ``runtime``'s process, and read its requests if it publishes them."""
     row = VERSIONS.index(runtime.version[:2])
-    program.map("python_processes").update(
-        _U32.pack(runtime.pid), _PROCESS.pack(runtime.runtime_address, runtime.code_type, row, 0))
+    h = published.header if published is not None else None
+    context = (0, 0, 0, 0, 0, 0) if h is None else (
+        h.thread_context, h.var, h.bitmap_type, h.array_type, h.bytes_type, h.var_hash)
+    program.map("python_processes").update(_U32.pack(runtime.pid), _PROCESS.pack(
+        runtime.runtime_address, runtime.code_type, row, *context, 0))
 
 
 def unregister(program: LoadedProgram, pid: int) -> None:
@@ -81,11 +89,24 @@ class PythonProcesses:
         self._first_seen: dict[int, float] = {}
         self._looks: dict[int, int] = {}  # looks taken since first seen
         self._reported: set[str] = set()
+        # Walked processes not publishing requests (yet): when each was last looked at.
+        self._unpublished: dict[int, float] = {}
 
     def look(self, pid: int) -> PythonRuntime | None:
-        """The interpreter of ``pid``, registering it the first time it is found."""
-        if pid in self._found and (self._found[pid] is not None or not self._due(pid)):
-            return self._found[pid]
+        """The interpreter of ``pid``, registering it the first time it is found.
+
+        A process registered before it published its requests (its app
+        starts publishing once its framework is up) is looked at again
+        every ``_REPUBLISH_S``.
+        """
+        found = self._found.get(pid)
+        if found is not None:
+            checked = self._unpublished.get(pid)
+            if checked is not None and time.monotonic() - checked >= _REPUBLISH_S:
+                self._publish(found, registered=True)
+            return found
+        if pid in self._found and not self._due(pid):
+            return None
         runtime = None
         problem = None  # a lasting reason not to walk this process
         try:
@@ -105,12 +126,22 @@ class PythonProcesses:
             runtime = None
             self._looks[pid] = len(_LOOK_AGAIN_AT)  # an answer, not a race: stop looking
         if runtime is not None:
-            register(self._program, runtime)
+            self._publish(runtime, registered=False)
             self._on_found()
         else:
             self._first_seen.setdefault(pid, time.monotonic())
         self._found[pid] = runtime
         return runtime
+
+    def _publish(self, runtime: PythonRuntime, registered: bool) -> None:
+        """Register ``runtime`` with what it publishes of its requests, if anything."""
+        published = find_published(runtime.pid)
+        if published is None:
+            self._unpublished[runtime.pid] = time.monotonic()
+        else:
+            self._unpublished.pop(runtime.pid, None)
+        if published is not None or not registered:
+            register(self._program, runtime, published)
 
     def next_look(self) -> float | None:
         """When (``time.monotonic()``) the next look at a process is due, if one is."""
@@ -144,10 +175,11 @@ class PythonProcesses:
         """
         self._found[pid] = None
         self._looks.pop(pid, None)
+        self._unpublished.pop(pid, None)
         self._first_seen[pid] = time.monotonic()
 
     def forget(self, pid: int) -> None:
-        for table in (self._found, self._first_seen, self._looks):
+        for table in (self._found, self._first_seen, self._looks, self._unpublished):
             table.pop(pid, None)
 
     def forget_exited(self) -> None:

@@ -17,7 +17,7 @@ SAMPLE, LOOP_THREAD, LOOP_BLOCKED, LOOP_STALL, PROCESS_EXEC = range(5)
 # Stack fields that hold no key (stack keys are odd).
 NO_STACK, STACK_LOST = 0, 2
 
-_LAYOUT = struct.Struct("<QIIIIQQ16sQQQII")
+_LAYOUT = struct.Struct("<QIIIIQQ16sQQQII32s")
 
 
 class Sample(NamedTuple):
@@ -36,9 +36,11 @@ class Sample(NamedTuple):
     duration_ns: int  # LOOP_BLOCKED: time asleep; LOOP_STALL: time busy
     kind: int
     pad: int
+    request: bytes  # SAMPLE, LOOP_BLOCKED: the published request; zeros: none
 
 
 SIZE = _LAYOUT.size
+NO_REQUEST = bytes(32)
 
 
 def decode(records: Records) -> list[Sample]:

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Unpack
 
 from .._base.errors import ConfigError, EbpfStreamError
+from .._context.publisher import publish
 from .._outputs.base import Exporter
 from .._profiler import Profiler
 from ._claims import Claim, claim, holder
@@ -53,7 +54,9 @@ class ServiceProfiling:
     ``async with ServiceProfiling(**options) as profiler:`` around the
     service's life (the framework helpers do this in its lifespan).
     Settings come from the ``EBPF_STREAM_*`` and ``OTEL_*`` variables,
-    overridden by ``options`` (see ``ProfilingOptions``).  Entering returns
+    overridden by ``options`` (see ``ProfilingOptions``).  Unless disabled,
+    entering publishes which request each task runs, for this profiler or
+    one outside the process (``ebpf-stream record --pid``).  Entering returns
     at once with the running ``Profiler`` (its ``mode`` is ``"starting"``
     until the probes are up), or None when nothing says where profiles go
     or profiling is disabled (one info line says which).
@@ -81,6 +84,8 @@ class ServiceProfiling:
             raise RuntimeError("this ServiceProfiling is already running")
         self._profiler = None
         settings = read_settings(self._options)
+        if settings.publish:
+            publish()
         if settings.off is not None:
             log.info("ebpf-stream: %s", settings.off)
             return None

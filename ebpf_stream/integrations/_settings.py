@@ -85,10 +85,13 @@ class Settings:
     """The resolved answer: whether to profile, how, and where to.
 
     ``off`` says why not to profile (None: profile).  ``source`` is how
-    errors about ``outputs`` name where they came from.
+    errors about ``outputs`` name where they came from.  ``publish``: the
+    process publishes its requests for a profiler outside it, whether or
+    not it profiles itself; only disabling ebpf-stream turns that off.
     """
 
     off: str | None
+    publish: bool = True
     config: EbpfConfig = dataclasses.field(default_factory=EbpfConfig)
     exporters: tuple[Exporter, ...] = ()
     outputs: tuple[Output, ...] = ()
@@ -110,7 +113,7 @@ def read_settings(options: ProfilingOptions) -> Settings:
     if enabled is False:
         by = ("enabled=False" if "enabled" in options
               else f"EBPF_STREAM_ENABLED={env_value(env, 'EBPF_STREAM_ENABLED')}")
-        return Settings(off=f"profiling is disabled ({by})")
+        return Settings(off=f"profiling is disabled ({by})", publish=False)
 
     exporters = tuple(options.get("exporters", ()))
     given = options.get("outputs")
