@@ -134,7 +134,7 @@ def publish() -> Publication | None:
 @contextmanager
 def request_scope(route: str | None, method: str | None) -> Iterator[None]:
     """Samples taken inside are for ``method route`` (the middleware's, without spans)."""
-    publication = publish()
+    publication = _publication or publish()
     if publication is None or not route:
         yield
         return
