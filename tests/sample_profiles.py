@@ -23,7 +23,7 @@ from sample_frames import (
 )
 
 from ebpf_stream._convert.pprof_pb2 import Profile as PprofProfile
-from ebpf_stream._model.profile import Profile
+from ebpf_stream._model.profile import ProcessInfo, Profile, RequestContext
 from ebpf_stream.exporters import Batch
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -50,6 +50,31 @@ def python_profile() -> Profile:
     p = empty_profile()
     p.add(40, "python3", (MAIN, EVAL, RUN_ONCE, HANDLE_RUN, HANDLER), count=3)
     p.add(40, "python3", (MAIN, EVAL, RUN_ONCE, HANDLE_RUN, HANDLER_LATER), count=1)
+    return p
+
+
+# Two requests to one endpoint, one to another that was routed without tracing,
+# and a route without a method.
+ITEM = RequestContext("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", "/items/{id}",
+                      "GET")
+ITEM_AGAIN = RequestContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7",
+                            "/items/{id}", "GET")
+CHECKOUT = RequestContext(route="/checkout", method="POST")
+HEALTH = RequestContext("0af7651916cd43dd8448eb211c80319c", "c0ffee0000000001", "/health")
+
+
+def request_profile() -> Profile:
+    """A web app whose stacks ran for requests, some for several, and outside any."""
+    p = Profile(period_ns=PERIOD, start_ns=START, end_ns=START + 1_000_000_000,
+                processes={10: ProcessInfo(10, "app", "app", "app --serve")})
+    for frames, count, context in (
+        ((MAIN, WORK), 3, ITEM),
+        ((MAIN, WORK), 2, ITEM_AGAIN),
+        ((MAIN, WORK, READ), 4, CHECKOUT),
+        ((MAIN, WORK), 1, None),
+        ((MAIN,), 2, HEALTH),
+    ):
+        p.add(10, "app", frames, count, [START + 1] * count, context)
     return p
 
 

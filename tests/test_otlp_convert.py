@@ -28,6 +28,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
+from otlp_json_decode import decode_otlp_json
 from sample_frames import (
     EVAL,
     HANDLE_RUN,
@@ -43,18 +44,20 @@ from sample_frames import (
     native,
     python,
 )
+from sample_profiles import HEALTH, ITEM, ITEM_AGAIN, request_profile
 
 from ebpf_stream._base.config import EbpfConfig
 from ebpf_stream._base.overhead import Overhead
 from ebpf_stream._base.stats import Stats
 from ebpf_stream._convert.converter import EventConverter
+from ebpf_stream._convert.json import encode_otlp_json
 from ebpf_stream._convert.pprof_pb2 import Profile as PprofProfile
 from ebpf_stream._convert.profiles import FRAME_TYPE
 from ebpf_stream._model.batch import Batch
 from ebpf_stream._model.dictionary import KERNEL_MAPPING
 from ebpf_stream._model.events import CpuSample
 from ebpf_stream._model.labels import KERNEL_SUFFIX, frame_label, short_file
-from ebpf_stream._model.profile import Frame, FrameKind, ProcessInfo, Profile
+from ebpf_stream._model.profile import Frame, FrameKind, ProcessInfo, Profile, RequestContext
 from ebpf_stream._outputs.pprof import render_pprof
 
 DURATION = 2_000_000_000
@@ -309,6 +312,79 @@ def test_shared_frames_and_stacks_are_interned_once() -> None:
              if d.string_table[d.function_table[loc.lines[0].function_index].name_strindex]
              == "main"}
     assert mains == {"/usr/bin/app", "/usr/bin/postgres"}
+
+
+def sample_requests(request: ExportProfilesServiceRequest,
+                    ) -> dict[str, Counter[tuple[tuple[str, ...], tuple[str, str] | None,
+                                                 frozenset[tuple[str, str]]]]]:
+    """Each profile type's values by (stack, (trace id, span id) of the link, attributes)."""
+    d = request.dictionary
+    s = d.string_table
+
+    def frames(stack_index: int) -> tuple[str, ...]:
+        return tuple(s[d.function_table[d.location_table[i].lines[0].function_index]
+                       .name_strindex]
+                     for i in reversed(d.stack_table[stack_index].location_indices))
+
+    def link(index: int) -> tuple[str, str] | None:
+        found = d.link_table[index]
+        return (found.trace_id.hex(), found.span_id.hex()) if index else None
+
+    out: dict[str, Counter[Any]] = {}
+    for _, p in profiles_of(request):
+        values = out.setdefault(s[p.sample_type.type_strindex], Counter())
+        for sample in p.samples:
+            attributes = frozenset((s[d.attribute_table[i].key_strindex],
+                                    d.attribute_table[i].value.string_value)
+                                   for i in sample.attribute_indices)
+            values[frames(sample.stack_index), link(sample.link_index), attributes] += (
+                sum(sample.values) or len(sample.timestamps_unix_nano))
+    return out
+
+
+def span(context: RequestContext) -> tuple[str, str]:
+    return context.trace_id, context.span_id
+
+
+def test_samples_link_to_their_span_and_carry_the_route_and_method() -> None:
+    request = convert(request_profile())
+    route, method = "http.route", "http.request.method"
+    items = frozenset({(route, "/items/{id}"), (method, "GET")})
+    expected = Counter({
+        (("main", "work"), span(ITEM), items): 3,
+        (("main", "work"), span(ITEM_AGAIN), items): 2,  # the same stack, another request
+        (("main", "work", "vfs_read"), None,
+         frozenset({(route, "/checkout"), (method, "POST")})): 4,  # routed, no span
+        (("main", "work"), None, frozenset()): 1,  # outside any request
+        (("main",), span(HEALTH), frozenset({(route, "/health")})): 2,  # no method
+    })
+    got = sample_requests(request)
+    assert got["samples"] == expected
+    assert got["cpu"] == Counter({key: n * PERIOD for key, n in expected.items()})
+
+
+def test_links_and_request_attributes_are_interned_once() -> None:
+    d = convert(request_profile()).dictionary
+    assert d.link_table[0] == profiles_pb2.Link()
+    # HEALTH shares ITEM's trace but not its span: a link of its own.
+    assert [(link.trace_id.hex(), link.span_id.hex()) for link in d.link_table[1:]] == [
+        span(ITEM), span(ITEM_AGAIN), span(HEALTH)]
+    assert all((len(link.trace_id), len(link.span_id)) == (16, 8) for link in d.link_table[1:])
+    s = d.string_table
+    pairs = [(s[a.key_strindex], a.value.string_value) for a in d.attribute_table[1:]]
+    assert len(set(pairs)) == len(pairs)
+    assert {pair for pair in pairs if pair[0] != FRAME_TYPE} == {
+        ("http.route", "/items/{id}"), ("http.request.method", "GET"),
+        ("http.route", "/checkout"), ("http.request.method", "POST"), ("http.route", "/health")}
+
+
+def test_links_read_back_from_otlp_json() -> None:
+    request = convert(request_profile())
+    line = encode_otlp_json(request)
+    assert f'"linkTable":[{{}},{{"traceId":"{ITEM.trace_id}","spanId":"{ITEM.span_id}"}}'.encode(
+        ) in line
+    back = decode_otlp_json(line, ExportProfilesServiceRequest)
+    assert sample_requests(back) == sample_requests(request)
 
 
 def test_resource_attributes_from_the_caller_and_the_process() -> None:

@@ -11,6 +11,12 @@ Both carry the sampling period as ``cpu/nanoseconds``.  Locations carry the
 ``profile.frame.type`` attribute (``kernel``, ``native`` or ``cpython``).  A
 Python location has no mapping, and one line: its function (qualified name
 and source file) and the line being run.
+
+A sample taken for a request links to its span (a ``Link`` of the
+dictionary, so a backend can jump from CPU time to the trace) and carries
+the request's ``http.route`` and ``http.request.method`` attributes; the
+stacks of one process are kept apart by request, so each request's samples
+are samples of their own.
 """
 
 from __future__ import annotations
@@ -25,12 +31,44 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
 from .._model.dictionary import ProfileDictionary
-from .._model.profile import FrameKind, ProcessInfo, Profile, StackSamples
+from .._model.profile import FrameKind, ProcessInfo, Profile, RequestContext, StackSamples
+from .._model.request_fields import request_attributes, span_ids
 from .attributes import ResourceFactory, any_value
 
 FRAME_TYPE = "profile.frame.type"
 _FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native",
                 FrameKind.PYTHON: "cpython"}
+
+
+class _SampleTables:
+    """The dictionary's attribute and link tables, each entry interned once.
+
+    Entry 0 of each is the null entry, and the frame types of locations are
+    the first attributes; a request's link and attributes follow as samples
+    need them.
+    """
+
+    def __init__(self) -> None:
+        self.attributes: dict[tuple[str, str], int] = {}  # (key, value) -> index
+        self.links: dict[tuple[bytes, bytes], int] = {}  # (trace id, span id) -> index
+        self.frame_types = {kind: self.attribute(FRAME_TYPE, name)
+                            for kind, name in _FRAME_TYPES.items()}
+        self._contexts: dict[RequestContext, tuple[int, list[int]]] = {}
+
+    def attribute(self, key: str, value: str) -> int:
+        return self.attributes.setdefault((key, value), len(self.attributes) + 1)
+
+    def context(self, context: RequestContext | None) -> tuple[int, list[int]]:
+        """The link index and attribute indices of a sample taken for ``context``."""
+        if context is None:
+            return 0, []
+        found = self._contexts.get(context)
+        if found is None:
+            ids = span_ids(context)
+            link = 0 if ids is None else self.links.setdefault(ids, len(self.links) + 1)
+            found = self._contexts[context] = (link, [
+                self.attribute(key, value) for key, value in request_attributes(context).items()])
+        return found
 
 
 def _group_by_process(profile: Profile) -> dict[ProcessInfo, list[StackSamples]]:
@@ -45,6 +83,7 @@ def profiles_request(profile: Profile, resources: ResourceFactory,
     """The OTLP request for ``profile``; empty (no resources) when it has no samples."""
     request = ExportProfilesServiceRequest()
     d = ProfileDictionary()
+    tables = _SampleTables()
     samples_type = pb.ValueType(type_strindex=d.string("samples"), unit_strindex=d.string("count"))
     cpu_type = pb.ValueType(type_strindex=d.string("cpu"), unit_strindex=d.string("nanoseconds"))
     period = profile.period_ns
@@ -59,27 +98,31 @@ def profiles_request(profile: Profile, resources: ResourceFactory,
                            profile_id=os.urandom(16))
         for s in stacks:
             stack = d.stack(s.frames)
+            link, attributes = tables.context(s.context)
             if len(s.timestamps_ns) == s.count:
-                counted.samples.add(stack_index=stack, timestamps_unix_nano=sorted(s.timestamps_ns))
+                counted.samples.add(stack_index=stack, link_index=link,
+                                    attribute_indices=attributes,
+                                    timestamps_unix_nano=sorted(s.timestamps_ns))
             else:  # merged without timestamps: the aggregate is all there is
-                counted.samples.add(stack_index=stack, values=[s.count])
-            timed.samples.add(stack_index=stack, values=[s.count * period])
+                counted.samples.add(stack_index=stack, link_index=link,
+                                    attribute_indices=attributes, values=[s.count])
+            timed.samples.add(stack_index=stack, link_index=link, attribute_indices=attributes,
+                              values=[s.count * period])
         request.resource_profiles.add(
             resource=resources.for_process(process),
             scope_profiles=[pb.ScopeProfiles(scope=scope, profiles=[counted, timed])],
         )
     if request.resource_profiles:  # without samples the request stays empty: nothing to send
-        _fill_dictionary(request.dictionary, d)
+        _fill_dictionary(request.dictionary, d, tables)
     return request
 
 
-def _fill_dictionary(out: pb.ProfilesDictionary, d: ProfileDictionary) -> None:
-    frame_type_key = d.string(FRAME_TYPE)
-    attribute_index = {}
+def _fill_dictionary(out: pb.ProfilesDictionary, d: ProfileDictionary,
+                     tables: _SampleTables) -> None:
     out.attribute_table.add()  # entry 0: the null attribute
-    for kind, name in _FRAME_TYPES.items():
-        attribute_index[kind] = len(out.attribute_table)
-        out.attribute_table.add(key_strindex=frame_type_key, value=any_value(name))
+    out.attribute_table.extend(
+        pb.KeyValueAndUnit(key_strindex=d.string(key), value=any_value(value))
+        for key, value in tables.attributes)
     out.mapping_table.extend(
         pb.Mapping(filename_strindex=m.filename, memory_limit=m.memory_limit) for m in d.mappings)
     out.function_table.extend(
@@ -89,9 +132,10 @@ def _fill_dictionary(out: pb.ProfilesDictionary, d: ProfileDictionary) -> None:
     out.location_table.extend(
         pb.Location(mapping_index=loc.mapping, address=loc.address,
                     lines=[pb.Line(function_index=loc.function, line=loc.line)],
-                    attribute_indices=[attribute_index[loc.kind]])
+                    attribute_indices=[tables.frame_types[loc.kind]])
         for loc in d.locations[1:])
     out.stack_table.extend(pb.Stack(location_indices=s) for s in d.stacks)
-    out.link_table.add()
+    out.link_table.add()  # entry 0: the null link
+    out.link_table.extend(pb.Link(trace_id=trace, span_id=span) for trace, span in tables.links)
     # Last: the loops above may still intern strings.
     out.string_table.extend(d.strings)
