@@ -33,6 +33,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from otlp_json_decode import decode_otlp_json
 from sample_frames import EVAL, MAIN, PERIOD, READ, START, kernel, native, python
+from sample_profiles import ITEM, ITEM_AGAIN, request_profile
 from test_otlp_trace import make_batch
 
 from ebpf_stream._convert.pprof_pb2 import Profile as PprofProfile
@@ -98,18 +99,32 @@ def pprof_top(path: Path) -> dict[str, int]:
     return flat
 
 
-def pprof_traces(path: Path) -> Counter[tuple[str, ...]]:
-    """Samples by root-first stack of function names, from ``go tool pprof -traces``.
+def pprof_labelled_traces(path: Path, *options: str,
+                          ) -> Counter[tuple[frozenset[tuple[str, str]], tuple[str, ...]]]:
+    """Samples by labels and root-first stack of function names, from ``go tool pprof
+    -traces``.
 
-    Each trace prints its labels (``%10s:  value``) and then its frames, leaf
-    first, as ``%10s   name`` with the sample's value on the first.
+    Each trace prints its labels (``%10s:  value``, a longer key in full) and
+    then its frames, leaf first, as ``%10s   name`` with the sample's value on
+    the first: a frame's line alone has three spaces after its tenth character.
     """
-    out = pprof(path, "-traces", "-sample_index=samples")
-    stacks: Counter[tuple[str, ...]] = Counter()
+    out = pprof(path, "-traces", "-sample_index=samples", *options)
+    traces: Counter[tuple[frozenset[tuple[str, str]], tuple[str, ...]]] = Counter()
     for trace in out.split("-----------+" + "-" * 55 + "\n")[1:]:
-        lines = [line for line in trace.splitlines() if line[10:11] != ":"]
+        lines = [line for line in trace.splitlines() if line[10:13] == "   "]
+        labels = {line.strip().partition(":  ")[::2]
+                  for line in trace.splitlines() if line and line[10:13] != "   "}
         if lines:
-            stacks[tuple(line[13:] for line in reversed(lines))] += int(lines[0][:10])
+            stack = tuple(line[13:] for line in reversed(lines))
+            traces[frozenset(labels), stack] += int(lines[0][:10])
+    return traces
+
+
+def pprof_traces(path: Path) -> Counter[tuple[str, ...]]:
+    """Samples by root-first stack of function names, from ``go tool pprof -traces``."""
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for (_, stack), count in pprof_labelled_traces(path).items():
+        stacks[stack] += count
     return stacks
 
 
@@ -153,6 +168,27 @@ def test_pprof_names_every_function_as_the_profile_does(tmp_path: Path) -> None:
     flat = pprof_top(path)
     assert {name: n for name, n in flat.items() if n} == leaves
     assert set(flat) == {name for stack in expected for name in stack}
+
+
+def test_pprof_shows_each_samples_request_and_slices_by_it(tmp_path: Path) -> None:
+    profile = request_profile()
+    path = tmp_path / "requests.pb.gz"
+    path.write_bytes(render_pprof(profile))
+    expected: Counter[tuple[frozenset[tuple[str, str]], tuple[str, ...]]] = Counter()
+    for s in profile:
+        labels = {("pid", str(s.pid)), ("process", s.process)}
+        if s.context is not None:
+            labels |= {(key, value) for key, value in (
+                ("trace_id", s.context.trace_id), ("span_id", s.context.span_id),
+                ("http.route", s.context.route), ("http.request.method", s.context.method))
+                if value}
+        expected[frozenset(labels), function_names(s.frames)] += s.count
+    assert pprof_labelled_traces(path) == expected
+    # One trace's stacks, and one endpoint's.
+    assert sum(pprof_labelled_traces(path, f"-tagfocus=trace_id={ITEM.trace_id}").values()) == (
+        sum(s.count for s in profile if s.context and s.context.trace_id == ITEM.trace_id))
+    assert sum(pprof_labelled_traces(path, "-tagfocus=http.request.method=GET").values()) == (
+        sum(s.count for s in profile if s.context == ITEM or s.context == ITEM_AGAIN))
 
 
 def test_pprof_reads_the_profiles_time_and_duration(tmp_path: Path) -> None:

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from sample_frames import EXT4, MAIN, PERIOD, READ, START
-from sample_profiles import decode_pprof, empty_profile, sample_profile
+from sample_profiles import (
+    HEALTH,
+    ITEM,
+    ITEM_AGAIN,
+    decode_pprof,
+    empty_profile,
+    request_profile,
+    sample_profile,
+)
 
 from ebpf_stream._model.dictionary import KERNEL_MAPPING
+from ebpf_stream._model.profile import RequestContext
 from ebpf_stream._outputs.pprof import render_pprof
 
 
@@ -68,3 +77,30 @@ def test_pprof_is_deterministic_and_handles_empty_profiles() -> None:
     out = decode_pprof(render_pprof(empty_profile()))
     assert len(out.sample) == 0
     assert out.string_table[0] == ""
+
+
+
+def test_pprof_labels_samples_with_their_request() -> None:
+    out = decode_pprof(render_pprof(request_profile()))
+    s = out.string_table
+    functions = {f.id: s[f.name] for f in out.function}
+    locations = {loc.id: functions[loc.line[0].function_id] for loc in out.location}
+    got = {}
+    for sample in out.sample:
+        labels = {s[label.key]: s[label.str] for label in sample.label
+                  if s[label.key] not in ("pid", "process")}
+        stack = tuple(locations[i] for i in reversed(sample.location_id))
+        got[stack, frozenset(labels.items())] = sample.value[0]
+
+    def span(context: RequestContext) -> set[tuple[str, str]]:
+        return {("trace_id", context.trace_id), ("span_id", context.span_id)}
+
+    items = {("http.route", "/items/{id}"), ("http.request.method", "GET")}
+    assert got == {
+        (("main", "work"), frozenset(span(ITEM) | items)): 3,
+        (("main", "work"), frozenset(span(ITEM_AGAIN) | items)): 2,
+        (("main", "work", "vfs_read"),  # routed without tracing: no ids
+         frozenset({("http.route", "/checkout"), ("http.request.method", "POST")})): 4,
+        (("main", "work"), frozenset()): 1,  # outside any request
+        (("main",), frozenset(span(HEALTH) | {("http.route", "/health")})): 2,  # no method
+    }

@@ -6,6 +6,11 @@ Frames are already symbolized, so every mapping says it has functions and
 consumers show our names rather than trying to symbolize addresses again.
 Python frames have no mapping; their functions name the source file and
 their lines the line being run.
+
+A sample taken for a request is labelled with it: ``trace_id`` and
+``span_id`` in hex, ``http.route`` and ``http.request.method``, so
+``go tool pprof -tagfocus`` and ``-tagshow`` can slice CPU time by endpoint
+or find one trace's stacks.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from collections import Counter
 from .._convert import pprof_pb2 as pb
 from .._model.dictionary import ProfileDictionary, valid_utf8
 from .._model.profile import FrameKind, Profile
+from .._model.request_fields import request_labels
 
 
 def render_pprof(profile: Profile) -> bytes:
     """The gzip-compressed pprof encoding of ``profile``.
 
     Values are ``samples/count`` and ``cpu/nanoseconds`` (count times the
-    period); each sample carries ``pid`` and ``process`` labels.
+    period); each sample carries ``pid`` and ``process`` labels, and those of
+    its request.
     """
     out = pb.Profile()
     d = ProfileDictionary()
@@ -43,7 +50,9 @@ def render_pprof(profile: Profile) -> bytes:
             location_id=d.stacks[d.stack(s.frames)],
             value=[s.count, s.count * profile.period_ns],
             label=[pb.Label(key=pid_key, num=s.pid),
-                   pb.Label(key=process_key, str=d.string(valid_utf8(s.process)))],
+                   pb.Label(key=process_key, str=d.string(valid_utf8(s.process))),
+                   *(pb.Label(key=d.string(key), str=d.string(value))
+                     for key, value in request_labels(s.context).items())],
         )
     # Entry 0 of each table is the null entry; pprof ids are the indices.
     out.mapping.extend(
