@@ -40,7 +40,7 @@ if TYPE_CHECKING:
         SyscallTotals,
         TcpConnection,
     )
-    from ._model.profile import Frame, FrameKind, Profile, StackSamples
+    from ._model.profile import Frame, FrameKind, Profile, RequestContext, StackSamples
     from ._outputs.base import Exporter
     from ._profiler import Profiler
     from ._sync import EbpfCpuProfiler
@@ -58,7 +58,7 @@ __getattr__ = lazy_exports(__name__, {
     "._outputs.base": ("Exporter",),
     "._convert.converter": ("EventConverter",),
     "._base.overhead": ("Overhead",),
-    "._model.profile": ("Frame", "FrameKind", "Profile", "StackSamples"),
+    "._model.profile": ("Frame", "FrameKind", "Profile", "RequestContext", "StackSamples"),
     "._profiler": ("Profiler",),
     "._sync": ("EbpfCpuProfiler",),
     "._base.stats": ("Stats",),
@@ -89,6 +89,7 @@ __all__ = [
     "Profile",
     "Profiler",
     "PythonFrames",
+    "RequestContext",
     "SlowCall",
     "SlowSyscall",
     "StackSamples",
