@@ -12,6 +12,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import anyio
 import pytest
 from _support import bpf_fds, cpu_seconds, loaded_programs, program_ids, sampling, start_ready
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -20,6 +21,13 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from otlp_json_decode import decode_otlp_json
 from otlp_stacks import resource_attributes
+from sample_frames import HANDLER, RUN_ONCE, START
+from sample_profiles import CHECKOUT, ITEM, empty_profile
+
+from ebpf_stream._base.config import EbpfConfig
+from ebpf_stream._cli.record import Tally
+from ebpf_stream._model.batch import Batch, Stall, StallStack
+from ebpf_stream._model.events import LoopStall
 
 CLI = [sys.executable, "-m", "ebpf_stream._cli"]
 
@@ -272,3 +280,23 @@ def test_doctor_passes_every_check_here() -> None:
 
 def test_no_fds_leak_into_the_test_process() -> None:
     assert bpf_fds() == []
+
+
+# -- the summary, without recording ------------------------------------------
+
+
+def test_the_summary_names_the_longest_stalls_culprit_request_and_trace() -> None:
+    tally = Tally()
+    short = Stall(LoopStall(START, 10, 10, "app", 1, 150_000_000),
+                  (StallStack((RUN_ONCE, HANDLER), 1, 0, CHECKOUT),))
+    longest = Stall(LoopStall(START + 1, 10, 10, "app", 2, 301_000_000),
+                    (StallStack((RUN_ONCE, HANDLER), 3, 300_000_000, ITEM),))
+    anyio.run(tally.export, Batch(empty_profile(), records=[short, longest]))
+    assert tally.describe(EbpfConfig()) == (
+        "loop stalls 2 (longest 301 ms in handler (app.py:3) "
+        f"during GET /items/{{id}}, trace {ITEM.trace_id})")
+    anyio.run(tally.export, Batch(empty_profile(), records=[
+        Stall(LoopStall(START + 2, 10, 10, "app", 3, 400_000_000),
+              (StallStack((RUN_ONCE, HANDLER), 3, 0, CHECKOUT),))]))
+    assert tally.describe(EbpfConfig()) == (
+        "loop stalls 3 (longest 400 ms in handler (app.py:3) during POST /checkout)")

@@ -48,6 +48,7 @@ from sample_frames import (
     native,
     python,
 )
+from sample_profiles import CHECKOUT, HEALTH, ITEM
 
 from ebpf_stream._base.errors import ExportError
 from ebpf_stream._base.otlp_settings import Protocol, Signal, otlp_endpoints
@@ -407,6 +408,39 @@ def test_a_stall_without_stacks_names_no_code() -> None:
     assert record.body.string_value == "asyncio loop blocked for 301 ms"
     assert record_named(logs, "asyncio.loop.stall", 10) == {
         "thread.id": 10, "asyncio.loop.stall.duration": 0.301}
+
+
+def test_a_stall_names_the_request_that_blocked_the_loop_and_links_to_its_span() -> None:
+    # ITEM's stacks slept longest; HEALTH's were sampled more, and one ran outside any.
+    stall = Stall(STALL.stall, (StallStack((RUN_ONCE, HANDLER), 1, 200_000_000, ITEM),
+                                StallStack((RUN_ONCE, HANDLER_LATER), 1, 90_000_000, ITEM),
+                                StallStack((RUN_ONCE, HANDLER_LATER), 3, 250_000_000, HEALTH),
+                                StallStack((RUN_ONCE,), 9, 0)))
+    logs = convert(make_batch(records=[stall])).logs
+    (record,) = [r for _, r in logs_by_pid(logs)]
+    assert (record.trace_id.hex(), record.span_id.hex()) == (ITEM.trace_id, ITEM.span_id)
+    assert record.body.string_value == (
+        "asyncio loop blocked for 301 ms in handler (app.py:3) "
+        f"during GET /items/{{id}}, trace {ITEM.trace_id}")
+    named = record_named(logs, "asyncio.loop.stall", 10)
+    assert (named["http.route"], named["http.request.method"]) == ("/items/{id}", "GET")
+
+
+def test_a_stall_in_a_request_without_a_span_has_no_ids() -> None:
+    stall = Stall(STALL.stall, (StallStack((RUN_ONCE, HANDLER), 2, 0, CHECKOUT),))
+    logs = convert(make_batch(records=[stall])).logs
+    (record,) = [r for _, r in logs_by_pid(logs)]
+    assert (record.trace_id, record.span_id) == (b"", b"")
+    assert record.body.string_value.endswith(" during POST /checkout")
+    named = record_named(logs, "asyncio.loop.stall", 10)
+    assert (named["http.route"], named["http.request.method"]) == ("/checkout", "POST")
+
+
+def test_a_stall_outside_any_request_names_none() -> None:
+    logs = convert(make_batch()).logs
+    (record,) = [r for _, r in logs_by_pid(logs) if r.event_name == "asyncio.loop.stall"]
+    assert (record.trace_id, record.span_id) == (b"", b"")
+    assert not {"http.route", "http.request.method"} & set(attributes(record))
 
 
 def test_a_stall_stack_trace_is_bounded() -> None:

@@ -18,7 +18,7 @@ from .._base.errors import ConfigError
 from .._base.otlp_settings import Signal, endpoint_in_environment
 from .._model.batch import Batch, Stall
 from .._model.events import LatestTotals, MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
-from .._model.labels import frame_label
+from .._model.labels import stall_place
 from .._outputs.base import Exporter
 from .._outputs.formats import FORMATS, format_for_path
 from .._outputs.otlp.exporter import OtlpExporter
@@ -109,10 +109,10 @@ class Tally:
             mem = self.latest.of_kind(MemoryTotals)
             parts.append(f"page faults {sum(t.minor_faults + t.major_faults for t in mem):,}")
         if self.longest_stall is not None:
-            culprit = self.longest_stall.culprit
+            where = stall_place(self.longest_stall)
             parts.append(f"loop stalls {self.stalls:,} (longest "
                          f"{self.longest_stall.stall.duration_ns / 1e6:,.0f} ms"
-                         f"{' in ' + frame_label(culprit) if culprit else ''})")
+                         f"{' ' + where if where else ''})")
         return ", ".join(parts)
 
 

@@ -12,7 +12,10 @@ resource of its process:
 - ``asyncio.loop.stall``: an asyncio loop that ran callbacks past the stall
   threshold without waiting, at severity WARN, naming the culprit (the
   innermost Python frame of the heaviest stack) in ``code.*`` and the
-  stacks seen meanwhile in ``code.stacktrace``.
+  stacks seen meanwhile in ``code.stacktrace``; when the loop was blocked
+  serving a request, the record carries the request's span (its
+  ``trace_id`` and ``span_id``, so a backend links the stall to the trace)
+  and its ``http.route`` and ``http.request.method``.
 
 Warnings and errors of the engine (lost samples, a failing exporter, a slow
 shutdown) reach the same pipeline as its data, so operators see them where
@@ -33,8 +36,9 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .._model.batch import SlowCall, Stall, StallStack, TraceRecord
 from .._model.events import OomKill, TcpConnection, endpoint
-from .._model.labels import frame_label
+from .._model.labels import stall_place
 from .._model.profile import Frame
+from .._model.request_fields import request_attributes, span_ids
 from .attributes import AttributeValue, any_value, key_values
 
 TCP_CONNECTION_CLOSED = "tcp.connection.closed"
@@ -175,20 +179,26 @@ def _stall(record: Stall) -> pb.LogRecord:
         "thread.id": stall.tid,
         "asyncio.loop.stall.duration": stall.duration_ns / 1e9,
     }
-    where = ""
     culprit = record.culprit
     if culprit is not None:
         attributes["code.function.name"] = culprit.name
         attributes["code.file.path"] = culprit.module
         attributes["code.line.number"] = culprit.line
-        where = f" in {frame_label(culprit)}"
     if record.stacks:
         attributes["code.stacktrace"] = "\n".join(
             [*map(_stall_stack, record.stacks[:STALL_STACKS]),
              *_more(len(record.stacks) - STALL_STACKS, "stacks")])
-    return _event(ASYNCIO_LOOP_STALL, stall.timestamp_ns,
-                  f"asyncio loop blocked for {stall.duration_ns / 1e6:.0f} ms{where}",
-                  attributes, pb.SeverityNumber.SEVERITY_NUMBER_WARN)
+    context = record.context
+    attributes.update(request_attributes(context))
+    where = stall_place(record)
+    log = _event(ASYNCIO_LOOP_STALL, stall.timestamp_ns,
+                 f"asyncio loop blocked for {stall.duration_ns / 1e6:.0f} ms"
+                 f"{' ' + where if where else ''}",
+                 attributes, pb.SeverityNumber.SEVERITY_NUMBER_WARN)
+    ids = span_ids(context)
+    if ids is not None:
+        log.trace_id, log.span_id = ids
+    return log
 
 
 def trace_log_record(record: TraceRecord) -> pb.LogRecord:

@@ -1,8 +1,9 @@
-"""How a frame reads as text: one name, shared by every text output.
+"""How a frame, or a stall, reads as text: one name, shared by every text output.
 
 The folded, speedscope and SVG files, the OTLP stall records and the
-command line all name frames through :func:`frame_label`, so a frame reads
-the same wherever it is shown.
+command line all name frames through :func:`frame_label`, and the stall
+records and the command line say where a loop stalled through
+:func:`stall_place`, so each reads the same wherever it is shown.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
+from .batch import Stall
 from .dictionary import valid_utf8
 from .profile import Frame, FrameKind
 
@@ -46,3 +48,19 @@ def frame_label(frame: Frame) -> str:
     if frame.kind is FrameKind.PYTHON and frame.line:
         return clean_name(f"{frame.name} ({short_file(frame.module)}:{frame.line})")
     return name + KERNEL_SUFFIX if frame.kind is FrameKind.KERNEL else name
+
+
+def stall_place(stall: Stall) -> str:
+    """``in handler (app.py:3) during GET /items/{id}, trace 0af7...``: the culprit,
+    and the request it served (its endpoint, and the trace to look it up by),
+    those known; empty when none is."""
+    parts = []
+    culprit, context = stall.culprit, stall.context
+    if culprit is not None:
+        parts.append(f"in {frame_label(culprit)}")
+    if context is not None:
+        trace = f"trace {context.trace_id}" if context.trace_id else ""
+        request = ", ".join(part for part in (valid_utf8(context.endpoint), trace) if part)
+        if request:
+            parts.append(f"during {request}")
+    return " ".join(parts)
