@@ -66,6 +66,9 @@ def folded(path: Path) -> dict[str, int]:
      "error: --stall-threshold: works on CPU samples, which --no-cpu turns off"),
     (["record", "--python-frames", "off", "--stall-threshold", "50"],
      "error: --stall-threshold: needs Python frames"),
+    (["record", "--by-route", "-o", "out.pb.gz"],
+     "error: --by-route: roots the stacks of folded, speedscope, svg files at their endpoints, "
+     "and no output is one"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args: list[str], message: str) -> None:
     result = run_cli(*args)

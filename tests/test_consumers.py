@@ -276,6 +276,21 @@ def test_speedscope_loads_every_kind_of_frame_without_a_warning(tmp_path: Path) 
     assert sum(p["totalWeight"] for p in loaded["profiles"]) == profile.sample_count * PERIOD
 
 
+def test_speedscope_reads_stacks_rooted_at_their_endpoints(tmp_path: Path) -> None:
+    path = tmp_path / "routes.speedscope.json"
+    profile = request_profile()
+    path.write_text(render_speedscope(profile, by_route=True))
+    loaded = speedscope_import(path)
+    assert loaded["warnings"] == []
+    (read,) = loaded["profiles"]
+    roots: Counter[str] = Counter()
+    for depth, name, start, end in read["calls"]:
+        if depth == 0:
+            roots[name] += end - start
+    assert roots == {"GET /items/{id}": 5 * PERIOD, "POST /checkout": 4 * PERIOD,
+                     "/health": 2 * PERIOD, "[no route]": PERIOD}
+
+
 # -- OTLP/JSON ---------------------------------------------------------------
 
 REQUEST_TYPES: dict[str, type[Message]] = {

@@ -17,11 +17,11 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from otlp_json_decode import decode_otlp_json
 from sample_frames import PERIOD
-from sample_profiles import SVG, batch, decode_pprof, empty_profile, frames_of
+from sample_profiles import SVG, batch, decode_pprof, empty_profile, frames_of, request_profile
 
 from ebpf_stream._base.errors import ConfigError, ExportError
 from ebpf_stream._model.profile import Profile
-from ebpf_stream._outputs.formats import FORMATS
+from ebpf_stream._outputs.formats import FORMATS, ROUTE_FORMATS, exporter_for
 from ebpf_stream.exporters import (
     Batch,
     Exporter,
@@ -180,3 +180,16 @@ async def test_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
 def test_every_file_exporter_prepares_what_renders_it(fmt: str, tmp_path: Path) -> None:
     exporter = FORMATS[fmt](tmp_path / f"out.{fmt}")
     exporter.prepare()  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+async def test_by_route_roots_the_flame_graph_formats_at_endpoints(fmt: str,
+                                                                  tmp_path: Path) -> None:
+    path = tmp_path / f"out.{fmt}"
+    exporter = exporter_for(fmt, path, by_route=True)
+    await exporter.export(Batch(request_profile()))
+    await exporter.aclose()
+    shows_endpoints = b"GET /items/{id}" in path.read_bytes()
+    # The other formats carry the request as they always do, not as a frame.
+    assert shows_endpoints == (fmt in ROUTE_FORMATS), fmt

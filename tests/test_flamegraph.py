@@ -6,7 +6,14 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from sample_frames import native
-from sample_profiles import SVG, empty_profile, frames_of, python_profile, sample_profile
+from sample_profiles import (
+    SVG,
+    empty_profile,
+    frames_of,
+    python_profile,
+    request_profile,
+    sample_profile,
+)
 
 from ebpf_stream._outputs.flamegraph import WIDTH, render_flamegraph_svg
 
@@ -73,3 +80,19 @@ def test_svg_python_frames_are_labelled_like_folded() -> None:
             "handler (app.py:4)"} <= set(frames)
     assert frames["handler (app.py:3)"].findtext(f"{SVG}title") == (
         "handler (app.py:3) (3 samples, 75.00%)")
+
+
+def test_svg_by_route_stands_each_processs_stacks_on_their_endpoints() -> None:
+    frames = frames_of(render_flamegraph_svg(request_profile(), by_route=True))
+    assert frames["GET /items/{id}"].findtext(f"{SVG}title") == (
+        "GET /items/{id} (5 samples, 41.67%)")
+    assert frames["[no route]"].findtext(f"{SVG}title") == "[no route] (1 samples, 8.33%)"
+    assert {"/health", "POST /checkout"} <= set(frames)
+
+    def y(name: str) -> float:
+        rect = frames[name].find(f"{SVG}rect")
+        assert rect is not None
+        return float(rect.attrib["y"])
+
+    assert y("app") > y("GET /items/{id}") == y("[no route]") > y("work")
+    assert "GET /items/{id}" not in frames_of(render_flamegraph_svg(request_profile()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sample_frames import native
-from sample_profiles import empty_profile, python_profile, sample_profile
+from sample_profiles import empty_profile, python_profile, request_profile, sample_profile
 
 from ebpf_stream._outputs.folded import render_folded
 
@@ -45,3 +45,15 @@ def test_folded_python_frames_read_qualname_file_and_line() -> None:
         f"{PYTHON_ROOT};handler (app.py:3) 3",
         f"{PYTHON_ROOT};handler (app.py:4) 1",
     ]
+
+
+def test_folded_by_route_roots_each_stack_at_its_endpoint() -> None:
+    assert render_folded(request_profile(), by_route=True).splitlines() == [
+        "app;/health;main 2",  # a route without a method
+        "app;GET /items/{id};main;work 5",  # two requests to one endpoint
+        "app;POST /checkout;main;work;vfs_read_[k] 4",
+        "app;[no route];main;work 1",
+    ]
+    # Without the option, requests are summed as before.
+    assert render_folded(request_profile()).splitlines() == [
+        "app;main 2", "app;main;work 6", "app;main;work;vfs_read_[k] 4"]

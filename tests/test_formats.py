@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_stream._outputs.formats import FORMATS, format_for_path
+from ebpf_stream._outputs.formats import FORMATS, ROUTE_FORMATS, exporter_for, format_for_path
 from ebpf_stream._outputs.otlp.json_file import OtlpJsonFileExporter
 from ebpf_stream.exporters import (
     FlamegraphSvgExporter,
@@ -33,3 +33,11 @@ def test_formats_map_to_file_exporters() -> None:
                 "speedscope": SpeedscopeFileExporter, "svg": FlamegraphSvgExporter,
                 "otlp-json": OtlpJsonFileExporter}
     assert dict(FORMATS) == expected
+
+
+def test_by_route_reaches_the_flame_graph_formats_alone(tmp_path: Path) -> None:
+    assert sorted(ROUTE_FORMATS) == ["folded", "speedscope", "svg"]
+    for fmt in FORMATS:
+        exporter = exporter_for(fmt, tmp_path / "out", by_route=True)
+        assert type(exporter) is FORMATS[fmt]
+        assert getattr(exporter, "by_route", False) is (fmt in ROUTE_FORMATS)

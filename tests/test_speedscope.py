@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from sample_frames import PERIOD
-from sample_profiles import empty_profile, python_profile, sample_profile
+from sample_profiles import empty_profile, python_profile, request_profile, sample_profile
 
 from ebpf_stream._outputs.speedscope import SCHEMA, render_speedscope
 
@@ -54,3 +54,21 @@ def test_speedscope_python_frames_carry_their_source_file_and_line() -> None:
             "file": "/usr/lib/python3.11/asyncio/events.py", "line": 80} in frames
     assert {"name": "main", "file": "/usr/bin/app"} in frames  # native: no line
     assert len(frames) == 6
+
+
+def test_speedscope_by_route_roots_each_sample_at_its_endpoint() -> None:
+    doc = json.loads(render_speedscope(request_profile(), by_route=True))
+    frames = doc["shared"]["frames"]
+    assert {"name": "GET /items/{id}"} in frames  # no file: an endpoint is no code
+    names = [f["name"] for f in frames]
+    (profile,) = doc["profiles"]
+    weights: dict[tuple[str, ...], int] = {}
+    for sample, weight in zip(profile["samples"], profile["weights"], strict=True):
+        stack = tuple(names[i] for i in sample)
+        weights[stack] = weights.get(stack, 0) + weight
+    assert weights == {
+        ("GET /items/{id}", "main", "work"): 5 * PERIOD,
+        ("POST /checkout", "main", "work", "vfs_read_[k]"): 4 * PERIOD,
+        ("[no route]", "main", "work"): PERIOD,
+        ("/health", "main"): 2 * PERIOD,
+    }

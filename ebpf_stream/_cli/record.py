@@ -20,7 +20,7 @@ from .._model.batch import Batch, Stall
 from .._model.events import LatestTotals, MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
 from .._model.labels import stall_place
 from .._outputs.base import Exporter
-from .._outputs.formats import FORMATS, format_for_path
+from .._outputs.formats import FORMATS, ROUTE_FORMATS, exporter_for, format_for_path
 from .._outputs.otlp.exporter import OtlpExporter
 from .._profiler import Profiler
 from .backend import backend_options
@@ -151,12 +151,20 @@ def otlp_from_options(endpoint: str | None, protocol: str | None) -> OtlpExporte
     return OtlpExporter(endpoint, protocol=protocol, source="--otlp-endpoint")
 
 
+def check_by_route(outputs: list[tuple[str, Path]]) -> None:
+    """Refuse ``--by-route`` when no output is a flame graph to root at endpoints."""
+    if not any(fmt in ROUTE_FORMATS for fmt, _ in outputs):
+        raise ConfigError(f"--by-route: roots the stacks of {', '.join(sorted(ROUTE_FORMATS))} "
+                          "files at their endpoints, and no output is one")
+
+
 async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]],
                      otlp: OtlpExporter | None, command: Sequence[str],
                      duration: float | None, progress: bool,
-                     tally: Tally | None = None) -> Profiler:
+                     tally: Tally | None = None, by_route: bool = False) -> Profiler:
     """Record into the ``outputs`` files and ``otlp``; ``tally`` keeps the traced figures."""
-    exporters: list[Exporter] = [FORMATS[fmt](path) for fmt, path in outputs]
+    exporters: list[Exporter] = [exporter_for(fmt, path, by_route=by_route)
+                                 for fmt, path in outputs]
     shutdown_timeout = 15.0
     if otlp is not None:
         exporters.append(otlp)
@@ -189,6 +197,8 @@ async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]],
 @click.option("-f", "--format", "fmt", type=click.Choice(sorted(FORMATS)),
               help="Output format. Default: from each -o name's extension.")
 @click.option("-o", "--output", "paths", multiple=True, help="Output file (repeatable).")
+@click.option("--by-route", is_flag=True, help="Root the stacks of folded, speedscope and SVG "
+              "files at their request's endpoint (GET /items/{id}, or [no route]).")
 @click.option("--otlp-endpoint", metavar="URL", help="Export OTLP to this collector. "
               "Default: $OTEL_EXPORTER_OTLP_ENDPOINT, if set.")
 @click.option("--otlp-protocol", type=click.Choice(["grpc", "http/protobuf"]),
@@ -198,7 +208,7 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
            slow_syscall_ms: float | None, syscall_counts_only: bool, rate: int | None,
            max_samples: int | None, python_frames: str | None,
            stall_threshold_ms: float | None, fmt: str | None, paths: tuple[str, ...],
-           otlp_endpoint: str | None,
+           by_route: bool, otlp_endpoint: str | None,
            otlp_protocol: str | None) -> None:
     """Record --pid processes, COMMAND, or the whole system: CPU profile and traces.
 
@@ -210,6 +220,7 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
     \b
     ebpf-stream record --pid 1234 --duration 10 -o app.svg
     ebpf-stream record --pid 1234 --stall-threshold 50 -o app.svg -o app.otlp.jsonl
+    ebpf-stream record --pid 1234 --by-route -o endpoints.svg
     ebpf-stream record -o build.folded -- make -j2
     ebpf-stream record --no-cpu --syscalls --network -o trace.otlp.jsonl -- ./server
     ebpf-stream record --pid 1234 --otlp-endpoint http://collector:4317 --otlp-protocol grpc
@@ -228,13 +239,15 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
                          stall_threshold_ms=stall_threshold_ms)
     otlp = otlp_from_options(otlp_endpoint, otlp_protocol)
     outputs = outputs_from_options(fmt, paths, otlp is not None, cpu)
+    if by_route:
+        check_by_route(outputs)
     if traces(config) and otlp is None and not any(f in _TRACE_FORMATS for f, _ in outputs):
         click.echo("note: only otlp-json files and OTLP hold the syscall, network and memory "
                    "traces; add -o trace.otlp.jsonl", err=True)
     progress = sys.stderr.isatty()
     tally = Tally()
     profiler = anyio.run(run_record, config, outputs, otlp, command, duration, progress, tally,
-                         backend_options=backend_options())
+                         by_route, backend_options=backend_options())
     if progress:
         s = profiler.stats
         where = [str(p) for _, p in outputs]

@@ -1,9 +1,10 @@
-"""How a frame, or a stall, reads as text: one name, shared by every text output.
+"""How a frame, an endpoint or a stall reads as text: one name, shared by every text output.
 
 The folded, speedscope and SVG files, the OTLP stall records and the
-command line all name frames through :func:`frame_label`, and the stall
-records and the command line say where a loop stalled through
-:func:`stall_place`, so each reads the same wherever it is shown.
+command line all name frames through :func:`frame_label` and endpoints
+through :func:`endpoint_label`, and the stall records and the command line
+say where a loop stalled through :func:`stall_place`, so each reads the
+same wherever it is shown.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import re
 
 from .batch import Stall
 from .dictionary import valid_utf8
-from .profile import Frame, FrameKind
+from .profile import Frame, FrameKind, RequestContext, StackSamples
 
 KERNEL_SUFFIX = "_[k]"
 """Appended to kernel frame names, so kernel time stands out in any viewer."""
+
+NO_ROUTE = "[no route]"
+"""The endpoint of samples taken outside any request, or for one without a route."""
 
 # ";" separates frames and a newline separates stacks; other control
 # characters (and two non-characters) would corrupt the line-oriented file or
@@ -48,6 +52,29 @@ def frame_label(frame: Frame) -> str:
     if frame.kind is FrameKind.PYTHON and frame.line:
         return clean_name(f"{frame.name} ({short_file(frame.module)}:{frame.line})")
     return name + KERNEL_SUFFIX if frame.kind is FrameKind.KERNEL else name
+
+
+def endpoint_label(context: RequestContext | None) -> str:
+    """``GET /items/{id}``: the endpoint a sample was taken for, else ``[no route]``."""
+    endpoint = "" if context is None else context.endpoint
+    return valid_utf8(endpoint) if endpoint else NO_ROUTE
+
+
+def shown_frames(stack: StackSamples, *, by_route: bool = False) -> tuple[Frame, ...]:
+    """The frames a flame graph shows for ``stack``, root first.
+
+    By route, a frame named after the stack's endpoint comes first, so the
+    graph splits by endpoint before it splits by caller.  The endpoint is no
+    code: its frame is native, of no binary.
+    """
+    if not by_route:
+        return stack.frames
+    return (_route_frame(endpoint_label(stack.context)), *stack.frames)
+
+
+@functools.lru_cache(maxsize=1024)
+def _route_frame(endpoint: str) -> Frame:
+    return Frame(endpoint, "", FrameKind.NATIVE)
 
 
 def stall_place(stall: Stall) -> str:

@@ -10,6 +10,10 @@ a worker thread so the caller's event loop keeps collecting meanwhile.
 A path that cannot be written is refused when the exporter is made: the
 first export may come minutes after a service started, too late to learn
 that its output directory is missing.
+
+The flame-graph formats (folded, speedscope, SVG) take ``by_route``: each
+stack then stands on its request's endpoint (``GET /items/{id}``, or
+``[no route]``), so the graph reads per endpoint.
 """
 
 from __future__ import annotations
@@ -161,10 +165,14 @@ class FoldedFileExporter(CumulativeFileExporter):
 
     renderer = ".folded"
 
+    def __init__(self, path: str | os.PathLike[str], *, by_route: bool = False) -> None:
+        super().__init__(path)
+        self.by_route = by_route
+
     def render(self, profile: Profile) -> bytes:
         from .folded import render_folded
 
-        return render_folded(profile).encode("utf-8")
+        return render_folded(profile, by_route=self.by_route).encode("utf-8")
 
 
 class PprofFileExporter(CumulativeFileExporter):
@@ -188,8 +196,9 @@ class SpeedscopeFileExporter(FileExporter):
 
     renderer = ".speedscope"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, by_route: bool = False) -> None:
         super().__init__(path)
+        self.by_route = by_route
         self._timeline: SpeedscopeTimeline | None = None
 
     def _timeline_so_far(self) -> SpeedscopeTimeline:
@@ -197,7 +206,7 @@ class SpeedscopeFileExporter(FileExporter):
         if self._timeline is None:
             from .speedscope import SpeedscopeTimeline
 
-            self._timeline = SpeedscopeTimeline()
+            self._timeline = SpeedscopeTimeline(by_route=self.by_route)
         return self._timeline
 
     def _add(self, profile: Profile) -> None:
@@ -215,12 +224,15 @@ class FlamegraphSvgExporter(CumulativeFileExporter):
 
     renderer = ".flamegraph"
 
-    def __init__(self, path: str | os.PathLike[str], title: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], title: str | None = None, *,
+                 by_route: bool = False) -> None:
         super().__init__(path)
         self.title = title  # None: the renderer's own
+        self.by_route = by_route
 
     def render(self, profile: Profile) -> bytes:
         from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
 
         title = DEFAULT_TITLE if self.title is None else self.title
-        return render_flamegraph_svg(profile, title=title).encode("utf-8")
+        return render_flamegraph_svg(profile, title=title,
+                                     by_route=self.by_route).encode("utf-8")

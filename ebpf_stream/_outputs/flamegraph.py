@@ -1,7 +1,9 @@
 """The flame graph, as a self-contained SVG file.
 
 The root ("all") is at the bottom, then one frame per process name, then the
-stacks, callers below callees; widths are proportional to samples.  The file
+stacks, callers below callees; widths are proportional to samples.  By
+route, each process's stacks stand on their endpoints (``GET /items/{id}``,
+``[no route]``).  The file
 needs nothing but a browser: a short script adds what flamegraph.pl users
 know (click to zoom and "Reset Zoom", regular expression search with Ctrl-F,
 "ic" or Ctrl-I to ignore case, "Reset Search" or Escape to clear it), and
@@ -116,7 +118,7 @@ def _escape(text: str) -> str:
     # html.escape, not xml.sax.saxutils: that module pulls in urllib and email.
     return html.escape(text, quote=False)
 
-def _layout(profile: Profile) -> tuple[int, list[tuple[str, int, int, int]]]:
+def _layout(profile: Profile, by_route: bool) -> tuple[int, list[tuple[str, int, int, int]]]:
     """All samples, and ``(name, depth, first sample, samples)`` of each frame to draw.
 
     The stacks are sorted, so the stacks under any one frame are adjacent:
@@ -124,7 +126,7 @@ def _layout(profile: Profile) -> tuple[int, list[tuple[str, int, int, int]]]:
     closes it where a stack leaves its own.  No tree is built, which keeps
     large profiles with few shared prefixes cheap.  "all" comes first.
     """
-    stacks = sorted(collapse(profile).items())
+    stacks = sorted(collapse(profile, by_route=by_route).items())
     total = sum(count for _, count in stacks)
     if not total:
         return 0, []
@@ -179,9 +181,10 @@ def _fit(name: str, width: float) -> str:
     return name if len(name) <= chars else name[: chars - 2] + ".."
 
 
-def render_flamegraph_svg(profile: Profile, title: str = DEFAULT_TITLE) -> str:
-    """The flame graph of ``profile`` as an SVG document."""
-    total, frames = _layout(profile)
+def render_flamegraph_svg(profile: Profile, title: str = DEFAULT_TITLE, *,
+                          by_route: bool = False) -> str:
+    """The flame graph of ``profile`` as an SVG document; by route, split by endpoint first."""
+    total, frames = _layout(profile, by_route)
     depth = max((d for _, d, _, _ in frames), default=0)
     height = _TOP + (depth + 1) * FRAME_HEIGHT + _BOTTOM
     seconds = max(0, profile.end_ns - profile.start_ns) / 1e9

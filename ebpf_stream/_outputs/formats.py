@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from .base import Exporter
 from .files import (
@@ -22,6 +23,27 @@ FORMATS: Mapping[str, Callable[[Path], Exporter]] = {
     "svg": FlamegraphSvgExporter,
     "otlp-json": OtlpJsonFileExporter,
 }
+
+
+class _RoutedFormat(Protocol):
+    def __call__(self, path: Path, *, by_route: bool = False) -> Exporter: ...
+
+
+_BY_ROUTE: Mapping[str, _RoutedFormat] = {
+    "folded": FoldedFileExporter,
+    "speedscope": SpeedscopeFileExporter,
+    "svg": FlamegraphSvgExporter,
+}
+ROUTE_FORMATS = frozenset(_BY_ROUTE)
+"""The flame-graph formats, which can root each stack at its request's endpoint."""
+
+
+def exporter_for(fmt: str, path: Path, *, by_route: bool = False) -> Exporter:
+    """The exporter that writes ``path`` in ``fmt`` (a key of FORMATS); ``by_route``
+    roots the stacks of the formats in ROUTE_FORMATS at their endpoints, and
+    leaves the others as they are."""
+    routed = _BY_ROUTE.get(fmt) if by_route else None
+    return FORMATS[fmt](path) if routed is None else routed(path, by_route=True)
 
 # Longest suffix first, so ".speedscope.json" wins over ".json".
 _SUFFIXES = (

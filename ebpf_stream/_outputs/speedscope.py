@@ -7,7 +7,8 @@ their CPU time: the view then shows what ran when, while "Left Heavy" and
 "Sandwich" sum the entries as before.  Splitting by process (and pid) lets the
 viewer switch between programs instead of interleaving them, while the
 shared frame table keeps the file small.  A Python frame's file is its source
-file, and it carries its line.
+file, and it carries its line.  By route, each sample's endpoint is its root
+frame, a frame of no file.
 
 Samples without a timestamp (from a profile merged without them) follow the
 timed samples of their profile.
@@ -19,7 +20,7 @@ import array
 import json
 from typing import Any
 
-from .._model.labels import clean_name, frame_label
+from .._model.labels import clean_name, frame_label, shown_frames
 from .._model.profile import Frame, Profile
 
 SCHEMA = "https://www.speedscope.app/file-format-schema.json"
@@ -45,10 +46,12 @@ class SpeedscopeTimeline:
     """Every process's samples so far, in time order, ready to render as speedscope JSON.
 
     Profiles must be added in the order they were collected; the samples of
-    each are sorted by timestamp.
+    each are sorted by timestamp.  ``by_route`` roots each stack at its
+    endpoint.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, by_route: bool = False) -> None:
+        self.by_route = by_route
         self._frames: dict[tuple[str, str, int], int] = {}  # (label, file, line) -> index
         self._stack_index: dict[tuple[Frame, ...], int] = {}
         self._stacks: list[list[int]] = []  # frame indices, root first
@@ -57,7 +60,7 @@ class SpeedscopeTimeline:
     def add(self, profile: Profile) -> None:
         samples: dict[tuple[str, int], list[tuple[int, int, int]]] = {}  # (time, stack, count)
         for s in profile:
-            stack = self._stack(s.frames)
+            stack = self._stack(shown_frames(s, by_route=self.by_route))
             timed = samples.setdefault((clean_name(s.process), s.pid), [])
             timed.extend((t, stack, 1) for t in s.timestamps_ns)
             if s.count > len(s.timestamps_ns):
@@ -95,15 +98,16 @@ class SpeedscopeTimeline:
             "exporter": "ebpf-stream",
             "name": "ebpf-stream CPU profile",
             "activeProfileIndex": 0,
-            "shared": {"frames": [{"name": name, "file": file} | ({"line": line} if line else {})
+            "shared": {"frames": [{"name": name} | ({"file": file} if file else {})
+                                  | ({"line": line} if line else {})
                                   for name, file, line in self._frames]},
             "profiles": profiles,
         }
         return json.dumps(document, separators=(",", ":"))
 
 
-def render_speedscope(profile: Profile) -> str:
+def render_speedscope(profile: Profile, *, by_route: bool = False) -> str:
     """The speedscope JSON of ``profile``; weights are CPU nanoseconds."""
-    timeline = SpeedscopeTimeline()
+    timeline = SpeedscopeTimeline(by_route=by_route)
     timeline.add(profile)
     return timeline.render()
