@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 import signal
@@ -21,8 +22,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from otlp_json_decode import decode_otlp_json
 from otlp_stacks import resource_attributes
+from rich.console import Console
 from sample_frames import HANDLER, RUN_ONCE, START
-from sample_profiles import CHECKOUT, ITEM, empty_profile
+from sample_profiles import CHECKOUT, ITEM, empty_profile, request_profile, sample_profile
 
 from ebpf_stream._base.config import EbpfConfig
 from ebpf_stream._cli.record import Tally
@@ -303,3 +305,35 @@ def test_the_summary_names_the_longest_stalls_culprit_request_and_trace() -> Non
               (StallStack((RUN_ONCE, HANDLER), 3, 0, CHECKOUT),))]))
     assert tally.describe(EbpfConfig()) == (
         "loop stalls 3 (longest 400 ms in handler (app.py:3) during POST /checkout)")
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of each body row of the tables rich printed in ``text``."""
+    return [[cell.strip() for cell in line.strip("│ \n").split("│")]
+            for line in text.splitlines() if line.startswith("│")]
+
+
+def test_the_summary_shows_cpu_by_route_when_samples_name_one() -> None:
+    tally = Tally()
+    anyio.run(tally.export, Batch(request_profile()))
+    anyio.run(tally.export, Batch(sample_profile()))  # other processes, without requests
+    table = tally.routes.table()
+    assert table is not None
+    console = Console(file=io.StringIO(), width=120)
+    console.print(table)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert text.startswith("CPU by route")
+    # "app" had 12 samples of requests and 9 more without (sample_profile's pids 10 and
+    # 11); "db" served none and is left out.
+    assert table_rows(text) == [
+        ["app", "[no route]", "10", "47.6"],
+        ["app", "GET /items/{id}", "5", "23.8"],
+        ["app", "POST /checkout", "4", "19.0"],
+        ["app", "/health", "2", "9.5"],
+    ]
+
+
+def test_the_summary_shows_no_routes_when_no_sample_names_one() -> None:
+    tally = Tally()
+    anyio.run(tally.export, Batch(sample_profile()))
+    assert tally.routes.table() is None

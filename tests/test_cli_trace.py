@@ -31,6 +31,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from otlp_json_decode import decode_otlp_json
 from rich.console import Console
+from sample_frames import PERIOD, START
+from sample_profiles import request_profile
 
 from ebpf_stream._base.config import EbpfConfig
 from ebpf_stream._cli.top import Rates, TopView, percentile_ns
@@ -476,3 +478,27 @@ def test_top_view_renders_rates_latencies_and_connections() -> None:
     assert row(text, "close") == ["close", "25", "25", "50", "50", "512 ns", "512 ns"]
     assert re.search(r"127.0.0.1:80\s+│ 127.0.0.1:5555\s+│\s+1.2 KiB │\s+4.2 KiB │\s+2 ms", text)
     assert "8.0 MiB" in text
+
+
+def test_top_view_shows_the_last_seconds_cpu_by_route() -> None:
+    config = EbpfConfig().with_cpu_profiling(True)
+    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+    view = TopView(config, console)
+    view.take(Batch(request_profile()), now=1.0)
+    console.print(view.render())
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "CPU by route" in text
+    assert row(text, "app")[:3] == ["app", "GET /items/{id}", "5"]  # the busiest first
+    assert re.search(r"│ app\s+│ \[no route\]\s+│\s+1 │\s+8.3 │", text)
+    # The next second served no request: the table goes.
+    view.take(Batch(request_profile_without_requests()), now=2.0)
+    console.file = io.StringIO()
+    console.print(view.render())
+    assert "CPU by route" not in console.file.getvalue()
+
+
+def request_profile_without_requests() -> Profile:
+    p = Profile(period_ns=PERIOD, start_ns=START, end_ns=START + 1_000_000_000)
+    for s in request_profile():
+        p.add(s.pid, s.process, s.frames, s.count)
+    return p

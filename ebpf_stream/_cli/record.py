@@ -32,6 +32,7 @@ from .options import (
     with_features,
     with_python,
 )
+from .routes import RouteShares
 from .runs import Show, human_bytes, run_traced
 
 _DEFAULT_NAME = {"folded": "profile.folded", "pprof": "profile.pb.gz",
@@ -71,10 +72,12 @@ def outputs_from_options(fmt: str | None, paths: Sequence[str], otlp: bool = Fal
 
 class Tally:
     """What a run has traced so far: an exporter that keeps the latest totals and
-    running counts, never the batches (a recording may run for days)."""
+    running counts, never the batches (a recording may run for days), and the
+    CPU samples by endpoint."""
 
     def __init__(self) -> None:
         self.cpu_samples = 0
+        self.routes = RouteShares()
         self.connections = 0
         self.stalls = 0
         self.longest_stall: Stall | None = None
@@ -82,6 +85,7 @@ class Tally:
 
     async def export(self, batch: Batch) -> None:
         self.cpu_samples += batch.profile.sample_count
+        self.routes.add(batch.profile)
         self.connections += sum(isinstance(r, TcpConnection) for r in batch.records)
         for stall in (r for r in batch.records if isinstance(r, Stall)):
             self.stalls += 1
@@ -256,3 +260,6 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
         traced = tally.describe(config)
         click.echo(f"{s.received:,} {counted_as(config)}, {s.dropped:,} dropped"
                    f"{'; ' + traced if traced else ''}; sent to {', '.join(where)}", err=True)
+        routes = tally.routes.table()
+        if routes is not None:
+            Console(stderr=True).print(routes)

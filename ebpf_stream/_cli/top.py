@@ -1,4 +1,5 @@
-"""``ebpf-stream top``: a live view of the busiest processes, syscalls and connections.
+"""``ebpf-stream top``: a live view of the busiest processes, endpoints, syscalls and
+connections.
 
 The view is an exporter: the engine hands it a batch every second, and it
 redraws.  The kernel's totals are cumulative, so rates come from the
@@ -39,6 +40,7 @@ from .._outputs.base import ExportContext, Exporter
 from .._profiler import Profiler
 from .backend import backend_options
 from .options import check_target, config_from_options, target_options, with_features
+from .routes import RouteShares
 from .runs import Show, human_bytes, run_traced
 
 _ROWS = 10
@@ -161,6 +163,7 @@ class TopView:
             maxlen=_RECENT_CONNECTIONS)
         self._connection_count = 0
         self._cpu: dict[int, float] = {}
+        self._routes = RouteShares()  # the last batch's
         self._names: dict[int, str] = {}
         self._context: ExportContext | None = None
         self._live: Live | None = None
@@ -208,6 +211,8 @@ class TopView:
         for stack in batch.profile:
             cpu[stack.pid] += stack.count
         self._cpu = {pid: n * batch.profile.period_ns / interval_ns for pid, n in cpu.items()}
+        self._routes = RouteShares()
+        self._routes.add(batch.profile)
         for record in batch.records:
             if isinstance(record, TcpConnection):
                 self._connections.appendleft(record)
@@ -288,6 +293,9 @@ class TopView:
                 cells += [f"{p.faults:,.0f}", human_bytes(p.rss) if p.rss else "-"]
             processes.add_row(*cells)
         parts.append(processes)
+        routes = self._routes.table()
+        if routes is not None:
+            parts.append(routes)
         if self.config.syscall_tracing:
             parts.append(self._syscall_table())
         if self.config.network_tracing:
@@ -328,7 +336,7 @@ class TopView:
 def top(pids: tuple[int, ...], duration: float | None, env: str | None,
         command: tuple[str, ...], cpu: bool, syscalls: bool, network: bool,
         memory: bool) -> None:
-    """Show the busiest processes, syscalls and connections, every second.
+    """Show the busiest processes, endpoints (with --cpu), syscalls and connections, every second.
 
     \b
     ebpf-stream top                       # every process
