@@ -28,6 +28,7 @@ from benchmarks import (
     bench_overhead,
     bench_python,
     bench_reader,
+    bench_requests,
     bench_syscalls,
 )
 from benchmarks._support import bpf_unavailable, checkout_of
@@ -200,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="reader rounds per consumer (default 7)")
     parser.add_argument("--only", action="append",
                         choices=["config", "reader", "overhead", "otlp", "features", "syscalls",
-                                 "python"],
+                                 "python", "requests"],
                         help="run only these parts (repeatable)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
     parts = set(args.only or ["config", "reader", "overhead", "otlp", "features", "syscalls",
-                              "python"])
+                              "python", "requests"])
     window = args.window or (10.0 if args.quick else bench_overhead.WINDOW_S)
     rounds = args.rounds or (3 if args.quick else 7)
     repeats = args.repeats or (1 if args.quick else bench_overhead.REPEATS)
@@ -217,7 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         figures["config_ns_per_op"] = ns
         print("## Config\n\n" + config_table(ns) + "\n", flush=True)
     unavailable = bpf_unavailable()
-    bpf_parts = {"reader", "overhead", "features", "syscalls", "python"}
+    if "requests" in parts:  # its per-span part needs no BPF
+        spans, logged = bench_requests.measure_spans(3 if args.quick else
+                                                     bench_requests.SPAN_ROUNDS)
+        figures["request_spans"] = [dataclasses.asdict(f) | {"added_ns": f.added_ns}
+                                    for f in spans]
+        figures["request_spans_logged"] = logged
+        print("## Linking samples to requests: cost per span\n\n"
+              + bench_requests.spans_table(spans) + "\n", flush=True)
+        if logged:
+            print("Logged while timing:\n" + "\n".join(f"  {line}" for line in logged) + "\n")
+    bpf_parts = {"reader", "overhead", "features", "syscalls", "python", "requests"}
     if unavailable and parts & bpf_parts:
         print(f"Skipping the BPF benchmarks: {unavailable}.")
         parts -= bpf_parts
@@ -260,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["python"] = [dataclasses.asdict(f) for f in python_rows]
         print("## Cost of Python frames and stall detection\n\n"
               + python_table(python_rows, python_repeats) + "\n", flush=True)
+    if "requests" in parts:
+        window = 10.0 if args.quick else bench_requests.SAMPLE_WINDOW_S
+        sample_runs = bench_requests.measure_samples(
+            1 if args.quick else bench_requests.SAMPLE_RUNS, window)
+        summary = bench_requests.summarize_samples(sample_runs, window)
+        figures["request_samples"] = [dataclasses.asdict(f) for f in summary]
+        print("## Linking samples to requests: cost per sample\n\n"
+              + bench_requests.samples_table(summary) + "\n", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if (after := machine_line()) != figures["machine"]:
