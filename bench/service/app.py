@@ -1,4 +1,4 @@
-"""The service that ``run.py`` loads: a small FastAPI app, profiled four ways.
+"""The service that ``run.py`` loads: a small FastAPI app, profiled and traced six ways.
 
 Run under uvicorn (single worker, ``--loop asyncio``), with the way it is
 profiled read from the environment at startup:
@@ -11,6 +11,12 @@ profiled read from the environment at startup:
     attaches py-spy from outside), so the same as ``none`` here.
     ``pyroscope``: pyroscope-io's agent, configured at startup at 100 Hz
     and uploading to ``BENCH_SERVICE_PYROSCOPE``, where nothing listens.
+    ``otel``: no profiler, the app traced with OpenTelemetry's FastAPI
+    instrumentation (``FastAPIInstrumentor.instrument_app``), the SDK's
+    ``TracerProvider`` and a ``BatchSpanProcessor`` to an exporter that
+    discards the spans.  ``otel+ebpf-stream``: the same tracing, profiled
+    as in ``ebpf-stream``; the profiler's start publishes each request's
+    span, so its samples name their requests.
 ``BENCH_SERVICE_OUT``
     A directory for the profiler's outputs (ebpf-stream only).
 ``BENCH_SERVICE_PYROSCOPE``
@@ -20,7 +26,7 @@ Endpoints: ``/health``; ``/work?seed=N``, which builds 1,200 orders from a
 seed, totals them per category, sorts them, and returns the top 25 as JSON
 (about 0.75 ms of Python and 2 KB of JSON on the benchmark machine, about
 1 ms of CPU per request with FastAPI and uvicorn); and, in
-the ebpf-stream mode only, ``/overhead``: the profiler's mode and
+the two ebpf-stream modes only, ``/overhead``: the profiler's mode and
 ``get_overhead()``.
 
     BENCH_SERVICE_MODE=none .venv/bin/python -m uvicorn --app-dir bench/service app:app \\
@@ -40,8 +46,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-MODES = ("none", "ebpf-stream", "py-spy", "pyroscope")
+MODES = ("none", "ebpf-stream", "py-spy", "pyroscope", "otel", "otel+ebpf-stream")
 MODE = os.environ.get("BENCH_SERVICE_MODE", "none")
+PROFILED = MODE in ("ebpf-stream", "otel+ebpf-stream")
+TRACED = MODE in ("otel", "otel+ebpf-stream")
 if MODE not in MODES:
     raise SystemExit(f"BENCH_SERVICE_MODE={MODE!r} is not one of {', '.join(MODES)}")
 
@@ -120,9 +128,33 @@ def pyroscope_profiling(server_address: str) -> Iterator[None]:
         pyroscope.shutdown()
 
 
+def traced(app: FastAPI) -> None:
+    """OpenTelemetry's FastAPI instrumentation, with spans batched to an exporter
+    that drops them: the tracing a service pays for, without a collector."""
+    from collections.abc import Sequence
+
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class Discard(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    trace.set_tracer_provider(provider)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    if MODE == "ebpf-stream":
+    if PROFILED:
         async with ebpf_stream_profiling(app, Path(os.environ["BENCH_SERVICE_OUT"])):
             yield
     elif MODE == "pyroscope":
@@ -133,6 +165,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
+if TRACED:
+    traced(app)
 
 
 @app.get("/health")
@@ -145,7 +179,7 @@ async def work(seed: int = 1) -> dict[str, Any]:
     return summarize(make_orders(seed))
 
 
-if MODE == "ebpf-stream":
+if PROFILED:
 
     @app.get("/overhead")
     async def overhead(request: Request) -> dict[str, Any]:

@@ -1,16 +1,20 @@
 """A service under load: what each way of profiling costs a FastAPI app.
 
 Runs ``app.py`` under uvicorn (one worker, ``--loop asyncio``, ``--http
-h11``, no access log) in four modes: ``none``; ``ebpf-stream`` (production
+h11``, no access log) in six modes: ``none``; ``ebpf-stream`` (production
 preset in the lifespan, started in the background, folded + OTLP/JSON
 files); ``py-spy`` (``py-spy record --rate 100 --nonblocking`` attached
 from outside); ``pyroscope`` (pyroscope-io's agent at 100 Hz, uploading to
-a port where nothing listens).  Each round runs every mode once, in an
-order rotated from round to round.  Per run:
+a port where nothing listens); ``otel`` (OpenTelemetry's FastAPI
+instrumentation, the SDK and a batch span processor to an exporter that
+discards); ``otel+ebpf-stream`` (that tracing, profiled as in
+``ebpf-stream``, so that samples name their requests).  Each round runs
+every mode once, in an order rotated from round to round.  Per run:
 
 1. spawn the service; **time to ready** is from spawn until ``/health``
-   first answers 200 (polled every 5 ms); for ebpf-stream, also until the
-   profiler has left ``starting`` (its probes load in the background);
+   first answers 200 (polled every 5 ms); for ebpf-stream (both modes), also
+   until the profiler has left ``starting`` (its probes load in the
+   background);
 2. attach py-spy (py-spy mode), warm up with wrk, then drive ``/work`` with
    wrk (fixed threads, connections, duration, ``--latency``);
 3. over exactly wrk's run, the service's CPU (utime + stime of its process
@@ -18,14 +22,16 @@ order rotated from round to round.  Per run:
    its VmRSS, RssAnon and RssFile before and at the end of the load, and
    py-spy's own CPU over the same window; ebpf-stream's ``get_overhead()``
    from ``/overhead`` right after;
-4. stop it with SIGINT, timing the shutdown, and check the profiler's output.
+4. stop it with SIGINT, timing the shutdown, and check the profiler's output
+   (with ebpf-stream, how many of its OTLP samples name a span and the route).
 
 The service is pinned to one CPU and wrk (and py-spy) to the other, so
 everything the profiler does in the service's process competes with the
 service's requests, and the load generator never does.
 
-    sudo .venv/bin/python bench/service/run.py                # 5 rounds of 30 s: about 13 minutes
-    sudo .venv/bin/python bench/service/run.py --quick        # 2 rounds of 10 s: about 2 minutes
+    sudo .venv/bin/python bench/service/run.py                # 5 rounds of 30 s: about 20 minutes
+    sudo .venv/bin/python bench/service/run.py --quick        # 2 rounds of 10 s: about 3 minutes
+    sudo .venv/bin/python bench/service/run.py --modes none ebpf-stream otel otel+ebpf-stream
     sudo .venv/bin/python bench/service/run.py --rounds 1 --duration 5 --modes none ebpf-stream
 """
 
@@ -57,7 +63,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for its helpers
 from benchmarks._support import checkout_of
 
-MODES = ("none", "ebpf-stream", "py-spy", "pyroscope")
+MODES = ("none", "ebpf-stream", "py-spy", "pyroscope", "otel", "otel+ebpf-stream")
+PROFILED = ("ebpf-stream", "otel+ebpf-stream")  # ebpf-stream in the process
 HERE = Path(__file__).resolve().parent
 PY_SPY = Path(sys.executable).parent / "py-spy"
 WORK_PATH = "/work?seed=42"
@@ -212,8 +219,40 @@ class Run:
     overhead: dict[str, Any] | None = None  # ebpf-stream's /overhead at the end of the load
     overhead_at_load: dict[str, Any] | None = None  # and as the load window began
     shutdown_ms: float = 0.0
+    # ebpf-stream: the service's samples, and those naming a span and the route of /work
+    requests: dict[str, int] | None = None
     outputs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     log: list[str] = dataclasses.field(default_factory=list)
+
+
+def attributed(path: Path) -> dict[str, int]:
+    """Samples in an OTLP/JSON profiles file: all, those linked to a span, and those
+    with ``http.route`` ``/work`` (the requests under load) as well."""
+    counts = {"samples": 0, "with_span": 0, "with_route": 0}
+    with path.open() as f:
+        for line in f:
+            request = json.loads(line)
+            if "resourceProfiles" not in request:
+                continue
+            d = request["dictionary"]
+            strings = d.get("stringTable", [])
+            route = {i for i, a in enumerate(d.get("attributeTable", []))
+                     if a and strings[a.get("keyStrindex", 0)] == "http.route"
+                     and a["value"].get("stringValue") == "/work"}
+            for resource in request["resourceProfiles"]:
+                for scope in resource["scopeProfiles"]:
+                    for profile in scope["profiles"]:
+                        if strings[profile["sampleType"].get("typeStrindex", 0)] != "samples":
+                            continue
+                        for sample in profile.get("samples", []):
+                            n = len(sample.get("timestampsUnixNano", [])) or sum(
+                                int(v) for v in sample.get("values", []))
+                            counts["samples"] += n
+                            if sample.get("linkIndex"):
+                                counts["with_span"] += n
+                                if route & set(sample.get("attributeIndices", [])):
+                                    counts["with_route"] += n
+    return counts
 
 
 def folded_samples(path: Path) -> int:
@@ -258,7 +297,7 @@ def measure_run(mode: str, round_: int, position: int, args: argparse.Namespace)
             alive = lambda: proc.poll() is None  # noqa: E731
             ready = wait_for("/health", lambda: get(port, "/health")[0] == 200, alive)
             run.ready_ms = (ready - t0) * 1e3
-            if mode == "ebpf-stream":
+            if mode in PROFILED:
                 def started() -> bool:
                     run.overhead = json.loads(get(port, "/overhead")[1])
                     return run.overhead["mode"] != "starting"
@@ -286,7 +325,7 @@ def measure_run(mode: str, round_: int, position: int, args: argparse.Namespace)
                 wrk(port, args, args.warmup, args.load_cpu)
 
             run.memory_before = memory(proc.pid)
-            if mode == "ebpf-stream":
+            if mode in PROFILED:
                 run.overhead_at_load = json.loads(get(port, "/overhead")[1])
             tool0 = cpu_seconds(py_spy.pid) if py_spy else 0.0
             cpu0 = cpu_seconds(proc.pid)
@@ -302,7 +341,7 @@ def measure_run(mode: str, round_: int, position: int, args: argparse.Namespace)
                 run.tool_cpu_s = tool1 - tool0
                 run.tool_cpu_us_per_request = run.tool_cpu_s / requests * 1e6
                 run.tool_memory = memory(py_spy.pid)
-            if mode == "ebpf-stream":
+            if mode in PROFILED:
                 run.overhead = json.loads(get(port, "/overhead")[1])
 
             if py_spy:
@@ -319,8 +358,10 @@ def measure_run(mode: str, round_: int, position: int, args: argparse.Namespace)
                 if name.endswith(".folded"):
                     run.outputs[name]["samples"] = folded_samples(path)
         run.log = (work_dir / "service.log").read_text(errors="replace").splitlines()[-40:]
-        if mode == "ebpf-stream" and not run.outputs.get("cpu.folded", {}).get("samples"):
+        if mode in PROFILED and not run.outputs.get("cpu.folded", {}).get("samples"):
             raise RuntimeError(f"ebpf-stream wrote no samples; see {work_dir}")
+        if mode in PROFILED:
+            run.requests = attributed(work_dir / "cpu.otlp.jsonl")
         if mode == "py-spy" and not run.outputs.get("py-spy.folded", {}).get("samples"):
             raise RuntimeError(f"py-spy wrote no samples; see {work_dir}")
         if run.wrk.errors:
@@ -394,7 +435,24 @@ def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
     ebpf_vs_pyroscope = None
     if "ebpf-stream" in modes and "pyroscope" in modes:
         ebpf_vs_pyroscope = paired("ebpf-stream", "pyroscope", "cpu_us_per_request")
-    overheads = [r.overhead for r in runs if r.mode == "ebpf-stream" and r.overhead]
+    # Profiled and traced against traced alone: what ebpf-stream, its requests
+    # named, costs a service that OpenTelemetry already traces.
+    vs_otel: dict[str, dict[str, float | None]] = {}
+    if "otel" in modes and "otel+ebpf-stream" in modes:
+        vs_otel["otel+ebpf-stream"] = {key: paired("otel+ebpf-stream", "otel", key)
+                                       for key in RATIO_KEYS}
+        vs_otel["otel+ebpf-stream"] |= {f"{key}_delta": paired("otel+ebpf-stream", "otel", key,
+                                                               delta=True)
+                                        for key in DELTA_KEYS}
+    return {"medians": medians, "ratios_to_none": vs_none, "ratios_to_otel": vs_otel,
+            "cpu_per_request_ebpf_stream_vs_pyroscope": ebpf_vs_pyroscope,
+            "ebpf_stream_overhead": _overhead(runs, "ebpf-stream"),
+            "otel_ebpf_stream_overhead": _overhead(runs, "otel+ebpf-stream")}
+
+
+def _overhead(runs: list[Run], mode: str) -> dict[str, float] | None:
+    """Medians of ``mode``'s ``/overhead`` readings, and of its requests named."""
+    overheads = [r.overhead for r in runs if r.mode == mode and r.overhead]
     overhead = {key: statistics.median(o[key] for o in overheads)
                 for key in ("cpu_percent", "memory_bytes", "anon_rss_bytes", "bpf_map_bytes")
                 } if overheads else None
@@ -403,12 +461,17 @@ def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
     # noise that the paired ratio cannot see under.
     shares = [((r.overhead["user_cpu_ns"] - r.overhead_at_load["user_cpu_ns"])
                + (r.overhead["bpf_cpu_ns"] - r.overhead_at_load["bpf_cpu_ns"])) / 1e9 / r.cpu_s
-              for r in runs if r.mode == "ebpf-stream" and r.overhead and r.overhead_at_load]
+              for r in runs if r.mode == mode and r.overhead and r.overhead_at_load]
     if overhead is not None and shares:
         overhead["own_cpu_share_of_service"] = statistics.median(shares)
-    return {"medians": medians, "ratios_to_none": vs_none,
-            "cpu_per_request_ebpf_stream_vs_pyroscope": ebpf_vs_pyroscope,
-            "ebpf_stream_overhead": overhead}
+    named = [r.requests for r in runs if r.mode == mode and r.requests]
+    if overhead is not None and named:
+        overhead["samples"] = statistics.median(n["samples"] for n in named)
+        overhead["with_span_share"] = statistics.median(
+            n["with_span"] / max(1, n["samples"]) for n in named)
+        overhead["with_route_share"] = statistics.median(
+            n["with_route"] / max(1, n["samples"]) for n in named)
+    return overhead
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -451,18 +514,38 @@ def tables(summary: dict[str, Any], modes: list[str], runs_per_mode: int) -> str
                 f"{_f(r['p99_ms'], '.3f')}x | {_f(r['cpu_us_per_request'], '.3f')}x | "
                 f"{_f(r['total_cpu_us_per_request'], '.3f')}x | {_f(r['ready_ms'], '.2f')}x | "
                 f"{_f(r['rss_mib_delta'], '+.1f')} ({_f(r['anon_mib_delta'], '+.1f')}) |")
+    for mode, r in summary["ratios_to_otel"].items():
+        lines += [
+            "",
+            f"`{mode}` to `otel`, paired the same way:",
+            "",
+            "| mode | req/s | p50 | p99 | service CPU/request | time to ready "
+            "| RSS after, MiB more (anon) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {mode} | {_f(r['req_per_s'], '.3f')}x | {_f(r['p50_ms'], '.3f')}x | "
+            f"{_f(r['p99_ms'], '.3f')}x | {_f(r['cpu_us_per_request'], '.3f')}x | "
+            f"{_f(r['ready_ms'], '.2f')}x | "
+            f"{_f(r['rss_mib_delta'], '+.1f')} ({_f(r['anon_mib_delta'], '+.1f')}) |"]
     if (ratio := summary["cpu_per_request_ebpf_stream_vs_pyroscope"]) is not None:
         lines += ["", f"Service CPU per request, ebpf-stream / pyroscope (paired): {ratio:.3f}x"]
-    if o := summary["ebpf_stream_overhead"]:
-        m = med["ebpf-stream"]
-        lines += ["", "ebpf-stream's `get_overhead()` at the end of the load (medians): "
+    for mode, key in (("ebpf-stream", "ebpf_stream_overhead"),
+                      ("otel+ebpf-stream", "otel_ebpf_stream_overhead")):
+        if not (o := summary.get(key)):
+            continue
+        m = med[mode]
+        lines += ["", f"{mode}: `get_overhead()` at the end of the load (medians): "
                   f"cpu_percent {o['cpu_percent']:.3f}, memory {o['memory_bytes'] / MIB:.1f} MiB "
                   f"of RSS added ({o['anon_rss_bytes'] / MIB:.1f} anonymous), BPF maps "
                   f"{o['bpf_map_bytes'] / MIB:.1f} MiB apart; "
                   f"profiling from spawn {_f(m['profiling_ms'], ',.0f')} ms"]
         if (share := o.get("own_cpu_share_of_service")) is not None:
-            lines += ["", "ebpf-stream's own CPU over the load window (user + BPF, as "
-                      f"`get_overhead()` counts it) against the service's: {100 * share:.2f}%"]
+            lines += ["", f"{mode}: the profiler's own CPU over the load window (user + BPF, "
+                      f"as `get_overhead()` counts it) against the service's: {100 * share:.2f}%"]
+        if (samples := o.get("samples")) is not None:
+            lines += ["", f"{mode}: of the service's samples over the run ({samples:,.0f}), "
+                      f"{100 * o['with_span_share']:.1f}% name a span and "
+                      f"{100 * o['with_route_share']:.1f}% a span and the route `/work` "
+                      "(medians)"]
     return "\n".join(lines)
 
 
@@ -479,7 +562,8 @@ def code_version() -> str:
 
 def versions() -> dict[str, str]:
     out = {}
-    for dist in ("fastapi", "starlette", "uvicorn", "h11", "pyroscope-io", "py-spy"):
+    for dist in ("fastapi", "starlette", "uvicorn", "h11", "pyroscope-io", "py-spy",
+                 "opentelemetry-sdk", "opentelemetry-instrumentation-fastapi"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -501,8 +585,12 @@ def machine_line() -> str:
 def check(modes: list[str]) -> str | None:
     if not shutil.which("wrk"):
         return "wrk is not installed (apt-get install -y wrk)"
-    if os.geteuid() != 0 and {"ebpf-stream", "py-spy"} & set(modes):
+    if os.geteuid() != 0 and {"ebpf-stream", "otel+ebpf-stream", "py-spy"} & set(modes):
         return "ebpf-stream and py-spy need root"
+    if {"otel", "otel+ebpf-stream"} & set(modes) and importlib.util.find_spec(
+            "opentelemetry.instrumentation.fastapi") is None:
+        return ("opentelemetry-instrumentation-fastapi is not installed "
+                "(pip install opentelemetry-sdk opentelemetry-instrumentation-fastapi)")
     if "py-spy" in modes and not PY_SPY.exists():
         return f"{PY_SPY} is missing (pip install py-spy)"
     if "pyroscope" in modes and importlib.util.find_spec("pyroscope") is None:
