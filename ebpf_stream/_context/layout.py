@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import functools
 from typing import NamedTuple
 
 # Fixed offsets, the same in the kernel's copy (kernel/request_context.h).
@@ -70,7 +71,9 @@ def _root(context: contextvars.Context) -> int:
     return _word(_word(id(context) + CONTEXT_VARS) + HAMT_ROOT)
 
 
-def _thread_context_offset() -> int:
+@functools.cache
+def thread_context_offset() -> int:
+    """The offset of ``PyThreadState.context``: where a running context is found."""
     current = ctypes.pythonapi.PyThreadState_Get
     current.restype = ctypes.c_void_p
 
@@ -102,7 +105,7 @@ def discover() -> Layout:
     array_type = _word(_root(_array_root()) + OB_TYPE)
     if array_type == bitmap_type:
         raise LayoutError("no array node at the root of a context of 64 variables")
-    return Layout(_thread_context_offset(), bitmap_type, array_type, id(bytes))
+    return Layout(thread_context_offset(), bitmap_type, array_type, id(bytes))
 
 
 def find(layout: Layout, context: contextvars.Context, var: contextvars.ContextVar[bytes],

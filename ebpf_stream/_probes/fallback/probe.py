@@ -33,6 +33,7 @@ from ..._base.clock import ring_latency_s, wall_clock_offset_ns
 from ..._base.config import EbpfConfig, PythonFrames
 from ..._base.overhead import CpuMeter
 from ..._base.stats import Stats
+from ..._context.threads import ThreadRequest, this_thread
 from ..._model.events import (
     NO_STACK,
     CpuSample,
@@ -90,6 +91,7 @@ class FallbackProbe(Probe):
         self._calls = Calls()
         self._busy: busy_periods.BusyPeriods | None = None
         self._timer: MainThreadTimer | None = None
+        self._loop_request: ThreadRequest | None = None  # the loop thread's, read from here
         self._timer_cpu_ns = 0  # of the handler's CPU, what the meter has been told
         self._lock = threading.Lock()
         self._pending: list[Event] = []
@@ -114,6 +116,7 @@ class FallbackProbe(Probe):
             if loop is not None:
                 self._busy = busy_periods.watch(loop, threading.get_native_id(),
                                                 self._stall_ns)
+                self._loop_request = this_thread()
                 if self._busy.polled:  # a loop polled for its waits: four looks a threshold
                     self._tick_s = min(self._tick_s, self._stall_ns / 4e9)
                 # The loop is named now, from the stack that runs this code (its
@@ -262,7 +265,7 @@ class FallbackProbe(Probe):
                 continue
             if since and used < _ASLEEP * tick_ns:
                 events.append(LoopBlocked(self._pid, tid, since, tick_ns,
-                                          self._keys.key(frame, events)))
+                                          self._keys.key(frame, events), self._request(tid)))
         if len(self._cpu) > len(alive):  # threads have ended: forget them
             self._cpu = {t: c for t, c in self._cpu.items() if t in alive}
             self._credit = {t: c for t, c in self._credit.items() if t in alive}
@@ -284,8 +287,13 @@ class FallbackProbe(Probe):
         n, self._credit[tid] = divmod(self._credit[tid], self._period_ns)
         key = self._keys.key_of(walked, events)
         events += [CpuSample(now + self._offset, self._pid, tid, -1, self._comm,
-                             NO_STACK, NO_STACK, key, since)] * n
+                             NO_STACK, NO_STACK, key, since, self._request(tid))] * n
         return n
+
+    def _request(self, tid: int) -> bytes:
+        """The request ``tid`` runs: known for the loop's thread (see ``ThreadRequest``)."""
+        loop = self._loop_request
+        return loop() if loop is not None and tid == loop.tid else b""
 
     def _timer_samples(self, events: list[Event]) -> int:
         """The main thread's samples the timer took since the last tick, into ``events``."""
@@ -294,10 +302,10 @@ class FallbackProbe(Probe):
             return 0
         taken = 0
         while timer.samples:
-            at, walked, since = timer.samples.popleft()
+            at, walked, since, request = timer.samples.popleft()
             key = self._keys.key_of(walked, events)
             events.append(CpuSample(at + self._offset, self._pid, timer.tid, -1, self._comm,
-                                    NO_STACK, NO_STACK, key, since))
+                                    NO_STACK, NO_STACK, key, since, request))
             taken += 1
         spent = timer.cpu_ns
         self._meter.ns += spent - self._timer_cpu_ns

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from ..._context.publisher import REQUEST
 from .stacks import Frames
 
 Walked = tuple[Frames, bool]
@@ -49,7 +50,8 @@ class _Sigevent(ctypes.Structure):
 
 class MainThreadTimer:
     """SIGPROF to the main thread per ``period_ns`` of its CPU; each sample is
-    (CLOCK_MONOTONIC ns, the interrupted frame's ``walk``, ``busy_since``).
+    (CLOCK_MONOTONIC ns, the interrupted frame's ``walk``, ``busy_since``, the
+    request published in the interrupted task's context).
 
     ``start`` must run in the main thread; it returns False (and does
     nothing) where the timer cannot be had.  ``tid`` is the thread sampled.
@@ -57,7 +59,7 @@ class MainThreadTimer:
 
     def __init__(self, period_ns: int, walk: Callable[[FrameType | None], Walked],
                  busy_since: Callable[[], int]) -> None:
-        self.samples: collections.deque[tuple[int, Walked, int]] = collections.deque()
+        self.samples: collections.deque[tuple[int, Walked, int, bytes]] = collections.deque()
         self.cpu_ns = 0  # spent in the handler
         self._period_ns = period_ns
         self._walk = walk
@@ -105,5 +107,7 @@ class MainThreadTimer:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         start = time.thread_time_ns()
-        self.samples.append((time.monotonic_ns(), self._walk(frame), self._busy_since()))
+        # The handler runs in the interrupted task's context: its request is at hand.
+        self.samples.append((time.monotonic_ns(), self._walk(frame), self._busy_since(),
+                             REQUEST.get(b"")))
         self.cpu_ns += time.thread_time_ns() - start
