@@ -1,8 +1,9 @@
 """The kernel reads each sample's request from the running task's context (real BPF).
 
-Tasks interleave on one loop, each in its own span; one task's context
+Tasks interleave on one loop, each in its own request; one task's context
 holds enough variables that its HAMT root is an array node, the other's
-a bitmap node: the kernel's lookup must find the request through both.
+a bitmap node: the kernel's lookup must find the request through both, in
+this process and in others, on each interpreter and loop.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import contextvars
 import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from _support import start_ready
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from test_python_runtime import INTERPRETERS, available
 
 from ebpf_stream import EbpfConfig, Profiler
 from ebpf_stream.exporters import MemoryExporter
@@ -79,3 +83,37 @@ def test_interleaved_tasks_are_each_named_by_their_own_request() -> None:
     assert right_few >= 0.95 * sum(few.values()), named
     assert right_many >= 0.95 * sum(many.values()), named
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+WORKLOAD = Path(__file__).parent / "workloads" / "python" / "requests.py"
+LOOPS = [(name, "asyncio") for name in INTERPRETERS] + [("venv-3.11", "uvloop")]
+
+
+@pytest.mark.parametrize(("interpreter", "loop"), LOOPS, ids=[f"{i}-{loop}" for i, loop in LOOPS])
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_each_interpreter_and_loop_has_its_requests_read(interpreter: str, loop: str) -> None:
+    """Another process, on each supported interpreter and loop, named by middleware."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    child = start_ready([available(interpreter), str(WORKLOAD), loop, "20"])
+    memory = MemoryExporter()
+
+    async def main() -> None:
+        async with Profiler(EbpfConfig(sample_rate_hz=499, pids=(child.pid,)), [memory]):
+            await asyncio.sleep(1.5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        child.kill()
+        child.wait()
+    assert memory.profile is not None
+    named: Counter[tuple[str, str]] = Counter()
+    for s in memory.profile:
+        function = next((f.name for f in s.frames if f.name in ("few_burn", "many_burn")), "")
+        if function:
+            named[function, s.context.endpoint if s.context else ""] += s.count
+    for function, endpoint in (("few_burn", "GET /few"), ("many_burn", "GET /many")):
+        total = sum(n for (f, _), n in named.items() if f == function)
+        assert total > 100 and named[function, endpoint] >= 0.95 * total, named
