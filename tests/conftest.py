@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from _support import build, start_ready, unprivileged_python
+from services import Service
 
 # The tests stop tools and workloads with SIGINT.  A suite started as a background
 # job of a non-interactive shell has SIGINT ignored, which its children would
@@ -76,3 +77,12 @@ def workdir() -> Iterator[Path]:
     path.chmod(0o777)
     yield path
     shutil.rmtree(path)
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Every service a test starts, killed at the end if the test did not stop it."""
+    started: list[Service] = []
+    yield started
+    for service in started:
+        service.close()

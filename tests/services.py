@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,28 @@ class Service:
     def ours(self) -> list[str]:
         """Our log lines."""
         return [line for line in self.stderr.splitlines() if line.startswith("ebpf-stream: ")]
+
+
+def clean_environment(**variables: str) -> dict[str, str]:
+    """This environment without any OTEL_* or EBPF_STREAM_* setting (the compile
+    cache's aside), sampling at 99 Hz, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "EBPF_STREAM_"))
+           or k == "EBPF_STREAM_CACHE"}
+    return {**env, "EBPF_STREAM_SAMPLE_RATE": "99", **variables}
+
+
+@contextmanager
+def app_directory(apps: dict[str, str], *subdirectories: str) -> Iterator[Path]:
+    """A directory any uid may write to, holding ``apps`` (file name -> source) and
+    the empty ``subdirectories``; removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-service-"))
+    try:
+        path.chmod(0o777)
+        for name, source in apps.items():
+            (path / name).write_text(source)
+        for name in subdirectories:
+            (path / name).mkdir()
+            (path / name).chmod(0o777)
+        yield path
+    finally:
+        shutil.rmtree(path)

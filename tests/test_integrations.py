@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import sysconfig
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
@@ -31,7 +30,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from otlp_json_decode import decode_otlp_json
 from otlp_receivers import http_receiver
-from services import Service
+from services import Service, app_directory, clean_environment
 
 from ebpf_stream._convert import pprof_pb2 as _pprof_pb2
 
@@ -164,23 +163,9 @@ def assert_clean_shutdown(service: Service, cwd: Path, workers: Iterable[int]) -
 @pytest.fixture
 def service_dir() -> Iterator[Path]:
     """The apps, in a directory any uid may write to."""
-    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-service-"))
-    path.chmod(0o777)
-    (path / "app_fastapi.py").write_text(FASTAPI_APP)
-    (path / "app_aiohttp.py").write_text(AIOHTTP_APP)
-    (path / "out").mkdir(mode=0o777)
-    (path / "out").chmod(0o777)
-    yield path
-    shutil.rmtree(path)
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    """Every service a test starts, killed at the end if the test did not stop it."""
-    started: list[Service] = []
-    yield started
-    for service in started:
-        service.close()
+    with app_directory({"app_fastapi.py": FASTAPI_APP, "app_aiohttp.py": AIOHTTP_APP},
+                       "out") as path:
+        yield path
 
 
 @pytest.fixture
@@ -190,11 +175,8 @@ def stack() -> Iterator[contextlib.ExitStack]:
 
 
 def environment(**variables: str) -> dict[str, str]:
-    """This environment without any OTEL_* or EBPF_STREAM_* setting, plus ``variables``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "EBPF_STREAM_"))
-           or k == "EBPF_STREAM_CACHE"}
-    return {**env, "EBPF_STREAM_SAMPLE_RATE": "99", "EBPF_STREAM_EXPORT_INTERVAL": "1",
-            **variables}
+    """A clean environment (see ``clean_environment``) exporting every second."""
+    return clean_environment(**{"EBPF_STREAM_EXPORT_INTERVAL": "1", **variables})
 
 
 # -- what the files hold --------------------------------------------------------------------

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from typing import NamedTuple
 
 import pytest
 from _support import NOBODY, SYSTEM_PYTHON, sampling
-from services import Service
+from services import Service, app_directory, clean_environment
 
 from ebpf_stream._convert import pprof_pb2
 
@@ -187,30 +186,14 @@ class Sampled(NamedTuple):
 
 @pytest.fixture
 def service_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ebpf-stream-requests-"))
-    path.chmod(0o777)
-    (path / "app_fastapi.py").write_text(FASTAPI_APP)
-    (path / "app_aiohttp.py").write_text(AIOHTTP_APP)
-    for name in ("out", "spans"):
-        (path / name).mkdir()
-        (path / name).chmod(0o777)
-    yield path
-    shutil.rmtree(path)
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for service in started:
-        service.close()
+    with app_directory({"app_fastapi.py": FASTAPI_APP, "app_aiohttp.py": AIOHTTP_APP},
+                       "out", "spans") as path:
+        yield path
 
 
 def environment(spans: Path, **variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "EBPF_STREAM_"))
-           or k == "EBPF_STREAM_CACHE"}
-    return {**env, "APP_SPANS": str(spans), "OTEL_SEMCONV_STABILITY_OPT_IN": "http",
-            "EBPF_STREAM_SAMPLE_RATE": "99", **variables}
+    return clean_environment(APP_SPANS=str(spans), OTEL_SEMCONV_STABILITY_OPT_IN="http",
+                             **variables)
 
 
 def spans(path: Path) -> dict[tuple[str, str], Span]:
