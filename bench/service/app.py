@@ -1,4 +1,4 @@
-"""The service that ``run.py`` loads: a small FastAPI app, profiled and traced six ways.
+"""The service that ``run.py`` loads: a small FastAPI app, profiled and traced seven ways.
 
 Run under uvicorn (single worker, ``--loop asyncio``), with the way it is
 profiled read from the environment at startup:
@@ -16,7 +16,10 @@ profiled read from the environment at startup:
     ``TracerProvider`` and a ``BatchSpanProcessor`` to an exporter that
     discards the spans.  ``otel+ebpf-stream``: the same tracing, profiled
     as in ``ebpf-stream``; the profiler's start publishes each request's
-    span, so its samples name their requests.
+    span, so its samples name their requests.  ``otel+publish``: the same
+    tracing, publishing each request's span (OpenTelemetry's context
+    wrapped, as the profiler's start does) with no profiler: what the
+    wrapper alone costs.
 ``BENCH_SERVICE_OUT``
     A directory for the profiler's outputs (ebpf-stream only).
 ``BENCH_SERVICE_PYROSCOPE``
@@ -46,10 +49,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-MODES = ("none", "ebpf-stream", "py-spy", "pyroscope", "otel", "otel+ebpf-stream")
+MODES = ("none", "ebpf-stream", "py-spy", "pyroscope", "otel", "otel+ebpf-stream",
+         "otel+publish")
 MODE = os.environ.get("BENCH_SERVICE_MODE", "none")
 PROFILED = MODE in ("ebpf-stream", "otel+ebpf-stream")
-TRACED = MODE in ("otel", "otel+ebpf-stream")
+TRACED = MODE in ("otel", "otel+ebpf-stream", "otel+publish")
 if MODE not in MODES:
     raise SystemExit(f"BENCH_SERVICE_MODE={MODE!r} is not one of {', '.join(MODES)}")
 
@@ -160,7 +164,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     elif MODE == "pyroscope":
         with pyroscope_profiling(os.environ["BENCH_SERVICE_PYROSCOPE"]):
             yield
-    else:  # none, py-spy
+    elif MODE == "otel+publish":
+        from ebpf_stream._context.publisher import publish
+
+        if publish() is None:
+            raise RuntimeError("this interpreter cannot publish its requests")
+        yield
+    else:  # none, py-spy, otel
         yield
 
 

@@ -1,14 +1,16 @@
 """A service under load: what each way of profiling costs a FastAPI app.
 
 Runs ``app.py`` under uvicorn (one worker, ``--loop asyncio``, ``--http
-h11``, no access log) in six modes: ``none``; ``ebpf-stream`` (production
+h11``, no access log) in seven modes: ``none``; ``ebpf-stream`` (production
 preset in the lifespan, started in the background, folded + OTLP/JSON
 files); ``py-spy`` (``py-spy record --rate 100 --nonblocking`` attached
 from outside); ``pyroscope`` (pyroscope-io's agent at 100 Hz, uploading to
 a port where nothing listens); ``otel`` (OpenTelemetry's FastAPI
 instrumentation, the SDK and a batch span processor to an exporter that
 discards); ``otel+ebpf-stream`` (that tracing, profiled as in
-``ebpf-stream``, so that samples name their requests).  Each round runs
+``ebpf-stream``, so that samples name their requests); ``otel+publish``
+(that tracing, publishing requests as the profiler's start does, with no
+profiler: the wrapper of OpenTelemetry's context alone).  Each round runs
 every mode once, in an order rotated from round to round.  Per run:
 
 1. spawn the service; **time to ready** is from spawn until ``/health``
@@ -63,7 +65,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for its helpers
 from benchmarks._support import checkout_of
 
-MODES = ("none", "ebpf-stream", "py-spy", "pyroscope", "otel", "otel+ebpf-stream")
+MODES = ("none", "ebpf-stream", "py-spy", "pyroscope", "otel", "otel+ebpf-stream",
+         "otel+publish")
 PROFILED = ("ebpf-stream", "otel+ebpf-stream")  # ebpf-stream in the process
 HERE = Path(__file__).resolve().parent
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -438,12 +441,11 @@ def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
     # Profiled and traced against traced alone: what ebpf-stream, its requests
     # named, costs a service that OpenTelemetry already traces.
     vs_otel: dict[str, dict[str, float | None]] = {}
-    if "otel" in modes and "otel+ebpf-stream" in modes:
-        vs_otel["otel+ebpf-stream"] = {key: paired("otel+ebpf-stream", "otel", key)
-                                       for key in RATIO_KEYS}
-        vs_otel["otel+ebpf-stream"] |= {f"{key}_delta": paired("otel+ebpf-stream", "otel", key,
-                                                               delta=True)
-                                        for key in DELTA_KEYS}
+    for mode in ("otel+publish", "otel+ebpf-stream"):
+        if "otel" in modes and mode in modes:
+            vs_otel[mode] = {key: paired(mode, "otel", key) for key in RATIO_KEYS}
+            vs_otel[mode] |= {f"{key}_delta": paired(mode, "otel", key, delta=True)
+                              for key in DELTA_KEYS}
     return {"medians": medians, "ratios_to_none": vs_none, "ratios_to_otel": vs_otel,
             "cpu_per_request_ebpf_stream_vs_pyroscope": ebpf_vs_pyroscope,
             "ebpf_stream_overhead": _overhead(runs, "ebpf-stream"),
@@ -514,18 +516,21 @@ def tables(summary: dict[str, Any], modes: list[str], runs_per_mode: int) -> str
                 f"{_f(r['p99_ms'], '.3f')}x | {_f(r['cpu_us_per_request'], '.3f')}x | "
                 f"{_f(r['total_cpu_us_per_request'], '.3f')}x | {_f(r['ready_ms'], '.2f')}x | "
                 f"{_f(r['rss_mib_delta'], '+.1f')} ({_f(r['anon_mib_delta'], '+.1f')}) |")
-    for mode, r in summary["ratios_to_otel"].items():
+    if summary["ratios_to_otel"]:
         lines += [
             "",
-            f"`{mode}` to `otel`, paired the same way:",
+            "Ratios to `otel`, paired the same way:",
             "",
             "| mode | req/s | p50 | p99 | service CPU/request | time to ready "
             "| RSS after, MiB more (anon) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    for mode, r in summary["ratios_to_otel"].items():
+        lines.append(
             f"| {mode} | {_f(r['req_per_s'], '.3f')}x | {_f(r['p50_ms'], '.3f')}x | "
             f"{_f(r['p99_ms'], '.3f')}x | {_f(r['cpu_us_per_request'], '.3f')}x | "
             f"{_f(r['ready_ms'], '.2f')}x | "
-            f"{_f(r['rss_mib_delta'], '+.1f')} ({_f(r['anon_mib_delta'], '+.1f')}) |"]
+            f"{_f(r['rss_mib_delta'], '+.1f')} ({_f(r['anon_mib_delta'], '+.1f')}) |")
     if (ratio := summary["cpu_per_request_ebpf_stream_vs_pyroscope"]) is not None:
         lines += ["", f"Service CPU per request, ebpf-stream / pyroscope (paired): {ratio:.3f}x"]
     for mode, key in (("ebpf-stream", "ebpf_stream_overhead"),
@@ -587,7 +592,7 @@ def check(modes: list[str]) -> str | None:
         return "wrk is not installed (apt-get install -y wrk)"
     if os.geteuid() != 0 and {"ebpf-stream", "otel+ebpf-stream", "py-spy"} & set(modes):
         return "ebpf-stream and py-spy need root"
-    if {"otel", "otel+ebpf-stream"} & set(modes) and importlib.util.find_spec(
+    if {"otel", "otel+ebpf-stream", "otel+publish"} & set(modes) and importlib.util.find_spec(
             "opentelemetry.instrumentation.fastapi") is None:
         return ("opentelemetry-instrumentation-fastapi is not installed "
                 "(pip install opentelemetry-sdk opentelemetry-instrumentation-fastapi)")
