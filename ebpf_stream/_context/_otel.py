@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.context.context import _RuntimeContext
-from opentelemetry.trace.propagation import get_current_span
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from .publisher import NONE, REQUEST, Publication
 
@@ -39,10 +39,12 @@ class PublishingContext(_RuntimeContext):
 
     def attach(self, context: Context) -> Any:
         token = self._inner.attach(context)
+        span = context.get(_SPAN_KEY)
+        if span is None:  # no span (baggage, a suppression flag): the request stays
+            return token
         try:
-            value = self._publication.span_value(get_current_span(context),
-                                                 REQUEST.get(NONE))
-        except Exception:  # a span type of unexpected shape: published as nothing
+            value = self._publication.span_value(span, REQUEST.get(NONE))
+        except Exception:  # a span of unexpected shape: published as nothing
             return token
         return _Tokens(token, REQUEST.set(value))
 

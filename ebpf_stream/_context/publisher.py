@@ -22,6 +22,7 @@ import contextvars
 import logging
 import mmap
 import os
+import struct
 import sys
 import threading
 from collections.abc import Iterator
@@ -35,8 +36,9 @@ log = logging.getLogger("ebpf_stream")
 REQUEST: contextvars.ContextVar[bytes] = contextvars.ContextVar("ebpf_stream.request")
 NONE = bytes(region.VALUE_SIZE)
 
-_ROUTE_KEYS = ("http.route",)
-_METHOD_KEYS = ("http.request.method", "http.method")
+_ROUTE = "http.route"
+_METHOD = "http.request.method"
+_OLD_METHOD = "http.method"  # before the stable HTTP conventions
 
 
 class Publication:
@@ -87,24 +89,31 @@ class Publication:
     def span_value(self, span: Any, previous: bytes) -> bytes:
         """The value for ``span`` made current where ``previous`` was.
 
-        A span without a route (a child of the server span) takes its route
-        from ``previous`` when that is the same trace's, or a route the
-        middleware set before any span: that is its local root's route.
+        A local root (no parent, or a remote one) names its own route and
+        method.  Any other span takes its local root's from ``previous``,
+        the value of the span it was started under; so does a root without
+        a route, from a route the middleware set before any span.  Children
+        skip the attribute lookups: they are most of the spans a request
+        makes, and their cost is paid per span.
         """
         context = span.get_span_context()
         if not context.is_valid:
             return previous
-        attributes = getattr(span, "attributes", None) or {}
-        route = next((attributes[k] for k in _ROUTE_KEYS if k in attributes), None)
-        method = next((attributes[k] for k in _METHOD_KEYS if k in attributes), None)
-        trace = context.trace_id.to_bytes(16, "big")
-        if route is None and previous[:16] in (trace, NONE[:16]):
-            _, _, route_at, method_at = region.VALUE.unpack(previous)
-            return region.VALUE.pack(trace, context.span_id.to_bytes(8, "big"), route_at,
-                                     method_at)
-        return region.VALUE.pack(trace, context.span_id.to_bytes(8, "big"),
-                                 self.name(str(route)) if route is not None else 0,
+        ids: bytes = context.trace_id.to_bytes(16, "big") + context.span_id.to_bytes(8, "big")
+        parent = getattr(span, "parent", None)
+        if parent is not None and not parent.is_remote:  # a local child
+            return ids + (previous[24:] if previous[:16] == ids[:16] else _NO_NAMES)
+        attributes: Any = getattr(span, "attributes", None)
+        route = attributes.get(_ROUTE) if attributes else None
+        if route is None:
+            return ids + (previous[24:] if previous[:16] == NONE[:16] else _NO_NAMES)
+        method = attributes.get(_METHOD) or attributes.get(_OLD_METHOD)
+        return ids + _NAMES.pack(self.name(str(route)),
                                  self.name(str(method)) if method is not None else 0)
+
+
+_NAMES = struct.Struct("<II")  # the route's and the method's offsets, as region.VALUE ends
+_NO_NAMES = bytes(_NAMES.size)
 
 
 _publication: Publication | None = None
