@@ -41,6 +41,9 @@ from typing import Any
 
 from benchmarks._support import bpf_unavailable, median, process_clock_ns
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from _support import program_ids
+
 # -- per span ---------------------------------------------------------------------
 
 SPAN_ROUNDS = 15
@@ -292,20 +295,6 @@ class SampleFigures:
     added_ns_per_sample: float | None  # paired: median over windows of publishing - not
 
 
-def _program_ids(pid: int | str = "self") -> set[int]:
-    ids: set[int] = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(fd) != "anon_inode:bpf-prog":
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
-        except OSError:
-            continue
-        ids.update(int(line.split()[1]) for line in info.splitlines()
-                   if line.startswith("prog_id:"))
-    return ids
-
-
 def _run_time(ids: set[int]) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of the one ``on_cpu_sample`` among the programs ``ids``."""
     listed = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
@@ -375,13 +364,13 @@ def _window(publishing: list[bool], design: str, window_s: float,
             ids: dict[bool, set[int]] = {}
             async with contextlib.AsyncExitStack() as stack:
                 for publish, proc in procs.items():
-                    before = _program_ids()
+                    before = program_ids()
                     config = EbpfConfig(sample_rate_hz=SAMPLE_HZ).with_pids([proc.pid])
                     profiler = await stack.enter_async_context(
                         Profiler(config, [memories[publish]]))
                     if profiler.mode != "bpf":
                         raise RuntimeError(f"the profiler is not in BPF mode: {profiler.mode}")
-                    ids[publish] = _program_ids() - before
+                    ids[publish] = program_ids() - before
                 await anyio.sleep(warmup_s)
                 first = {publish: _run_time(i) for publish, i in ids.items()}
                 cpu0, start_ns = process_clock_ns(os.getpid()), time.time_ns()
