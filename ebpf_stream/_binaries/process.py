@@ -12,6 +12,7 @@ import time
 from bisect import bisect_right
 
 from .._model.profile import ProcessInfo
+from .containers import container_of, namespace_pid
 from .symbol_table import ElfImage
 
 __all__ = ["UNKNOWN", "Mapping", "Process", "open_mapped_file", "read_mappings", "roots"]
@@ -109,7 +110,12 @@ class Process:
                            else MAPS_REFRESH_S)
         self.mappings = mappings
         self._starts = [m.start for m in self.mappings]
-        self.info = ProcessInfo(pid, comm, *_identity(pid))
+        container = container_of(pid)
+        inside = namespace_pid(pid)
+        self.info = ProcessInfo(pid, comm, *_identity(pid),
+                                container.id if container else "",
+                                container.pod_uid if container else "",
+                                inside if inside != pid else 0)
 
     def refresh(self, pid: int) -> bool:
         """Re-read the maps of ``pid`` unless read very recently; True if re-read."""

@@ -1,7 +1,8 @@
 """Resources, scopes and attributes: the identity every OTLP signal carries.
 
 A backend groups profiles and metrics by their resource, so each sampled
-process gets its own resource (``process.pid``, executable, command line)
+process gets its own resource (``process.pid``, executable, command line, and
+its container's ``container.id`` and ``k8s.pod.uid`` where it runs in one)
 under the user's ``service.name`` and resource attributes, and the engine's
 own telemetry gets the resource of the process the engine runs in.
 """
@@ -64,6 +65,12 @@ def process_attributes(process: ProcessInfo) -> dict[str, AttributeValue]:
         attributes["process.executable.name"] = process.executable
     if process.command_line:
         attributes["process.command_line"] = process.command_line
+    if process.namespace_pid:
+        attributes["process.vpid"] = process.namespace_pid  # the pid the container sees
+    if process.container_id:
+        attributes["container.id"] = process.container_id
+    if process.pod_uid:
+        attributes["k8s.pod.uid"] = process.pod_uid
     return attributes
 
 

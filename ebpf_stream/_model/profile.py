@@ -86,12 +86,19 @@ class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
     ``executable`` is the file name of ``/proc/PID/exe`` and ``command_line``
     its arguments joined by spaces; both are empty when they could not be
     read (a kernel thread, or a process gone before its first sample).
+    ``pid`` is as the host numbers it; a process in a container also has
+    its ``container_id`` (and ``pod_uid`` in Kubernetes) and, in a pid
+    namespace of its own, ``namespace_pid`` as the container numbers it
+    (0 otherwise).
     """
 
     pid: int
     name: str
     executable: str = ""
     command_line: str = ""
+    container_id: str = ""
+    pod_uid: str = ""
+    namespace_pid: int = 0
 
 
 StackKey = tuple[int, str, tuple[Frame, ...], RequestContext | None]
