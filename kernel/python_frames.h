@@ -59,6 +59,10 @@ struct python_process {
     u64 bytes_type;
     u32 context_hash;
     u32 pad;
+    // A process in another pid namespace (a container): its interpreter
+    // knows its threads by the ids that namespace gives them.  0: ours.
+    u64 pidns_dev;
+    u64 pidns_ino;
 };
 
 #define PYTHON_FRAME_ENTRY 1          // the first frame its _PyEval_EvalFrameDefault call ran
@@ -119,11 +123,24 @@ static __always_inline u8 field_u8(u8 *buffer, u32 offset) {
     return buffer[offset & 127];
 }
 
+// The current thread's id as its process's interpreter knows it: the
+// host's, or that of the process's own pid namespace.
+static __always_inline u32 thread_id_seen_by(struct python_process *p, u32 tid) {
+    if (!p->pidns_ino)
+        return tid;
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(p->pidns_dev, p->pidns_ino, &ns, sizeof(ns)))
+        return tid;
+    return ns.pid;
+}
+
+// The thread state of the current thread, `tid` by the host and `own_tid`
+// by its interpreter.
 static __always_inline u64 python_thread_state(struct python_offsets *o, u64 runtime,
-                                               u32 tid, u64 now) {
+                                               u32 tid, u32 own_tid, u64 now) {
     struct python_thread *known = python_threads.lookup(&tid);
     if (known) {
-        if (known->tstate && read_u64(known->tstate + o->tstate_native_thread_id) == tid)
+        if (known->tstate && read_u64(known->tstate + o->tstate_native_thread_id) == own_tid)
             return known->tstate;
         if (!known->tstate && now - known->checked_ns < PYTHON_RECHECK_NS)
             return 0;
@@ -135,7 +152,7 @@ static __always_inline u64 python_thread_state(struct python_offsets *o, u64 run
         u64 ts = read_u64(interp + o->interp_threads_head);
         #pragma clang loop unroll(disable)
         for (int j = 0; j < PYTHON_MAX_THREADS && ts; j++) {
-            if (read_u64(ts + o->tstate_native_thread_id) == tid) {
+            if (read_u64(ts + o->tstate_native_thread_id) == own_tid) {
                 found.tstate = ts;
                 break;
             }
@@ -161,7 +178,8 @@ static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now, u8 *r
     struct python_scratch *s = python_scratch.lookup(&zero);
     if (!o || !s)
         return 0;
-    u64 tstate = python_thread_state(o, process->runtime, tid, now);
+    u64 tstate = python_thread_state(o, process->runtime, tid,
+                                     thread_id_seen_by(process, tid), now);
     if (!tstate)
         return 0;
     if (request)

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from .._base.cache_dir import cache_dir, trusted
+from .._binaries.containers import pid_namespace
 from .._bpf.loader import LoadedProgram
 from .._bpf.ringbuf import RingBuffer
 from .._bpf.syscalls import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap, attach_perf_event
@@ -40,7 +41,7 @@ from . import samples
 log = logging.getLogger("ebpf_stream")
 
 _U32 = struct.Struct("<I")
-_PROCESS = struct.Struct("<QQIIQQQQII")  # struct python_process
+_PROCESS = struct.Struct("<QQIIQQQQIIQQ")  # struct python_process
 _MAX_DEPTH = 128  # PYTHON_MAX_DEPTH in kernel/python_frames.h
 # struct python_stack: depth, truncated, then PYTHON_MAX_DEPTH struct python_frame.
 _FRAME = struct.Struct("<QiiI4x")  # code, lasti, first_line, flags
@@ -70,7 +71,8 @@ def register(program: LoadedProgram, runtime: PythonRuntime,
     context = (0, 0, 0, 0, 0, 0) if h is None else (
         h.thread_context, h.var, h.bitmap_type, h.array_type, h.bytes_type, h.var_hash)
     program.map("python_processes").update(_U32.pack(runtime.pid), _PROCESS.pack(
-        runtime.runtime_address, runtime.code_type, row, *context, 0))
+        runtime.runtime_address, runtime.code_type, row, *context, 0,
+        *pid_namespace(runtime.pid)))
 
 
 def unregister(program: LoadedProgram, pid: int) -> None:

@@ -16,6 +16,7 @@ import re
 from typing import NamedTuple
 
 from .._base.lru import Lru
+from .._binaries.containers import namespace_pid
 from .._binaries.elf import ElfHeaders, Reader, object_symbols
 from .._binaries.process import Mapping, open_mapped_file
 from .memory import ProcessMemory
@@ -206,6 +207,8 @@ def check_runtime(runtime: PythonRuntime) -> str | None:
         with ProcessMemory(runtime.pid) as memory:
             states = thread_states(runtime, memory)
         threads = {int(task) for task in os.listdir(f"/proc/{runtime.pid}/task")}
+        if namespace_pid(runtime.pid) not in (0, runtime.pid):  # its threads' ids in there
+            threads = {namespace_pid(tid) for tid in threads}
     except OSError as e:
         return f"cannot read the Python threads of process {runtime.pid}: {e}"
     if not states:
