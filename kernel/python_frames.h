@@ -202,7 +202,10 @@ static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now, u8 *r
             break;
         if (bpf_probe_read_user(s->frame, HEADER_BYTES, (void *)frame))
             break;
-        u64 code = field_u64(s->frame, o->frame_code);
+        // From 3.14 the frame holds a tagged reference to its code: the
+        // low bits are flags.  Objects are 8-aligned, so masking is safe
+        // for every version.
+        u64 code = field_u64(s->frame, o->frame_code) & ~7ULL;
         u8 owner = field_u8(s->frame, o->frame_owner);
         frame = field_u64(s->frame, o->frame_previous);
         u32 depth = st->depth;

@@ -85,6 +85,27 @@ OFFSETS: dict[tuple[int, int], PythonOffsets] = {
         code_qualname=128, code_linetable=136,
         bytes_size=16, bytes_data=32, str_length=16, str_state=32, ascii_data=40,
         compact_data=56),
+    # 3.14 and 3.15: read from the interpreters' own _Py_DebugOffsets (3.14.8 and
+    # 3.15.0 as Debian builds them).  From 3.14 a frame's code is a tagged
+    # reference, which the kernel masks.
+    (3, 14): PythonOffsets(
+        runtime_interpreters_head=808, interp_next=7272, interp_threads_head=7344,
+        tstate_next=8, tstate_native_thread_id=160, tstate_frame=72, cframe_current_frame=NONE,
+        frame_code=0, frame_previous=8, frame_instr=56, frame_owner=74, frame_is_entry=NONE,
+        owner_generator=1, owner_cstack=3,
+        code_type=8, code_first_line=68, code_adaptive=208, code_filename=112, code_name=120,
+        code_qualname=128, code_linetable=136,
+        bytes_size=16, bytes_data=32, str_length=16, str_state=32, ascii_data=40,
+        compact_data=56),
+    (3, 15): PythonOffsets(
+        runtime_interpreters_head=936, interp_next=7264, interp_threads_head=7336,
+        tstate_next=8, tstate_native_thread_id=184, tstate_frame=72, cframe_current_frame=NONE,
+        frame_code=0, frame_previous=8, frame_instr=56, frame_owner=74, frame_is_entry=NONE,
+        owner_generator=1, owner_cstack=3,
+        code_type=8, code_first_line=68, code_adaptive=208, code_filename=112, code_name=120,
+        code_qualname=128, code_linetable=136,
+        bytes_size=16, bytes_data=32, str_length=16, str_state=32, ascii_data=40,
+        compact_data=56),
 }
 
 # Index of each version's row in the kernel's `python_offsets` array.
