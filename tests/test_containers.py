@@ -8,7 +8,9 @@ name them, in pid and mount namespaces of its own, profiled from BPF.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import uuid
@@ -60,9 +62,11 @@ def test_a_process_in_a_container_is_named_with_its_container_and_its_pid_there(
     cgroup.mkdir(parents=True)
     spin = "import time\ndef spin():\n    while True: time.sleep(0) or sum(range(1000))\nspin()"
     child = subprocess.Popen(
-        ["unshare", "--pid", "--mount", "--fork", "--mount-proc", "sh", "-c",
+        # --kill-child: the namespace's first process dies with unshare.
+        ["unshare", "--pid", "--mount", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
          f'echo $$ > {cgroup}/cgroup.procs && exec {sys.executable} -c "$0"', spin])
     memory = MemoryExporter()
+    pid = 0
     try:
         pid = _python_child(child.pid)
 
@@ -72,9 +76,10 @@ def test_a_process_in_a_container_is_named_with_its_container_and_its_pid_there(
 
         asyncio.run(main())
     finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
         child.kill()
         child.wait()
-        subprocess.run(["pkill", "-9", "-P", str(child.pid)], check=False)
         for path in (cgroup, *cgroup.parents):
             if path == CPU_CGROUPS:
                 break
