@@ -286,7 +286,9 @@ def test_sync_api_profiles_the_host_process() -> None:
     assert profiler.stats.received > 0.85 * busy * 99
     assert 0 < overhead.cpu_percent < 20
     assert overhead.bpf_cpu_ns > 0 and overhead.bpf_run_count > 0
-    assert overhead.bpf_map_bytes > 0 and overhead.memory_bytes >= overhead.anon_rss_bytes > 0
+    # Memory is what the process grew by since the start: in a test process
+    # whose heap earlier profilers already grew, that may be nothing.
+    assert overhead.bpf_map_bytes > 0 and overhead.memory_bytes >= overhead.anon_rss_bytes >= 0
     assert ours and not ours & loaded_programs()
     assert bpf_fds() == []
 
