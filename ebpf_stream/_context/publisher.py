@@ -34,7 +34,7 @@ from . import layout, region
 log = logging.getLogger("ebpf_stream")
 
 REQUEST: contextvars.ContextVar[bytes] = contextvars.ContextVar("ebpf_stream.request")
-NONE = bytes(region.VALUE_SIZE)
+NONE = region.NO_VALUE
 
 _ROUTE = "http.route"
 _METHOD = "http.request.method"

@@ -36,6 +36,8 @@ VALUE = struct.Struct("<16s8sII")
 endian, as their hex reads), and the offsets of its route and method names
 in the region (0: none)."""
 VALUE_SIZE = VALUE.size
+NO_VALUE = bytes(VALUE_SIZE)
+"""A value outside any request (all zeros, as the kernel leaves a sample without one)."""
 
 
 class Header(NamedTuple):

@@ -29,6 +29,7 @@ from .._base.stats import Stats
 from .._bpf.loader import LoadedProgram
 from .._bpf.ringbuf import Records
 from .._bpf.syscalls import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE
+from .._context.region import NO_VALUE
 from .._model.events import (
     LOST_STACK,
     NO_STACK,
@@ -279,7 +280,7 @@ class CpuProbe(RingProbe):
 
 def _request(raw: bytes) -> bytes:
     """The kernel's request field as an event's: empty for none, the cheaper to send."""
-    return b"" if raw == samples.NO_REQUEST else raw
+    return b"" if raw == NO_VALUE else raw
 
 
 def _sample_key(stack: int) -> int:

@@ -40,7 +40,6 @@ class Sample(NamedTuple):
 
 
 SIZE = _LAYOUT.size
-NO_REQUEST = bytes(32)
 
 
 def decode(records: Records) -> list[Sample]:

@@ -14,7 +14,6 @@ from .._context.reader import Names, find_published
 from .._model.profile import RequestContext
 
 _CONTEXTS_PER_PROCESS = 4096  # distinct requests kept named per process
-_NONE = bytes(region.VALUE_SIZE)  # published outside any request
 _PROCESSES = 1024  # processes kept, most recently sampled first
 
 
@@ -35,7 +34,7 @@ class Requests:
 
     def context(self, pid: int, raw: bytes) -> RequestContext | None:
         """The request ``raw`` names in ``pid``; None for no request."""
-        if len(raw) != region.VALUE_SIZE or raw == _NONE:
+        if len(raw) != region.VALUE_SIZE or raw == region.NO_VALUE:
             return None
         process = self._processes.get(pid)
         if process is None:
