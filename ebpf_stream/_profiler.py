@@ -405,3 +405,15 @@ class Profiler:
         for probe in self._probes:
             probe.close()
         self._probes = []
+
+
+def map_usage(profiler: Profiler) -> dict[str, tuple[int, int]]:
+    """``{name: (entries, max_entries)}`` of the running probes' hash-type BPF maps.
+
+    For a health report (``ebpf-stream agent``): a map at its maximum loses
+    what comes next.  Empty when no probe is open.  Walks every key, so call
+    it from a worker thread.
+    """
+    from ._bpf.syscalls import hash_map_usage  # with the run, not the import
+
+    return hash_map_usage(fd for probe in profiler._probes for fd in probe.map_fds())

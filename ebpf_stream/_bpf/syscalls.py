@@ -12,9 +12,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _SYS_BPF = 321  # x86-64
@@ -25,6 +26,9 @@ _BPF_MAP_CREATE, _BPF_PROG_LOAD, _BPF_OBJ_GET_INFO_BY_FD, _BPF_BTF_LOAD = 0, 5, 
 _BPF_RAW_TRACEPOINT_OPEN, _BPF_LINK_CREATE = 17, 28
 _BPF_PERF_EVENT = 41  # link attach type
 _PERCPU_MAP_TYPES = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
+# Maps whose entries come and go: hash, percpu hash, LRU hash, LRU percpu hash, hash of maps.
+_HASH_MAP_TYPES = {1, 5, 9, 10, 13}
+_MAP_INFO_SIZE = 80  # struct bpf_map_info up to its map_extra; the kernel fills what it has
 
 PERF_TYPE_SOFTWARE = 1
 PERF_TYPE_TRACEPOINT = 2
@@ -154,6 +158,41 @@ class BpfMap:
         """The sum over CPUs of a per-CPU u64 counter (0 if absent)."""
         raw = self.lookup(struct.pack("<I", index))
         return sum(v for (v,) in struct.iter_unpack("<Q", raw)) if raw else 0
+
+
+def map_info(fd: int) -> tuple[str, int, int]:
+    """(name, type, max_entries) of a BPF map, as ``BPF_OBJ_GET_INFO_BY_FD`` tells them."""
+    info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
+    _bpf_call(_BPF_OBJ_GET_INFO_BY_FD, attr, "reading map info")
+    map_type, _id, _key, _value, max_entries = struct.unpack_from("<5I", info.raw)
+    name = info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+    return name, map_type, max_entries
+
+
+def hash_map_usage(fds: Iterable[int]) -> dict[str, tuple[int, int]]:
+    """``{name: (entries, max_entries)}`` of the hash-type maps among ``fds``.
+
+    How full the maps whose entries come and go are: one that reaches its
+    maximum refuses (or, LRU, evicts) what comes next.  Counting walks the
+    keys, one syscall each, so it is for a health report, not a hot path; the
+    count stops at the maximum, which a walk that restarts (an entry deleted
+    under it) could pass.  A name that repeats (each probe has its own maps)
+    gets ``.2``, ``.3``... in the order of ``fds``.
+    """
+    usage: dict[str, tuple[int, int]] = {}
+    for fd in fds:
+        name, map_type, max_entries = map_info(fd)
+        if map_type not in _HASH_MAP_TYPES:
+            continue
+        entries = sum(1 for _ in itertools.islice(BpfMap(fd, name).walk_keys(), max_entries))
+        key, n = name, 1
+        while key in usage:
+            n += 1
+            key = f"{name}.{n}"
+        usage[key] = (entries, max_entries)
+    return usage
 
 
 def _perf_event_open(type_: int, config: int, sample_period: int, pid: int, cpu: int) -> int:

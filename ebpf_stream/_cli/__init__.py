@@ -13,6 +13,7 @@ import sys
 import click
 
 from .._base.errors import EbpfStreamError
+from .agent import agent
 from .demo import demo
 from .doctor import doctor
 from .record import record
@@ -43,6 +44,7 @@ cli.add_command(record)
 cli.add_command(top)
 cli.add_command(doctor)
 cli.add_command(demo)
+cli.add_command(agent)
 
 
 def _tune_malloc() -> None:

@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import TypedDict, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import TypedDict
 
-from .._base.config import EbpfConfig, PythonFrames
+from .._base.config import EbpfConfig
 from .._base.errors import ConfigError
 from .._base.otlp_settings import endpoint_in_environment, env_value
+from .._base.variables import (
+    Value,
+    config_from_settings,
+    from_environment,
+    parse_bool,
+    parsed,
+    variable,
+    variable_name,
+)
 from .._outputs.base import Exporter
 from .._profiler import OnUnavailable
 
-PREFIX = "EBPF_STREAM_"
 VARIABLES = {
     "EBPF_STREAM_ENABLED": "true or false; unset: profile when something names a destination",
     "EBPF_STREAM_OUTPUT": "comma-separated files, each format from its suffix; {pid} is the pid",
@@ -39,16 +46,10 @@ VARIABLES = {
 }
 """The variables read here, and what each takes (the README has the full story)."""
 
-# The parts of the config each variable sets: an argument ``config`` replaces them all.
-_CONFIG_VARIABLES = ("EBPF_STREAM_PRESET", "EBPF_STREAM_SAMPLE_RATE",
-                     "EBPF_STREAM_STALL_THRESHOLD_MS", "EBPF_STREAM_PYTHON_FRAMES",
-                     "EBPF_STREAM_EXPORT_INTERVAL")
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-_WHOLE = re.compile(r"\d+")
-# Digits, optionally with a fraction; not float(), which takes "inf", "nan" and "1e3".
-_DECIMAL = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)")
-_T = TypeVar("_T")
+# The parts of the config the variables set: an argument ``config`` replaces them all.
+_CONFIG_KEYS = ("preset", "sample_rate", "stall_threshold_ms", "python_frames",
+                "export_interval")
+_CONFIG_VARIABLES = tuple(map(variable_name, _CONFIG_KEYS))
 
 
 class ProfilingOptions(TypedDict, total=False):
@@ -107,7 +108,7 @@ def read_settings(options: ProfilingOptions) -> Settings:
     ignored = []
     enabled = options.get("enabled")
     if enabled is None:
-        enabled = _parsed(env, "EBPF_STREAM_ENABLED", _parse_bool)
+        enabled = parsed(variable(env, "EBPF_STREAM_ENABLED"), parse_bool)
     elif env_value(env, "EBPF_STREAM_ENABLED") is not None:
         ignored.append("EBPF_STREAM_ENABLED")
     if enabled is False:
@@ -150,8 +151,8 @@ def read_settings(options: ProfilingOptions) -> Settings:
 
     on_unavailable = options.get("on_unavailable")
     if on_unavailable is None:
-        on_unavailable = _parsed(env, "EBPF_STREAM_ON_UNAVAILABLE",
-                                 _parse_on_unavailable) or "fallback"
+        on_unavailable = parsed(variable(env, "EBPF_STREAM_ON_UNAVAILABLE"),
+                                _parse_on_unavailable) or "fallback"
     elif env_value(env, "EBPF_STREAM_ON_UNAVAILABLE") is not None:
         ignored.append("EBPF_STREAM_ON_UNAVAILABLE")
     return Settings(off=None, config=config, exporters=exporters, outputs=outputs,
@@ -161,27 +162,7 @@ def read_settings(options: ProfilingOptions) -> Settings:
 
 def config_from_environment(env: Mapping[str, str]) -> EbpfConfig:
     """The preset ``EBPF_STREAM_PRESET`` names, refined by the other config variables."""
-    preset = env_value(env, "EBPF_STREAM_PRESET") or "production"
-    config = _named("EBPF_STREAM_PRESET", lambda: EbpfConfig.for_environment(preset))
-    rate = _parsed(env, "EBPF_STREAM_SAMPLE_RATE", _parse_whole)
-    if rate is not None:
-        config = _named("EBPF_STREAM_SAMPLE_RATE", lambda: config.with_sample_rate(rate))
-    interval = _parsed(env, "EBPF_STREAM_EXPORT_INTERVAL", _parse_decimal)
-    if interval is not None:
-        config = _named("EBPF_STREAM_EXPORT_INTERVAL",
-                        lambda: config.with_export_interval(interval))
-    frames = env_value(env, "EBPF_STREAM_PYTHON_FRAMES")
-    if frames is not None:
-        config = _named("EBPF_STREAM_PYTHON_FRAMES",
-                        lambda: config.with_python_frames(frames.lower()))
-    stall = _parsed(env, "EBPF_STREAM_STALL_THRESHOLD_MS", _parse_decimal)
-    if stall is not None:
-        if stall and config.python_frames is PythonFrames.OFF:
-            raise ConfigError("EBPF_STREAM_STALL_THRESHOLD_MS: stall detection needs Python "
-                              "frames, which EBPF_STREAM_PYTHON_FRAMES=off turns off")
-        config = _named("EBPF_STREAM_STALL_THRESHOLD_MS",
-                        lambda: config.with_stall_threshold(stall))
-    return config
+    return config_from_settings(from_environment(env, _CONFIG_KEYS))
 
 
 def _output(path: str, source: str, config: EbpfConfig) -> Output:
@@ -198,50 +179,9 @@ def _output(path: str, source: str, config: EbpfConfig) -> Output:
     return Output(fmt, path)
 
 
-# -- parsing: each raises ConfigError naming the variable ---------------------------------
-
-
-def _parsed(env: Mapping[str, str], name: str, parse: Callable[[str], _T]) -> _T | None:
-    value = env_value(env, name)
-    if value is None:
-        return None
-    try:
-        return parse(value)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {value!r} {exc}") from None
-
-
-def _named(name: str, build: Callable[[], _T]) -> _T:
-    """``build()``, its ``ConfigError`` naming the variable instead of the config field."""
-    try:
-        return build()
-    except ConfigError as exc:
-        _field, _, reason = str(exc).partition(": ")
-        raise ConfigError(f"{name}: {reason}") from None
-
-
-def _parse_bool(value: str) -> bool:
-    text = value.lower()
-    if text not in _TRUE + _FALSE:
-        raise ValueError("is not a boolean (expected true or false)")
-    return text in _TRUE
-
-
-def _parse_whole(value: str) -> int:
-    if _WHOLE.fullmatch(value) is None:
-        raise ValueError("is not a whole number")
-    return int(value)
-
-
-def _parse_decimal(value: str) -> float:
-    if _DECIMAL.fullmatch(value) is None:
-        raise ValueError("is not a number (expected digits, like 2.5)")
-    return float(value)
-
-
-def _parse_on_unavailable(value: str) -> OnUnavailable:
+def _parse_on_unavailable(value: Value) -> OnUnavailable:
     choices: dict[str, OnUnavailable] = {"fallback": "fallback", "off": "off", "raise": "raise"}
     try:
-        return choices[value.lower()]
+        return choices[str(value).lower()]
     except KeyError:
         raise ValueError(f"is not one of {', '.join(choices)}") from None
