@@ -73,14 +73,15 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-def build(name: str, directory: Path) -> Path:
-    """Compile tests/workloads/NAME.c with a frame pointer in every function."""
+def build(name: str, directory: Path, *flags: str) -> Path:
+    """Compile tests/workloads/NAME.c with a frame pointer in every function, and
+    ``flags`` (``-Dhot_leaf=other_leaf`` builds a different file of the same name)."""
     binary = directory / name
     if not binary.exists():
         cc = shutil.which("cc") or shutil.which("gcc")
         if cc is None:
             pytest.skip("no C compiler")
-        subprocess.run([cc, "-O0", "-g", "-fno-omit-frame-pointer", "-o", str(binary),
+        subprocess.run([cc, "-O0", "-g", "-fno-omit-frame-pointer", *flags, "-o", str(binary),
                         str(WORKLOADS / f"{name}.c")], check=True)
     return binary
 
