@@ -34,6 +34,9 @@ from .runs import run_traced
 
 DEPLOY_FILES = {
     "config": "agent.toml",
+    "systemd": "ebpf-stream-agent.service",
+    "kubernetes": "daemonset.yaml",
+    "collector": "collector.yaml",
 }
 """What ``--print`` shows, by name: the files in ``deploy/``."""
 _SHUTDOWN_MARGIN_S = 5.0  # beyond the OTLP flush timeout, for the last batch's conversion
@@ -67,7 +70,8 @@ async def run_agent(settings: AgentSettings, health: Health) -> None:
 @click.option("--check", is_flag=True,
               help="Check the file and environment, print the settings, and exit.")
 @click.option("--print", "shown", type=click.Choice(list(DEPLOY_FILES)),
-              help="Print a shipped file: an example config.")
+              help="Print a shipped file: an example config, the systemd unit, the "
+              "Kubernetes DaemonSet, or a Collector configuration.")
 def agent(config_file: Path | None, check: bool, shown: str | None) -> None:
     """Profile every process of this machine into OTLP, until SIGTERM.
 
