@@ -1,9 +1,11 @@
 // CPython frame walking, run from the CPU sampling program.
 //
 // Contract with user space (ebpf_stream/_python/offsets.py and
-// ebpf_stream/_probes/cpu.py mirror it):
-//  * `python_offsets[v]` holds the struct offsets of interpreter version v,
-//    in the order of offsets.py's KERNEL_FIELDS;
+// ebpf_stream/_probes/python_walker.py mirror it):
+//  * each row of `python_offsets` holds one interpreter layout's struct
+//    offsets, in the order of offsets.py's KERNEL_FIELDS; user space fills
+//    rows as it meets distinct layouts (versions, and builds of a version,
+//    differ: from 3.13 each interpreter publishes its own offsets);
 //  * `python_processes[tgid]` says where a process keeps `_PyRuntime` and
 //    which row of `python_offsets` applies; user space adds a process only
 //    after reading its thread list back through /proc/PID/mem, and the
@@ -16,7 +18,7 @@
 // interpreter's thread list, never through the GIL holder, which may be
 // another thread.
 //
-// Build-time settings (-D): PYTHON_VERSIONS, PYTHON_STACK_ENTRIES.
+// Build-time settings (-D): PYTHON_LAYOUTS, PYTHON_STACK_ENTRIES.
 
 #define PYTHON_MAX_DEPTH 128           // frames kept; a deeper stack is marked truncated
 #define PYTHON_MAX_WALK 160            // frames visited, C-stack shims included
@@ -24,6 +26,7 @@
 #define PYTHON_MAX_THREADS 64
 #define PYTHON_NONE 0xFFFFFFFF
 #define HEADER_BYTES 80                // covers every field read from a frame or a code object
+                                       // (user space refuses layouts that put one beyond)
 #define PYTHON_RECHECK_NS 1000000000ULL // how long a thread without a thread state stays unsearched
 
 struct python_offsets {
@@ -49,7 +52,7 @@ struct python_offsets {
 struct python_process {
     u64 runtime;                      // address of _PyRuntime
     u64 code_type;                    // address of PyCode_Type
-    u32 version;                      // row of python_offsets
+    u32 row;                          // of python_offsets
     // The rest is what the process published of its requests
     // (request_context.h); context_var is 0 when it published nothing.
     u32 thread_context;               // offset of PyThreadState.context
@@ -94,7 +97,7 @@ struct python_thread {
     u64 checked_ns;
 };
 
-BPF_ARRAY(python_offsets, struct python_offsets, PYTHON_VERSIONS);
+BPF_ARRAY(python_offsets, struct python_offsets, PYTHON_LAYOUTS);
 BPF_HASH(python_processes, u32, struct python_process, 4096);
 BPF_TABLE("lru_hash", u32, struct python_thread, python_threads, 8192);
 BPF_PERCPU_ARRAY(python_scratch, struct python_scratch, 1);
@@ -172,8 +175,8 @@ static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now, u8 *r
     struct python_process *process = python_processes.lookup(&tgid);
     if (!process)
         return 0;
-    u32 version = process->version;
-    struct python_offsets *o = python_offsets.lookup(&version);
+    u32 row = process->row;
+    struct python_offsets *o = python_offsets.lookup(&row);
     u32 zero = 0;
     struct python_scratch *s = python_scratch.lookup(&zero);
     if (!o || !s)

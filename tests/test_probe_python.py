@@ -212,7 +212,7 @@ def test_processes_without_an_interpreter_are_looked_at_again_on_schedule() -> N
     the CPU probe can take it in time (its reader may sleep for a second)."""
     sleeper = subprocess.Popen(["sleep", "30"])  # never has an interpreter
     try:
-        processes = PythonProcesses(None, {}, lambda: None)  # type: ignore[arg-type]
+        processes = PythonProcesses(None, None, {}, lambda: None)  # type: ignore[arg-type]
         started = time.monotonic()
         assert processes.look(sleeper.pid) is None
         dues = []

@@ -43,12 +43,12 @@ from .._model.events import (
     Watermark,
     encode_events,
 )
-from .._python.offsets import VERSIONS
+from .._python.offsets import PythonOffsets
 from .._python.runtime import UnsupportedPython, find_python
 from . import loops, samples
 from .base import Emit, RingProbe
 from .pids import forget_pid_keys, process_name
-from .python_walker import PythonProcesses, checked_self_test, load_offsets
+from .python_walker import MAX_LAYOUTS, OffsetRows, PythonProcesses, checked_self_test
 from .stacks import StackMaps
 
 _WAKEUP_EVERY = 64
@@ -90,7 +90,7 @@ class CpuProbe(RingProbe):
             f"-DINCLUDE_IDLE={int(c.include_idle)}",
             f"-DWAKEUP_EVERY={_WAKEUP_EVERY}",
             f"-DPYTHON={int(self._python_frames)}",
-            f"-DPYTHON_VERSIONS={len(VERSIONS)}",
+            f"-DPYTHON_LAYOUTS={MAX_LAYOUTS}",
             f"-DPYTHON_STACK_ENTRIES={c.stack_map_entries}",
             f"-DLOOP_STALLS={int(self._loop_stalls)}",
             f"-DSTALL_NS={stall_ns}",
@@ -139,20 +139,20 @@ class CpuProbe(RingProbe):
     def _start_python(self, program: LoadedProgram) -> None:
         """Check the offsets on this process, then register the targets' interpreters."""
         assert self._ring is not None
-        load_offsets(program)
-        failed: dict[tuple[int, int], str] = {}
+        rows = OffsetRows(program)
+        failed: dict[PythonOffsets, str] = {}
         try:
             host = find_python(os.getpid())
         except UnsupportedPython:
             host = None  # nothing to test with; each target is still checked
         if host is not None:
-            problem = checked_self_test(program, self._ring, host,
+            problem = checked_self_test(program, self._ring, rows, host,
                                         filtered=self._targets is not None)
             if problem:
-                failed[host.version[:2]] = (
+                failed[host.offsets] = (
                     f"the self-test of the CPython {'.'.join(map(str, host.version))} "
                     f"layout failed ({problem})")
-        self._python = PythonProcesses(program, failed, self._watch_loops)
+        self._python = PythonProcesses(program, rows, failed, self._watch_loops)
         for pid in self._targets or ():
             self._python.look(pid)
 

@@ -4,12 +4,17 @@ The kernel walks the frames of the processes in its ``python_processes``
 map.  ``PythonProcesses`` decides which those are: it looks for an
 interpreter in each process the probe samples (again after an exec, and a
 few times while a young process may still be loading its interpreter),
-reads the thread list back through ``/proc/PID/mem`` before trusting the
-offsets table, and reports each interpreter it cannot support once.
+reads the thread list back through ``/proc/PID/mem`` before trusting its
+offsets, and reports each interpreter it cannot support once.
 
-``self_test`` checks the table against the one interpreter whose truth is
-at hand: it samples a known call chain in this very process and compares
-what the kernel walked with ``sys._getframe``.
+Offsets differ between versions, and may between builds of one version
+(they are the ones each interpreter publishes, from 3.13), so the kernel's
+``python_offsets`` rows are filled as distinct ones are found
+(``OffsetRows``), and each registered process points at its row.
+
+``self_test`` checks the walker and one row against the one interpreter
+whose truth is at hand: it samples a known call chain in this very process
+and compares what the kernel walked with ``sys._getframe``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from .._bpf.syscalls import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, BpfMap,
 from .._context.reader import Published, find_published
 from .._model.events import PythonStack
 from .._python.code import PythonSymbols
-from .._python.offsets import OFFSETS, VERSIONS, kernel_row
+from .._python.debug_offsets import LAYOUTS
+from .._python.offsets import PythonOffsets, kernel_row
 from .._python.runtime import PythonRuntime, UnsupportedPython, check_runtime, find_python
 from . import samples
 
@@ -54,19 +60,47 @@ _STACK_HEADER = struct.Struct("<II")
 _LOOK_AGAIN_AT = (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
-def load_offsets(program: LoadedProgram) -> None:
-    table = program.map("python_offsets")
-    for index, version in enumerate(VERSIONS):
-        table.update(_U32.pack(index), kernel_row(OFFSETS[version]))
-
-
+MAX_LAYOUTS = 16  # rows of the kernel's python_offsets (PYTHON_LAYOUTS)
 _REPUBLISH_S = 1.0  # how often a walked process that publishes no requests is looked at again
 
 
-def register(program: LoadedProgram, runtime: PythonRuntime,
+class OffsetRows:
+    """The kernel's ``python_offsets`` rows: each distinct one is written the
+    first time a process needs it, and kept (there are few: one per version
+    and build in use)."""
+
+    def __init__(self, program: LoadedProgram) -> None:
+        self._table = program.map("python_offsets")
+        self._rows: dict[bytes, int] = {}
+        self._lock = threading.Lock()  # looks run on the reader's thread and the loop's
+
+    def row(self, runtime: PythonRuntime) -> int:
+        """The row of ``runtime``'s offsets, written now if it is new.
+
+        Raises UnsupportedPython when the kernel holds ``MAX_LAYOUTS`` others.
+        """
+        packed = kernel_row(runtime.offsets)
+        with self._lock:
+            row = self._rows.get(packed)
+            if row is None:
+                if len(self._rows) >= MAX_LAYOUTS:
+                    raise UnsupportedPython(
+                        f"process {runtime.pid} (CPython {'.'.join(map(str, runtime.version))}) "
+                        f"lays out its interpreter unlike the {MAX_LAYOUTS} layouts the kernel "
+                        "already holds, the most it can")
+                row = len(self._rows)
+                self._table.update(_U32.pack(row), packed)
+                self._rows[packed] = row
+            return row
+
+
+def register(program: LoadedProgram, rows: OffsetRows, runtime: PythonRuntime,
              published: Published | None = None) -> None:
-    """Let the kernel walk ``runtime``'s process, and read its requests if it publishes them."""
-    row = VERSIONS.index(runtime.version[:2])
+    """Let the kernel walk ``runtime``'s process, and read its requests if it publishes them.
+
+    Raises UnsupportedPython when the kernel has no row left for its offsets.
+    """
+    row = rows.row(runtime)
     h = published.header if published is not None else None
     context = (0, 0, 0, 0, 0, 0) if h is None else (
         h.thread_context, h.var, h.bitmap_type, h.array_type, h.bytes_type, h.var_hash)
@@ -82,11 +116,12 @@ def unregister(program: LoadedProgram, pid: int) -> None:
 class PythonProcesses:
     """Finds the interpreters of sampled processes and registers them with the kernel."""
 
-    def __init__(self, program: LoadedProgram, failed: dict[tuple[int, int], str],
-                 on_found: Callable[[], None]) -> None:
+    def __init__(self, program: LoadedProgram, rows: OffsetRows,
+                 failed: dict[PythonOffsets, str], on_found: Callable[[], None]) -> None:
         self._program = program
+        self._rows = rows
         self._on_found = on_found  # called as each interpreter is registered
-        self._failed = failed  # versions whose offsets failed the self-test, and how
+        self._failed = failed  # offsets that failed the self-test, and how
         self._found: dict[int, PythonRuntime | None] = {}
         self._first_seen: dict[int, float] = {}
         self._looks: dict[int, int] = {}  # looks taken since first seen
@@ -114,26 +149,45 @@ class PythonProcesses:
         try:
             runtime = find_python(pid)
             if runtime is not None:
-                problem = self._failed.get(runtime.version[:2])
-                # Right after exec the interpreter may have no thread yet:
-                # not a reason to give up, only to look again later.
-                if problem is None and check_runtime(runtime) is not None:
-                    runtime = None
+                problem = self._failed.get(runtime.offsets)
+                if problem is None:
+                    problem, runtime = self._checked(runtime)
         except UnsupportedPython as exc:
             problem = str(exc)
         except OSError:
             pass  # gone
+        if runtime is not None and not problem:
+            try:
+                self._publish(runtime, registered=False)
+            except UnsupportedPython as exc:  # no kernel row left for its offsets
+                problem = str(exc)
         if problem:
             self._report(problem)
             runtime = None
             self._looks[pid] = len(_LOOK_AGAIN_AT)  # an answer, not a race: stop looking
         if runtime is not None:
-            self._publish(runtime, registered=False)
             self._on_found()
         else:
             self._first_seen.setdefault(pid, time.monotonic())
         self._found[pid] = runtime
         return runtime
+
+    def _checked(self, runtime: PythonRuntime) -> tuple[str | None, PythonRuntime | None]:
+        """``runtime`` if its thread list checks, else None and, if that is final, why.
+
+        Right after exec the interpreter may have no thread yet: not a
+        reason to give up, only to look again later.  A version newer than
+        any known layout is refused once the last look fails too.
+        """
+        reason = check_runtime(runtime)
+        if reason is None:
+            return None, runtime
+        newest = max(LAYOUTS)
+        if (runtime.version[:2] > newest
+                and self._looks.get(runtime.pid, 0) >= len(_LOOK_AGAIN_AT)):
+            return (f"{reason} (its _Py_DebugOffsets were read with the "
+                    f"{newest[0]}.{newest[1]} layout, the newest known)"), None
+        return None, None
 
     def _publish(self, runtime: PythonRuntime, registered: bool) -> None:
         """Register ``runtime`` with what it publishes of its requests, if anything."""
@@ -143,7 +197,7 @@ class PythonProcesses:
         else:
             self._unpublished.pop(runtime.pid, None)
         if published is not None or not registered:
-            register(self._program, runtime, published)
+            register(self._program, self._rows, runtime, published)
 
     def next_look(self) -> float | None:
         """When (``time.monotonic()``) the next look at a process is due, if one is."""
@@ -274,13 +328,13 @@ def _proof(program: LoadedProgram, runtime: PythonRuntime) -> Path | None:
     return base / "self-tests" / hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
-def checked_self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
-                      filtered: bool) -> str | None:
+def checked_self_test(program: LoadedProgram, ring: RingBuffer, rows: OffsetRows,
+                      runtime: PythonRuntime, filtered: bool) -> str | None:
     """``self_test``, unless the same program passed it on the same interpreter before."""
     proof = _proof(program, runtime)
     if proof is not None and trusted(proof):
         return None
-    problem = self_test(program, ring, runtime, filtered)
+    problem = self_test(program, ring, rows, runtime, filtered)
     if problem is None and proof is not None:
         try:
             proof.parent.mkdir(mode=0o755, exist_ok=True)
@@ -291,8 +345,8 @@ def checked_self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonR
     return problem
 
 
-def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
-              filtered: bool) -> str | None:
+def self_test(program: LoadedProgram, ring: RingBuffer, rows: OffsetRows,
+              runtime: PythonRuntime, filtered: bool) -> str | None:
     """Sample a known call chain of this process from BPF; None if it walked right,
     else what went wrong.
 
@@ -300,7 +354,7 @@ def self_test(program: LoadedProgram, ring: RingBuffer, runtime: PythonRuntime,
     the test's samples, which are dropped; the program is left as found.
     """
     me = _U32.pack(os.getpid())
-    register(program, runtime)
+    register(program, rows, runtime)
     added = filtered and program.map("targets").lookup(me) is None
     if added:
         program.map("targets").update(me, b"\x01")

@@ -1,11 +1,18 @@
 """Where CPython keeps what a frame walker reads, per interpreter version.
 
-CPython does not promise these layouts, so each supported minor version has
-one row, taken from ``offsetof`` on its own headers (``Py_BUILD_CORE``).  The
-rows are checked at run time, not trusted: the profiler's self-test walks
-its own interpreter's frames from BPF and compares them with
-``sys._getframe``, and each target's thread list is read and checked before
-its frames are walked.
+CPython does not promise these layouts.  From 3.13 each interpreter
+publishes its own offsets (``_Py_DebugOffsets``, read by
+``debug_offsets``), and those are the ones used; 3.11 and 3.12 publish
+none, so the rows here, taken from ``offsetof`` on their own headers
+(``Py_BUILD_CORE``), are their only source.  The rows of 3.13 to 3.15 stay:
+they give what the published table does not carry (the frame-owner values,
+and before 3.15 the size of a compact str's header), and the tests check
+them against what each interpreter publishes.
+
+Whatever their source, offsets are checked at run time, not trusted: the
+profiler's self-test walks its own interpreter's frames from BPF and
+compares them with ``sys._getframe``, and each target's thread list is read
+and checked before its frames are walked.
 
 ``KERNEL_FIELDS`` are the ones the BPF walker needs, packed in that order as
 ``struct python_offsets`` in ``kernel/python_frames.h``; the rest are for
@@ -56,6 +63,11 @@ class PythonOffsets(NamedTuple):
 
 KERNEL_FIELDS = PythonOffsets._fields[:PythonOffsets._fields.index("code_adaptive") + 1]
 _KERNEL = struct.Struct(f"<{len(KERNEL_FIELDS)}I")
+# The kernel reads this many bytes of each frame and code object, and these
+# fields from them (HEADER_BYTES in kernel/python_frames.h).
+HEADER_BYTES = 80
+HEADER_FIELDS = frozenset({"frame_code", "frame_previous", "frame_instr", "frame_owner",
+                           "frame_is_entry", "code_type", "code_first_line"})
 
 OFFSETS: dict[tuple[int, int], PythonOffsets] = {
     (3, 11): PythonOffsets(
@@ -85,9 +97,9 @@ OFFSETS: dict[tuple[int, int], PythonOffsets] = {
         code_qualname=128, code_linetable=136,
         bytes_size=16, bytes_data=32, str_length=16, str_state=32, ascii_data=40,
         compact_data=56),
-    # 3.14 and 3.15: read from the interpreters' own _Py_DebugOffsets (3.14.8 and
-    # 3.15.0 as Debian builds them).  From 3.14 a frame's code is a tagged
-    # reference, which the kernel masks.
+    # 3.14 and 3.15: as their own _Py_DebugOffsets give them (3.14.8 and 3.15.0
+    # as Debian builds them).  From 3.14 a frame's code is a tagged reference,
+    # which the kernel masks; entry frames are owned by the interpreter (3).
     (3, 14): PythonOffsets(
         runtime_interpreters_head=808, interp_next=7272, interp_threads_head=7344,
         tstate_next=8, tstate_native_thread_id=160, tstate_frame=72, cframe_current_frame=NONE,
@@ -107,9 +119,6 @@ OFFSETS: dict[tuple[int, int], PythonOffsets] = {
         bytes_size=16, bytes_data=32, str_length=16, str_state=32, ascii_data=40,
         compact_data=56),
 }
-
-# Index of each version's row in the kernel's `python_offsets` array.
-VERSIONS: tuple[tuple[int, int], ...] = tuple(OFFSETS)
 
 
 def kernel_row(offsets: PythonOffsets) -> bytes:

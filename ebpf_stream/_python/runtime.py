@@ -7,6 +7,10 @@ CPython is linked statically (Debian's ``/usr/bin/python3.X``).  The version
 comes from the process's ``Py_Version``, so a file name proves nothing;
 names only pick which files are worth parsing first, and reveal builds we
 cannot read (free-threaded ones).
+
+From 3.13 the offsets are the ones the interpreter publishes in its
+``_PyRuntime`` (``debug_offsets``), which also lets a version newer than
+any known here be read; 3.11 and 3.12 have their hand-kept rows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from .._base.lru import Lru
 from .._binaries.containers import namespace_pid
 from .._binaries.elf import ElfHeaders, Reader, object_symbols
 from .._binaries.process import Mapping, open_mapped_file
+from .debug_offsets import FIRST_VERSION, DebugOffsetsError, FreeThreaded, read_offsets
 from .memory import ProcessMemory
 from .offsets import OFFSETS, PythonOffsets
 
@@ -119,8 +124,8 @@ def _candidates(pid: int) -> list[tuple[Mapping, _FileName | None]]:
 def find_python(pid: int) -> PythonRuntime | None:
     """The CPython interpreter of ``pid``, or None if it runs none or is gone.
 
-    Raises UnsupportedPython for a CPython we cannot read: a version without
-    an offsets row, or a free-threaded build.
+    Raises UnsupportedPython for a CPython we cannot read: one older than
+    3.11, a free-threaded build, or one whose published offsets do not check.
     """
     try:
         candidates = _candidates(pid)
@@ -129,49 +134,69 @@ def find_python(pid: int) -> PythonRuntime | None:
     for mapping, name in candidates:
         where = f"process {pid} runs {mapping.module}"
         if name and "t" in name.flags:
-            raise UnsupportedPython(
-                f"{where}, a free-threaded CPython build, whose frames cannot be read; "
-                "profile it under a default (GIL) build of the same version")
+            raise UnsupportedPython(_free_threaded(where))
         symbols, headers = _file_symbols(pid, mapping)
         if headers is None:
             continue
         if "_PyRuntime" not in symbols:
-            if name and name.version not in OFFSETS:  # 3.6 and older have no _PyRuntime
-                raise UnsupportedPython(f"{where}: {_supported(name.version)}")
+            if name and not _supported(name.version):  # 3.6 and older have no _PyRuntime
+                raise UnsupportedPython(f"{where}: {_unsupported(name.version)}")
             continue
         bias = mapping.start - mapping.offset - headers.vaddr_delta(mapping.offset)
+        runtime_address = bias + symbols["_PyRuntime"]
+        py_version = bias + symbols["Py_Version"] if "Py_Version" in symbols else None
         try:
             with ProcessMemory(pid) as memory:
-                hex_version = (memory.u64(bias + symbols["Py_Version"])
-                               if "Py_Version" in symbols else None)
+                version, offsets = _layout(memory, where, name, py_version, runtime_address)
         except OSError:  # exited
             return None
-        if hex_version is not None:
-            version = (hex_version >> 24 & 0xFF, hex_version >> 16 & 0xFF,
-                       hex_version >> 8 & 0xFF)
-        elif name:  # before 3.11, Py_Version did not exist
-            version = (*name.version, 0)
-        else:
-            raise UnsupportedPython(f"{where}, a CPython that does not say its version: "
-                                    f"{_supported(None)}")
-        offsets = OFFSETS.get(version[:2])
-        if offsets is None:
-            raise UnsupportedPython(f"{where}: {_supported(version[:2])}")
         missing = [s for s in _SYMBOLS[2:] if s not in symbols]
         if missing:
             raise UnsupportedPython(f"{where}, a CPython that does not export "
                                     f"{', '.join(missing)}; its frames cannot be named")
         return PythonRuntime(
-            pid, version, bias + symbols["_PyRuntime"], bias + symbols["PyCode_Type"],
+            pid, version, runtime_address, bias + symbols["PyCode_Type"],
             offsets, mapping.module, bias + symbols["PyUnicode_Type"],
             bias + symbols["PyBytes_Type"])
     return None
 
 
-def _supported(version: tuple[int, int] | None) -> str:
-    known = ", ".join(f"{major}.{minor}" for major, minor in OFFSETS)
+def _layout(memory: ProcessMemory, where: str, name: _FileName | None, py_version: int | None,
+            runtime_address: int) -> tuple[tuple[int, int, int], PythonOffsets]:
+    """The interpreter's version and offsets: those it publishes from 3.13, else its row."""
+    if py_version is None:  # before 3.11, Py_Version did not exist
+        if name and not _supported(name.version):
+            raise UnsupportedPython(f"{where}: {_unsupported(name.version)}")
+        raise UnsupportedPython(f"{where}, a CPython that does not say its version: "
+                                f"{_unsupported(None)}")
+    hex_version = memory.u64(py_version)
+    version = (hex_version >> 24 & 0xFF, hex_version >> 16 & 0xFF, hex_version >> 8 & 0xFF)
+    if not _supported(version[:2]):
+        raise UnsupportedPython(f"{where}: {_unsupported(version[:2])}")
+    if version[:2] < FIRST_VERSION:
+        return version, OFFSETS[version[:2]]
+    try:
+        return version, read_offsets(memory, runtime_address, hex_version)
+    except FreeThreaded:
+        raise UnsupportedPython(_free_threaded(where)) from None
+    except DebugOffsetsError as e:
+        raise UnsupportedPython(f"{where}: {e}") from None
+
+
+def _supported(version: tuple[int, int]) -> bool:
+    return version in OFFSETS or version >= FIRST_VERSION
+
+
+def _unsupported(version: tuple[int, int] | None) -> str:
     running = f"CPython {version[0]}.{version[1]}" if version else "this CPython"
-    return f"{running} is not supported for Python frames (supported: {known})"
+    first = min(OFFSETS)
+    return (f"{running} is not supported for Python frames (supported: "
+            f"{first[0]}.{first[1]} and later)")
+
+
+def _free_threaded(where: str) -> str:
+    return (f"{where}, a free-threaded CPython build, whose frames cannot be read; "
+            "profile it under a default (GIL) build of the same version")
 
 
 def thread_states(runtime: PythonRuntime, memory: ProcessMemory) -> dict[int, int]:
