@@ -143,9 +143,10 @@ def config_from_settings(settings: Mapping[str, Setting]) -> EbpfConfig:
     stall = parsed(settings.get("stall_threshold_ms"), parse_decimal)
     if stall is not None:
         if stall and config.python_frames is PythonFrames.OFF:
+            # The file's key or the variable, without the file: it is named once already.
+            frames_by = _origin(settings, "python_frames").rpartition(": ")[2]
             raise ConfigError(f"{_origin(settings, 'stall_threshold_ms')}: stall detection needs "
-                              f"Python frames, which {_origin(settings, 'python_frames')}=off "
-                              "turns off")
+                              f"Python frames, which {frames_by}=off turns off")
         config = named(_origin(settings, "stall_threshold_ms"),
                        lambda: config.with_stall_threshold(stall))
     # Each tracer switched on or off alone: a builder validates, and CPU profiling stays on.

@@ -93,6 +93,8 @@ def agent(config_file: Path | None, check: bool, shown: str | None) -> None:
         for line in settings.describe():
             click.echo(line)
         return
-    log.setLevel(logging.INFO)  # the health reports are the point, whatever -v says
+    # The health reports, and the engine's notes (a program compiled, a collector
+    # back), belong in the journal whatever -v says.
+    logging.getLogger("ebpf_stream").setLevel(logging.INFO)
     health = Health(settings.stats_interval_s, settings.stats_file)
     anyio.run(run_agent, settings, health, backend_options=backend_options())

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from .._base.config import EbpfConfig
 from .._base.errors import ConfigError
-from .._base.otel_env import parse_pairs
+from .._base.otel_env import env_value, parse_pairs
 from .._base.otlp_settings import (
     Endpoint,
     Signal,
@@ -217,9 +217,10 @@ def _otlp_environ(path: Path | None, document: Mapping[str, Any], env: Mapping[s
                                  else "text in quotes"))
         from_file[variable] = text
         origins[variable] = origin
-    environ = {**from_file, **env}  # the environment wins, variable by variable
-    file_variables = {name: origin for name, origin in origins.items()
-                      if environ[name] == from_file[name]}
+    # The environment wins, variable by variable; a blank variable counts as unset.
+    applied = {name: text for name, text in from_file.items() if env_value(env, name) is None}
+    environ = {**env, **applied}
+    file_variables = {name: origins[name] for name in applied}
 
     attributes = {}
     for key, value in _table(document, path, "resource").items():
@@ -227,7 +228,7 @@ def _otlp_environ(path: Path | None, document: Mapping[str, Any], env: Mapping[s
             raise ConfigError(f"{path}: resource.{key}: {value!r} is not a single value")
         attributes[key] = str(value).lower() if isinstance(value, bool) else str(value)
     if attributes:
-        given = env.get(_RESOURCE, "").strip()
+        given = env_value(env, _RESOURCE)
         attributes.update(parse_pairs(given, _RESOURCE, lower_keys=False) if given else {})
         environ[_RESOURCE] = ",".join(f"{k}={quote(v, safe='')}"
                                       for k, v in attributes.items())
