@@ -83,9 +83,7 @@ class AgentSettings:
         }
         lines = [f"config: {self.path or 'none'}"]
         for key, value in values.items():
-            shown = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(
-                value, float) else value
-            lines.append(f"{key}: {shown} ({self.origins.get(key, 'default')})")
+            lines.append(f"{key}: {_shown(value)} ({self.origins.get(key, 'default')})")
         profiles = self.endpoints[Signal.PROFILES]
         lines += [
             f"otlp.endpoint: {profiles.url}",
@@ -97,6 +95,15 @@ class AgentSettings:
             f"resource: {self.environ.get(_RESOURCE) or 'none'}",
         ]
         return lines
+
+
+def _shown(value: object) -> str:
+    """A value as the file writes it: ``true``, ``2.5``, ``100`` (not ``100.0``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def config_path(option: Path | None, env: Mapping[str, str]) -> Path | None:
