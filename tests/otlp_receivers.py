@@ -398,11 +398,16 @@ class _HttpServer:
 
 
 @asynccontextmanager
-async def http_receiver(behaviour: Behaviour | None = None) -> AsyncIterator[Receiver]:
-    """An OTLP/HTTP (protobuf) receiver on 127.0.0.1 (ephemeral port), with keep-alive."""
+async def http_receiver(behaviour: Behaviour | None = None,
+                        port: int = 0) -> AsyncIterator[Receiver]:
+    """An OTLP/HTTP (protobuf) receiver on 127.0.0.1, with keep-alive.
+
+    ``port`` 0 takes an ephemeral one; a fixed one lets a receiver come back
+    where an earlier one stood, as a restarted collector does.
+    """
     receiver = Receiver(behaviour or Behaviour())
     http = _HttpServer(receiver)
-    server = await asyncio.start_server(http.accept, "127.0.0.1", 0)
+    server = await asyncio.start_server(http.accept, "127.0.0.1", port)
     receiver.endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         yield receiver
