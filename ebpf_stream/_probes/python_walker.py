@@ -20,6 +20,7 @@ and compares what the kernel walked with ``sys._getframe``.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -128,6 +129,11 @@ class PythonProcesses:
         self._reported: set[str] = set()
         # Walked processes not publishing requests (yet): when each was last looked at.
         self._unpublished: dict[int, float] = {}
+        # The next look at each process without an interpreter, and a heap of them by
+        # time: a machine starting hundreds of processes a second (a build) must not cost
+        # a scan of them all per look.  Entries no longer in ``_next_due`` are stale.
+        self._next_due: dict[int, float] = {}
+        self._due_heap: list[tuple[float, int]] = []
 
     def look(self, pid: int) -> PythonRuntime | None:
         """The interpreter of ``pid``, registering it the first time it is found.
@@ -143,6 +149,7 @@ class PythonProcesses:
                 self._publish(found, registered=True)
             return found
         if pid in self._found and not self._due(pid):
+            self._schedule(pid)  # kept on the heap, whoever asked
             return None
         runtime = None
         problem = None  # a lasting reason not to walk this process
@@ -165,11 +172,12 @@ class PythonProcesses:
             self._report(problem)
             runtime = None
             self._looks[pid] = len(_LOOK_AGAIN_AT)  # an answer, not a race: stop looking
+        self._found[pid] = runtime
         if runtime is not None:
             self._on_found()
         else:
             self._first_seen.setdefault(pid, time.monotonic())
-        self._found[pid] = runtime
+            self._schedule(pid)
         return runtime
 
     def _checked(self, runtime: PythonRuntime) -> tuple[str | None, PythonRuntime | None]:
@@ -201,18 +209,29 @@ class PythonProcesses:
 
     def next_look(self) -> float | None:
         """When (``time.monotonic()``) the next look at a process is due, if one is."""
-        return min((self._first_seen[pid] + _LOOK_AGAIN_AT[self._looks.get(pid, 0)]
-                    for pid in self._waiting()), default=None)
+        heap = self._due_heap
+        while heap and self._next_due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)  # stale: looked at since, found, or forgotten
+        return heap[0][0] if heap else None
 
     def look_waiting(self) -> None:
         """Look again at each process without an interpreter whose look is due."""
-        for pid in self._waiting():
+        now = time.monotonic()
+        while (due := self.next_look()) is not None and due <= now:
+            _, pid = heapq.heappop(self._due_heap)
+            del self._next_due[pid]
             self.look(pid)
 
-    def _waiting(self) -> list[int]:
-        """Processes looked at without finding an interpreter, with looks left."""
-        return [pid for pid, runtime in self._found.items()
-                if runtime is None and self._looks.get(pid, 0) < len(_LOOK_AGAIN_AT)]
+    def _schedule(self, pid: int) -> None:
+        """Put ``pid``'s next look on the heap, if it has looks left."""
+        looks = self._looks.get(pid, 0)
+        if looks >= len(_LOOK_AGAIN_AT):
+            self._next_due.pop(pid, None)
+            return
+        due = self._first_seen[pid] + _LOOK_AGAIN_AT[looks]
+        if self._next_due.get(pid) != due:
+            self._next_due[pid] = due
+            heapq.heappush(self._due_heap, (due, pid))
 
     def _due(self, pid: int) -> bool:
         """Whether a process without an interpreter should be looked at again now."""
@@ -233,9 +252,11 @@ class PythonProcesses:
         self._looks.pop(pid, None)
         self._unpublished.pop(pid, None)
         self._first_seen[pid] = time.monotonic()
+        self._schedule(pid)
 
     def forget(self, pid: int) -> None:
-        for table in (self._found, self._first_seen, self._looks, self._unpublished):
+        for table in (self._found, self._first_seen, self._looks, self._unpublished,
+                      self._next_due):
             table.pop(pid, None)
 
     def forget_exited(self) -> None:
