@@ -220,7 +220,10 @@ class PythonProcesses:
         while (due := self.next_look()) is not None and due <= now:
             _, pid = heapq.heappop(self._due_heap)
             del self._next_due[pid]
-            self.look(pid)
+            if os.path.exists(f"/proc/{pid}"):
+                self.look(pid)
+            else:  # exited unfound, as most short-lived programs do: nothing to look for
+                self.forget(pid)
 
     def _schedule(self, pid: int) -> None:
         """Put ``pid``'s next look on the heap, if it has looks left."""

@@ -56,6 +56,9 @@ class StackResolver:
         self._python_only = python_frames is PythonFrames.PYTHON
         self._python_symbols = PythonSymbols()
         self._interpreters: dict[int, bool] = {}  # pid -> whether its Python frames can be named
+        # Pids that may have entries in ``_frames`` or ``_named``: most programs a
+        # machine execs are never sampled, and need not cost a pass over the caches.
+        self._cached: set[int] = set()
         self._exited: set[int] = set()  # interpreters found gone when the epoch last turned
 
     def add_stack(self, stack: StackTrace | PythonStack) -> None:
@@ -66,6 +69,7 @@ class StackResolver:
             self._frames = {k: v for k, v in self._frames.items()
                             if all(key <= 0 or key in self._stacks for key in k[1:])}
             self._named = {k: v for k, v in self._named.items() if k[1] in self._stacks}
+            self._cached = {k[0] for k in self._frames} | {k[0] for k in self._named}
             # An exited interpreter is forgotten (its /proc/PID/mem closed) one
             # epoch after it was found gone: the samples it took last may be
             # read after its exit, and still need the code objects named.
@@ -77,14 +81,19 @@ class StackResolver:
 
     def process_exec(self, pid: int) -> None:
         """``pid`` runs a new program: nothing named for it before still holds."""
-        self._interpreters.pop(pid, None)
-        self._python_symbols.forget(pid)
-        self._frames = {k: v for k, v in self._frames.items() if k[0] != pid}
-        self._named = {k: v for k, v in self._named.items() if k[0] != pid}
+        self._forget(pid, frames=True)
 
     def forget(self, pid: int) -> None:
+        self._forget(pid, frames=False)
+
+    def _forget(self, pid: int, frames: bool) -> None:
         self._interpreters.pop(pid, None)
         self._python_symbols.forget(pid)
+        if pid not in self._cached:
+            return
+        if frames:
+            self._frames = {k: v for k, v in self._frames.items() if k[0] != pid}
+            self._cached.discard(pid)
         self._named = {k: v for k, v in self._named.items() if k[0] != pid}
 
     def python_frames(self, pid: int, key: int) -> tuple[Frame, ...] | None:
@@ -112,6 +121,7 @@ class StackResolver:
             found.append([_TRUNCATED])
         if UNKNOWN_FRAME not in named:  # a code object unreadable now may be read later
             self._named[pid, key] = found
+            self._cached.add(pid)
         return found
 
     def _interpreter(self, pid: int) -> bool:
@@ -150,6 +160,7 @@ class StackResolver:
                 else:
                     user = merge(user, python)
             cached = self._frames[key] = (user[::-1] + kernel[::-1], user_lost or kernel_lost)
+            self._cached.add(s.pid)
         return cached
 
     def _resolve(
