@@ -166,14 +166,17 @@ def read_symbols(reader: Reader, sections: list[Section]) -> list[FunctionSymbol
         if section.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or section.link >= len(sections):
             continue
         strtab = sections[section.link]
-        functions = [
-            (name, info, value, size) for name, info, _, shndx, value, size
-            in _entries(reader, section)
-            if info & 0xF in (_STT_FUNC, _STT_GNU_IFUNC) and value and shndx
-            and 0 < name < strtab.size]
-        names, infos, values, sizes = zip(*functions, strict=True) if functions else ((),) * 4
-        found.append(FunctionSymbols(array("Q", values), array("Q", sizes), array("I", names),
-                                     bytes(infos).translate(_RANKS),
+        # Straight into arrays: a tuple per symbol would cost some 100 bytes each, a
+        # peak of tens of MB for a large binary that the agent's heap then keeps.
+        values, sizes, names, infos = array("Q"), array("Q"), array("I"), bytearray()
+        for name, info, _, shndx, value, size in _entries(reader, section):
+            if (info & 0xF in (_STT_FUNC, _STT_GNU_IFUNC) and value and shndx
+                    and 0 < name < strtab.size):
+                values.append(value)
+                sizes.append(size)
+                names.append(name)
+                infos.append(info)
+        found.append(FunctionSymbols(values, sizes, names, bytes(infos.translate(_RANKS)),
                                      reader.read(strtab.offset, strtab.size)))
     return found
 
