@@ -24,10 +24,10 @@ from typing import Any
 
 import anyio
 import pytest
-from test_new_pythons import ROOT
+from test_new_pythons import ROOT, profile
 from test_python_runtime import PYENV
 
-from ebpf_stream import EbpfConfig, FrameKind, Profile, Profiler
+from ebpf_stream import EbpfConfig, FrameKind
 from ebpf_stream._probes.python_walker import MAX_LAYOUTS, OffsetRows, PythonProcesses
 from ebpf_stream._python import offsets as offsets_module
 from ebpf_stream._python.debug_offsets import (
@@ -45,7 +45,6 @@ from ebpf_stream._python.runtime import (
     check_runtime,
     find_python,
 )
-from ebpf_stream.exporters import MemoryExporter
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory")
 
@@ -391,15 +390,6 @@ def spinning(tmp_path: Path) -> Iterator[dict[str, Child]]:
     finally:
         for child in children.values():
             child.stop()
-
-
-async def profile(config: EbpfConfig, seconds: float) -> Profile:
-    memory = MemoryExporter()
-    async with Profiler(config, [memory]) as profiler:
-        assert profiler.mode == "bpf"
-        await anyio.sleep(seconds)
-    assert memory.profile is not None
-    return memory.profile
 
 
 @pytest.mark.bpf
