@@ -100,11 +100,14 @@ class CpuProbe(RingProbe):
         ]
 
     def map_names(self) -> list[str]:
+        # The thread tables only for the health report's map occupancy: their entries
+        # come and go with threads, which the kernel forgets as they exit.
         names = ["stacks_0", "stacks_1", "generation", "known"]
         if self._python_frames:
-            names += ["python_offsets", "python_processes", "python_stacks_0", "python_stacks_1"]
+            names += ["python_offsets", "python_processes", "python_stacks_0", "python_stacks_1",
+                      "python_threads"]
         if self._loop_stalls:
-            names.append("loop_busy")
+            names += ["loop_busy", "loop_threads"]
         return names
 
     def programs(self) -> dict[str, str]:
