@@ -25,8 +25,8 @@
 #define PYTHON_MAX_INTERPRETERS 4
 #define PYTHON_MAX_THREADS 64
 #define PYTHON_NONE 0xFFFFFFFF
-#define HEADER_BYTES 80                // covers every field read from a frame or a code object
-                                       // (user space refuses layouts that put one beyond)
+#define FRAME_BYTES 80                 // cover every field read from a frame, and from a code
+#define CODE_BYTES 96                  // object (user space refuses layouts that put one beyond)
 #define PYTHON_RECHECK_NS 1000000000ULL // how long a thread without a thread state stays unsearched
 
 struct python_offsets {
@@ -88,8 +88,8 @@ struct python_stack {
 // Where a walk is built: far too big for the BPF stack.
 struct python_scratch {
     struct python_stack stack;
-    u8 frame[136];                    // the _PyInterpreterFrame header (HEADER_BYTES read)
-    u8 code[136];                     // the head of the PyCodeObject (HEADER_BYTES read)
+    u8 frame[136];                    // the _PyInterpreterFrame header (FRAME_BYTES read)
+    u8 code[136];                     // the head of the PyCodeObject (CODE_BYTES read)
 };
 
 struct python_thread {
@@ -203,7 +203,7 @@ static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now, u8 *r
     for (int i = 0; i < PYTHON_MAX_WALK; i++) {
         if (!frame)
             break;
-        if (bpf_probe_read_user(s->frame, HEADER_BYTES, (void *)frame))
+        if (bpf_probe_read_user(s->frame, FRAME_BYTES, (void *)frame))
             break;
         // From 3.14 the frame holds a tagged reference to its code: the
         // low bits are flags.  Objects are 8-aligned, so masking is safe
@@ -223,7 +223,7 @@ static __always_inline u64 python_stack(u32 tgid, u32 tid, u32 g, u64 now, u8 *r
             st->truncated = 1;
             break;
         }
-        if (!code || bpf_probe_read_user(s->code, HEADER_BYTES, (void *)code))
+        if (!code || bpf_probe_read_user(s->code, CODE_BYTES, (void *)code))
             break;
         if (field_u64(s->code, o->code_type) != process->code_type)
             break;  // not a code object: the thread moved on under us

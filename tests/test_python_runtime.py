@@ -312,7 +312,7 @@ def test_free_threaded_build_by_name(tmp_path: Path) -> None:
     static = "/usr/bin/python3.11"
     if not os.access(static, os.X_OK):
         pytest.skip(f"{static} is not installed")
-    renamed = tmp_path / "python3.13t"
+    renamed = tmp_path / "python3.14t"  # 3.13t is read; later ones are not
     shutil.copy(static, renamed)
     proc = python_waiting(str(renamed))
     try:

@@ -11,17 +11,27 @@ within a minor version, so each minor version's layout is listed here, as
 data.
 
 No table is believed unchecked: its cookie, its version (it must be the
-process's ``Py_Version``), a default (GIL) build, and offsets that are
-plausible: aligned, inside the size the table gives their struct, and, for
-what the kernel takes from a frame or code object, inside the bytes it
+process's ``Py_Version``), a build whose frames are read, and offsets that
+are plausible: aligned, inside the size the table gives their struct, and,
+for what the kernel takes from a frame or code object, inside the bytes it
 reads of one.  A version newer than the newest layout here is read with
 that layout, and these checks decide whether it is accepted: a layout that
 moved under us fails them with near certainty, and the thread-list check
 (``runtime.check_runtime``) comes after.
 
+Free-threaded builds are read in 3.13: their longer object header (owner
+thread, local and shared reference counts before ``ob_type``) moves every
+object field, and the table gives each where it is; their thread states
+are listed as a default build's are, and the kernel walks only the sampled
+thread, which is stopped, so no lock is needed.  From 3.14 a free-threaded
+thread may run its own copy of a code object's bytecode (``co_tlbc``,
+chosen by the frame's ``tlbc_index``), which the kernel does not follow
+when it computes an instruction's index: those builds are refused.
+
 What the table does not carry (the frame-owner values, and before 3.15 the
-size of a compact non-ASCII str's header) comes from the hand-kept row of
-the newest version not newer than the process's (``offsets.OFFSETS``).
+size of a compact non-ASCII str's header, taken as the table's ASCII header
+plus what the row adds to it) comes from the hand-kept row of the newest
+version not newer than the process's (``offsets.OFFSETS``).
 """
 
 from __future__ import annotations
@@ -29,10 +39,10 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
-from .offsets import HEADER_BYTES, HEADER_FIELDS, OFFSETS, PythonOffsets
+from .offsets import KERNEL_READS, OFFSETS, PythonOffsets
 
-__all__ = ["FIRST_VERSION", "LAYOUTS", "DebugOffsetsError", "FreeThreaded", "Memory",
-           "format_version", "read_offsets"]
+__all__ = ["FIRST_VERSION", "FREE_THREADED_VERSIONS", "LAYOUTS", "DebugOffsetsError",
+           "FreeThreaded", "Memory", "format_version", "read_offsets"]
 
 _COOKIE = b"xdebugpy"
 _HEAD = struct.Struct("<8sQQ")  # cookie, version, free_threaded; the sections follow
@@ -160,6 +170,8 @@ def _parse(text: str) -> dict[str, int]:
 LAYOUTS: dict[tuple[int, int], dict[str, int]] = {
     version: _parse(text) for version, text in _LAYOUT_TEXT.items()}
 FIRST_VERSION = min(LAYOUTS)
+# The (major, minor) versions whose free-threaded builds are read.
+FREE_THREADED_VERSIONS = frozenset({(3, 13)})
 
 
 class DebugOffsetsError(Exception):
@@ -167,7 +179,8 @@ class DebugOffsetsError(Exception):
 
 
 class FreeThreaded(DebugOffsetsError):
-    """The table says the interpreter is a free-threaded build."""
+    """The table says the interpreter is a free-threaded build of a version
+    whose free-threaded builds are not read."""
 
 
 class Memory(Protocol):
@@ -188,9 +201,9 @@ def read_offsets(memory: Memory, runtime_address: int, hex_version: int) -> Pyth
     """The offsets of the interpreter whose ``_PyRuntime`` is at ``runtime_address``
     and whose ``Py_Version`` is ``hex_version``.
 
-    Raises DebugOffsetsError (FreeThreaded for such a build), whose message
-    says in one line what did not match, and MemoryReadError when the table
-    cannot be read.
+    Raises DebugOffsetsError (FreeThreaded for a free-threaded build not
+    read), whose message says in one line what did not match, and
+    MemoryReadError when the table cannot be read.
     """
     cookie, table_version, free_threaded = _HEAD.unpack(memory.read(runtime_address, _HEAD.size))
     if cookie != _COOKIE:
@@ -200,9 +213,9 @@ def read_offsets(memory: Memory, runtime_address: int, hex_version: int) -> Pyth
         raise DebugOffsetsError(
             f"its _Py_DebugOffsets says version {format_version(table_version)} where its "
             f"Py_Version says {format_version(hex_version)}")
-    if free_threaded:
-        raise FreeThreaded("a free-threaded build")
     version = (hex_version >> 24 & 0xFF, hex_version >> 16 & 0xFF)
+    if free_threaded and version not in FREE_THREADED_VERSIONS:
+        raise FreeThreaded("a free-threaded build")
     layout = max(v for v in LAYOUTS if v <= version)  # from 3.13, as the cookie says
     slots = LAYOUTS[layout]
     table = memory.read(runtime_address, max(slots.values()) + 8)
@@ -221,9 +234,9 @@ def read_offsets(memory: Memory, runtime_address: int, hex_version: int) -> Pyth
             problems.append(f"{section}.{name} {offset} is not {width}-byte aligned")
         elif offset + width > size:
             problems.append(f"{section}.{name} {offset} lies beyond {section}.size {size}")
-        elif field in HEADER_FIELDS and offset + width > HEADER_BYTES:
-            problems.append(f"{section}.{name} {offset} lies beyond the first {HEADER_BYTES} "
-                            "bytes, which the kernel reads")
+        elif field in KERNEL_READS and offset + width > KERNEL_READS[field]:
+            problems.append(f"{section}.{name} {offset} lies beyond the first "
+                            f"{KERNEL_READS[field]} bytes, which the kernel reads")
         found[field] = offset
     if problems:
         more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
@@ -231,4 +244,5 @@ def read_offsets(memory: Memory, runtime_address: int, hex_version: int) -> Pyth
             f"its _Py_DebugOffsets (version {format_version(hex_version)}) does not match the "
             f"{layout[0]}.{layout[1]} layout: {'; '.join(problems[:2])}{more}")
     row = OFFSETS[max(v for v in OFFSETS if v <= version)]
+    found.setdefault("compact_data", found["ascii_data"] + row.compact_data - row.ascii_data)
     return row._replace(**found)

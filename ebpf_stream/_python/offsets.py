@@ -63,11 +63,17 @@ class PythonOffsets(NamedTuple):
 
 KERNEL_FIELDS = PythonOffsets._fields[:PythonOffsets._fields.index("code_adaptive") + 1]
 _KERNEL = struct.Struct(f"<{len(KERNEL_FIELDS)}I")
-# The kernel reads this many bytes of each frame and code object, and these
-# fields from them (HEADER_BYTES in kernel/python_frames.h).
-HEADER_BYTES = 80
-HEADER_FIELDS = frozenset({"frame_code", "frame_previous", "frame_instr", "frame_owner",
-                           "frame_is_entry", "code_type", "code_first_line"})
+# The kernel reads the first FRAME_BYTES of each frame and CODE_BYTES of each
+# code object (as kernel/python_frames.h names them), and these fields from
+# them: field -> bytes read of its struct.  A free-threaded build's longer
+# object header puts co_firstlineno at 84.
+FRAME_BYTES = 80
+CODE_BYTES = 96
+KERNEL_READS = {
+    **dict.fromkeys(("frame_code", "frame_previous", "frame_instr", "frame_owner",
+                     "frame_is_entry"), FRAME_BYTES),
+    **dict.fromkeys(("code_type", "code_first_line"), CODE_BYTES),
+}
 
 OFFSETS: dict[tuple[int, int], PythonOffsets] = {
     (3, 11): PythonOffsets(

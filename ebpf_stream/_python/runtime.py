@@ -6,7 +6,7 @@ shared ``libpython3.X.so`` most builds map, or the executable itself when
 CPython is linked statically (Debian's ``/usr/bin/python3.X``).  The version
 comes from the process's ``Py_Version``, so a file name proves nothing;
 names only pick which files are worth parsing first, and reveal builds we
-cannot read (free-threaded ones).
+cannot read (free-threaded ones from 3.14).
 
 From 3.13 the offsets are the ones the interpreter publishes in its
 ``_PyRuntime`` (``debug_offsets``), which also lets a version newer than
@@ -23,7 +23,13 @@ from .._base.lru import Lru
 from .._binaries.containers import namespace_pid
 from .._binaries.elf import ElfHeaders, Reader, object_symbols
 from .._binaries.process import Mapping, open_mapped_file
-from .debug_offsets import FIRST_VERSION, DebugOffsetsError, FreeThreaded, read_offsets
+from .debug_offsets import (
+    FIRST_VERSION,
+    FREE_THREADED_VERSIONS,
+    DebugOffsetsError,
+    FreeThreaded,
+    read_offsets,
+)
 from .memory import ProcessMemory
 from .offsets import OFFSETS, PythonOffsets
 
@@ -125,7 +131,8 @@ def find_python(pid: int) -> PythonRuntime | None:
     """The CPython interpreter of ``pid``, or None if it runs none or is gone.
 
     Raises UnsupportedPython for a CPython we cannot read: one older than
-    3.11, a free-threaded build, or one whose published offsets do not check.
+    3.11, a free-threaded build other than 3.13's, or one whose published
+    offsets do not check.
     """
     try:
         candidates = _candidates(pid)
@@ -133,8 +140,9 @@ def find_python(pid: int) -> PythonRuntime | None:
         return None
     for mapping, name in candidates:
         where = f"process {pid} runs {mapping.module}"
-        if name and "t" in name.flags:
-            raise UnsupportedPython(_free_threaded(where))
+        if (name and "t" in name.flags and name.version >= FIRST_VERSION
+                and name.version not in FREE_THREADED_VERSIONS):
+            raise UnsupportedPython(_free_threaded(where, name.version))
         symbols, headers = _file_symbols(pid, mapping)
         if headers is None:
             continue
@@ -178,7 +186,7 @@ def _layout(memory: ProcessMemory, where: str, name: _FileName | None, py_versio
     try:
         return version, read_offsets(memory, runtime_address, hex_version)
     except FreeThreaded:
-        raise UnsupportedPython(_free_threaded(where)) from None
+        raise UnsupportedPython(_free_threaded(where, version[:2])) from None
     except DebugOffsetsError as e:
         raise UnsupportedPython(f"{where}: {e}") from None
 
@@ -194,9 +202,12 @@ def _unsupported(version: tuple[int, int] | None) -> str:
             f"{first[0]}.{first[1]} and later)")
 
 
-def _free_threaded(where: str) -> str:
-    return (f"{where}, a free-threaded CPython build, whose frames cannot be read; "
-            "profile it under a default (GIL) build of the same version")
+def _free_threaded(where: str, version: tuple[int, int]) -> str:
+    running = f"{version[0]}.{version[1]}"
+    read = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(FREE_THREADED_VERSIONS))
+    return (f"{where}, a free-threaded CPython build of {running}, whose Python frames are "
+            f"not read (a thread may run its own copy of the bytecode; free-threaded builds "
+            f"read: {read}); profile it under a default (GIL) build of {running} for them")
 
 
 def thread_states(runtime: PythonRuntime, memory: ProcessMemory) -> dict[int, int]:
