@@ -13,6 +13,7 @@ Three kinds of churn run side by side until stdin closes (or SIGTERM):
 * **threads**: this process starts and joins ``--thread-rate`` threads per
   second, each spinning for a few milliseconds.
 
+A rate of 0 turns that kind off (all three off: the agent's baseline).
 On exit it prints one JSON line: how many of each it started.
 
     python churn.py [--spawn-rate 20] [--python-every 2] [--thread-rate 20]
@@ -79,14 +80,16 @@ def churn(spawn_rate: float, python_every: float, thread_rate: float,
             counts["threads"] += 1
 
     thread_churn = threading.Thread(target=threads, daemon=True)
-    thread_churn.start()
+    if thread_rate > 0:
+        thread_churn.start()
     next_python = time.monotonic()
-    tick = 1 / spawn_rate
+    tick = 1 / spawn_rate if spawn_rate > 0 else 0.1
     while not stop.wait(tick):
-        argv = ["/bin/true"] if counts["processes"] % 2 else ["/bin/sh", "-c", _COUNT_SH]
-        children.append(subprocess.Popen(argv))
-        counts["processes"] += 1
-        if time.monotonic() >= next_python:
+        if spawn_rate > 0:
+            argv = ["/bin/true"] if counts["processes"] % 2 else ["/bin/sh", "-c", _COUNT_SH]
+            children.append(subprocess.Popen(argv))
+            counts["processes"] += 1
+        if python_every > 0 and time.monotonic() >= next_python:
             next_python += python_every
             life = random.uniform(1.0, 4.0)
             children.append(subprocess.Popen(
@@ -95,7 +98,8 @@ def churn(spawn_rate: float, python_every: float, thread_rate: float,
         children = _reap(children)
     for c in children:
         c.wait()
-    thread_churn.join()
+    if thread_churn.is_alive():
+        thread_churn.join()
     return counts
 
 
