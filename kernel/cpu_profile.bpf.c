@@ -119,8 +119,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 #if LOOP_STALLS
     loop_threads.delete(&tid);
 #endif
-    if (pid == tid)
+    if (pid == tid) {
         python_processes.delete(&pid);
+        known.delete(&pid);  // or every process ever sampled would hold an entry
+    }
     return 0;
 }
 #endif

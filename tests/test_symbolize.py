@@ -229,6 +229,20 @@ def test_resolves_after_exit_with_maps_read_while_alive(
 
 
 @needs_root
+def test_an_exited_process_is_forgotten_at_the_second_look_after_its_exit(
+        binaries: dict[str, Path], spawn: Callable[[Path], Target]) -> None:
+    target = spawn(binaries["prog"])
+    symbolizer = Symbolizer()
+    alive = symbolizer.user_frames(target.pid, [target.hot_leaf + 5])
+    symbolizer.forget_exited()  # alive: kept
+    target.stop()
+    symbolizer.forget_exited()  # gone: its last samples may still be on their way
+    assert symbolizer.user_frames(target.pid, [target.hot_leaf + 5]) == alive
+    symbolizer.forget_exited()
+    assert symbolizer.process_info(target.pid) is None
+
+
+@needs_root
 def test_deleted_binary_is_read_through_map_files(
         binaries: dict[str, Path], spawn: Callable[[Path], Target], tmp_path: Path) -> None:
     doomed = tmp_path / "doomed"

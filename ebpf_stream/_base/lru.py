@@ -5,6 +5,7 @@ fixed ceiling on what symbolization holds."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["Lru"]
@@ -36,3 +37,7 @@ class Lru(Generic[_K, _V]):
 
     def pop(self, key: _K) -> None:
         self._data.pop(key, None)
+
+    def __iter__(self) -> Iterator[_K]:
+        """The keys, least recently used first, as they are now: the caller may pop them."""
+        return iter(list(self._data))

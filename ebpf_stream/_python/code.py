@@ -99,14 +99,16 @@ class _Code(NamedTuple):
 
 
 class _Process:
-    """A process whose frames are named: its interpreter and, once opened, memory."""
+    """A process whose frames are named: its interpreter, once opened its memory,
+    and what was read of it, which goes with it."""
 
-    __slots__ = ("memory", "runtime", "serial")
+    __slots__ = ("code", "frames", "memory", "runtime")
 
-    def __init__(self, runtime: PythonRuntime, serial: int) -> None:
+    def __init__(self, runtime: PythonRuntime, max_code: int, max_frames: int) -> None:
         self.runtime = runtime
-        self.serial = serial  # keys its cache entries: a new process never sees them
         self.memory: ProcessMemory | None = None
+        self.code: Lru[tuple[int, int], _Code] = Lru(max_code)  # (address, first line)
+        self.frames: Lru[tuple[int, int, int], Frame] = Lru(max_frames)  # + instruction
 
 
 class PythonSymbols:
@@ -114,14 +116,15 @@ class PythonSymbols:
     code objects and frames per process in bounded LRUs.
 
     Processes are added with the runtime :func:`find_python` found, and
-    forgotten when they exit.  Not thread-safe: one collector thread owns it.
+    forgotten when they exit, with their caches: a machine starting Python
+    processes all day holds the caches of those alive, not of every one seen.
+    Not thread-safe: one collector thread owns it.
     """
 
     def __init__(self, *, max_cached_code: int = 65536, max_cached_frames: int = 65536) -> None:
         self._processes: dict[int, _Process] = {}
-        self._serial = 0
-        self._code: Lru[tuple[int, int, int], _Code] = Lru(max_cached_code)
-        self._frames: Lru[tuple[int, int, int, int], Frame] = Lru(max_cached_frames)
+        self._max_code = max_cached_code
+        self._max_frames = max_cached_frames
         self.unreadable = 0  # frames that could not be named, for stats
 
     def add_process(self, runtime: PythonRuntime) -> None:
@@ -131,12 +134,10 @@ class PythonSymbols:
         if known is not None and known.runtime == runtime:
             return
         self.forget(runtime.pid)
-        self._serial += 1
-        self._processes[runtime.pid] = _Process(runtime, self._serial)
+        self._processes[runtime.pid] = _Process(runtime, self._max_code, self._max_frames)
 
     def forget(self, pid: int) -> None:
-        """Close the memory of an exited process; its cache entries, no longer
-        reachable, age out of the LRUs."""
+        """Drop an exited process, closing its memory."""
         process = self._processes.pop(pid, None)
         if process is not None and process.memory is not None:
             process.memory.close()
@@ -149,22 +150,21 @@ class PythonSymbols:
         if process is None:
             self.unreadable += 1
             return UNKNOWN_FRAME
-        key = (process.serial, code, first_line, lasti)
-        frame = self._frames.get(key)
+        key = (code, first_line, lasti)
+        frame = process.frames.get(key)
         if frame is None:
-            code_key = key[:3]
-            found = self._code.get(code_key)
+            found = process.code.get((code, first_line))
             if found is None:
                 try:
                     found = _read_code(process, code, first_line)
                 except (OSError, ValueError):  # unreadable, or not that code object
                     self.unreadable += 1
                     return UNKNOWN_FRAME
-                self._code.put(code_key, found)
+                process.code.put((code, first_line), found)
             # Frames use line 0 for "no line", as native frames do.
             line = max(line_of(found.linetable, first_line, lasti), 0)
             frame = Frame(found.qualname, found.filename, FrameKind.PYTHON, 0, line)
-            self._frames.put(key, frame)
+            process.frames.put(key, frame)
         return frame
 
 

@@ -77,6 +77,7 @@ class StackResolver:
             for pid in exited & self._exited:
                 self.forget(pid)
             self._exited = exited - self._exited
+            self._symbolizer.forget_exited()
         self._stacks[stack.key] = stack
 
     def process_exec(self, pid: int) -> None:

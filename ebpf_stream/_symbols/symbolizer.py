@@ -37,6 +37,7 @@ class Symbolizer:
             max_cached_frames)
         self._images: Lru[ImageKey, ElfImage] = Lru(_MAX_IMAGES)
         self.elf_parses = 0  # ELF symbol tables parsed, for stats: the rest were cache hits
+        self._gone: set[int] = set()  # cached processes found exited at the last look
 
     def load_kernel_symbols(self) -> None:
         """Parse kallsyms ahead of the first kernel stack.
@@ -75,6 +76,19 @@ class Symbolizer:
     def forget(self, pid: int) -> None:
         """Drop what is cached for an exited process (its ELF images stay shared)."""
         self._processes.pop(pid)
+
+    def forget_exited(self) -> None:
+        """Drop the processes found exited at this look and at the one before.
+
+        Not at the first: the samples a process took just before it exited
+        may be read after, and still need its maps.  Without this, a machine
+        that runs processes all day would fill the cache with the maps of the
+        dead, up to its bound, thousands of processes.
+        """
+        gone = {pid for pid in self._processes if not os.path.exists(f"/proc/{pid}")}
+        for pid in gone & self._gone:
+            self._processes.pop(pid)
+        self._gone = gone - self._gone
 
     def _process(self, pid: int) -> Process | None:
         process = self._processes.get(pid)
