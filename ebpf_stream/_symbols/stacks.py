@@ -55,7 +55,9 @@ class StackResolver:
         self._named: dict[tuple[int, int], list[list[Frame]]] = {}
         self._python_only = python_frames is PythonFrames.PYTHON
         self._python_symbols = PythonSymbols()
-        self._interpreters: dict[int, bool] = {}  # pid -> whether its Python frames can be named
+        # pid -> the file holding its interpreter, as its maps name it; "" when its
+        # Python frames cannot be named.
+        self._interpreters: dict[int, str] = {}
         # Pids that may have entries in ``_frames`` or ``_named``: most programs a
         # machine execs are never sampled, and need not cost a pass over the caches.
         self._cached: set[int] = set()
@@ -125,7 +127,8 @@ class StackResolver:
             self._cached.add(pid)
         return found
 
-    def _interpreter(self, pid: int) -> bool:
+    def _interpreter(self, pid: int) -> str:
+        """The file holding ``pid``'s interpreter; "" if its frames cannot be named."""
         known = self._interpreters.get(pid)
         if known is None:
             try:
@@ -134,7 +137,7 @@ class StackResolver:
                 runtime = None
             if runtime is not None:
                 self._python_symbols.add_process(runtime)
-            known = self._interpreters[pid] = runtime is not None
+            known = self._interpreters[pid] = runtime.path if runtime is not None else ""
         return known
 
     def slow_call_frames(self, call: SlowSyscall) -> tuple[Frame, ...]:
@@ -159,7 +162,7 @@ class StackResolver:
                 if self._python_only:
                     user, kernel = tuple(f for run in python for f in run), ()
                 else:
-                    user = merge(user, python)
+                    user = merge(user, python, self._interpreter(s.pid))
             cached = self._frames[key] = (user[::-1] + kernel[::-1], user_lost or kernel_lost)
             self._cached.add(s.pid)
         return cached
