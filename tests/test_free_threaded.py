@@ -32,12 +32,11 @@ import anyio
 import pytest
 from _support import start_ready
 from test_debug_offsets import CHILD, Child
-from test_new_pythons import leaf_shares, profile
+from test_new_pythons import check_stalls, leaf_shares, profile
 
-from ebpf_stream import EbpfConfig, FrameKind, Profile, Profiler, Stall
+from ebpf_stream import EbpfConfig, FrameKind, Profile
 from ebpf_stream._python.debug_offsets import FREE_THREADED_VERSIONS
 from ebpf_stream._python.runtime import UnsupportedPython, find_python
-from ebpf_stream.exporters import MemoryExporter
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_environment")]
 
@@ -152,32 +151,7 @@ def test_threads_running_at_once_have_their_shares_and_lines(python: Path) -> No
 
 
 def test_coroutine_stacks_and_stalls(python: Path) -> None:
-    workload = subprocess.Popen(
-        [str(python), str(WORKLOADS / "stalls.py"), "--blocks", "3", "--mode", "sleep", "--go",
-         "--delay", "0.5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert workload.stdin is not None and workload.stdout is not None
-    assert workload.stdout.readline().strip() == "ready"
-    memory = MemoryExporter()
-
-    async def main() -> None:
-        config = EbpfConfig(sample_rate_hz=99, pids=(workload.pid,)).with_stall_threshold(100)
-        async with Profiler(config, [memory]):
-            assert workload.stdin is not None
-            workload.stdin.write("go\n")
-            workload.stdin.flush()
-            await anyio.to_thread.run_sync(workload.wait, 30)
-
-    try:
-        anyio.run(main)
-    finally:
-        workload.kill()
-        workload.wait()
-    stalls = [r for r in memory.records if isinstance(r, Stall)]
-    assert len(stalls) == 3, stalls
-    for stall in stalls:
-        assert stall.culprit is not None and stall.culprit.name == "culprit", stall
-        names = [f.name for f in stall.stacks[0].frames if f.kind is FrameKind.PYTHON]
-        assert names[-3:] == ["main", "app", "culprit"], names
+    check_stalls([str(python), str(WORKLOADS / "stalls.py")])
 
 
 # -- builds whose frames are not read: one line, and their native frames ------

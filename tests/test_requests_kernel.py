@@ -96,7 +96,12 @@ def test_each_interpreter_and_loop_has_its_requests_read(interpreter: str, loop:
     """Another process, on each supported interpreter and loop, named by middleware."""
     if loop == "uvloop":
         pytest.importorskip("uvloop")
-    child = start_ready([available(interpreter), str(WORKLOAD), loop, "20"])
+    check_requests([available(interpreter), str(WORKLOAD), loop, "20"])
+
+
+def check_requests(command: list[str]) -> None:
+    """``command`` runs requests.py: its samples are named by their own requests."""
+    child = start_ready(command)
     memory = MemoryExporter()
 
     async def main() -> None:
