@@ -19,8 +19,11 @@ from collections.abc import Mapping
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
+from .._base.lru import Lru
 from .._model.dictionary import valid_utf8
 from .._model.profile import ProcessInfo
+
+_CACHED_RESOURCES = 1024  # processes: those a batch names, and then some
 
 SCOPE_NAME = "ebpf_stream"
 
@@ -92,7 +95,8 @@ class ResourceFactory:
 
     def __init__(self, base: Mapping[str, str]) -> None:
         self._base = dict(base)
-        self._cache: dict[ProcessInfo, Resource] = {}
+        # Pids churn: a bounded cache of the recent ones, not one that grows with them.
+        self._cache: Lru[ProcessInfo, Resource] = Lru(_CACHED_RESOURCES)
 
     def for_process(self, process: ProcessInfo) -> Resource:
         resource = self._cache.get(process)
@@ -103,7 +107,6 @@ class ResourceFactory:
                 **self._base,
                 **process_attributes(process),
             }
-            if len(self._cache) > 4096:  # pids churn; the cache must not grow with them
-                self._cache.clear()
-            resource = self._cache[process] = Resource(attributes=key_values(attributes))
+            resource = Resource(attributes=key_values(attributes))
+            self._cache.put(process, resource)
         return resource

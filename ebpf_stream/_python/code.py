@@ -118,10 +118,12 @@ class PythonSymbols:
     Processes are added with the runtime :func:`find_python` found, and
     forgotten when they exit, with their caches: a machine starting Python
     processes all day holds the caches of those alive, not of every one seen.
+    The bounds are per process: a frame costs about 350 bytes with its key, a
+    code object its names and location table.
     Not thread-safe: one collector thread owns it.
     """
 
-    def __init__(self, *, max_cached_code: int = 65536, max_cached_frames: int = 65536) -> None:
+    def __init__(self, *, max_cached_code: int = 4096, max_cached_frames: int = 16384) -> None:
         self._processes: dict[int, _Process] = {}
         self._max_code = max_cached_code
         self._max_frames = max_cached_frames
