@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
+import pytest
+
 from ebpf_stream._model.events import CpuSample, LoopBlocked, LoopStall, LoopThread, LoopTotals
 from ebpf_stream._model.profile import Frame, FrameKind
+from ebpf_stream._pipeline import loops
 from ebpf_stream._pipeline.loops import LoopWatch
 
 
@@ -75,3 +81,18 @@ def test_a_stall_tells_by_its_own_wait_without_its_threads_first_record() -> Non
     assert w.stall(LoopStall(0, 10, 11, "app", 700, 300_000_000, python_stack=2)) is None
     # Not walked: the thread's earlier asyncio wait decides.
     assert w.stall(LoopStall(0, 10, 10, "app", 900, 300_000_000)) is not None
+
+
+def test_an_exited_process_is_forgotten_at_the_second_look_after_its_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loops, "_EXITED_EVERY_S", 0.0)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    w = LoopWatch(lambda pid, key: STACKS.get(key))
+    for pid in (exited.pid, os.getpid()):
+        w.thread(LoopThread(pid, pid, 1))
+    w.forget_exited()  # found gone: its last stall may still be on its way
+    assert w.keeps(LoopTotals(exited.pid, exited.pid, "app", 1, 1, [0] * 32))
+    w.forget_exited()
+    assert not w.keeps(LoopTotals(exited.pid, exited.pid, "app", 1, 1, [0] * 32))
+    assert w.keeps(LoopTotals(os.getpid(), os.getpid(), "app", 1, 1, [0] * 32))

@@ -20,6 +20,8 @@ those of threads already known to be asyncio loops.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 
 from .._model.batch import Stall, StallStack
@@ -27,6 +29,7 @@ from .._model.events import CpuSample, LoopBlocked, LoopStall, LoopThread, LoopT
 from .._model.profile import Frame, RequestContext
 
 _LOOP_MODULES = ("/asyncio/", "/uvloop/")
+_EXITED_EVERY_S = 10.0  # how often threads of exited processes are looked for
 _MAX_STACKS = 256  # distinct stacks kept per busy period
 
 PythonFrames = Callable[[int, int], tuple[Frame, ...] | None]  # (pid, key) -> root-first frames
@@ -63,6 +66,11 @@ class LoopWatch:
         # (pid, tid) -> whether the thread was seen waiting in an asyncio loop
         self._loops: dict[tuple[int, int], bool] = {}
         self._busy: dict[tuple[int, int], _BusyPeriod] = {}
+        # pid -> its threads in either table: a machine that starts Python processes
+        # all day must not pay a pass over every loop ever seen per exec or exit.
+        self._threads: dict[int, set[int]] = {}
+        self._gone: set[int] = set()  # found exited at the last look
+        self._next_look = time.monotonic() + _EXITED_EVERY_S
 
     def thread(self, event: LoopThread) -> None:
         self._waited(event.pid, event.tid, event.python_stack)
@@ -94,9 +102,21 @@ class LoopWatch:
         return bool(self._loops.get((totals.pid, totals.tid)))
 
     def forget(self, pid: int) -> None:
-        for table in (self._loops, self._busy):
-            for thread in [t for t in table if t[0] == pid]:
-                del table[thread]
+        for tid in self._threads.pop(pid, ()):
+            self._loops.pop((pid, tid), None)
+            self._busy.pop((pid, tid), None)
+
+    def forget_exited(self) -> None:
+        """Every ``_EXITED_EVERY_S``, drop the processes found exited at this look
+        and the one before (a stall's record may be read after its process exits)."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + _EXITED_EVERY_S
+        gone = {pid for pid in self._threads if not os.path.exists(f"/proc/{pid}")}
+        for pid in gone & self._gone:
+            self.forget(pid)
+        self._gone = gone - self._gone
 
     def _waited(self, pid: int, tid: int, python_stack: int) -> bool | None:
         """Whether the thread waited in an asyncio loop at ``python_stack``;
@@ -106,10 +126,12 @@ class LoopWatch:
             return None
         asyncio = _runs_asyncio(frames)
         self._loops[(pid, tid)] = self._loops.get((pid, tid), False) or asyncio
+        self._threads.setdefault(pid, set()).add(tid)
         return asyncio
 
     def _period(self, pid: int, tid: int, since: int) -> _BusyPeriod:
         period = self._busy.get((pid, tid))
         if period is None or period.since != since:
             period = self._busy[(pid, tid)] = _BusyPeriod(since)
+            self._threads.setdefault(pid, set()).add(tid)
         return period

@@ -91,6 +91,7 @@ class Symbolize:
         sees the items taken before.
         """
         events = decode_events(message)
+        self._loops.forget_exited()
         mark = events[-1] if events else None
         if isinstance(mark, Watermark):  # before the samples: it says where windows start
             events.pop()
