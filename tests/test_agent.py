@@ -117,8 +117,12 @@ class Agent:
         self.process = subprocess.Popen([*prefix, *AGENT, "--config", str(config)], env=env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_sampling(self, timeout: float = 60) -> set[int]:
-        """Wait until the CPU program runs; returns the ids of the programs it loaded."""
+    def wait_sampling(self, timeout: float = 180) -> set[int]:
+        """Wait until the CPU program runs; returns the ids of the programs it loaded.
+
+        The first agent of a fresh machine compiles its programs (and prepares the
+        kernel headers) before it samples: a minute or more on two CPUs.
+        """
         deadline = time.monotonic() + timeout
         while not sampling(self.process.pid):
             assert self.process.poll() is None, self.log.read_text()

@@ -52,6 +52,9 @@ class FakeSymbolizer:
     def process_info(self, pid: int) -> ProcessInfo | None:
         return ProcessInfo(pid, "app", "app", "app --serve")
 
+    def forget_exited(self) -> None:
+        pass
+
 
 USER, KERNEL = (1 << 32) | 7, (1 << 32) | 8
 

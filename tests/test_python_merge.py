@@ -91,15 +91,3 @@ def test_without_a_loop_frame_only_the_named_leaf_frames_stay() -> None:
 def test_no_python_stack_leaves_the_native_one_alone() -> None:
     stack = [native("work", "a.out"), native("main", "a.out")]
     assert merge(stack, []) == tuple(stack)
-
-
-def test_an_unnamed_loop_of_the_interpreters_file_ends_the_native_frames() -> None:
-    # Debian's python3.14 names only a piece of its loop: the body is called by offset.
-    binary = "/usr/bin/python3.14"
-    body = Frame("python3.14+0x440ab5", binary, FrameKind.NATIVE, 0x440ab5)
-    stripped = Frame("libfoo.so+0x1a0", "/usr/lib/libfoo.so", FrameKind.NATIVE, 0x1a0)
-    stack = [stripped, native("time_sleep", binary), body, native("PyEval_EvalCode", binary),
-             native("main", binary)]
-    python = [[py("culprit"), py("main")]]
-    assert merge(stack, python, binary) == (
-        stripped, native("time_sleep", binary), py("culprit"), py("main"))

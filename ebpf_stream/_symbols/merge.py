@@ -16,13 +16,6 @@ started the interpreter or the thread (``main``, ``Py_RunMain``,
 ``start_thread``...) when they are right, and noise when they are not, so a
 thread's stack always begins at its outermost Python frame: every sample of
 a thread has the same root, whichever way the interpreter was built.
-
-An interpreter may not name its loop at all: Debian's statically linked
-``python3.14`` keeps only a small piece of it under the name, and the body,
-split off by the compiler, under no name in the stripped binary.  Then no
-run pairs with a loop frame, and the native frames are kept from the leaf
-up to the first that cannot be trusted: one no symbol names, or an unnamed
-one of the interpreter's own file, which is where its loop runs.
 """
 
 from __future__ import annotations
@@ -50,13 +43,8 @@ def runs(frames: Sequence[Frame], flags: Sequence[int]) -> list[list[Frame]]:
     return found
 
 
-def merge(native: Sequence[Frame], python: list[list[Frame]],
-          interpreter: str = "") -> tuple[Frame, ...]:
-    """Leaf-first native user frames and leaf-first Python runs, as one leaf-first stack.
-
-    ``interpreter`` is the file holding the interpreter, as the frames' modules
-    name it ("" if not known).
-    """
+def merge(native: Sequence[Frame], python: list[list[Frame]]) -> tuple[Frame, ...]:
+    """Leaf-first native user frames and leaf-first Python runs, as one leaf-first stack."""
     if not python:
         return tuple(native)
     loops = [i for i, frame in enumerate(native) if frame.name == EVAL_LOOP]
@@ -70,20 +58,14 @@ def merge(native: Sequence[Frame], python: list[list[Frame]],
     if not paired:
         # No loop frame to anchor on: keep the native frames the unwinder
         # was sure of, those above the first it could not name.
-        merged += _until_unknown(native, interpreter)
+        merged += _until_unknown(native)
     for run in python[paired:]:
         merged += run
     return tuple(merged)
 
 
-def _until_unknown(native: Sequence[Frame], interpreter: str) -> Sequence[Frame]:
+def _until_unknown(native: Sequence[Frame]) -> Sequence[Frame]:
     for i, frame in enumerate(native):
-        if (frame.module == _UNKNOWN or frame.name.startswith(_UNKNOWN)
-                or (frame.module == interpreter and _unnamed(frame))):
+        if frame.module == _UNKNOWN or frame.name.startswith(_UNKNOWN):
             return native[:i]
     return native
-
-
-def _unnamed(frame: Frame) -> bool:
-    """Whether no symbol names ``frame``: it is called by its file and offset."""
-    return frame.name.endswith(f"+0x{frame.address:x}")

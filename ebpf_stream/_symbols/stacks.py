@@ -55,9 +55,7 @@ class StackResolver:
         self._named: dict[tuple[int, int], list[list[Frame]]] = {}
         self._python_only = python_frames is PythonFrames.PYTHON
         self._python_symbols = PythonSymbols()
-        # pid -> the file holding its interpreter, as its maps name it; "" when its
-        # Python frames cannot be named.
-        self._interpreters: dict[int, str] = {}
+        self._interpreters: dict[int, bool] = {}  # pid -> whether its Python frames can be named
         # Pids that may have entries in ``_frames`` or ``_named``: most programs a
         # machine execs are never sampled, and need not cost a pass over the caches.
         self._cached: set[int] = set()
@@ -127,8 +125,7 @@ class StackResolver:
             self._cached.add(pid)
         return found
 
-    def _interpreter(self, pid: int) -> str:
-        """The file holding ``pid``'s interpreter; "" if its frames cannot be named."""
+    def _interpreter(self, pid: int) -> bool:
         known = self._interpreters.get(pid)
         if known is None:
             try:
@@ -137,7 +134,7 @@ class StackResolver:
                 runtime = None
             if runtime is not None:
                 self._python_symbols.add_process(runtime)
-            known = self._interpreters[pid] = runtime.path if runtime is not None else ""
+            known = self._interpreters[pid] = runtime is not None
         return known
 
     def slow_call_frames(self, call: SlowSyscall) -> tuple[Frame, ...]:
@@ -162,7 +159,7 @@ class StackResolver:
                 if self._python_only:
                     user, kernel = tuple(f for run in python for f in run), ()
                 else:
-                    user = merge(user, python, self._interpreter(s.pid))
+                    user = merge(user, python)
             cached = self._frames[key] = (user[::-1] + kernel[::-1], user_lost or kernel_lost)
             self._cached.add(s.pid)
         return cached
