@@ -32,7 +32,7 @@ import anyio
 import pytest
 from _support import start_ready
 from test_debug_offsets import CHILD, Child
-from test_new_pythons import check_stalls, leaf_shares, profile
+from test_new_pythons import check_shares, check_stalls, leaf_shares, profile
 
 from ebpf_stream import EbpfConfig, FrameKind, Profile
 from ebpf_stream._python.debug_offsets import FREE_THREADED_VERSIONS
@@ -105,16 +105,9 @@ def test_function_shares_match_the_workloads_own_timing(python: Path, frames: st
         result = anyio.run(profile, config, 4.0)
     finally:
         truth = ran(workload)
-    total = truth["alpha"] + truth["beta"] + truth["delta"]
-    shares = leaf_shares(result, workload.pid)
     names = {f.name for s in result for f in s.frames if f.kind is FrameKind.PYTHON}
     assert {"<module>", "run", "alpha", "beta", "gamma", "delta"} <= names, names
-    expected = {"alpha": truth["alpha"] / total, "delta": truth["delta"] / total,
-                "beta+gamma": truth["beta"] / total}
-    got = {"alpha": shares.get("alpha", 0), "delta": shares.get("delta", 0),
-           "beta+gamma": shares.get("beta", 0) + shares.get("gamma", 0)}
-    for name, share in expected.items():
-        assert abs(got[name] - share) <= TOLERANCE, (name, got, expected)
+    check_shares(result, workload.pid, truth)
     lines = loop_lines("shares.py")
     for name, seen in leaf_lines(result, workload.pid).items():
         if name in lines:

@@ -72,6 +72,19 @@ def leaf_shares(profile: Profile, pid: int) -> dict[str, float]:
     return {name: n / total for name, n in leaves.items()}
 
 
+def check_shares(result: Profile, pid: int, truth: dict[str, float]) -> None:
+    """shares.py's leaf shares within TOLERANCE of its own timing of each function."""
+    total = truth["alpha"] + truth["beta"] + truth["delta"]
+    shares = leaf_shares(result, pid)
+    # beta's truth includes gamma's; its own share is the rest.
+    expected = {"alpha": truth["alpha"] / total, "delta": truth["delta"] / total,
+                "beta+gamma": truth["beta"] / total}
+    got = {"alpha": shares.get("alpha", 0), "delta": shares.get("delta", 0),
+           "beta+gamma": shares.get("beta", 0) + shares.get("gamma", 0)}
+    for name, share in expected.items():
+        assert abs(got[name] - share) <= TOLERANCE, (name, got, expected)
+
+
 @pytest.mark.parametrize("frames", ["merged", "python"])
 def test_function_shares_match_the_workloads_own_timing(
         root: Path, version: str, frames: str) -> None:
@@ -84,17 +97,9 @@ def test_function_shares_match_the_workloads_own_timing(
         workload.send_signal(signal.SIGINT)
         out, _ = workload.communicate(timeout=30)
     truth = json.loads(out.strip().splitlines()[-1])
-    total = truth["alpha"] + truth["beta"] + truth["delta"]  # beta's includes gamma's
-    shares = leaf_shares(result, workload.pid)
     names = {f.name for s in result for f in s.frames if f.kind is FrameKind.PYTHON}
     assert {"<module>", "alpha", "beta", "gamma", "delta"} <= names, names
-    # beta's truth includes gamma's; its own share is the rest.
-    expected = {"alpha": truth["alpha"] / total, "delta": truth["delta"] / total,
-                "beta+gamma": truth["beta"] / total}
-    got = {"alpha": shares.get("alpha", 0), "delta": shares.get("delta", 0),
-           "beta+gamma": shares.get("beta", 0) + shares.get("gamma", 0)}
-    for name, share in expected.items():
-        assert abs(got[name] - share) <= TOLERANCE, (name, got, expected)
+    check_shares(result, workload.pid, truth)
     if frames == "python":
         assert all({f.kind for f in s.frames} == {FrameKind.PYTHON} for s in result
                    if s.pid == workload.pid and s.count), "native frames in python mode"
