@@ -14,10 +14,11 @@ natively (a number, a boolean), and each parser takes either.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .config import EbpfConfig, PythonFrames
 from .errors import ConfigError
@@ -126,20 +127,16 @@ def config_from_settings(settings: Mapping[str, Setting]) -> EbpfConfig:
     ``CONFIG_KEYS`` present; absent ones keep the preset's values."""
     preset = parsed(settings.get("preset"), parse_name) or "production"
     config = named(_origin(settings, "preset"), lambda: EbpfConfig.for_environment(preset))
-    rate = parsed(settings.get("sample_rate"), parse_whole)
-    if rate is not None:
-        config = named(_origin(settings, "sample_rate"), lambda: config.with_sample_rate(rate))
-    interval = parsed(settings.get("export_interval"), parse_decimal)
-    if interval is not None:
-        config = named(_origin(settings, "export_interval"),
-                       lambda: config.with_export_interval(interval))
-    most = parsed(settings.get("max_samples"), parse_whole)
-    if most is not None:
-        config = named(_origin(settings, "max_samples"), lambda: config.with_max_samples(most))
-    frames = parsed(settings.get("python_frames"), parse_name)
-    if frames is not None:
-        config = named(_origin(settings, "python_frames"),
-                       lambda: config.with_python_frames(frames))
+    refinements: tuple[tuple[str, Callable[[Value], Any], Callable[[EbpfConfig, Any], EbpfConfig]],
+                       ...] = (
+        ("sample_rate", parse_whole, EbpfConfig.with_sample_rate),
+        ("export_interval", parse_decimal, EbpfConfig.with_export_interval),
+        ("max_samples", parse_whole, EbpfConfig.with_max_samples),
+        ("python_frames", parse_name, EbpfConfig.with_python_frames))
+    for key, parse, refine in refinements:
+        value = parsed(settings.get(key), parse)
+        if value is not None:
+            config = named(_origin(settings, key), functools.partial(refine, config, value))
     stall = parsed(settings.get("stall_threshold_ms"), parse_decimal)
     if stall is not None:
         if stall and config.python_frames is PythonFrames.OFF:
