@@ -15,7 +15,7 @@ log = logging.getLogger("ebpf_stream")
 
 async def open_fallback(config: EbpfConfig, refusal: EbpfStreamError, stats: Stats,
                         meter: CpuMeter, *, watch_loop: bool) -> Probe:
-    """The in-process sampler, opened, after one warning naming the refusal.
+    """The in-process sampler, started, after one warning naming the refusal.
 
     One line, with the refusal and its fix: the host keeps running, so this
     is all it shows.  ``watch_loop``: the run was entered on the host's
@@ -31,4 +31,5 @@ async def open_fallback(config: EbpfConfig, refusal: EbpfStreamError, stats: Sta
                 "Python frames only%s): %s", off, refusal)
     probe = FallbackProbe(config, stats, meter, watch_loop=watch_loop)
     await probe.open()
+    probe.start()
     return probe

@@ -177,6 +177,7 @@ def test_threads_that_come_and_go_are_sampled_then_forgotten() -> None:
         probe = FallbackProbe(EbpfConfig().with_sample_rate(99), Stats(), CpuMeter(),
                               watch_loop=False)
         await probe.open()
+        probe.start()
         for _ in range(10):
             thread = threading.Thread(target=burn)
             thread.start()

@@ -158,6 +158,7 @@ async def sample_for(probe: CpuProbe, seconds: float) -> list[Event]:
         events.extend(decode_events(message))
 
     await probe.open()
+    probe.start()
     try:
         ours = program_ids()
         assert ours and probe.program_fds()

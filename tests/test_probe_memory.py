@@ -79,6 +79,7 @@ async def tracing(targets: list[int] | None) -> AsyncIterator[MemoryProbe]:
     """An attached memory probe; on exit, checks it left nothing loaded."""
     probe = MemoryProbe(CONFIG, Stats(), targets=targets)
     await probe.open()
+    probe.start()
     ours = program_ids()
     try:
         yield probe
@@ -159,6 +160,7 @@ async def test_children_of_targets_are_followed(touch_pages: Path) -> None:
     try:
         probe = MemoryProbe(CONFIG, Stats(), targets=[parent.pid], follow_children=True)
         await probe.open()
+        probe.start()
         try:
             parent.communicate("\n", timeout=30)
             totals = memory_totals(probe)

@@ -169,6 +169,7 @@ async def test_exit_group_is_counted_and_forget_deletes_exited_processes(
     workload = Workload(getppid_loop, calls=1000, failing=0, slow=0)
     probe = SyscallProbe(config([workload.pid], latency), Stats(), targets=[workload.pid])
     await probe.open()
+    probe.start()
     try:
         await workload.run()
         assert {t.syscall for t in probe.read_totals()} >= {"getppid"}  # type: ignore[union-attr]

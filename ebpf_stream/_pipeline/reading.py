@@ -21,15 +21,19 @@ from .channels import Channel
 
 async def open_probes(probes: Sequence[Probe], meanwhile: Callable[[], None]) -> None:
     """Open the probes side by side (each compiles in its own worker process),
-    and run ``meanwhile`` in a worker thread while they open.
+    and run ``meanwhile`` in a worker thread while they open; then start them.
 
-    If any fails, every one is closed and the first failure is raised alone.
+    Started only once all have opened, so that none records for long
+    before the readers run.  If any fails, every one is closed and the
+    first failure is raised alone.
     """
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_sync, meanwhile)
             for probe in probes:
                 tg.start_soon(probe.open)
+        for probe in probes:
+            probe.start()
     except BaseException as exc:
         for probe in probes:
             probe.close()

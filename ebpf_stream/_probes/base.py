@@ -31,7 +31,17 @@ _PAGE = 4096
 class Probe(abc.ABC):
     @abc.abstractmethod
     async def open(self) -> None:
-        """Compile, load and attach.  Leaves nothing attached if it fails."""
+        """Compile and load, ready to record.  Leaves nothing loaded if it fails."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the kernel recording.  Leaves nothing loaded if it fails.
+
+        Apart from ``open``, so that a run starts its probes together once
+        all have loaded, and its readers at once: what a probe records
+        before its reader runs waits in its ring (and the CPU probe's stack
+        maps fill, since only the reader switches them).
+        """
 
     @abc.abstractmethod
     async def run(self, emit: Emit) -> None:
@@ -65,10 +75,11 @@ class RingProbe(Probe):
 
     ``open`` is the same for every family: build with the common settings
     and the family's ``cflags``, load ``source`` with its ``programs`` and
-    maps, fill the ``targets`` filter, map the ring, then ``attach``; on
-    any failure, or a cancellation during the compile, everything is closed
-    again.  A family says what differs: its source, build settings, maps,
-    programs, how it attaches, and how ``encode`` turns a batch of ring
+    maps, fill the ``targets`` filter, map the ring, then ``prepare``;
+    ``start`` then ``attach``es.  On any failure, or a cancellation during
+    the compile, everything is closed again.  A family says what differs:
+    its source, build settings, maps, programs, what it prepares, how it
+    attaches, and how ``encode`` turns a batch of ring
     records into one message.  ``ring_full_counter`` is the index of the
     per-CPU counter in which the program counts records the ring had no
     room for.
@@ -86,7 +97,7 @@ class RingProbe(Probe):
 
     source: ClassVar[str]  # the file under kernel/
     ring_map: ClassVar[str]  # the ring buffer map
-    # Programs loaded only once ``attach`` calls ``LoadedProgram.load_rest``.
+    # Programs loaded only once ``prepare`` calls ``LoadedProgram.load_rest``.
     later: ClassVar[frozenset[str]] = frozenset()
     ring_full_counter: ClassVar[int]
 
@@ -124,7 +135,10 @@ class RingProbe(Probe):
         programs are found by name, others such as perf event programs are not."""
         return {}
 
-    async def attach(self, program: LoadedProgram) -> None:
+    async def prepare(self, program: LoadedProgram) -> None:
+        """What must be ready before the kernel records; by default, nothing."""
+
+    def attach(self, program: LoadedProgram) -> None:
         """Start the kernel recording; by default, attach the program's tracepoints."""
         program.attach_tracepoints()
 
@@ -148,7 +162,15 @@ class RingProbe(Probe):
             load_targets(self._program, self._targets or ())
             self._ring = RingBuffer(self.map(self.ring_map).fd, self.config.ring_buffer_bytes,
                                     self.record_size)
-            await self.attach(self._program)
+            await self.prepare(self._program)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        assert self._program is not None, "opened first"
+        try:
+            self.attach(self._program)
         except BaseException:
             self.close()
             raise

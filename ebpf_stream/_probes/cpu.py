@@ -65,7 +65,7 @@ class CpuProbe(RingProbe):
     ring_map = "samples"
     record_size = samples.SIZE
     # The loop hooks take most of the verifier's time: from the compile
-    # cache, sampling starts while they are verified beside it.
+    # cache, they are verified while Python frames are prepared beside them.
     later = loops.HOOKS
     ring_full_counter = 1  # RING_FULL in kernel/cpu_profile.bpf.c
 
@@ -116,28 +116,28 @@ class CpuProbe(RingProbe):
             programs |= loops.PROGRAMS
         return programs
 
-    async def attach(self, program: LoadedProgram) -> None:
-        """Attach all but the loop hooks, then sample while the hooks load."""
-        self._stacks.start()
-        program.attach_tracepoints(
-            only=[p for p in program.program_names() if p not in loops.HOOKS])
+    async def prepare(self, program: LoadedProgram) -> None:
+        """Verify the loop hooks while Python frames are prepared (the self-test
+        runs now, before anything is attached, so the ring holds only its samples)."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(anyio.to_thread.run_sync, program.load_rest)
-            await anyio.to_thread.run_sync(self._start_sampling, program)
-        self._loops.loaded(program)
-        if self._targets is not None:
-            # The kernel watches chosen targets' loops before their
-            # interpreter is found (event_loop.h); after the self-test,
-            # whose records are dropped.
-            self._loops.watch(program)
+            if self._python_frames:
+                await anyio.to_thread.run_sync(self._start_python, program)
 
-    def _start_sampling(self, program: LoadedProgram) -> None:
-        """Prepare Python frames, then attach the sampling program."""
-        if self._python_frames:
-            self._start_python(program)
+    def attach(self, program: LoadedProgram) -> None:
+        """Attach all but the loop hooks, sample, and watch the loops there are."""
+        program.attach_tracepoints(
+            only=[p for p in program.program_names() if p not in loops.HOOKS])
+        # The first generation ages from the first sample, as the reader runs.
+        self._stacks.start()
         self._started_ns = time.monotonic_ns()
         program.attach_perf_event("on_cpu_sample", PERF_TYPE_SOFTWARE,
                                   PERF_COUNT_SW_CPU_CLOCK, self.config.sample_period_ns)
+        self._loops.loaded(program)
+        if self._targets is not None:
+            # The kernel watches chosen targets' loops before their
+            # interpreter is found (event_loop.h).
+            self._loops.watch(program)
 
     def _start_python(self, program: LoadedProgram) -> None:
         """Check the offsets on this process, then register the targets' interpreters."""

@@ -79,10 +79,12 @@ class MemoryProbe(TracingProbe):
     def programs(self) -> dict[str, str]:
         return dict.fromkeys(_FAULT_PROGRAMS, "PERF_EVENT")
 
-    async def attach(self, program: LoadedProgram) -> None:
+    async def prepare(self, program: LoadedProgram) -> None:
         fmt = ensure_tracefs() / "events/kmem/rss_stat/format"
         self._rss_names = tuple(rss_members(fmt.read_text()))
-        await super().attach(program)
+
+    def attach(self, program: LoadedProgram) -> None:
+        super().attach(program)
         for name, event in _FAULT_PROGRAMS.items():
             program.attach_perf_event(name, PERF_TYPE_SOFTWARE, event, 1)
 

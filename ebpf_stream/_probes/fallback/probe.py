@@ -124,6 +124,8 @@ class FallbackProbe(Probe):
                 # service busy from the start would lose the stalls before that.
                 key = self._keys.key(sys._getframe(), self._pending)
                 self._pending.append(LoopThread(self._pid, self._busy.tid, key))
+
+    def start(self) -> None:
         timer = MainThreadTimer(self._period_ns, walk, self._busy_since)
         if timer.start():
             self._timer = timer
