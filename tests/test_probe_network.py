@@ -118,6 +118,7 @@ async def trace_workload(binary: Path, *, filtered: bool) -> Run:
         probe = NetworkProbe(EbpfConfig.for_environment("development"), Stats(),
                              targets=[proc.pid] if filtered else None, follow_children=filtered)
         await probe.open()
+        probe.start()
         try:
             ours = program_ids()
             out, _ = await anyio.to_thread.run_sync(proc.communicate, "go\n")

@@ -125,6 +125,7 @@ async def _run_ours(loop: Loop, system_wide: bool, latency: bool = True) -> floa
         pass
 
     await probe.open()
+    probe.start()
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(probe.run, discard)
