@@ -16,8 +16,11 @@
 //    that user space looks at the new program; with LOOP_STALLS the ring
 //    also carries event-loop records (event_loop.h).
 //
+//  * with OFF_CPU, the ring also carries the waits of target threads
+//    (off_cpu.h).
+//
 // Build-time settings (-D): STACK_ENTRIES, RINGBUF_PAGES, INCLUDE_IDLE,
-// WAKEUP_EVERY, PYTHON, LOOP_STALLS, and common.h's FILTER_PIDS and
+// WAKEUP_EVERY, PYTHON, LOOP_STALLS, OFF_CPU, and common.h's FILTER_PIDS and
 // FOLLOW_CHILDREN.
 
 #include <uapi/linux/ptrace.h>
@@ -127,15 +130,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 }
 #endif
 
-// Stores the current user or kernel stack in generation g's map and returns
-// its key.  A stack already there is only hashed, neither copied nor stored.
-static __always_inline u64 store_stack(struct bpf_perf_event_data *ctx, u64 flags, u32 g,
-                                       int lost) {
-    u32 zero = 0;
-    struct native_stack *s = stack_scratch.lookup(&zero);
-    if (!s)
-        return NO_STACK;
-    long bytes = bpf_get_stack(ctx, s->ips, sizeof(s->ips), flags);
+// Stores the stack of `bytes` in scratch `s` in generation g's map and
+// returns its key.  A stack already there is only hashed, neither copied nor
+// stored.
+static __always_inline u64 store_scratch_stack(struct native_stack *s, long bytes, u32 g,
+                                               int lost) {
     if (bytes <= 0)
         return NO_STACK;
     u32 depth = bytes / sizeof(u64);
@@ -146,7 +145,13 @@ static __always_inline u64 store_stack(struct bpf_perf_event_data *ctx, u64 flag
     for (u32 i = 0; i < MAX_STACK_DEPTH; i++) {
         if (i >= depth)
             break;
-        hash = (hash ^ s->ips[i]) * FNV_PRIME;
+        // Opaque to the compiler, which would otherwise fold the two bounds
+        // into one on `depth` that the verifier cannot check the index by.
+        u32 at = i;
+        asm volatile("" : "+r"(at));
+        if (at >= MAX_STACK_DEPTH)
+            break;
+        hash = (hash ^ s->ips[at]) * FNV_PRIME;
     }
     // Odd and below 2^63: never NO_STACK or STACK_LOST, and non-negative
     // where user space hands keys on as signed integers.
@@ -160,6 +165,19 @@ static __always_inline u64 store_stack(struct bpf_perf_event_data *ctx, u64 flag
     }
     return key;
 }
+
+// Stores the current user or kernel stack (see store_scratch_stack).
+static __always_inline u64 store_stack(void *ctx, u64 flags, u32 g, int lost) {
+    u32 zero = 0;
+    struct native_stack *s = stack_scratch.lookup(&zero);
+    if (!s)
+        return NO_STACK;
+    return store_scratch_stack(s, bpf_get_stack(ctx, s->ips, sizeof(s->ips), flags), g, lost);
+}
+
+#if OFF_CPU
+#include "off_cpu.h"
+#endif
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u64 id = bpf_get_current_pid_tgid();

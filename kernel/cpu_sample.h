@@ -15,6 +15,7 @@ enum kind {
     LOOP_BLOCKED,
     LOOP_STALL,
     PROCESS_EXEC,
+    OFF_CPU_WAIT,
 };
 
 struct sample {
@@ -28,8 +29,9 @@ struct sample {
     char comm[TASK_COMM_LEN];
     u64 python_stack;      // key in python_stacks_<generation>; 0: none
     u64 busy_since;        // the loop's busy period this belongs to; 0: none
-    u64 duration_ns;       // LOOP_BLOCKED: time asleep; LOOP_STALL: time busy
+    u64 duration_ns;       // LOOP_BLOCKED: time asleep; LOOP_STALL: time busy;
+                           // OFF_CPU_WAIT: the nanoseconds of waiting it stands for
     u32 kind;
-    u32 pad;
+    u32 state;             // OFF_CPU_WAIT: the task state it waited in (TASK_INTERRUPTIBLE...)
     u8 request[REQUEST_BYTES];  // SAMPLE, LOOP_BLOCKED: the running task's request; zeros: none
 };

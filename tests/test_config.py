@@ -53,6 +53,16 @@ def test_feature_builders() -> None:
     assert EbpfConfig().syscall_latency and not c.with_syscall_latency(False).syscall_latency
 
 
+def test_off_cpu_is_opt_in_and_needs_the_cpu_probe() -> None:
+    base = EbpfConfig()
+    assert not base.off_cpu
+    on = base.with_off_cpu(threshold_ms=5, idle_loops=True)
+    assert (on.off_cpu, on.off_cpu_threshold_ms, on.off_cpu_idle_loops) == (True, 5, True)
+    assert on.with_off_cpu(False).off_cpu_threshold_ms == 5
+    with pytest.raises(ConfigError, match="off_cpu: off-CPU profiling needs cpu_profiling on"):
+        on.with_network_tracing(True).with_cpu_profiling(False)
+
+
 def test_presets_grow_budgets_from_production_to_debug() -> None:
     presets = [EbpfConfig.for_environment(e) for e in Environment]
     for field in ("ring_buffer_bytes", "stack_map_entries", "max_samples"):

@@ -120,6 +120,9 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
     slow_syscall_ms: float = 10.0
     python_frames: PythonFrames = PythonFrames.MERGED
     loop_stall_ms: float = 100.0
+    off_cpu: bool = False
+    off_cpu_threshold_ms: float = 1.0
+    off_cpu_idle_loops: bool = False
 
     @property
     def sample_period_ns(self) -> int:
@@ -218,6 +221,24 @@ class EbpfConfig(msgspec.Struct, frozen=True, kw_only=True):
         """
         return self._with(loop_stall_ms=ms)
 
+    def with_off_cpu(self, enabled: bool = True, *, threshold_ms: float | None = None,
+                     idle_loops: bool | None = None) -> Self:
+        """Record where the targets' threads wait, weighted in nanoseconds of waiting.
+
+        A wait of at least ``threshold_ms`` is recorded with its length; a
+        shorter one with probability length / threshold and the threshold's
+        weight, so each stack's weight is its waiting time on average while a
+        thread costs at most one record per threshold, however often it
+        switches.  A Python process's event loop waiting in epoll is idle,
+        not blocked: ``idle_loops`` records it too.  Needs CPU profiling.
+        """
+        changes: dict[str, object] = {"off_cpu": enabled}
+        if threshold_ms is not None:
+            changes["off_cpu_threshold_ms"] = threshold_ms
+        if idle_loops is not None:
+            changes["off_cpu_idle_loops"] = idle_loops
+        return self._with(**changes)
+
 
 _Choice = TypeVar("_Choice", bound=enum.StrEnum)
 
@@ -240,6 +261,7 @@ _BOUNDS: tuple[tuple[str, float, float], ...] = (
     ("channel_capacity", 1, 65536),
     ("slow_syscall_ms", 0.001, 3_600_000.0),
     ("loop_stall_ms", 0.0, 3_600_000.0),
+    ("off_cpu_threshold_ms", 0.001, 60_000.0),
 )
 
 
@@ -271,6 +293,8 @@ def validate_config(config: EbpfConfig) -> None:
         raise ConfigError(f"python_frames: {config.python_frames!r} is not a PythonFrames")
     if type(config.overflow_policy) is not OverflowPolicy:
         raise ConfigError(f"overflow_policy: {config.overflow_policy!r} is not an OverflowPolicy")
+    if config.off_cpu and not config.cpu_profiling:
+        raise ConfigError("off_cpu: off-CPU profiling needs cpu_profiling on")
     if not (config.cpu_profiling or config.network_tracing
             or config.syscall_tracing or config.memory_tracing):
         raise ConfigError(

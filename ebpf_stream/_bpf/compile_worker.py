@@ -26,7 +26,8 @@ import sys
 from typing import Any
 
 _SYS_BPF = 321  # x86-64
-_BPF_OBJ_GET_INFO_BY_FD, _BPF_BTF_GET_FD_BY_ID = 15, 19
+_BPF_PROG_LOAD, _BPF_OBJ_GET_INFO_BY_FD, _BPF_BTF_GET_FD_BY_ID = 5, 15, 19
+_BPF_PROG_TYPE_TRACING, _BPF_TRACE_RAW_TP = 26, 23
 _MAP_INFO = struct.Struct("<IIIIII16sIIQQIIIIQ")  # struct bpf_map_info, 88 bytes
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -71,11 +72,52 @@ def _btf_bytes(btf_id: int) -> bytes:
         os.close(fd)
 
 
+def _load_tp_btf(bpf: Any, function: str, license: str) -> tuple[int, int]:
+    """Load ``tp_btf__NAME`` as a BTF tracepoint program on tracepoint NAME:
+    (its fd, the BTF id of the tracepoint's type).
+
+    bcc loads tracing programs only on kernel functions, so this takes its
+    instructions and loads them as libbpf would a ``tp_btf/NAME`` section.
+    """
+    libbpf = ctypes.CDLL("libbpf.so.1")
+    libbpf.libbpf_find_vmlinux_btf_id.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    tracepoint = function.partition("__")[2]
+    btf_id = libbpf.libbpf_find_vmlinux_btf_id(tracepoint.encode(), _BPF_TRACE_RAW_TP)
+    if btf_id < 0:
+        raise OSError(-btf_id, f"{function}: the kernel's BTF has no tracepoint {tracepoint}")
+    fd = _load(bpf.dump_func(function.encode()), license, _BPF_PROG_TYPE_TRACING,
+               _BPF_TRACE_RAW_TP, btf_id, function)
+    return fd, btf_id
+
+
+def _load(insns: bytes, license: str, prog_type: int, attach_type: int, btf_id: int,
+          name: str) -> int:
+    code = ctypes.create_string_buffer(insns, len(insns))
+    licence = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(1 << 20)
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQQIIQ", attr, 0, prog_type, len(insns) // 8, ctypes.addressof(code),
+                     ctypes.addressof(licence), 1, len(log), ctypes.addressof(log))
+    struct.pack_into("16s", attr, 48, name.encode()[:15])
+    struct.pack_into("<I", attr, 68, attach_type)
+    struct.pack_into("<I", attr, 108, btf_id)
+    fd = _libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, attr, len(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        # The verifier's reason, before its closing statistics.
+        lines = [line for line in log.value.decode(errors="replace").strip().splitlines()
+                 if not line.startswith(("processed ", "verification time"))]
+        raise OSError(err, f"loading {name}: {os.strerror(err)}"
+                      + (f": {lines[-1]}" if lines else ""))
+    return int(fd)
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _image(bpf: Any, lib: Any, programs: dict[str, int]) -> dict[str, Any]:
+def _image(bpf: Any, lib: Any, programs: dict[str, int],
+           attach_btf_ids: dict[str, int]) -> dict[str, Any]:
     """What loading the object again takes: instructions, maps and BTF, by name."""
     module = bpf.module
     # bcc's Python binding leaves these two undeclared.
@@ -95,7 +137,9 @@ def _image(bpf: Any, lib: Any, programs: dict[str, int]) -> dict[str, Any]:
         "kern_version": lib.bpf_module_kern_version(module),
         "btf": _b64(_btf_bytes(btf_ids.pop())) if btf_ids else "",
         "maps": maps,
-        "programs": {name: {"type": prog_type, "insns": _b64(bpf.dump_func(name.encode()))}
+        "programs": {name: {"type": prog_type, "insns": _b64(bpf.dump_func(name.encode())),
+                            "attach_type": _BPF_TRACE_RAW_TP if name in attach_btf_ids else 0,
+                            "attach_btf_id": attach_btf_ids.get(name, 0)}
                      for name, prog_type in programs.items()},
     }
 
@@ -106,10 +150,16 @@ def main() -> int:
     from bcc import BPF
     from bcc.libbcc import lib
 
+    btf_ids: dict[str, int] = {}
+    tp_btf: dict[str, int] = {}
     try:
         bpf = BPF(text=request["source"].encode(), cflags=request["cflags"])
         for name, prog_type in request["programs"].items():
-            bpf.load_func(name.encode(), getattr(BPF, prog_type))
+            if name.startswith("tp_btf__"):
+                tp_btf[name], btf_ids[name] = _load_tp_btf(
+                    bpf, name, lib.bpf_module_license(bpf.module).decode())
+            else:
+                bpf.load_func(name.encode(), getattr(BPF, prog_type))
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -118,10 +168,11 @@ def main() -> int:
     # the program does not.
     types = {fn: _autoload_type(fn) for fn in (f.decode() for f in bpf.funcs)}
     types.update(request["programs"])
-    programs = {fn.name.decode(): fn.fd for fn in bpf.funcs.values()}
+    programs = {fn.name.decode(): fn.fd for fn in bpf.funcs.values()} | tp_btf
     maps = {name: bpf[name.encode()].map_fd for name in request["maps"]}
     try:
-        image = _image(bpf, lib, {name: getattr(BPF, types[name]) for name in programs})
+        image = _image(bpf, lib, {name: getattr(BPF, types[name]) for name in programs},
+                       btf_ids)
     except Exception as exc:  # the object is loaded; only the cache goes without it
         print(f"warning: cannot describe the object for the cache: {exc}", file=sys.stderr)
         image = None

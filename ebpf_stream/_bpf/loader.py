@@ -232,8 +232,8 @@ class LoadedProgram:
 
     def attach_tracepoints(self, only: Collection[str] | None = None) -> None:
         """Attach every ``tracepoint__CATEGORY__EVENT`` program (or those named in
-        ``only``) to its tracepoint and every ``raw_tracepoint__NAME`` program to
-        its raw tracepoint."""
+        ``only``) to its tracepoint, and every ``raw_tracepoint__NAME`` and
+        ``tp_btf__NAME`` program to its raw tracepoint."""
         tracefs = ensure_tracefs()
         for program in self.program_names():
             if only is not None and program not in only:
@@ -246,6 +246,8 @@ class LoadedProgram:
                     self._events.extend(attach_tracepoint(fd, tracefs, category, event))
                 elif kind == "raw_tracepoint":
                     self._events.append(attach_raw_tracepoint(fd, target))
+                elif kind == "tp_btf":
+                    self._events.append(attach_raw_tracepoint(fd, None))
             except OSError as exc:
                 raise ProbeError(f"{self.name}: attaching to {kind.replace('_', ' ')} "
                                  f"{target.replace('__', ':')} failed ({exc.strerror})") from None

@@ -44,6 +44,10 @@ class MapSpec(msgspec.Struct, frozen=True):
 class ProgramSpec(msgspec.Struct, frozen=True):
     type: int
     insns: str  # base64
+    # A BTF tracepoint program's expected attach type and the BTF id of its
+    # tracepoint (the kernel build is part of the cache key).
+    attach_type: int = 0
+    attach_btf_id: int = 0
 
 
 class ObjectImage(msgspec.Struct, frozen=True):
@@ -117,7 +121,8 @@ class ImageLoader:
         """Verify and load program ``name``; returns its fd."""
         p = self._image.programs[name]
         insns = _relocate(base64.b64decode(p.insns), self._relocations)
-        return load_program(name, p.type, insns, self._image.license, self._image.kern_version)
+        return load_program(name, p.type, insns, self._image.license, self._image.kern_version,
+                            attach_type=p.attach_type, attach_btf_id=p.attach_btf_id)
 
     def close(self) -> None:
         """Close the maps no caller took."""

@@ -255,17 +255,18 @@ def attach_tracepoint(program_fd: int, tracefs: Path, category: str, event: str,
                              tracepoint_id(tracefs, category, event), 1, 0, cookie)
 
 
-def attach_raw_tracepoint(program_fd: int, name: str) -> int:
+def attach_raw_tracepoint(program_fd: int, name: str | None) -> int:
     """Run a raw tracepoint program on ``name``; returns the fd that keeps it attached.
 
     Raw tracepoints hand the program the tracepoint's arguments as they are,
     without building a perf record first: the cheapest hook on hot paths
-    such as every syscall's entry and exit.
+    such as every syscall's entry and exit.  A BTF tracepoint program (None
+    for ``name``) was told its tracepoint as it loaded.
     """
-    name_buf = ctypes.create_string_buffer(name.encode())
+    name_buf = ctypes.create_string_buffer(name.encode()) if name is not None else None
     attr = ctypes.create_string_buffer(16)
-    struct.pack_into("<QI", attr, 0, ctypes.addressof(name_buf), program_fd)
-    return _bpf_call(_BPF_RAW_TRACEPOINT_OPEN, attr, f"raw tracepoint {name}")
+    struct.pack_into("<QI", attr, 0, ctypes.addressof(name_buf) if name_buf else 0, program_fd)
+    return _bpf_call(_BPF_RAW_TRACEPOINT_OPEN, attr, f"raw tracepoint {name or program_fd}")
 
 
 # -- loading an object without bcc -------------------------------------------
@@ -296,7 +297,7 @@ def create_map(name: str, map_type: int, key_size: int, value_size: int, max_ent
 
 
 def load_program(name: str, prog_type: int, insns: bytes, license: str,
-                 kern_version: int) -> int:
+                 kern_version: int, *, attach_type: int = 0, attach_btf_id: int = 0) -> int:
     """Load and verify a program; returns its fd.  A refusal raises ``OSError``
     with the verifier's last line."""
     code = ctypes.create_string_buffer(insns, len(insns))
@@ -307,6 +308,8 @@ def load_program(name: str, prog_type: int, insns: bytes, license: str,
                      ctypes.addressof(licence))
     struct.pack_into("<II", attr, 40, kern_version, 0)
     struct.pack_into("16s", attr, 48, _name(name))
+    struct.pack_into("<I", attr, 68, attach_type)  # expected_attach_type
+    struct.pack_into("<I", attr, 108, attach_btf_id)
     fd = int(_libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, attr, len(attr)))
     if fd >= 0:
         return fd

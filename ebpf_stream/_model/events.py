@@ -59,6 +59,32 @@ class CpuSample(msgspec.Struct, tag="cpu", array_like=True, gc=False, frozen=Tru
     request: bytes = b""  # the request its task ran, as published; empty: none
 
 
+class OffCpuSample(msgspec.Struct, tag="off_cpu", array_like=True, gc=False, frozen=True):
+    """Time a thread spent switched out, waiting, with the stacks it waited in.
+
+    ``duration_ns`` is the waiting time it stands for (a short wait is
+    sampled and stands for the threshold; see ``EbpfConfig.with_off_cpu``);
+    ``timestamp_ns`` is when the wait ended.  ``state`` is the task state it
+    waited in: ``WAITING`` (interruptible sleep) or ``UNINTERRUPTIBLE``
+    (typically disk I/O).  Stack keys and ``request`` are as in ``CpuSample``;
+    a wait outside any syscall has no user stack.
+    """
+
+    timestamp_ns: int
+    pid: int
+    tid: int
+    comm: str
+    user_stack: int
+    kernel_stack: int
+    python_stack: int
+    duration_ns: int
+    state: int
+    request: bytes = b""
+
+
+WAITING, UNINTERRUPTIBLE = 1, 2  # the kernel's TASK_INTERRUPTIBLE and TASK_UNINTERRUPTIBLE
+
+
 class PythonStack(msgspec.Struct, tag="python_stack", array_like=True, gc=False, frozen=True):
     """A Python stack as the kernel walked it, sent once per key.
 
@@ -318,8 +344,8 @@ class LatestTotals:
         return [t for t in self._latest.values() if isinstance(t, kind)]
 
 
-Event = (StackTrace | PythonStack | CpuSample | ProcessExec | LoopThread | LoopBlocked
-         | SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals
+Event = (StackTrace | PythonStack | CpuSample | OffCpuSample | ProcessExec | LoopThread
+         | LoopBlocked | SyscallTotals | NetworkTotals | MemoryTotals | LoopTotals
          | SlowSyscall | TcpConnection | OomKill | LoopStall | Watermark)
 
 

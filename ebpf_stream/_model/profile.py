@@ -19,6 +19,14 @@ class FrameKind(enum.IntEnum):
     PYTHON = 2
 
 
+class ProfileKind(enum.StrEnum):
+    """Which time a profile of one kind holds (``Profile.of_kind``)."""
+
+    ON_CPU = "on-cpu"
+    OFF_CPU = "off-cpu"
+    WALL = "wall"
+
+
 class Frame(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One symbolized frame.
 
@@ -69,7 +77,9 @@ class StackSamples(msgspec.Struct, gc=False):
     ``frames`` is root first: the outermost caller comes first and the
     sampled instruction last.  Kernel frames follow the user frames they
     interrupted.  ``context`` is the request they were taken for, None
-    outside any.
+    outside any.  Off the CPU, ``count`` is the waits recorded and
+    ``off_cpu_ns`` the waiting time they stand for; ``waits_ns`` has each
+    wait's share of it, beside its timestamp.
     """
 
     pid: int
@@ -78,6 +88,8 @@ class StackSamples(msgspec.Struct, gc=False):
     count: int = 0
     timestamps_ns: list[int] = msgspec.field(default_factory=list)
     context: RequestContext | None = None
+    off_cpu_ns: int = 0
+    waits_ns: list[int] = msgspec.field(default_factory=list)
 
 
 class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
@@ -102,22 +114,26 @@ class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
 
 
 StackKey = tuple[int, str, tuple[Frame, ...], RequestContext | None]
+_MICROSECOND_NS = 1000
 
 
 class Profile(msgspec.Struct, gc=False):
-    """CPU samples of one or more intervals, aggregated by (pid, process, stack).
+    """CPU samples of one or more intervals, aggregated by (pid, process, stack),
+    and, apart, the waits recorded off the CPU (``off_cpu``).
 
     ``processes`` describes the pids sampled, for the resource attributes of
     formats that carry them (OTLP).
 
     ``period_ns`` is the sampling period (1e9 / rate); every sample stands for
     that much CPU time.  Times are wall-clock nanoseconds since the epoch.
+    Iterating gives the CPU samples' stacks.
     """
 
     period_ns: int
     start_ns: int
     end_ns: int
     stacks: dict[StackKey, StackSamples] = msgspec.field(default_factory=dict)
+    off_cpu: dict[StackKey, StackSamples] = msgspec.field(default_factory=dict)
     processes: dict[int, ProcessInfo] = msgspec.field(default_factory=dict)
     # pid -> where its own window begins, for a process whose window reaches
     # back before ``start_ns`` over the batches in which it was not sampled.
@@ -125,7 +141,9 @@ class Profile(msgspec.Struct, gc=False):
 
     @property
     def sample_count(self) -> int:
-        return sum(s.count for s in self.stacks.values())
+        """CPU samples and recorded waits."""
+        return (sum(s.count for s in self.stacks.values())
+                + sum(s.count for s in self.off_cpu.values()))
 
     def add(
         self,
@@ -143,6 +161,28 @@ class Profile(msgspec.Struct, gc=False):
         entry.count += count
         entry.timestamps_ns.extend(timestamps_ns)
 
+    def add_off_cpu(
+        self,
+        pid: int,
+        process: str,
+        frames: tuple[Frame, ...],
+        waited_ns: int,
+        count: int = 1,
+        timestamps_ns: Iterable[int] = (),
+        context: RequestContext | None = None,
+        waits_ns: Iterable[int] = (),
+    ) -> None:
+        """``count`` waits in ``frames``, standing for ``waited_ns`` nanoseconds;
+        ``waits_ns`` splits that among them, as ``timestamps_ns`` says when each ended."""
+        key = (pid, process, frames, context)
+        entry = self.off_cpu.get(key)
+        if entry is None:
+            entry = self.off_cpu[key] = StackSamples(pid, process, frames, context=context)
+        entry.count += count
+        entry.off_cpu_ns += waited_ns
+        entry.timestamps_ns.extend(timestamps_ns)
+        entry.waits_ns.extend(waits_ns)
+
     def merge(self, other: Profile, *, keep_timestamps: bool = True) -> None:
         """Fold ``other`` into this profile.
 
@@ -157,7 +197,32 @@ class Profile(msgspec.Struct, gc=False):
         for s in other.stacks.values():
             self.add(s.pid, s.process, s.frames, s.count,
                      s.timestamps_ns if keep_timestamps else (), s.context)
+        for s in other.off_cpu.values():
+            self.add_off_cpu(s.pid, s.process, s.frames, s.off_cpu_ns, s.count,
+                             s.timestamps_ns if keep_timestamps else (), s.context,
+                             s.waits_ns if keep_timestamps else ())
         self.processes.update(other.processes)
+
+    def of_kind(self, kind: ProfileKind) -> Profile:
+        """The CPU samples (``ON_CPU``: this profile), the waits, or both, as one
+        profile of one kind of time.
+
+        Off the CPU, and for both, a stack's count is microseconds, the period
+        1,000 ns, and the timestamps are left out: a count no longer says how
+        many events there were.
+        """
+        if kind is ProfileKind.ON_CPU:
+            return self if not self.off_cpu else msgspec.structs.replace(self, off_cpu={})
+        out = Profile(_MICROSECOND_NS, self.start_ns, self.end_ns,
+                      processes=dict(self.processes),
+                      process_start_ns=dict(self.process_start_ns))
+        weights = [(s, s.off_cpu_ns) for s in self.off_cpu.values()]
+        if kind is ProfileKind.WALL:
+            weights += [(s, s.count * self.period_ns) for s in self.stacks.values()]
+        for s, ns in weights:
+            if (microseconds := round(ns / _MICROSECOND_NS)) > 0:
+                out.add(s.pid, s.process, s.frames, microseconds, context=s.context)
+        return out
 
     def start_of(self, pid: int) -> int:
         """Where the window of ``pid``'s samples begins: ``start_ns``, or earlier

@@ -92,7 +92,11 @@ class Batcher:
                 info = self._process(item.pid, item.comm)
                 window, at = self._windows.window(item.timestamp_ns)
                 window.processes.setdefault(item.pid, info)
-                window.add(item.pid, info.name, item.frames, 1, (at,), item.context)
+                if item.off_cpu_ns:
+                    window.add_off_cpu(item.pid, info.name, item.frames, item.off_cpu_ns, 1,
+                                       (at,), item.context, (item.off_cpu_ns,))
+                else:
+                    window.add(item.pid, info.name, item.frames, 1, (at,), item.context)
             elif isinstance(item, Totals):
                 self._process(item.pid, item.comm)
                 self._totals.update([item])

@@ -27,6 +27,7 @@ from .._model.events import (
     LoopStall,
     LoopThread,
     LoopTotals,
+    OffCpuSample,
     OomKill,
     ProcessExec,
     PythonStack,
@@ -46,13 +47,15 @@ from .loops import LoopWatch
 
 class Sample(msgspec.Struct, frozen=True, gc=False):
     """One CPU sample with its stacks named, root first (kernel frames last),
-    and the request it was taken for."""
+    and the request it was taken for; or, with ``off_cpu_ns``, a wait
+    standing for that many nanoseconds."""
 
     pid: int
     comm: str
     timestamp_ns: int
     frames: tuple[Frame, ...]
     context: RequestContext | None = None
+    off_cpu_ns: int = 0
 
 
 class SamplingBegan(msgspec.Struct, frozen=True, gc=False):
@@ -119,8 +122,8 @@ class Symbolize:
         if isinstance(mark, Watermark):  # after the samples it vouches for
             yield mark
 
-    def _sampled(self, event: CpuSample | SlowSyscall | TcpConnection | OomKill | LoopStall,
-                 admit: Admit) -> Sample | TraceRecord | None:
+    def _sampled(self, event: CpuSample | OffCpuSample | SlowSyscall | TcpConnection | OomKill
+                 | LoopStall, admit: Admit) -> Sample | TraceRecord | None:
         """One event that counts as a sample, symbolized; None if it is not kept."""
         if isinstance(event, LoopStall):
             # A stall counts as received once it is known to be an asyncio
@@ -132,11 +135,14 @@ class Symbolize:
             return stall if admit() else None
         if not admit():
             return None
-        if isinstance(event, CpuSample):
+        if isinstance(event, CpuSample | OffCpuSample):
             frames, lost = self._resolver.frames(event)
             if lost:
                 self._stats.lost_stacks += 1
             context = self._requests.context(event.pid, event.request)
+            if isinstance(event, OffCpuSample):
+                return Sample(event.pid, event.comm, event.timestamp_ns, frames, context,
+                              event.duration_ns)
             self._loops.sample(event, frames, context)
             return Sample(event.pid, event.comm, event.timestamp_ns, frames, context)
         if isinstance(event, SlowSyscall):

@@ -140,7 +140,8 @@ class Windows:
             return closed
         first = min(self._open, default=None)
         window = self._open.get(first) if first is not None else None
-        if not empty and sum(t < at for s in window or () for t in s.timestamps_ns) < least:
+        held = [*window, *window.off_cpu.values()] if window is not None else []
+        if not empty and sum(t < at for s in held for t in s.timestamps_ns) < least:
             return []
         before = Profile(self._period_ns, self.closed_to_ns, at)
         if window is not None:
@@ -153,6 +154,18 @@ class Windows:
                     s.count = len(s.timestamps_ns)
                     if not s.count:
                         del window.stacks[s.pid, s.process, s.frames, s.context]
+            for s in list(window.off_cpu.values()):
+                early = [i for i, t in enumerate(s.timestamps_ns) if t < at]
+                if early:
+                    waits = [s.waits_ns[i] for i in early]
+                    before.add_off_cpu(s.pid, s.process, s.frames, sum(waits), len(early),
+                                       [s.timestamps_ns[i] for i in early], s.context, waits)
+                    kept = [i for i, t in enumerate(s.timestamps_ns) if t >= at]
+                    s.timestamps_ns = [s.timestamps_ns[i] for i in kept]
+                    s.waits_ns = [s.waits_ns[i] for i in kept]
+                    s.count, s.off_cpu_ns = len(kept), sum(s.waits_ns)
+                    if not s.count:
+                        del window.off_cpu[s.pid, s.process, s.frames, s.context]
         self.closed_to_ns = at
         return [before]
 
@@ -183,7 +196,7 @@ class Windows:
             if self._edge(first + 1) > complete_ns:
                 break
             window = self._open.pop(first)
-            if not window.stacks:  # a split took all its samples: its span joins the next
+            if not (window.stacks or window.off_cpu):  # a split took all: its span joins the next
                 continue
             window.start_ns = self.closed_to_ns
             self.closed_to_ns = window.end_ns

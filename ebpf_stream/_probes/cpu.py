@@ -39,6 +39,7 @@ from .._model.events import (
     LoopBlocked,
     LoopStall,
     LoopThread,
+    OffCpuSample,
     ProcessExec,
     Watermark,
     encode_events,
@@ -52,6 +53,7 @@ from .python_walker import MAX_LAYOUTS, OffsetRows, PythonProcesses, checked_sel
 from .stacks import StackMaps
 
 _WAKEUP_EVERY = 64
+_NATIVE_STACKS = (samples.SAMPLE, samples.OFF_CPU_WAIT)  # the records with native stack keys
 # A sample is stamped before its stacks are walked and its record reserved, so
 # a read that found the ring empty at t vouches only for samples stamped before
 # t less this: a bound, with room to spare, on the time a program takes to run.
@@ -97,6 +99,9 @@ class CpuProbe(RingProbe):
             # Sleeps this short cannot explain a stall by themselves; not
             # reporting them bounds the records a busy loop can cause.
             f"-DBLOCKED_MIN_NS={max(1, stall_ns // 16)}",
+            f"-DOFF_CPU={int(c.off_cpu)}",
+            f"-DOFF_CPU_NS={round(c.off_cpu_threshold_ms * 1e6)}",
+            f"-DOFF_CPU_IDLE_LOOPS={int(c.off_cpu_idle_loops)}",
         ]
 
     def map_names(self) -> list[str]:
@@ -112,6 +117,8 @@ class CpuProbe(RingProbe):
 
     def programs(self) -> dict[str, str]:
         programs = {"on_cpu_sample": "PERF_EVENT"}
+        if self.config.off_cpu:
+            programs["tp_btf__sched_switch"] = "TRACING"
         if self._loop_stalls:
             programs |= loops.PROGRAMS
         return programs
@@ -229,9 +236,10 @@ class CpuProbe(RingProbe):
     def _events(self, records: list[samples.Sample]) -> tuple[list[Event], int]:
         """The events of a batch of ring records, and how many samples it holds."""
         cpu = [r for r in records if r.kind == samples.SAMPLE]
+        stacked = [r for r in records if r.kind in _NATIVE_STACKS]
         events = self._stacks.native(
-            itertools.chain(((r.user_stack, r.generation) for r in cpu),
-                            ((r.kernel_stack, r.generation) for r in cpu)))
+            itertools.chain(((r.user_stack, r.generation) for r in stacked),
+                            ((r.kernel_stack, r.generation) for r in stacked)))
         if self._python is not None:
             events += self._stacks.python((r.python_stack, r.generation) for r in records)
             for pid in {r.pid for r in cpu}:
@@ -240,7 +248,7 @@ class CpuProbe(RingProbe):
         # and precedes the next period's, and the batcher relies on it.
         for is_sample, run in itertools.groupby(records, lambda r: r.kind == samples.SAMPLE):
             part = list(run)
-            events += self._samples(part) if is_sample else self._loop_events(part)
+            events += self._samples(part) if is_sample else self._other_events(part)
         waiting = self._looks_waiting
         if waiting is not None and not waiting.is_set():
             # The scheduler is idle: wake it if a process found without an
@@ -250,10 +258,10 @@ class CpuProbe(RingProbe):
                 waiting.set()
         # Stalls are counted by the batcher, which alone knows whether they
         # are an asyncio loop's.
-        self._stats.received += len(cpu)
+        self._stats.received += len(stacked)
         if self._stacks.rotate_if_due() and self._python is not None:
             self._python.forget_exited()
-        return events, len(cpu)
+        return events, len(stacked)
 
     def _samples(self, records: Iterable[samples.Sample]) -> list[Event]:
         offset, comm = self.wall_offset_ns, self.comm
@@ -262,7 +270,7 @@ class CpuProbe(RingProbe):
                           r.python_stack, r.busy_since, _request(r.request))
                 for r in records]
 
-    def _loop_events(self, records: Iterable[samples.Sample]) -> list[Event]:
+    def _other_events(self, records: Iterable[samples.Sample]) -> list[Event]:
         events: list[Event] = []
         for r in records:
             if r.kind == samples.PROCESS_EXEC:
@@ -274,6 +282,11 @@ class CpuProbe(RingProbe):
             elif r.kind == samples.LOOP_BLOCKED:
                 events.append(LoopBlocked(r.pid, r.tid, r.busy_since, r.duration_ns,
                                           r.python_stack, _request(r.request)))
+            elif r.kind == samples.OFF_CPU_WAIT:
+                events.append(OffCpuSample(r.timestamp_ns + self.wall_offset_ns, r.pid, r.tid,
+                                           self.comm(r.comm), _sample_key(r.user_stack),
+                                           _sample_key(r.kernel_stack), r.python_stack,
+                                           r.duration_ns, r.state, _request(r.request)))
             elif r.kind == samples.LOOP_STALL:
                 events.append(LoopStall(r.timestamp_ns + self.wall_offset_ns, r.pid, r.tid,
                                         process_name(r.pid) or "", r.busy_since,

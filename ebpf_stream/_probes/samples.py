@@ -13,7 +13,7 @@ from typing import NamedTuple
 from .._bpf.ringbuf import Records
 
 # `enum kind`
-SAMPLE, LOOP_THREAD, LOOP_BLOCKED, LOOP_STALL, PROCESS_EXEC = range(5)
+SAMPLE, LOOP_THREAD, LOOP_BLOCKED, LOOP_STALL, PROCESS_EXEC, OFF_CPU_WAIT = range(6)
 # Stack fields that hold no key (stack keys are odd).
 NO_STACK, STACK_LOST = 0, 2
 
@@ -33,9 +33,9 @@ class Sample(NamedTuple):
     comm: bytes
     python_stack: int  # 0: none
     busy_since: int  # the loop's busy period this belongs to; 0: none
-    duration_ns: int  # LOOP_BLOCKED: time asleep; LOOP_STALL: time busy
+    duration_ns: int  # LOOP_BLOCKED: time asleep; LOOP_STALL: time busy; OFF_CPU_WAIT: its weight
     kind: int
-    pad: int
+    state: int  # OFF_CPU_WAIT: the task state it waited in
     request: bytes  # SAMPLE, LOOP_BLOCKED: the published request; zeros: none
 
 

@@ -18,7 +18,14 @@ import os
 from collections.abc import Callable, Sequence
 
 from .._base.config import PythonFrames
-from .._model.events import NO_STACK, CpuSample, PythonStack, SlowSyscall, StackTrace
+from .._model.events import (
+    NO_STACK,
+    CpuSample,
+    OffCpuSample,
+    PythonStack,
+    SlowSyscall,
+    StackTrace,
+)
 from .._model.profile import Frame, FrameKind
 from .._python.code import UNKNOWN_FRAME, PythonSymbols
 from .._python.runtime import UnsupportedPython, find_python
@@ -144,8 +151,8 @@ class StackResolver:
         kernel, _ = self._symbolized(call.kernel_stack, self._symbolizer.kernel_frames)
         return user[::-1] + kernel[::-1]
 
-    def frames(self, s: CpuSample) -> tuple[tuple[Frame, ...], bool]:
-        """(root-first frames, whether a stack was lost) for one sample."""
+    def frames(self, s: CpuSample | OffCpuSample) -> tuple[tuple[Frame, ...], bool]:
+        """(root-first frames, whether a stack was lost) for one sample or wait."""
         key = (s.pid, s.user_stack, s.kernel_stack, s.python_stack)
         cached = self._frames.get(key)
         if cached is None:

@@ -11,9 +11,20 @@ static double now(void) {
 }
 
 // The end of a run of argv[1] seconds (forever without it), once "ready" is out.
-static double ready(int argc, char **argv) {
+__attribute__((unused)) static double ready(int argc, char **argv) {
     double end = argc > 1 ? now() + atof(argv[1]) : 1e300;
     printf("ready\n");
     fflush(stdout);
     return end;
+}
+
+// The same, from a line on stdin after "ready": a profiler attaches
+// meanwhile, and its figures then cover the whole timed run.
+__attribute__((unused)) static double ready_then_go(int argc, char **argv) {
+    char line[16];
+    printf("ready\n");
+    fflush(stdout);
+    if (!fgets(line, sizeof(line), stdin))
+        exit(1);
+    return argc > 1 ? now() + atof(argv[1]) : 1e300;
 }
