@@ -65,6 +65,20 @@ def with_python(config: EbpfConfig, *, cpu: bool, python_frames: str | None,
     return config
 
 
+def with_off_cpu(config: EbpfConfig, *, cpu: bool, off_cpu: bool,
+                 threshold_ms: float | None, idle_loops: bool) -> EbpfConfig:
+    """``config`` with off-CPU profiling as the options ask."""
+    for option, given in (("--off-cpu-threshold", threshold_ms is not None),
+                          ("--idle-loops", idle_loops)):
+        if given and not off_cpu:
+            raise ConfigError(f"{option}: works on waits off the CPU, which need --off-cpu")
+    if off_cpu and not cpu:
+        raise ConfigError("--off-cpu: records with the CPU samples, which --no-cpu turns off")
+    if not off_cpu:
+        return config
+    return config.with_off_cpu(threshold_ms=threshold_ms, idle_loops=idle_loops)
+
+
 def traces(config: EbpfConfig) -> bool:
     return config.syscall_tracing or config.network_tracing or config.memory_tracing
 

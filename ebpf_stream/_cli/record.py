@@ -19,6 +19,7 @@ from .._base.otlp_settings import Signal, endpoint_in_environment
 from .._model.batch import Batch, Stall
 from .._model.events import LatestTotals, MemoryTotals, NetworkTotals, SyscallTotals, TcpConnection
 from .._model.labels import stall_place
+from .._model.profile import ProfileKind
 from .._outputs.base import Exporter
 from .._outputs.formats import FORMATS, ROUTE_FORMATS, exporter_for, format_for_path
 from .._outputs.otlp.exporter import OtlpExporter
@@ -30,6 +31,7 @@ from .options import (
     target_options,
     traces,
     with_features,
+    with_off_cpu,
     with_python,
 )
 from .routes import RouteShares
@@ -165,9 +167,11 @@ def check_by_route(outputs: list[tuple[str, Path]]) -> None:
 async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]],
                      otlp: OtlpExporter | None, command: Sequence[str],
                      duration: float | None, progress: bool,
-                     tally: Tally | None = None, by_route: bool = False) -> Profiler:
-    """Record into the ``outputs`` files and ``otlp``; ``tally`` keeps the traced figures."""
-    exporters: list[Exporter] = [exporter_for(fmt, path, by_route=by_route)
+                     tally: Tally | None = None, by_route: bool = False,
+                     kind: str = "on-cpu") -> Profiler:
+    """Record into the ``outputs`` files and ``otlp``; ``tally`` keeps the traced figures;
+    the flame-graph files hold the ``kind`` of time."""
+    exporters: list[Exporter] = [exporter_for(fmt, path, by_route=by_route, kind=kind)
                                  for fmt, path in outputs]
     shutdown_timeout = 15.0
     if otlp is not None:
@@ -198,6 +202,17 @@ async def run_record(config: EbpfConfig, outputs: list[tuple[str, Path]],
 @click.option("--stall-threshold", "stall_threshold_ms", type=float, metavar="MS",
               help="Report an asyncio loop that runs callbacks for MS without waiting, with "
               "the stacks it ran; 0 turns stall detection off. Default: 100.")
+@click.option("--off-cpu", is_flag=True, help="Record where threads wait, off the CPU, "
+              "weighted by the time waited: its own profile in OTLP and pprof; see --profile.")
+@click.option("--off-cpu-threshold", "off_cpu_threshold_ms", type=float, metavar="MS",
+              help="With --off-cpu: record each wait of at least MS; shorter ones are sampled "
+              "in proportion to their length. Default: 1.")
+@click.option("--idle-loops", is_flag=True, help="With --off-cpu: count a Python event "
+              "loop's waits in epoll too (idle, not blocked, so left out by default).")
+@click.option("--profile", "kind", type=click.Choice([k.value for k in ProfileKind]),
+              default=ProfileKind.ON_CPU.value, show_default=True,
+              help="What folded, speedscope and SVG files hold: CPU samples, waits off the "
+              "CPU (--off-cpu), or both (wall); the last two in microseconds.")
 @click.option("-f", "--format", "fmt", type=click.Choice(sorted(FORMATS)),
               help="Output format. Default: from each -o name's extension.")
 @click.option("-o", "--output", "paths", multiple=True, help="Output file (repeatable).")
@@ -211,7 +226,8 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
            command: tuple[str, ...], cpu: bool, syscalls: bool, network: bool, memory: bool,
            slow_syscall_ms: float | None, syscall_counts_only: bool, rate: int | None,
            max_samples: int | None, python_frames: str | None,
-           stall_threshold_ms: float | None, fmt: str | None, paths: tuple[str, ...],
+           stall_threshold_ms: float | None, off_cpu: bool, off_cpu_threshold_ms: float | None,
+           idle_loops: bool, kind: str, fmt: str | None, paths: tuple[str, ...],
            by_route: bool, otlp_endpoint: str | None,
            otlp_protocol: str | None) -> None:
     """Record --pid processes, COMMAND, or the whole system: CPU profile and traces.
@@ -225,6 +241,7 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
     ebpf-stream record --pid 1234 --duration 10 -o app.svg
     ebpf-stream record --pid 1234 --stall-threshold 50 -o app.svg -o app.otlp.jsonl
     ebpf-stream record --pid 1234 --by-route -o endpoints.svg
+    ebpf-stream record --pid 1234 --off-cpu --profile off-cpu -o waits.svg
     ebpf-stream record -o build.folded -- make -j2
     ebpf-stream record --no-cpu --syscalls --network -o trace.otlp.jsonl -- ./server
     ebpf-stream record --pid 1234 --otlp-endpoint http://collector:4317 --otlp-protocol grpc
@@ -241,6 +258,10 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
                            syscall_latency=not syscall_counts_only)
     config = with_python(config, cpu=cpu, python_frames=python_frames,
                          stall_threshold_ms=stall_threshold_ms)
+    config = with_off_cpu(config, cpu=cpu, off_cpu=off_cpu, threshold_ms=off_cpu_threshold_ms,
+                          idle_loops=idle_loops)
+    if kind != ProfileKind.ON_CPU and not off_cpu:
+        raise ConfigError(f"--profile {kind}: holds waits off the CPU, which need --off-cpu")
     otlp = otlp_from_options(otlp_endpoint, otlp_protocol)
     outputs = outputs_from_options(fmt, paths, otlp is not None, cpu)
     if by_route:
@@ -251,7 +272,7 @@ def record(pids: tuple[int, ...], duration: float | None, env: str | None,
     progress = sys.stderr.isatty()
     tally = Tally()
     profiler = anyio.run(run_record, config, outputs, otlp, command, duration, progress, tally,
-                         by_route, backend_options=backend_options())
+                         by_route, kind, backend_options=backend_options())
     if progress:
         s = profiler.stats
         where = [str(p) for _, p in outputs]

@@ -7,7 +7,9 @@ stacks, because an OTLP profile has a single sample type:
 - ``samples/count``: one timestamp per sample, so backends can slice by time;
 - ``cpu/nanoseconds``: the CPU time per stack (count times the period).
 
-Both carry the sampling period as ``cpu/nanoseconds``.  Locations carry the
+Both carry the sampling period as ``cpu/nanoseconds``.  A process with
+waits recorded off the CPU gets a third, ``off_cpu/nanoseconds``: each
+wait's nanoseconds beside the time it ended.  Locations carry the
 ``profile.frame.type`` attribute (``kernel``, ``native`` or ``cpython``).  A
 Python location has no mapping, and one line: its function (qualified name
 and source file) and the line being run.
@@ -71,10 +73,15 @@ class _SampleTables:
         return found
 
 
-def _group_by_process(profile: Profile) -> dict[ProcessInfo, list[StackSamples]]:
-    groups: dict[ProcessInfo, list[StackSamples]] = defaultdict(list)
+def _group_by_process(
+        profile: Profile) -> dict[ProcessInfo, tuple[list[StackSamples], list[StackSamples]]]:
+    """Each process's (CPU stacks, off-CPU stacks)."""
+    groups: dict[ProcessInfo, tuple[list[StackSamples], list[StackSamples]]] = defaultdict(
+        lambda: ([], []))
     for s in profile:
-        groups[profile.process_of(s)].append(s)
+        groups[profile.process_of(s)][0].append(s)
+    for s in profile.off_cpu.values():
+        groups[profile.process_of(s)][1].append(s)
     return groups
 
 
@@ -86,8 +93,10 @@ def profiles_request(profile: Profile, resources: ResourceFactory,
     tables = _SampleTables()
     samples_type = pb.ValueType(type_strindex=d.string("samples"), unit_strindex=d.string("count"))
     cpu_type = pb.ValueType(type_strindex=d.string("cpu"), unit_strindex=d.string("nanoseconds"))
+    off_cpu_type = pb.ValueType(type_strindex=d.string("off_cpu"),
+                                unit_strindex=d.string("nanoseconds"))
     period = profile.period_ns
-    for process, stacks in _group_by_process(profile).items():
+    for process, (stacks, waits) in _group_by_process(profile).items():
         start = profile.start_of(process.pid)
         duration = max(0, profile.end_ns - start)
         counted = pb.Profile(sample_type=samples_type, period_type=cpu_type, period=period,
@@ -108,9 +117,23 @@ def profiles_request(profile: Profile, resources: ResourceFactory,
                                     attribute_indices=attributes, values=[s.count])
             timed.samples.add(stack_index=stack, link_index=link, attribute_indices=attributes,
                               values=[s.count * period])
+        profiles = [counted, timed] if stacks else []
+        if waits:
+            off = pb.Profile(sample_type=off_cpu_type, time_unix_nano=start,
+                             duration_nano=duration, profile_id=os.urandom(16))
+            for s in waits:
+                link, attributes = tables.context(s.context)
+                sample = off.samples.add(stack_index=d.stack(s.frames), link_index=link,
+                                         attribute_indices=attributes)
+                if len(s.timestamps_ns) == s.count:
+                    sample.timestamps_unix_nano.extend(s.timestamps_ns)
+                    sample.values.extend(s.waits_ns)
+                else:  # merged without timestamps
+                    sample.values.append(s.off_cpu_ns)
+            profiles.append(off)
         request.resource_profiles.add(
             resource=resources.for_process(process),
-            scope_profiles=[pb.ScopeProfiles(scope=scope, profiles=[counted, timed])],
+            scope_profiles=[pb.ScopeProfiles(scope=scope, profiles=profiles)],
         )
     if request.resource_profiles:  # without samples the request stays empty: nothing to send
         _fill_dictionary(request.dictionary, d, tables)

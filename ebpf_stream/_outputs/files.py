@@ -13,7 +13,9 @@ that its output directory is missing.
 
 The flame-graph formats (folded, speedscope, SVG) take ``by_route``: each
 stack then stands on its request's endpoint (``GET /items/{id}``, or
-``[no route]``), so the graph reads per endpoint.
+``[no route]``), so the graph reads per endpoint.  They hold one kind of
+time, ``kind``: on-CPU samples (the default), waits off the CPU, or both
+(``wall``), in microseconds for the last two (see ``Profile.of_kind``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class FileExporter(abc.ABC):
 
     renderer: ClassVar[str]  # the module that renders the file, loaded by ``prepare``
 
+    # The kind of time a flame-graph format holds (a ``ProfileKind`` value); the
+    # others hold every kind.
+    kind: str | None = None
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = writable_path(path)
         # Serializes exports: a render must not read the state mid-merge.
@@ -126,6 +132,10 @@ class FileExporter(abc.ABC):
 
     def _merge_and_write(self, profile: Profile | None) -> None:
         if profile is not None:
+            if self.kind is not None:
+                from .._model.profile import ProfileKind
+
+                profile = profile.of_kind(ProfileKind(self.kind))
             self._add(profile)
         write_atomically(self.path, self._content())
 
@@ -165,9 +175,10 @@ class FoldedFileExporter(CumulativeFileExporter):
 
     renderer = ".folded"
 
-    def __init__(self, path: str | os.PathLike[str], *, by_route: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, by_route: bool = False,
+                 kind: str = "on-cpu") -> None:
         super().__init__(path)
-        self.by_route = by_route
+        self.by_route, self.kind = by_route, kind
 
     def render(self, profile: Profile) -> bytes:
         from .folded import render_folded
@@ -196,9 +207,10 @@ class SpeedscopeFileExporter(FileExporter):
 
     renderer = ".speedscope"
 
-    def __init__(self, path: str | os.PathLike[str], *, by_route: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, by_route: bool = False,
+                 kind: str = "on-cpu") -> None:
         super().__init__(path)
-        self.by_route = by_route
+        self.by_route, self.kind = by_route, kind
         self._timeline: SpeedscopeTimeline | None = None
 
     def _timeline_so_far(self) -> SpeedscopeTimeline:
@@ -225,10 +237,10 @@ class FlamegraphSvgExporter(CumulativeFileExporter):
     renderer = ".flamegraph"
 
     def __init__(self, path: str | os.PathLike[str], title: str | None = None, *,
-                 by_route: bool = False) -> None:
+                 by_route: bool = False, kind: str = "on-cpu") -> None:
         super().__init__(path)
         self.title = title  # None: the renderer's own
-        self.by_route = by_route
+        self.by_route, self.kind = by_route, kind
 
     def render(self, profile: Profile) -> bytes:
         from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg

@@ -25,25 +25,32 @@ FORMATS: Mapping[str, Callable[[Path], Exporter]] = {
 }
 
 
-class _RoutedFormat(Protocol):
-    def __call__(self, path: Path, *, by_route: bool = False) -> Exporter: ...
+class _FlameGraphFormat(Protocol):
+    def __call__(self, path: Path, *, by_route: bool = False,
+                 kind: str = "on-cpu") -> Exporter: ...
 
 
-_BY_ROUTE: Mapping[str, _RoutedFormat] = {
+_FLAME_GRAPHS: Mapping[str, _FlameGraphFormat] = {
     "folded": FoldedFileExporter,
     "speedscope": SpeedscopeFileExporter,
     "svg": FlamegraphSvgExporter,
 }
-ROUTE_FORMATS = frozenset(_BY_ROUTE)
-"""The flame-graph formats, which can root each stack at its request's endpoint."""
+ROUTE_FORMATS = frozenset(_FLAME_GRAPHS)
+"""The flame-graph formats, which hold one kind of time and can root each stack at
+its request's endpoint."""
 
 
-def exporter_for(fmt: str, path: Path, *, by_route: bool = False) -> Exporter:
-    """The exporter that writes ``path`` in ``fmt`` (a key of FORMATS); ``by_route``
-    roots the stacks of the formats in ROUTE_FORMATS at their endpoints, and
-    leaves the others as they are."""
-    routed = _BY_ROUTE.get(fmt) if by_route else None
-    return FORMATS[fmt](path) if routed is None else routed(path, by_route=True)
+def exporter_for(fmt: str, path: Path, *, by_route: bool = False,
+                 kind: str = "on-cpu") -> Exporter:
+    """The exporter that writes ``path`` in ``fmt`` (a key of FORMATS).
+
+    The formats in ROUTE_FORMATS hold the ``kind`` of time (a ``ProfileKind``
+    value) and with ``by_route`` root their stacks at their endpoints; the
+    others hold every kind, as they are."""
+    flame_graph = _FLAME_GRAPHS.get(fmt)
+    if flame_graph is None:
+        return FORMATS[fmt](path)
+    return flame_graph(path, by_route=by_route, kind=kind)
 
 # Longest suffix first, so ".speedscope.json" wins over ".json".
 _SUFFIXES = (

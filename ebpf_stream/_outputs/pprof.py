@@ -29,13 +29,18 @@ def render_pprof(profile: Profile) -> bytes:
     """The gzip-compressed pprof encoding of ``profile``.
 
     Values are ``samples/count`` and ``cpu/nanoseconds`` (count times the
-    period); each sample carries ``pid`` and ``process`` labels, and those of
-    its request.
+    period), and with waits recorded off the CPU ``off_cpu/nanoseconds``,
+    which only the waits' samples have (``go tool pprof -sample_index
+    off_cpu``); each sample carries ``pid`` and ``process`` labels, and those
+    of its request.
     """
     out = pb.Profile()
     d = ProfileDictionary()
     out.sample_type.add(type=d.string("samples"), unit=d.string("count"))
     out.sample_type.add(type=d.string("cpu"), unit=d.string("nanoseconds"))
+    waits = list(profile.off_cpu.values())
+    if waits:
+        out.sample_type.add(type=d.string("off_cpu"), unit=d.string("nanoseconds"))
     out.period_type.type = d.string("cpu")
     out.period_type.unit = d.string("nanoseconds")
     out.period = profile.period_ns
@@ -45,10 +50,12 @@ def render_pprof(profile: Profile) -> bytes:
     if main:
         d.mapping(main)  # first: pprof names the profile after its first mapping
     pid_key, process_key = d.string("pid"), d.string("process")
-    for s in profile:
+    values = [(s, [s.count, s.count * profile.period_ns] + [0] * bool(waits)) for s in profile]
+    values += [(s, [0, 0, s.off_cpu_ns]) for s in waits]
+    for s, value in values:
         out.sample.add(
             location_id=d.stacks[d.stack(s.frames)],
-            value=[s.count, s.count * profile.period_ns],
+            value=value,
             label=[pb.Label(key=pid_key, num=s.pid),
                    pb.Label(key=process_key, str=d.string(valid_utf8(s.process))),
                    *(pb.Label(key=d.string(key), str=d.string(value))
