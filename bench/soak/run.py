@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -143,11 +144,12 @@ def cpu_windows(stats: list[dict[str, Any]], after: float, window_s: float) -> l
     return shares
 
 
-def figures(stats: list[dict[str, Any]], start: float, args: argparse.Namespace,
-            down: tuple[float, float], collected: dict[str, int], exit_code: int | None,
-            churn: dict[str, int]) -> dict[str, Any]:
+def figures(stats: list[dict[str, Any]], start: float, stopping: float,
+            args: argparse.Namespace, down: tuple[float, float], collected: dict[str, int],
+            exit_code: int | None, churn: dict[str, int]) -> dict[str, Any]:
     baseline = at(stats, start, args.baseline_at * 60)
-    later = [s for s in stats if s["time"] >= baseline["time"]]
+    # RSS while it runs: the report it writes as it exits comes after its caches went.
+    later = [s for s in stats if baseline["time"] <= s["time"] < stopping]
     final = stats[-1]
     maps: dict[str, list[int]] = {}
     for s in stats:
@@ -245,6 +247,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     start = time.time()
     down = (start + args.down_at * 60, start + (args.down_at + args.down_for) * 60)
     exit_code: int | None = None
+    stopping = math.inf
     try:
         with churning(args) as churn:
             while time.time() < start + args.minutes * 60:
@@ -260,6 +263,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     collector = Collector(port)
                 time.sleep(0.5)
             churned = stop_churn(churn)
+        stopping = time.time()
         agent.send_signal(signal.SIGTERM)
         exit_code = agent.wait(timeout=_AGENT_STOP_S)
     finally:
@@ -273,7 +277,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stats = read_stats(stats_path)
     if not stats:
         raise RuntimeError(f"the agent wrote no stats: {(work / 'agent.log').read_text()[-2000:]}")
-    result = figures(stats, start, args, down, collected, exit_code, churned)
+    result = figures(stats, start, stopping, args, down, collected, exit_code, churned)
     result["checks"] = checks(result)
     return result
 
