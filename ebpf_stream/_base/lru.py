@@ -5,7 +5,7 @@ fixed ceiling on what symbolization holds."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["Lru"]
@@ -15,13 +15,19 @@ _V = TypeVar("_V")
 
 
 class Lru(Generic[_K, _V]):
-    """A dict that forgets its least recently used entries beyond ``capacity``."""
+    """A dict that forgets its least recently used entries beyond ``capacity``.
 
-    __slots__ = ("_capacity", "_data")
+    Each entry counts 1 towards it, or what ``weigh`` says (bytes, say): the
+    newest entry is kept even if it weighs more than the capacity alone.
+    """
 
-    def __init__(self, capacity: int) -> None:
+    __slots__ = ("_capacity", "_data", "_weigh", "_weight")
+
+    def __init__(self, capacity: int, weigh: Callable[[_V], int] | None = None) -> None:
         self._capacity = capacity
         self._data: OrderedDict[_K, _V] = OrderedDict()
+        self._weigh = weigh
+        self._weight = 0  # of the entries held, when weighed
 
     def get(self, key: _K) -> _V | None:
         value = self._data.get(key)
@@ -30,13 +36,21 @@ class Lru(Generic[_K, _V]):
         return value
 
     def put(self, key: _K, value: _V) -> None:
+        self.pop(key)
         self._data[key] = value
-        self._data.move_to_end(key)
-        if len(self._data) > self._capacity:
-            self._data.popitem(last=False)
+        if self._weigh is None:
+            if len(self._data) > self._capacity:
+                self._data.popitem(last=False)
+            return
+        self._weight += self._weigh(value)
+        while self._weight > self._capacity and len(self._data) > 1:
+            _, old = self._data.popitem(last=False)
+            self._weight -= self._weigh(old)
 
     def pop(self, key: _K) -> None:
-        self._data.pop(key, None)
+        old = self._data.pop(key, None)
+        if old is not None and self._weigh is not None:
+            self._weight -= self._weigh(old)
 
     def __iter__(self) -> Iterator[_K]:
         """The keys, least recently used first, as they are now: the caller may pop them."""

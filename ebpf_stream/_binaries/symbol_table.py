@@ -53,6 +53,12 @@ class SymbolTable:
             size or unsized for size, unsized in zip(kept_sizes, reach(starts), strict=True)]))
         self._names = array("I", map(names.__getitem__, keep))
 
+    @property
+    def nbytes(self) -> int:
+        """About what it holds in memory."""
+        return (len(self._strings) + self._names.itemsize * len(self._names)
+                + 2 * 8 * len(self._ranges.starts))
+
     def name(self, vaddr: int) -> str | None:
         if vaddr < 0:
             return None

@@ -22,9 +22,11 @@ from .kallsyms import KernelSymbols
 __all__ = ["Symbolizer"]
 
 _VDSO = "[vdso]"
-# Cached ELF images (two entries each: by file and by build id); mappings in use
-# keep theirs alive regardless.
-_MAX_IMAGES = 1024
+# The symbol tables of cached ELF images, in bytes (an image may count twice: by
+# file and by build id); mappings in use keep theirs alive regardless.  A
+# compiler's table alone is several megabytes: a node that runs builds would
+# otherwise keep every one it has seen.
+_MAX_IMAGE_BYTES = 32 << 20
 # Frames are cheap to name again (a bisection and a slice) and about 350 bytes each
 # to keep, with their keys: 16,384 of them take 5.5 MB, where 65,536 took 22.
 _MAX_FRAMES = 16384
@@ -39,7 +41,8 @@ class Symbolizer:
         self._processes: Lru[int, Process] = Lru(max_processes)
         self._frames: Lru[tuple[ImageKey | None, str, int, bool], Frame] = Lru(
             max_cached_frames)
-        self._images: Lru[ImageKey, ElfImage] = Lru(_MAX_IMAGES)
+        self._images: Lru[ImageKey, ElfImage] = Lru(_MAX_IMAGE_BYTES,
+                                                    lambda image: image.symbols.nbytes)
         self.elf_parses = 0  # ELF symbol tables parsed, for stats: the rest were cache hits
         self._gone: set[int] = set()  # cached processes found exited at the last look
 
