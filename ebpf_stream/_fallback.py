@@ -27,6 +27,8 @@ async def open_fallback(config: EbpfConfig, refusal: EbpfStreamError, stats: Sta
                                      ("network", config.network_tracing),
                                      ("memory", config.memory_tracing)) if on]
     off = f"; {', '.join(tracers)} tracing needs BPF and is off" if tracers else ""
+    if config.off_cpu:
+        off += "; off-CPU profiling needs BPF and is off"
     log.warning("ebpf-stream: profiling in fallback mode (in-process sampling, "
                 "Python frames only%s): %s", off, refusal)
     probe = FallbackProbe(config, stats, meter, watch_loop=watch_loop)

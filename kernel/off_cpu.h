@@ -78,7 +78,10 @@ int tp_btf__sched_switch(u64 *ctx) {
     return 0;
 }
 
-TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
+// args: (struct pt_regs *regs, long ret).  A raw tracepoint: cheaper on every
+// syscall, and unlike a perf tracepoint program it does not decide whether
+// other tools' perf events on the tracepoint see the call.
+RAW_TRACEPOINT_PROBE(sys_exit) {
     struct task_struct *task = bpf_get_current_task_btf();
     struct off_cpu_thread *t = off_cpu_threads.task_storage_get(task, 0, 0);
     u64 id = bpf_get_current_pid_tgid();
@@ -93,7 +96,8 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
     u64 python = 0;
     u8 request[REQUEST_BYTES] = {};
 #if PYTHON
-    long nr = args->id;
+    u64 nr = 0;  // saved at entry (x86-64 pt_regs, a stable layout)
+    bpf_probe_read_kernel(&nr, sizeof(nr), &((struct pt_regs *)ctx->args[0])->orig_ax);
     if (!OFF_CPU_IDLE_LOOPS && (nr == EPOLL_WAIT || nr == EPOLL_PWAIT || nr == EPOLL_PWAIT2)
             && python_processes.lookup(&pid)) {
         t->weight = 0;  // an event loop idling
@@ -101,7 +105,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
     }
     python = python_stack(pid, tid, t->generation, bpf_ktime_get_ns(), request);
 #endif
-    u64 user_stack = store_stack(args, BPF_F_USER_STACK, t->generation, USER_STACK_LOST);
+    u64 user_stack = store_stack(ctx, BPF_F_USER_STACK, t->generation, USER_STACK_LOST);
     struct sample *r = reserve_record(OFF_CPU_WAIT, pid, tid, bpf_ktime_get_ns());
     if (r) {
         r->generation = t->generation;

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import anyio
 import pytest
-from _support import WORKLOADS, bpf_fds, build
+from _support import WORKLOADS, bpf_fds, build, start_ready
+from test_new_pythons import check_shares
 
 from ebpf_stream import EbpfConfig, Profiler
 from ebpf_stream._model.batch import Stall
@@ -118,3 +124,123 @@ async def test_waits_in_python_threads_and_to_thread_workers() -> None:
     for name in slept:
         assert slept[name] == pytest.approx(waited[name], rel=0.1), (name, slept, waited)
 
+
+
+def perf_chains(script: str, tid: int) -> list[tuple[list[str], list[tuple[str, int]]]]:
+    """``perf script``'s callchains of ``tid``'s switches out, each leaf first: the
+    kernel's function names, and the user frames as (file name, address in it)."""
+    chains: list[tuple[list[str], list[tuple[str, int]]]] = []
+    for event in script.split("\n\n"):
+        lines = event.strip().splitlines()
+        if not lines or f"prev_pid={tid} " not in lines[0]:
+            continue
+        kernel: list[str] = []
+        user: list[tuple[str, int]] = []
+        for line in lines[1:]:
+            ip, name, dso = line.split(maxsplit=2)
+            if "kernel.kallsyms" in dso:
+                kernel.append(name.partition("+")[0])
+            else:
+                user.append((os.path.basename(dso.strip("()")), int(ip, 16)))
+        chains.append((kernel, user))
+    return chains
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(shutil.which("perf") is None, reason="needs perf (Debian's linux-perf)")
+async def test_native_stacks_agree_with_perfs_view_of_the_same_run(
+        waits: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen([str(waits), "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    data = tmp_path / "perf.data"
+    perf = subprocess.Popen(["perf", "record", "-q", "-e", "sched:sched_switch", "-g",
+                             "-p", str(proc.pid), "-o", str(data)],
+                            stderr=subprocess.DEVNULL)
+    memory = MemoryExporter()
+    try:
+        async with Profiler(config_for(proc.pid), [memory]):
+            await anyio.sleep(0.5)  # perf's events are open by now
+            await anyio.to_thread.run_sync(proc.communicate, "go\n")
+    finally:
+        proc.kill()
+        proc.wait()
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=30)
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "event,trace,ip,sym,dso"],
+                            capture_output=True, text=True, check=True).stdout
+    theirs = perf_chains(script, proc.pid)
+    assert memory.profile is not None
+    for name in WAITS:
+        # The stack that waited longest in each function, in our profile and in
+        # perf's count of switches (each wait is one switch, and waits through
+        # one function take one path).
+        # Frames are compared by address: the two name some functions by other
+        # aliases (__lll_lock_wait, __GI___lll_lock_wait).
+        ours = max((s for s in memory.profile.off_cpu.values()
+                    if name in [f.name for f in s.frames]), key=lambda s: s.off_cpu_ns)
+        our_user = [(os.path.basename(f.module), f.address) for f in ours.frames
+                    if f.kind is FrameKind.NATIVE][::-1]
+        our_kernel = [f.name for f in ours.frames if f.kind is FrameKind.KERNEL][::-1]
+        function = next(f for f in ours.frames if f.name == name)
+        mine = (os.path.basename(function.module), function.address)
+        paths = Counter((tuple(k), tuple(u)) for k, u in theirs if mine in u)
+        assert paths, (name, mine, theirs[:3])
+        (kernel, user), _ = paths.most_common(1)[0]
+        assert our_user == list(user), (name, our_user, user)
+        # Ours start where the thread slept; perf's, in the scheduler that put it to sleep.
+        assert list(kernel[-len(our_kernel):]) == our_kernel, (name, our_kernel, kernel)
+
+
+@pytest.mark.anyio
+async def test_cpu_samples_are_as_without_waits() -> None:
+    """A CPU-bound Python process: its CPU shares as ever, and preemption is not waiting."""
+    proc = start_ready([sys.executable, str(WORKLOADS / "python" / "shares.py"), "60"])
+    memory = MemoryExporter()
+    try:
+        config = EbpfConfig(sample_rate_hz=499, pids=(proc.pid,)).with_off_cpu()
+        async with Profiler(config, [memory]):
+            await anyio.sleep(4)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert memory.profile is not None
+    check_shares(memory.profile, proc.pid, json.loads(out.strip().splitlines()[-1]))
+    waited = sum(s.off_cpu_ns for s in memory.profile.off_cpu.values() if s.pid == proc.pid)
+    assert waited < 0.1e9, waited
+
+
+def test_record_writes_each_kind_of_time(waits: Path, tmp_path: Path) -> None:
+    """``record --off-cpu``: the folded files of each kind, and pprof with both; in the
+    wall-clock view each thread's time is about the time it lived."""
+    files = {kind: tmp_path / f"{kind}.folded" for kind in ("on-cpu", "off-cpu", "wall")}
+    for kind, path in files.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "ebpf_stream._cli", "record", "--off-cpu", "--profile", kind,
+             "-o", str(path), "--", "sh", "-c", f"echo go | {waits} 2"],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    off = folded(files["off-cpu"])
+    assert {name for stack in off for name in stack.split(";")} >= set(WAITS)
+    assert not any(name in stack for stack in folded(files["on-cpu"]) for name in WAITS)
+    by_thread = Counter[str]()
+    for stack, microseconds in folded(files["wall"]).items():
+        process, thread, *_ = stack.split(";")
+        if process == "waits":
+            by_thread[thread] += microseconds
+    main = max(by_thread.values())
+    assert 1.8e6 <= main <= 2.2e6, by_thread  # the main thread's 2 s, running or waiting
+
+
+def folded(path: Path) -> dict[str, int]:
+    return {stack: int(n) for stack, _, n in
+            (line.rpartition(" ") for line in path.read_text().splitlines())}
+
+
+@pytest.mark.anyio
+async def test_an_idle_loop_is_counted_only_when_asked() -> None:
+    argv = [sys.executable, str(WORKLOADS / "python" / "waits.py")]
+    profile, _ = await record(argv, 2, configure=lambda c: c.with_off_cpu(idle_loops=True))
+    idle = [s for s in profile.off_cpu.values() if "BaseEventLoop._run_once" in
+            [f.name for f in s.frames] and any("epoll" in f.name for f in s.frames)]
+    assert idle, "the loop's waits in epoll, with their Python frames"

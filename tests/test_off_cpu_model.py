@@ -74,3 +74,16 @@ def test_otlp_gives_each_process_an_off_cpu_profile() -> None:
                 assert waits == ([([START + 10, START + 20], [1_000_000, 500_000])] if pid == 10
                                  else [([START + 30], [2_000_000])])
     assert kinds == {10: ["samples", "cpu", "off_cpu"], 11: ["off_cpu"]}
+
+
+def test_the_wall_clock_view_stands_each_stack_on_its_thread() -> None:
+    p = Profile(period_ns=PERIOD, start_ns=START, end_ns=START + 1)
+    p.add(10, "app", (MAIN, WORK), count=2, thread="app [10]")
+    p.add(10, "app", (MAIN, WORK), count=1, thread="worker [12]")
+    p.add_off_cpu(10, "app", (MAIN, READ), 3_000, thread="worker [12]")
+    # On the CPU nothing changes: the threads' samples add up as before.
+    assert collapse(p.of_kind(ProfileKind.ON_CPU)) == {("app", "main", "work"): 3}
+    assert collapse(p.of_kind(ProfileKind.WALL)) == {
+        ("app", "app [10]", "main", "work"): 2 * PERIOD // 1000,
+        ("app", "worker [12]", "main", "work"): PERIOD // 1000,
+        ("app", "worker [12]", "main", "vfs_read_[k]"): 3}

@@ -7,6 +7,7 @@ measures itself.  Two routes burn CPU, each in its own function, in slices
 with a yield between them, so their requests interleave on the loop; a
 third blocks the loop.  The profile must then link each sample of a
 route's function to a span of that route, and each stall to ``/block``.
+A fourth waits in a ``to_thread`` worker, where off-CPU waits must name it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def beta_burn(seconds):
     return time.thread_time_ns() - start
 
 
+def waiting(seconds):
+    time.sleep(seconds)
+
+
 async def serve(burn, seconds, sleep):
     cpu = 0
     for _ in range(3):
@@ -125,6 +130,12 @@ async def {BLOCK}():
     return {{"blocked": True}}
 
 
+@app.get("/wait")
+async def wait_handler():
+    await asyncio.to_thread(waiting, 0.01)
+    return {{"waited": True}}
+
+
 FastAPIInstrumentor.instrument_app(app, excluded_urls="/mode")
 '''
 
@@ -161,12 +172,18 @@ async def {BLOCK}(request):
     return web.json_response({{"blocked": True}})
 
 
+async def wait_handler(request):
+    await asyncio.to_thread(waiting, 0.01)
+    return web.json_response({{"waited": True}})
+
+
 app = web.Application()
 app.cleanup_ctx.append(profiling)
 app.router.add_get("/mode", mode)
 app.router.add_get("/alpha", alpha_handler)
 app.router.add_get("/beta", beta_handler)
 app.router.add_get("/block", {BLOCK})
+app.router.add_get("/wait", wait_handler)
 
 if __name__ == "__main__":
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
@@ -182,6 +199,7 @@ class Sampled(NamedTuple):
     functions: tuple[str, ...]
     labels: dict[str, str]
     weight: int
+    waited_ns: int = 0  # off the CPU
 
 
 @pytest.fixture
@@ -213,7 +231,7 @@ def samples(path: Path) -> list[Sampled]:
                  for loc in profile.location}
     return [Sampled(tuple(name for at in s.location_id for name in locations[at]),
                     {strings[label.key]: strings[label.str] for label in s.label if label.str},
-                    s.value[0])
+                    s.value[0], s.value[2] if len(s.value) > 2 else 0)
             for s in profile.sample]
 
 
@@ -303,6 +321,33 @@ def test_samples_and_stalls_name_the_route_and_trace_they_ran_for(
     assert (out / "cpu.pb.gz").exists(), (sorted(p.name for p in out.iterdir()), service.stderr)
     check(samples(out / "cpu.pb.gz"), spans(service_dir / "spans" / "spans.jsonl"),
           stalls(out / "trace.otlp.jsonl"))
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "aiohttp"])
+@pytest.mark.bpf
+@pytest.mark.usefixtures("bpf_environment")
+def test_waits_name_the_route_and_trace_they_waited_for(
+        kind: str, service_dir: Path, services: list[Service]) -> None:
+    out = service_dir / "out"
+    traced_path = service_dir / "spans" / "spans.jsonl"
+    service = Service(kind, service_dir, environment(
+        traced_path, EBPF_STREAM_OUTPUT=f"{out}/cpu.pb.gz", EBPF_STREAM_OFF_CPU="true"))
+    services.append(service)
+    service.modes(1)
+    service.load(seconds=4, connections=4, paths=["/wait"])
+    assert service.stop() == 0, service.stderr
+    traced = spans(traced_path)
+    routes_of_traces = {trace: span.route for (trace, _), span in traced.items() if span.route}
+    waits = [s for s in samples(out / "cpu.pb.gz") if s.waited_ns and "waiting" in s.functions]
+    assert sum(s.waited_ns for s in waits) >= 1e9, "the load waited seconds in waiting()"
+    linked = 0
+    for s in waits:
+        trace, span_id = s.labels.get("trace_id"), s.labels.get("span_id")
+        assert s.labels.get("http.route") == "/wait", s
+        if trace and span_id:
+            assert (trace, span_id) in traced and routes_of_traces[trace] == "/wait", s
+            linked += s.waited_ns
+    assert linked >= 0.95 * sum(s.waited_ns for s in waits)
 
 
 UNPRIVILEGED = pytest.mark.skipif(

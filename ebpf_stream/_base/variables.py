@@ -26,7 +26,8 @@ from .otel_env import env_value
 
 PREFIX = "EBPF_STREAM_"
 CONFIG_KEYS = ("preset", "sample_rate", "python_frames", "stall_threshold_ms",
-               "export_interval", "max_samples", "syscalls", "network", "memory")
+               "export_interval", "max_samples", "syscalls", "network", "memory", "off_cpu",
+               "off_cpu_threshold_ms", "off_cpu_idle_loops")
 """The keys ``config_from_settings`` reads, in the order it applies them."""
 
 _TRUE = ("true", "1", "yes", "on")
@@ -132,7 +133,9 @@ def config_from_settings(settings: Mapping[str, Setting]) -> EbpfConfig:
         ("sample_rate", parse_whole, EbpfConfig.with_sample_rate),
         ("export_interval", parse_decimal, EbpfConfig.with_export_interval),
         ("max_samples", parse_whole, EbpfConfig.with_max_samples),
-        ("python_frames", parse_name, EbpfConfig.with_python_frames))
+        ("python_frames", parse_name, EbpfConfig.with_python_frames),
+        ("off_cpu_threshold_ms", parse_decimal,
+         lambda c, ms: c.with_off_cpu(c.off_cpu, threshold_ms=ms)))
     for key, parse, refine in refinements:
         value = parsed(settings.get(key), parse)
         if value is not None:
@@ -147,9 +150,13 @@ def config_from_settings(settings: Mapping[str, Setting]) -> EbpfConfig:
         config = named(_origin(settings, "stall_threshold_ms"),
                        lambda: config.with_stall_threshold(stall))
     # Each tracer switched on or off alone: a builder validates, and CPU profiling stays on.
-    for key, build in (("syscalls", EbpfConfig.with_syscall_tracing),
-                       ("network", EbpfConfig.with_network_tracing),
-                       ("memory", EbpfConfig.with_memory_tracing)):
+    switches: tuple[tuple[str, Callable[[EbpfConfig, bool], EbpfConfig]], ...] = (
+        ("syscalls", EbpfConfig.with_syscall_tracing),
+        ("network", EbpfConfig.with_network_tracing),
+        ("memory", EbpfConfig.with_memory_tracing),
+        ("off_cpu", EbpfConfig.with_off_cpu),
+        ("off_cpu_idle_loops", lambda c, on: c.with_off_cpu(c.off_cpu, idle_loops=on)))
+    for key, build in switches:
         enabled = parsed(settings.get(key), parse_bool)
         if enabled is not None:
             config = build(config, enabled)

@@ -79,7 +79,9 @@ class StackSamples(msgspec.Struct, gc=False):
     interrupted.  ``context`` is the request they were taken for, None
     outside any.  Off the CPU, ``count`` is the waits recorded and
     ``off_cpu_ns`` the waiting time they stand for; ``waits_ns`` has each
-    wait's share of it, beside its timestamp.
+    wait's share of it, beside its timestamp.  ``thread`` names the thread
+    (``name [tid]``) in a run that records waits, whose wall-clock view is
+    per thread; it is empty otherwise.
     """
 
     pid: int
@@ -90,6 +92,12 @@ class StackSamples(msgspec.Struct, gc=False):
     context: RequestContext | None = None
     off_cpu_ns: int = 0
     waits_ns: list[int] = msgspec.field(default_factory=list)
+    thread: str = ""
+
+    @property
+    def key(self) -> StackKey:
+        """What samples it aggregates share."""
+        return (self.pid, self.process, self.frames, self.context, self.thread)
 
 
 class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
@@ -113,7 +121,7 @@ class ProcessInfo(msgspec.Struct, frozen=True, gc=False):
     namespace_pid: int = 0
 
 
-StackKey = tuple[int, str, tuple[Frame, ...], RequestContext | None]
+StackKey = tuple[int, str, tuple[Frame, ...], RequestContext | None, str]
 _MICROSECOND_NS = 1000
 
 
@@ -153,11 +161,13 @@ class Profile(msgspec.Struct, gc=False):
         count: int = 1,
         timestamps_ns: Iterable[int] = (),
         context: RequestContext | None = None,
+        thread: str = "",
     ) -> None:
-        key = (pid, process, frames, context)
+        key = (pid, process, frames, context, thread)
         entry = self.stacks.get(key)
         if entry is None:
-            entry = self.stacks[key] = StackSamples(pid, process, frames, context=context)
+            entry = self.stacks[key] = StackSamples(pid, process, frames, context=context,
+                                                    thread=thread)
         entry.count += count
         entry.timestamps_ns.extend(timestamps_ns)
 
@@ -171,13 +181,15 @@ class Profile(msgspec.Struct, gc=False):
         timestamps_ns: Iterable[int] = (),
         context: RequestContext | None = None,
         waits_ns: Iterable[int] = (),
+        thread: str = "",
     ) -> None:
         """``count`` waits in ``frames``, standing for ``waited_ns`` nanoseconds;
         ``waits_ns`` splits that among them, as ``timestamps_ns`` says when each ended."""
-        key = (pid, process, frames, context)
+        key = (pid, process, frames, context, thread)
         entry = self.off_cpu.get(key)
         if entry is None:
-            entry = self.off_cpu[key] = StackSamples(pid, process, frames, context=context)
+            entry = self.off_cpu[key] = StackSamples(pid, process, frames, context=context,
+                                                     thread=thread)
         entry.count += count
         entry.off_cpu_ns += waited_ns
         entry.timestamps_ns.extend(timestamps_ns)
@@ -196,11 +208,11 @@ class Profile(msgspec.Struct, gc=False):
         self.process_start_ns = {pid: t for pid, t in starts.items() if t < self.start_ns}
         for s in other.stacks.values():
             self.add(s.pid, s.process, s.frames, s.count,
-                     s.timestamps_ns if keep_timestamps else (), s.context)
+                     s.timestamps_ns if keep_timestamps else (), s.context, s.thread)
         for s in other.off_cpu.values():
             self.add_off_cpu(s.pid, s.process, s.frames, s.off_cpu_ns, s.count,
                              s.timestamps_ns if keep_timestamps else (), s.context,
-                             s.waits_ns if keep_timestamps else ())
+                             s.waits_ns if keep_timestamps else (), s.thread)
         self.processes.update(other.processes)
 
     def of_kind(self, kind: ProfileKind) -> Profile:
@@ -209,7 +221,9 @@ class Profile(msgspec.Struct, gc=False):
 
         Off the CPU, and for both, a stack's count is microseconds, the period
         1,000 ns, and the timestamps are left out: a count no longer says how
-        many events there were.
+        many events there were.  Both together stand on their thread (a root
+        frame ``name [tid]``), so that each thread's time is its wall-clock
+        time.
         """
         if kind is ProfileKind.ON_CPU:
             return self if not self.off_cpu else msgspec.structs.replace(self, off_cpu={})
@@ -221,7 +235,10 @@ class Profile(msgspec.Struct, gc=False):
             weights += [(s, s.count * self.period_ns) for s in self.stacks.values()]
         for s, ns in weights:
             if (microseconds := round(ns / _MICROSECOND_NS)) > 0:
-                out.add(s.pid, s.process, s.frames, microseconds, context=s.context)
+                frames = s.frames
+                if kind is ProfileKind.WALL and s.thread:
+                    frames = (Frame(s.thread, "[thread]", FrameKind.NATIVE), *frames)
+                out.add(s.pid, s.process, frames, microseconds, context=s.context)
         return out
 
     def start_of(self, pid: int) -> int:

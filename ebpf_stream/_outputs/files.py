@@ -246,5 +246,6 @@ class FlamegraphSvgExporter(CumulativeFileExporter):
         from .flamegraph import DEFAULT_TITLE, render_flamegraph_svg
 
         title = DEFAULT_TITLE if self.title is None else self.title
-        return render_flamegraph_svg(profile, title=title,
-                                     by_route=self.by_route).encode("utf-8")
+        return render_flamegraph_svg(profile, title=title, by_route=self.by_route,
+                                     unit="samples" if self.kind == "on-cpu" else "µs"
+                                     ).encode("utf-8")

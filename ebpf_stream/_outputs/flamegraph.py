@@ -182,13 +182,16 @@ def _fit(name: str, width: float) -> str:
 
 
 def render_flamegraph_svg(profile: Profile, title: str = DEFAULT_TITLE, *,
-                          by_route: bool = False) -> str:
-    """The flame graph of ``profile`` as an SVG document; by route, split by endpoint first."""
+                          by_route: bool = False, unit: str = "samples") -> str:
+    """The flame graph of ``profile`` as an SVG document; by route, split by endpoint first.
+
+    ``unit`` names what a stack's count counts (``µs`` off the CPU).
+    """
     total, frames = _layout(profile, by_route)
     depth = max((d for _, d, _, _ in frames), default=0)
     height = _TOP + (depth + 1) * FRAME_HEIGHT + _BOTTOM
     seconds = max(0, profile.end_ns - profile.start_ns) / 1e9
-    subtitle = f"{total:,} samples over {seconds:.1f} s" if total else "No samples"
+    subtitle = f"{total:,} {unit} over {seconds:.1f} s" if total else f"No {unit}"
     mid = WIDTH / 2
     parts = [
         '<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n',
@@ -215,7 +218,7 @@ def render_flamegraph_svg(profile: Profile, title: str = DEFAULT_TITLE, *,
     for name, d, x, count in frames:
         left, width = _PAD + x * scale, count * scale
         y = height - _BOTTOM - (d + 1) * FRAME_HEIGHT
-        tip = f"{name} ({count:,} samples, {100 * count / total:.2f}%)"
+        tip = f"{name} ({count:,} {unit}, {100 * count / total:.2f}%)"
         parts.append(
             f'<g class="f" data-x="{x}" data-w="{count}"><title>{_escape(tip)}</title>'
             f'<rect x="{left:.2f}" y="{y}" width="{width:.2f}" height="{FRAME_HEIGHT - 1}" '

@@ -94,9 +94,10 @@ class Batcher:
                 window.processes.setdefault(item.pid, info)
                 if item.off_cpu_ns:
                     window.add_off_cpu(item.pid, info.name, item.frames, item.off_cpu_ns, 1,
-                                       (at,), item.context, (item.off_cpu_ns,))
+                                       (at,), item.context, (item.off_cpu_ns,), item.thread)
                 else:
-                    window.add(item.pid, info.name, item.frames, 1, (at,), item.context)
+                    window.add(item.pid, info.name, item.frames, 1, (at,), item.context,
+                               item.thread)
             elif isinstance(item, Totals):
                 self._process(item.pid, item.comm)
                 self._totals.update([item])

@@ -56,6 +56,7 @@ class Sample(msgspec.Struct, frozen=True, gc=False):
     frames: tuple[Frame, ...]
     context: RequestContext | None = None
     off_cpu_ns: int = 0
+    thread: str = ""  # ``name [tid]`` in a run that records waits (see ``StackSamples``)
 
 
 class SamplingBegan(msgspec.Struct, frozen=True, gc=False):
@@ -84,6 +85,7 @@ class Symbolize:
         self._loops = LoopWatch(self._resolver.python_frames)
         self._requests = Requests()
         self._stats = stats
+        self._threads = config.off_cpu  # a wall-clock view is per thread
 
     def items(self, message: EventMessage, admit: Admit) -> Iterator[Symbolized]:
         """The message's samples, records, totals and watermark, symbolized.
@@ -140,11 +142,13 @@ class Symbolize:
             if lost:
                 self._stats.lost_stacks += 1
             context = self._requests.context(event.pid, event.request)
+            thread = f"{event.comm} [{event.tid}]" if self._threads else ""
             if isinstance(event, OffCpuSample):
                 return Sample(event.pid, event.comm, event.timestamp_ns, frames, context,
-                              event.duration_ns)
+                              event.duration_ns, thread)
             self._loops.sample(event, frames, context)
-            return Sample(event.pid, event.comm, event.timestamp_ns, frames, context)
+            return Sample(event.pid, event.comm, event.timestamp_ns, frames, context,
+                          thread=thread)
         if isinstance(event, SlowSyscall):
             return SlowCall(event, self._resolver.slow_call_frames(event))
         return event

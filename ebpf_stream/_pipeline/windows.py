@@ -149,23 +149,25 @@ class Windows:
             for s in list(window):
                 early = [t for t in s.timestamps_ns if t < at]
                 if early:
-                    before.add(s.pid, s.process, s.frames, len(early), early, s.context)
+                    before.add(s.pid, s.process, s.frames, len(early), early, s.context,
+                               s.thread)
                     s.timestamps_ns = [t for t in s.timestamps_ns if t >= at]
                     s.count = len(s.timestamps_ns)
                     if not s.count:
-                        del window.stacks[s.pid, s.process, s.frames, s.context]
+                        del window.stacks[s.key]
             for s in list(window.off_cpu.values()):
                 early = [i for i, t in enumerate(s.timestamps_ns) if t < at]
                 if early:
                     waits = [s.waits_ns[i] for i in early]
                     before.add_off_cpu(s.pid, s.process, s.frames, sum(waits), len(early),
-                                       [s.timestamps_ns[i] for i in early], s.context, waits)
+                                       [s.timestamps_ns[i] for i in early], s.context, waits,
+                                       s.thread)
                     kept = [i for i, t in enumerate(s.timestamps_ns) if t >= at]
                     s.timestamps_ns = [s.timestamps_ns[i] for i in kept]
                     s.waits_ns = [s.waits_ns[i] for i in kept]
                     s.count, s.off_cpu_ns = len(kept), sum(s.waits_ns)
                     if not s.count:
-                        del window.off_cpu[s.pid, s.process, s.frames, s.context]
+                        del window.off_cpu[s.key]
         self.closed_to_ns = at
         return [before]
 

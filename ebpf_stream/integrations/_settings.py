@@ -42,13 +42,15 @@ VARIABLES = {
     "EBPF_STREAM_STALL_THRESHOLD_MS": "asyncio loop stall threshold in ms; 0 turns it off",
     "EBPF_STREAM_PYTHON_FRAMES": "merged (default), python or off",
     "EBPF_STREAM_EXPORT_INTERVAL": "seconds between exports",
+    "EBPF_STREAM_OFF_CPU": "true to record where threads wait, off the CPU",
+    "EBPF_STREAM_OFF_CPU_THRESHOLD_MS": "waits this long are recorded as they are (default 1)",
     "EBPF_STREAM_ON_UNAVAILABLE": "off (default) or raise",
 }
 """The variables read here, and what each takes (the README has the full story)."""
 
 # The parts of the config the variables set: an argument ``config`` replaces them all.
 _CONFIG_KEYS = ("preset", "sample_rate", "stall_threshold_ms", "python_frames",
-                "export_interval")
+                "export_interval", "off_cpu", "off_cpu_threshold_ms")
 _CONFIG_VARIABLES = tuple(map(variable_name, _CONFIG_KEYS))
 
 
@@ -56,7 +58,8 @@ class ProfilingOptions(TypedDict, total=False):
     """What code may settle instead of the environment; each wins over its variables.
 
     ``config`` stands for ``EBPF_STREAM_PRESET``, ``_SAMPLE_RATE``,
-    ``_STALL_THRESHOLD_MS``, ``_PYTHON_FRAMES`` and ``_EXPORT_INTERVAL``;
+    ``_STALL_THRESHOLD_MS``, ``_PYTHON_FRAMES``, ``_EXPORT_INTERVAL``, ``_OFF_CPU`` and
+    ``_OFF_CPU_THRESHOLD_MS``;
     ``outputs`` for ``EBPF_STREAM_OUTPUT``; ``exporters`` for every
     destination the environment names (``EBPF_STREAM_OUTPUT`` and OTLP),
     though ``outputs`` given too are still written; ``enabled`` for
