@@ -160,5 +160,5 @@ TRACEPOINT_PROBE(sched, sched_switch) {
             loop_record(LOOP_BLOCKED, n->pid, next, now, n->blocked_stack,
                         n->blocked_generation, n->busy_since, slept, n->blocked_request);
     }
-    return 1;  // a perf tracepoint program's 0 would hide the switch from perf users
+    return 0;
 }

@@ -159,7 +159,9 @@ async def test_native_stacks_agree_with_perfs_view_of_the_same_run(
                             stderr=subprocess.DEVNULL)
     memory = MemoryExporter()
     try:
-        async with Profiler(config_for(proc.pid), [memory]):
+        # Without stall detection: its sched_switch program is a perf tracepoint
+        # program, whose return of 0 keeps the switches from perf's events too.
+        async with Profiler(config_for(proc.pid).with_stall_threshold(0), [memory]):
             await anyio.sleep(0.5)  # perf's events are open by now
             await anyio.to_thread.run_sync(proc.communicate, "go\n")
     finally:
