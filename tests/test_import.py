@@ -113,23 +113,21 @@ def test_cli_falls_back_to_asyncio_without_uvloop(tmp_path: Path, bpf_environmen
 def test_profiling_cpu_loads_no_numpy(bpf_environment: None, tmp_path: Path) -> None:
     """numpy is the tracers' alone: a host that only profiles CPU would pay some
     12 MiB for it."""
-    # Something busy to sample: the machine may be idle otherwise.
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        loaded = loaded_after(
-            "import anyio\n"
-            "from ebpf_stream import EbpfConfig, Profiler\n"
-            "from ebpf_stream.exporters import FoldedFileExporter, OtlpJsonFileExporter\n"
-            "async def main():\n"
-            f"    out = [FoldedFileExporter({str(tmp_path / 'cpu.folded')!r}),\n"
-            f"           OtlpJsonFileExporter({str(tmp_path / 'cpu.jsonl')!r})]\n"
-            "    config = EbpfConfig.for_environment('production').with_export_interval(0.5)\n"
-            "    async with Profiler(config, out) as profiler:\n"
-            "        assert profiler.mode == 'bpf', profiler.unavailable\n"
-            "        await anyio.sleep(1.5)\n"
-            "anyio.run(main)")
-    finally:
-        busy.kill()
-        busy.wait()
+    loaded = loaded_after(
+        "import anyio, time\n"
+        "from ebpf_stream import EbpfConfig, Profiler\n"
+        "from ebpf_stream.exporters import FoldedFileExporter, OtlpJsonFileExporter\n"
+        "async def main():\n"
+        f"    out = [FoldedFileExporter({str(tmp_path / 'cpu.folded')!r}),\n"
+        f"           OtlpJsonFileExporter({str(tmp_path / 'cpu.jsonl')!r})]\n"
+        "    config = EbpfConfig.for_environment('production').with_export_interval(0.5)\n"
+        "    async with Profiler(config, out) as profiler:\n"
+        "        assert profiler.mode == 'bpf', profiler.unavailable\n"
+        # Busy, so that this process (the profiler's target) has samples.
+        "        deadline = time.monotonic() + 1\n"
+        "        while time.monotonic() < deadline:\n"
+        "            pass\n"
+        "        await anyio.sleep(1)\n"
+        "anyio.run(main)")
     assert (tmp_path / "cpu.folded").stat().st_size > 0
     assert "ebpf_stream._symbols" in loaded and "numpy" not in loaded
