@@ -65,9 +65,9 @@ class OffCpuSample(msgspec.Struct, tag="off_cpu", array_like=True, gc=False, fro
     ``duration_ns`` is the waiting time it stands for (a short wait is
     sampled and stands for the threshold; see ``EbpfConfig.with_off_cpu``);
     ``timestamp_ns`` is when the wait ended.  ``state`` is the task state it
-    waited in: ``WAITING`` (interruptible sleep) or ``UNINTERRUPTIBLE``
-    (typically disk I/O).  Stack keys and ``request`` are as in ``CpuSample``;
-    a wait outside any syscall has no user stack.
+    waited in, the kernel's: 1 (``TASK_INTERRUPTIBLE``, a sleep) or 2
+    (``TASK_UNINTERRUPTIBLE``, typically disk I/O).  Stack keys and
+    ``request`` are as in ``CpuSample``.
     """
 
     timestamp_ns: int
@@ -80,9 +80,6 @@ class OffCpuSample(msgspec.Struct, tag="off_cpu", array_like=True, gc=False, fro
     duration_ns: int
     state: int
     request: bytes = b""
-
-
-WAITING, UNINTERRUPTIBLE = 1, 2  # the kernel's TASK_INTERRUPTIBLE and TASK_UNINTERRUPTIBLE
 
 
 class PythonStack(msgspec.Struct, tag="python_stack", array_like=True, gc=False, frozen=True):
